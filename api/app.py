@@ -1,0 +1,58 @@
+"""The API tier: `uvicorn api.app:create_app --factory`. Never imports torch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api import delivery, meta
+from api.context import AppContext
+from api.dialects import pruna
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.waiter import CompletionWaiter
+from core.db import make_async_engine
+from core.queue import make_celery
+from core.settings import Settings, get_settings
+from core.storage import make_s3_client
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_async_engine(settings)
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        celery = make_celery(settings)
+        s3 = await asyncio.to_thread(make_s3_client, settings)
+        waiter = CompletionWaiter(redis, settings.events_channel)
+        await waiter.start()
+        app.state.ctx = AppContext(settings, engine, redis, celery, s3, waiter)
+        try:
+            yield
+        finally:
+            await waiter.stop()
+            await redis.aclose()
+            await engine.dispose()
+            celery.close()
+
+    app = FastAPI(
+        title="klein-serve",
+        summary="Self-hosted FLUX.2 [klein] 4B image generation",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(pruna.router)
+    app.include_router(delivery.router)
+    app.include_router(meta.router)
+    return app

@@ -1,0 +1,37 @@
+"""What the API process holds for its lifetime, created in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from fastapi import Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.waiter import CompletionWaiter
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    engine: AsyncEngine
+    redis: Redis
+    celery: Celery
+    s3: S3Client
+    waiter: CompletionWaiter
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+def public_base_url(request: Request, settings: Settings) -> str:
+    """Absolute base for URLs we hand out: the configured public URL, else the request's own."""
+    return (settings.public_base_url or str(request.base_url)).rstrip("/")

@@ -1,0 +1,130 @@
+"""The Pruna predictions dialect (shared/seeds/000_*): submit, poll, Try-Sync.
+
+Status words follow the official `pruna-client`: starting, processing, succeeded, failed, canceled.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import RowMapping
+
+from api import predictions
+from api.auth import Authenticated
+from api.context import AppContext, get_ctx, public_base_url
+from api.delivery import delivery_url
+from api.errors import ApiError, validation_error
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import KleinInput
+from models.registry import known_ids, resolve
+
+router = APIRouter(tags=["pruna"])
+
+STATUS_WORDS = {
+    Status.CREATED: "starting",
+    Status.PROCESSING: "processing",
+    Status.COMPLETED: "succeeded",
+    Status.FAILED: "failed",
+    Status.CANCELED: "canceled",
+}
+
+_REQUEST_SCHEMA = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["input"],
+                "properties": {"input": KleinInput.model_json_schema()},
+            }
+        }
+    },
+}
+
+
+def view(row: RowMapping, base_url: str) -> dict[str, Any]:
+    status = Status(row["status"])
+    body: dict[str, Any] = {
+        "id": row["id"],
+        "model": row["model"],
+        "input": row["input"],
+        "status": STATUS_WORDS[status],
+        "get_url": f"{base_url}/v1/predictions/status/{row['id']}",
+        "seed": row["params"]["seed"],
+        "created_at": _iso(row["created_at"]),
+        "started_at": _iso(row["started_at"]),
+        "completed_at": _iso(row["completed_at"]),
+        "timings": row["timings"],
+        "error": row["error"],
+    }
+    if status is Status.COMPLETED:
+        urls = [delivery_url(base_url, row["id"], o["filename"]) for o in row["outputs"]]
+        body["generation_url"] = urls[0]
+        body["generation_urls"] = urls
+    return body
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@router.post("/v1/predictions", openapi_extra={"requestBody": _REQUEST_SCHEMA})
+async def create_prediction(
+    request: Request,
+    principal: Authenticated,
+    ctx: Annotated[AppContext, Depends(get_ctx)],
+    model: Annotated[str | None, Header(alias="Model")] = None,
+    try_sync: Annotated[str | None, Header(alias="Try-Sync")] = None,
+) -> JSONResponse:
+    if not model:
+        raise ApiError(
+            422, "missing `Model` header naming the model, e.g. `Model: flux-klein-4b`", known_models=known_ids()
+        )
+    spec = resolve(model)
+    if spec is None:
+        raise ApiError(404, f"unknown model {model!r}", known_models=known_ids())
+    body = await _json_object(request)
+    raw_input = body.get("input")
+    if not isinstance(raw_input, dict):
+        raise ApiError(
+            422,
+            "invalid request: input: must be a JSON object with the model's parameters",
+            detail=[{"loc": ["input"], "msg": "must be an object", "type": "object_type"}],
+        )
+    try:
+        validated = spec.input_model.model_validate(raw_input)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(), prefix=("input",)) from None
+    seed = validated.seed if validated.seed >= 0 else random_seed()
+    wait_s = ctx.settings.try_sync_timeout_s if _truthy(try_sync) else 0.0
+    row = await predictions.submit(
+        ctx, principal, spec, validated.model_dump(), validated.to_params(seed), wait_s=wait_s
+    )
+    finished = Status(row["status"]).terminal
+    return JSONResponse(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
+
+
+@router.get("/v1/predictions/status/{prediction_id}")
+async def prediction_status(
+    prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> dict[str, Any]:
+    row = await predictions.fetch_or_404(ctx, principal, prediction_id)
+    return view(row, public_base_url(request, ctx.settings))
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(422, "invalid request: body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, 'invalid request: body must be a JSON object like {"input": {...}}')
+    return body
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("true", "1", "yes")

@@ -1,0 +1,91 @@
+"""The dialect-neutral prediction service: create + enqueue, wait, read.
+
+Dialect routers translate their request shapes into `GenerationParams` and call these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import RowMapping, select
+
+from api.auth import Principal
+from api.context import AppContext
+from api.errors import ApiError
+from core import lifecycle
+from core.ids import new_id
+from core.queue import enqueue
+from core.tables import predictions
+from models.klein import GenerationParams
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+async def submit(
+    ctx: AppContext,
+    principal: Principal,
+    spec: ModelSpec,
+    request_input: dict[str, Any],
+    params: GenerationParams,
+    wait_s: float = 0.0,
+) -> RowMapping:
+    """Store the prediction, enqueue it after the commit, and optionally wait for it to finish."""
+    prediction_id = new_id()
+    create = lifecycle.create(
+        prediction_id=prediction_id,
+        tenant_id=principal.tenant_id,
+        api_key_id=principal.api_key_id,
+        model=spec.id,
+        input=request_input,
+        params=params.model_dump(),
+    ).returning(predictions)
+    async with ctx.engine.begin() as conn:
+        row = (await conn.execute(create)).mappings().one()
+
+    with ctx.waiter.watch(prediction_id) as finished:  # watch first: the worker may be faster than us
+        try:
+            await asyncio.to_thread(enqueue, ctx.celery, prediction_id)
+        except Exception as exc:
+            log.error("enqueue of %s failed: %s", prediction_id, exc)
+            async with ctx.engine.begin() as conn:
+                await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
+            raise ApiError(503, "queue unavailable, try again shortly", id=prediction_id) from exc
+        if wait_s > 0:
+            return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
+    return row
+
+
+async def _wait(
+    ctx: AppContext, principal: Principal, prediction_id: str, finished: asyncio.Event, wait_s: float
+) -> RowMapping | None:
+    deadline = time.monotonic() + wait_s
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.wait_for(finished.wait(), remaining)
+        except TimeoutError:
+            break
+        finished.clear()
+        row = await fetch(ctx, principal, prediction_id)
+        if row is not None and lifecycle.Status(row["status"]).terminal:
+            return row
+    return await fetch(ctx, principal, prediction_id)
+
+
+async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping | None:
+    """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent)."""
+    statement = select(predictions).where(
+        predictions.c.id == prediction_id, predictions.c.tenant_id == principal.tenant_id
+    )
+    async with ctx.engine.connect() as conn:
+        return (await conn.execute(statement)).mappings().first()
+
+
+async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping:
+    row = await fetch(ctx, principal, prediction_id)
+    if row is None:
+        raise ApiError(404, f"prediction {prediction_id!r} not found")
+    return row

@@ -1,0 +1,119 @@
+"""The prediction state machine: the only code that changes a prediction's status.
+
+    created ──▶ processing ──▶ completed
+       │            │  ▲
+       │            │  └── (lease expired: a worker vanished, another claims it again)
+       │            ├────▶ failed
+       └────────────┴────▶ canceled / failed
+
+Each transition is one compare-and-set UPDATE: it applies only if the row is still in the
+state the caller expects, so duplicate task deliveries and racing writers cannot both win.
+The functions build statements; callers run them on their own connection (async in the
+API, sync in workers) and look at the returned row (None: the transition did not apply).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Insert, Update, and_, func, insert, or_, update
+
+from core.tables import predictions as p
+
+
+class Status(StrEnum):
+    CREATED = "created"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})
+
+
+def create(
+    *,
+    prediction_id: str,
+    tenant_id: str,
+    api_key_id: str | None,
+    model: str,
+    input: dict[str, Any],
+    params: dict[str, Any],
+) -> Insert:
+    return insert(p).values(
+        id=prediction_id,
+        tenant_id=tenant_id,
+        api_key_id=api_key_id,
+        model=model,
+        input=input,
+        params=params,
+        status=Status.CREATED,
+    )
+
+
+def claim(prediction_id: str, worker_id: str, lease_s: float) -> Update:
+    """created → processing, or take over a processing row whose holder's lease ran out."""
+    claimable = or_(
+        p.c.status == Status.CREATED,
+        and_(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()),
+    )
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, claimable)
+        .values(
+            status=Status.PROCESSING,
+            worker_id=worker_id,
+            attempts=p.c.attempts + 1,
+            started_at=func.now(),
+            lease_expires_at=func.now() + timedelta(seconds=lease_s),
+        )
+        .returning(p)
+    )
+
+
+def complete(prediction_id: str, worker_id: str, outputs: list[dict[str, Any]], timings: dict[str, int]) -> Update:
+    return _finish(prediction_id, worker_id, Status.COMPLETED, outputs=outputs, timings=timings)
+
+
+def fail(prediction_id: str, worker_id: str, error: str, timings: dict[str, int]) -> Update:
+    return _finish(prediction_id, worker_id, Status.FAILED, error=error, timings=timings)
+
+
+def fail_unclaimed(prediction_id: str, error: str) -> Update:
+    """created → failed, for a prediction that never reached a worker (e.g. it could not be enqueued)."""
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, p.c.status == Status.CREATED)
+        .values(status=Status.FAILED, error=error, completed_at=func.now())
+        .returning(p.c.id)
+    )
+
+
+def cancel(prediction_id: str, tenant_id: str) -> Update:
+    return (
+        update(p)
+        .where(
+            p.c.id == prediction_id,
+            p.c.tenant_id == tenant_id,
+            p.c.status.in_([Status.CREATED, Status.PROCESSING]),
+        )
+        .values(status=Status.CANCELED, completed_at=func.now(), lease_expires_at=None)
+        .returning(p)
+    )
+
+
+def _finish(prediction_id: str, worker_id: str, status: Status, **values: Any) -> Update:
+    # Only the worker holding the claim may finish it.
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.worker_id == worker_id)
+        .values(status=status, completed_at=func.now(), lease_expires_at=None, **values)
+        .returning(p)
+    )

@@ -1,0 +1,67 @@
+"""The database schema (SQLAlchemy Core). Alembic migrations create it; keep both in step."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("name", Text, nullable=False, server_default=""),
+    Column("prefix", String(16), nullable=False),  # shown to users to recognise a key
+    Column("key_hash", String(64), nullable=False, unique=True),  # sha256 hex; the key itself is never stored
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("api_key_id", String(32), ForeignKey("api_keys.id", ondelete="SET NULL")),
+    Column("model", Text, nullable=False),
+    Column("input", JSONB, nullable=False),  # the validated input as the client sent it, defaults filled
+    Column("params", JSONB, nullable=False),  # models.klein.GenerationParams: what the worker runs, seed resolved
+    Column("status", String(16), nullable=False, server_default="created"),
+    Column("outputs", JSONB, nullable=False, server_default="[]"),
+    Column("error", Text),
+    Column("timings", JSONB, nullable=False, server_default="{}"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("worker_id", Text),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
+    ),
+    Index("predictions_tenant_created", "tenant_id", "created_at"),
+)

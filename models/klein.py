@@ -1,0 +1,95 @@
+"""FLUX.2 [klein] 4B: its public input schema, limits, defaults and resolution rules.
+
+Torch-free: the API imports this. The pipeline itself lives in models/klein_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+OutputFormat = Literal["png", "jpg", "webp"]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+MAX_PROMPT_CHARS = 4096  # the text encoder reads 512 tokens; longer prompts are truncated by the pipeline
+MAX_SEED = 2**32 - 1
+MEGAPIXEL = 1024 * 1024
+SIZE_MULTIPLE = 16  # VAE scale 8 × 2×2 latent packing
+
+# The released checkpoint is step- and guidance-distilled: 4 steps, guidance 1.0 (classifier-free
+# guidance is skipped for distilled models). Pruna's page lists 20 / 3.5, the undistilled defaults.
+DEFAULT_STEPS = 4
+DEFAULT_GUIDANCE = 1.0
+
+
+def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[int, int]:
+    """(width, height) of about `megapixels`, each side a multiple of 16: 1:1 → 1024×1024, 16:9 → 1360×768."""
+    a, b = (int(part) for part in aspect_ratio.split(":"))
+    width = math.sqrt(megapixels * MEGAPIXEL * a / b)
+    height = width * b / a
+    return _round16(width), _round16(height)
+
+
+def _round16(x: float) -> int:
+    return max(SIZE_MULTIPLE, round(x / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+class GenerationParams(BaseModel):
+    """What a worker runs: every dialect's request ends up as one of these."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int = Field(ge=0, le=MAX_SEED)
+    output_format: OutputFormat
+    output_quality: int
+    num_outputs: int = 1
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / MEGAPIXEL
+
+
+class KleinInput(BaseModel):
+    """The model's input as clients send it (`{"input": {...}}` on /v1/predictions)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to generate.")
+    aspect_ratio: AspectRatio = Field("1:1", description="Output aspect ratio, at about one megapixel.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed, reported back.")
+    num_inference_steps: int = Field(
+        DEFAULT_STEPS, ge=1, le=50, description="Denoising steps; the distilled model needs 4."
+    )
+    guidance: float = Field(
+        DEFAULT_GUIDANCE, ge=0, le=20, description="Guidance scale; the distilled model ignores values ≤ 1."
+    )
+    output_format: OutputFormat = "jpg"
+    output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    def to_params(self, seed: int) -> GenerationParams:
+        width, height = size_for_aspect_ratio(self.aspect_ratio)
+        return GenerationParams(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance,
+            seed=seed,
+            output_format=self.output_format,
+            output_quality=self.output_quality,
+        )

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import Engine
+
+from core.db import make_sync_engine
+from core.embedded import SeaweedS3
+from core.settings import Settings
+from core.tenants import IssuedKey, create_tenant, issue_key
+from tests.stack import REDIS_URL, Service, create_database, drop_database, start_api, start_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    settings: Settings
+    engine: Engine
+    api_url: str
+    worker: Service
+    logs: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-klein"))
+
+
+@pytest.fixture(scope="session")
+def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[dict[str, str]]:
+    """Environment naming a fresh database, a dedicated Redis db, a unique queue and a live S3 server."""
+    run = secrets.token_hex(4)
+    database = f"klein_test_{run}"
+    database_url = create_database(database)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    s3 = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    env = os.environ | {
+        "KLEIN_DATABASE_URL": database_url,
+        "KLEIN_REDIS_URL": REDIS_URL,
+        "KLEIN_QUEUE_NAME": f"klein-test-{run}",
+        "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
+        "KLEIN_S3_BUCKET": "klein-test",
+        "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
+        "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
+        "KLEIN_MODEL_PATH": str(tiny_model),
+        "KLEIN_DEVICE": "cpu",
+        "KLEIN_TRY_SYNC_TIMEOUT_S": "30",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(toml_file=str(ROOT / "pyproject.toml"))
+    config.set_main_option("sqlalchemy.url", Settings(database_url=database_url).sync_database_url)
+    command.upgrade(config, "head")
+    try:
+        yield env
+    finally:
+        s3.stop()
+        drop_database(database)
+
+
+@pytest.fixture(scope="session")
+def stack(settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("logs")
+    settings = Settings(**{k[len("KLEIN_") :].lower(): v for k, v in settings_env.items() if k.startswith("KLEIN_")})
+    worker = start_worker(settings_env, logs / "worker.log", "test-worker")
+    api, api_url = start_api(settings_env, logs / "api.log")
+    engine = make_sync_engine(settings)
+    try:
+        yield Stack(settings_env, settings, engine, api_url, worker, logs)
+    finally:
+        api.stop()
+        worker.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def tenant(stack: Stack) -> IssuedKey:
+    with stack.engine.begin() as conn:
+        return issue_key(conn, create_tenant(conn, f"tenant-{secrets.token_hex(4)}"), "test")
+
+
+@pytest.fixture
+def client(stack: Stack, tenant: IssuedKey) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=60) as http:
+        yield http
