@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -11,22 +12,35 @@ from sqlalchemy import text
 
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from core.settings import Settings
 from models.registry import MODELS, known_ids, resolve
+from models.tiny import MARKER as TINY_MARKER
 
 router = APIRouter(tags=["meta"])
 
 
+def _weights(settings: Settings) -> dict[str, Any]:
+    """What the workers are configured to load; says plainly when it is the tiny random-weights pipeline."""
+    tiny = (Path(settings.model_path) / TINY_MARKER).exists()
+    return {
+        "model_path": settings.model_path,
+        "random_weights": tiny,
+        **({"warning": "tiny random-weights test pipeline: outputs are noise"} if tiny else {}),
+    }
+
+
 @router.get("/v1/models")
-async def list_models() -> dict[str, Any]:
-    return {"object": "list", "data": [spec.describe() for spec in MODELS]}
+async def list_models(ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
+    weights = _weights(ctx.settings)
+    return {"object": "list", "data": [spec.describe() | {"weights": weights} for spec in MODELS]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str) -> dict[str, Any]:
+async def get_model(model_id: str, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
     spec = resolve(model_id)
     if spec is None:
         raise ApiError(404, f"unknown model {model_id!r}", known_models=known_ids())
-    return spec.describe()
+    return spec.describe() | {"weights": _weights(ctx.settings)}
 
 
 @router.get("/healthz")

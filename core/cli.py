@@ -25,8 +25,14 @@ def migrate() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["up"]:
+        from core.up import up
+
+        return up(argv[1:])
     parser = argparse.ArgumentParser(prog="klein", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the whole platform on embedded services")
     sub.add_parser("migrate", help="apply database migrations")
     tenant = sub.add_parser("create-tenant", help="create a tenant and print its first API key")
     tenant.add_argument("name")

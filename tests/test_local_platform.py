@@ -1,0 +1,56 @@
+"""The README's `up` command: the whole platform on embedded services, from nothing to an image and back."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+from PIL import Image
+
+from core.embedded import free_port, wait_until
+
+
+def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
+    port, data = free_port(), tmp_path / "data"
+    log = tmp_path / "up.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIN_")}
+    with open(log, "wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "core.cli", "up", "--data-dir", str(data), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: "is up at" in log.read_text() or up.poll() is not None, 240, "klein up", log)
+        assert up.poll() is None, log.read_text()
+        assert "TINY RANDOM-WEIGHTS" in log.read_text()
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 3  # worker, API, SeaweedFS (PostgreSQL and Valkey run detached)
+
+        key = (data / "api-key").read_text().strip()
+        assert key in log.read_text()
+        headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
+        body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=60).json()
+        assert body["status"] == "succeeded", body
+        image = httpx.get(body["generation_url"], headers={"apikey": key})
+        assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
+        models = httpx.get(f"{url}/v1/models").json()
+        assert models["data"][0]["weights"]["random_weights"] is True
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0, log.read_text()[-3000:]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    # Nothing left running that holds the data folder (PostgreSQL, Valkey, SeaweedFS all stopped).
+    holders = [
+        p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(data) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert holders == []

@@ -1,0 +1,75 @@
+"""The model registry, input schema and resolution rules; the tiny pipeline's save/load round trip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from models.klein import KleinInput, size_for_aspect_ratio
+from models.registry import FLUX_KLEIN_4B, resolve
+
+
+@pytest.mark.parametrize(
+    ("aspect_ratio", "size"),
+    [
+        ("1:1", (1024, 1024)),
+        ("16:9", (1360, 768)),
+        ("9:16", (768, 1360)),
+        ("21:9", (1568, 672)),
+        ("3:2", (1248, 832)),
+        ("4:5", (912, 1152)),
+    ],
+)
+def test_aspect_ratios_give_about_one_megapixel_in_multiples_of_16(aspect_ratio: str, size: tuple[int, int]) -> None:
+    width, height = size_for_aspect_ratio(aspect_ratio)
+    assert (width, height) == size
+    assert width % 16 == 0 and height % 16 == 0
+    assert 0.9 < width * height / 2**20 < 1.1
+
+
+def test_defaults_follow_the_distilled_model() -> None:
+    params = KleinInput(prompt="a cat").to_params(seed=9)
+    assert (params.num_inference_steps, params.guidance_scale, params.seed) == (4, 1.0, 9)
+    assert (params.output_format, params.output_quality, params.width, params.height) == ("jpg", 80, 1024, 1024)
+
+
+def test_input_is_strict() -> None:
+    with pytest.raises(ValidationError):
+        KleinInput.model_validate({"prompt": "a", "num_inference_steps": "4"})
+    with pytest.raises(ValidationError):
+        KleinInput.model_validate({"prompt": "a", "typo": 1})
+
+
+def test_every_alias_resolves_to_one_spec() -> None:
+    for name in ("flux-klein-4b", "FLUX-2-klein-4b", "flux2-klein-4b", "black-forest-labs/flux-2-klein-4b"):
+        assert resolve(name) is FLUX_KLEIN_4B
+    assert resolve("wavespeed-ai/flux-2-klein-4b") is FLUX_KLEIN_4B
+    assert resolve("flux-dev") is None
+
+
+def test_tiny_pipeline_round_trips_through_from_pretrained(tiny_model: Path) -> None:
+    import torch
+    from diffusers import Flux2KleinPipeline
+
+    from models.tiny import build_tiny_pipeline
+
+    built, loaded = build_tiny_pipeline(), Flux2KleinPipeline.from_pretrained(tiny_model)
+    for name in ("transformer", "text_encoder", "vae"):
+        expected, actual = getattr(built, name).state_dict(), getattr(loaded, name).state_dict()
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert loaded.tokenizer.decode(loaded.tokenizer("héllo")["input_ids"]) == "héllo"
+
+
+def test_the_api_process_never_imports_torch() -> None:
+    code = "import sys, api.app; api.app.create_app(); print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

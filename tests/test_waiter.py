@@ -1,0 +1,54 @@
+"""Try-Sync's completion waiter against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+from redis.asyncio import Redis
+
+from api.waiter import CompletionWaiter
+from tests.stack import REDIS_URL
+
+
+async def _wait(event: asyncio.Event, seconds: float = 2.0) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_published_completion_wakes_only_its_waiters() -> None:
+    async def scenario() -> None:
+        client = Redis.from_url(REDIS_URL)
+        waiter = CompletionWaiter(client, "waiter-test:done")
+        await waiter.start()
+        assert waiter.subscribed.is_set()
+        with waiter.watch("a") as a1, waiter.watch("a") as a2, waiter.watch("b") as b:
+            assert waiter.waiting == 3
+            await client.publish("waiter-test:done", "a")
+            assert await _wait(a1) and await _wait(a2)
+            assert not await _wait(b, 0.3)
+        assert waiter.waiting == 0
+        await waiter.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_waiters_are_woken_after_the_subscription_is_lost_and_restored() -> None:
+    async def scenario() -> None:
+        client = Redis.from_url(REDIS_URL)
+        waiter = CompletionWaiter(client, "waiter-test-2:done")
+        await waiter.start()
+        with waiter.watch("c") as c:
+            # Drop the pub/sub connection server-side: a completion published meanwhile would be missed,
+            # so every waiter is woken to re-read its row once the subscription is back.
+            redis.Redis.from_url(REDIS_URL).client_kill_filter(_type="pubsub")
+            assert await _wait(c, 5.0)
+        assert waiter.subscribed.is_set()
+        await waiter.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())

@@ -1,0 +1,84 @@
+"""The worker on the real stack: failures end predictions, duplicates do nothing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from core import lifecycle
+from core.ids import new_id
+from core.queue import enqueue, make_celery
+from core.tables import predictions
+from core.tenants import IssuedKey
+from models.klein import KleinInput
+from tests.conftest import Stack
+
+
+def row(stack: Stack, prediction_id: str) -> Any:
+    with stack.engine.connect() as conn:
+        return conn.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().one()
+
+
+def wait_for(stack: Stack, prediction_id: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = row(stack, prediction_id)
+        if lifecycle.Status(current["status"]).terminal:
+            return current
+        time.sleep(0.1)
+    raise AssertionError(f"{prediction_id} still {current['status']}")
+
+
+def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client
+) -> None:
+    # A row whose parameters crash the pipeline (8 px is below one latent patch): poison input.
+    inp = KleinInput(prompt="poison")
+    params = inp.to_params(5).model_copy(update={"width": 8, "height": 8})
+    pid = new_id()
+    with stack.engine.begin() as conn:
+        conn.execute(
+            lifecycle.create(
+                prediction_id=pid,
+                tenant_id=tenant.tenant_id,
+                api_key_id=tenant.key_id,
+                model="flux-klein-4b",
+                input=inp.model_dump(),
+                params=params.model_dump(),
+            )
+        )
+    enqueue(make_celery(stack.settings), pid)
+    failed = wait_for(stack, pid)
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("RuntimeError: ")
+    assert failed["outputs"] == []
+
+    status = client.get(f"/v1/predictions/status/{pid}").json()
+    assert status["status"] == "failed" and status["error"] == failed["error"]
+    assert "generation_url" not in status
+
+    after = client.post(
+        "/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json={"input": {"prompt": "ok"}}
+    )
+    assert after.json()["status"] == "succeeded"
+
+
+def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stack, client: httpx.Client) -> None:
+    body = client.post(
+        "/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json={"input": {"prompt": "once"}}
+    ).json()
+    before = row(stack, body["id"])
+    log = stack.logs / "worker.log"
+    skipped = log.read_text().count(f"prediction {body['id']} is finished")
+
+    celery = make_celery(stack.settings)
+    enqueue(celery, body["id"])
+    enqueue(celery, body["id"])
+    deadline = time.monotonic() + 30
+    while log.read_text().count(f"prediction {body['id']} is finished") < skipped + 2:
+        assert time.monotonic() < deadline, "worker never saw the duplicates"
+        time.sleep(0.1)
+    assert row(stack, body["id"]) == before  # same attempts, outputs, timings, timestamps
