@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,17 +45,13 @@ def install_error_handlers(app: FastAPI) -> None:
         error = validation_error(exc.errors())
         return JSONResponse(_body(error.message, **error.extra), status_code=422)
 
-    @app.exception_handler(ValidationError)
-    async def _pydantic_validation(_: Request, exc: ValidationError) -> JSONResponse:
-        error = validation_error(exc.errors())
-        return JSONResponse(_body(error.message, **error.extra), status_code=422)
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(ConnectionError)  # a refused connect is raised unwrapped by asyncpg
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", exc)
         return JSONResponse(

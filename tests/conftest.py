@@ -18,6 +18,7 @@ from core.tenants import IssuedKey, create_tenant, issue_key
 from tests.stack import REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
 
 @dataclass
