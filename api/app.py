@@ -10,11 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import delivery, meta
+from api import account, admin, delivery, meta
+from api.body_limit import BodySizeLimit
 from api.context import AppContext
 from api.dialects import pruna
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.rate_limit import Limiter, RateLimitHeaders
 from api.waiter import CompletionWaiter
 from core.db import make_async_engine
 from core.queue import make_celery
@@ -35,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s3 = await asyncio.to_thread(make_s3_client, settings)
         waiter = CompletionWaiter(redis, settings.events_channel)
         await waiter.start()
-        app.state.ctx = AppContext(settings, engine, redis, celery, s3, waiter)
+        limiter = Limiter(redis, settings.queue_name)
+        app.state.ctx = AppContext(settings, engine, redis, celery, s3, waiter, limiter)
         try:
             yield
         finally:
@@ -51,8 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(pruna.router)
     app.include_router(delivery.router)
+    app.include_router(account.router)
+    app.include_router(admin.router)
     app.include_router(meta.router)
     return app

@@ -1,26 +1,34 @@
-"""API-key authentication: `apikey`, `API-KEY` or `Authorization: Bearer` → tenant."""
+"""API-key authentication and the per-key rate limit: `apikey`, `API-KEY` or `Authorization: Bearer`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
 from core.ids import hash_api_key
-from core.tables import api_keys
+from core.tables import api_keys, tenants
 
+log = logging.getLogger(__name__)
 MISSING = "missing API key: send it in the `apikey` header or as `Authorization: Bearer <key>`"
+# One message for unknown, malformed, revoked and expired keys, from one query: nothing tells them apart.
 INVALID = "invalid, revoked or expired API key"
+TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per key and process
 
 
 @dataclass(frozen=True)
 class Principal:
     tenant_id: str
     api_key_id: str
+    rate_limit_per_minute: int
+    max_in_flight: int
 
 
 def presented_key(request: Request) -> str | None:
@@ -37,16 +45,64 @@ async def authenticate(request: Request, ctx: Annotated[AppContext, Depends(get_
     key = presented_key(request)
     if not key:
         raise ApiError(401, MISSING)
-    statement = select(api_keys.c.id, api_keys.c.tenant_id).where(
-        api_keys.c.key_hash == hash_api_key(key),
-        api_keys.c.revoked_at.is_(None),
-        or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > func.now()),
+    principal = await _lookup(ctx, hash_api_key(key))
+    if principal is None:
+        raise ApiError(401, INVALID)
+    _touch_later(ctx, principal.api_key_id)
+    decision = await ctx.limiter.hit(principal.tenant_id, principal.api_key_id, principal.rate_limit_per_minute)
+    request.state.rate_limit = decision
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            f"rate limit exceeded: {decision.limit} requests per minute for this API key",
+            retry_after=max(decision.reset_s, 1),
+        )
+    return principal
+
+
+async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
+    defaults = ctx.settings
+    statement = (
+        select(
+            api_keys.c.id,
+            api_keys.c.tenant_id,
+            func.coalesce(tenants.c.rate_limit_per_minute, defaults.default_rate_limit_per_minute).label("rate"),
+            func.coalesce(tenants.c.max_in_flight, defaults.default_max_in_flight).label("in_flight"),
+        )
+        .join(tenants, tenants.c.id == api_keys.c.tenant_id)
+        .where(
+            api_keys.c.key_hash == key_hash,
+            api_keys.c.revoked_at.is_(None),
+            or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > func.now()),
+        )
     )
     async with ctx.engine.connect() as conn:
         row = (await conn.execute(statement)).first()
-    if row is None:
-        raise ApiError(401, INVALID)
-    return Principal(tenant_id=row.tenant_id, api_key_id=row.id)
+    return None if row is None else Principal(row.tenant_id, row.id, row.rate, row.in_flight)
+
+
+_last_touch: dict[str, float] = {}
+_touches: set[asyncio.Task[None]] = set()
+
+
+def _touch_later(ctx: AppContext, api_key_id: str) -> None:
+    """Record last use off the request path, at most once a minute per key and process."""
+    now = time.monotonic()
+    if now - _last_touch.get(api_key_id, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+        return
+    _last_touch[api_key_id] = now
+
+    async def touch() -> None:
+        try:
+            async with ctx.engine.begin() as conn:
+                statement = update(api_keys).where(api_keys.c.id == api_key_id).values(last_used_at=func.now())
+                await conn.execute(statement)
+        except Exception:  # bookkeeping only: never fails a request
+            log.warning("could not record last use of key %s", api_key_id, exc_info=True)
+
+    task = asyncio.create_task(touch())
+    _touches.add(task)
+    task.add_done_callback(_touches.discard)
 
 
 Authenticated = Annotated[Principal, Depends(authenticate)]

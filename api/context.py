@@ -10,6 +10,7 @@ from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.rate_limit import Limiter
 from api.waiter import CompletionWaiter
 from core.settings import Settings
 
@@ -25,6 +26,7 @@ class AppContext:
     celery: Celery
     s3: S3Client
     waiter: CompletionWaiter
+    limiter: Limiter
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    """An answer to the client: status, a readable message, extra JSON fields; `retry_after` sets the header."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.extra = extra
+        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
 def validation_error(errors: Sequence[Any], prefix: tuple[str | int, ...] = ()) -> ApiError:
@@ -38,7 +41,7 @@ def _body(message: str, **extra: Any) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.message, **exc.extra), status_code=exc.status)
+        return JSONResponse(_body(exc.message, **exc.extra), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

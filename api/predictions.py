@@ -12,12 +12,14 @@ from typing import Any
 
 from sqlalchemy import RowMapping, select
 
+from api import idempotency
 from api.auth import Principal
 from api.context import AppContext
 from api.errors import ApiError
 from core import lifecycle
 from core.ids import new_id
 from core.queue import enqueue
+from core.quota import queue_priority
 from core.tables import predictions
 from models.klein import GenerationParams
 from models.registry import ModelSpec
@@ -32,9 +34,50 @@ async def submit(
     request_input: dict[str, Any],
     params: GenerationParams,
     wait_s: float = 0.0,
+    idempotency_key: str | None = None,
 ) -> RowMapping:
     """Store the prediction, enqueue it after the commit, and optionally wait for it to finish."""
     prediction_id = new_id()
+    if idempotency_key is not None:
+        fingerprint = idempotency.fingerprint(spec.id, request_input)
+        original = await idempotency.reserve(ctx, principal, idempotency_key, fingerprint, prediction_id)
+        if original is not None:
+            return await _replay(ctx, principal, original, wait_s)
+    try:
+        held = await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
+        try:
+            row = await _insert(ctx, principal, spec, prediction_id, request_input, params)
+        except Exception:
+            await ctx.limiter.release_slot(principal.tenant_id)
+            raise
+    except Exception:
+        if idempotency_key is not None:
+            await idempotency.forget(ctx, principal, idempotency_key)
+        raise
+
+    with ctx.waiter.watch(prediction_id) as finished:  # watch first: the worker may be faster than us
+        try:
+            await asyncio.to_thread(enqueue, ctx.celery, prediction_id, queue_priority(held))
+        except Exception as exc:
+            log.error("enqueue of %s failed: %s", prediction_id, exc)
+            async with ctx.engine.begin() as conn:
+                failed = await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
+            if failed.first() is not None:
+                await ctx.limiter.release_slot(principal.tenant_id)
+            raise ApiError(503, "queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
+        if wait_s > 0:
+            return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
+    return row
+
+
+async def _insert(
+    ctx: AppContext,
+    principal: Principal,
+    spec: ModelSpec,
+    prediction_id: str,
+    request_input: dict[str, Any],
+    params: GenerationParams,
+) -> RowMapping:
     create = lifecycle.create(
         prediction_id=prediction_id,
         tenant_id=principal.tenant_id,
@@ -44,17 +87,18 @@ async def submit(
         params=params.model_dump(),
     ).returning(predictions)
     async with ctx.engine.begin() as conn:
-        row = (await conn.execute(create)).mappings().one()
+        return (await conn.execute(create)).mappings().one()
 
-    with ctx.waiter.watch(prediction_id) as finished:  # watch first: the worker may be faster than us
-        try:
-            await asyncio.to_thread(enqueue, ctx.celery, prediction_id)
-        except Exception as exc:
-            log.error("enqueue of %s failed: %s", prediction_id, exc)
-            async with ctx.engine.begin() as conn:
-                await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
-            raise ApiError(503, "queue unavailable, try again shortly", id=prediction_id) from exc
-        if wait_s > 0:
+
+async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> RowMapping:
+    """The prediction an earlier request with the same Idempotency-Key created (it may still be storing it)."""
+    deadline = time.monotonic() + 5
+    while (row := await fetch(ctx, principal, prediction_id)) is None:
+        if time.monotonic() > deadline:
+            raise ApiError(409, "a request with this Idempotency-Key is still being accepted; retry shortly")
+        await asyncio.sleep(0.05)
+    if wait_s > 0 and not lifecycle.Status(row["status"]).terminal:
+        with ctx.waiter.watch(prediction_id) as finished:
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
 
@@ -89,3 +133,14 @@ async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str
     if row is None:
         raise ApiError(404, f"prediction {prediction_id!r} not found")
     return row
+
+
+async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping:
+    """Cancel a queued or running prediction; a finished one is returned unchanged."""
+    async with ctx.engine.begin() as conn:
+        canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
+    if canceled is not None:
+        await ctx.limiter.release_slot(principal.tenant_id)
+        await ctx.redis.publish(ctx.settings.events_channel, prediction_id)
+        return canceled
+    return await fetch_or_404(ctx, principal, prediction_id)

@@ -1,16 +1,28 @@
 """`klein`: operator commands.
 
-klein migrate                      apply database migrations (alembic upgrade head)
-klein create-tenant NAME           create a tenant and print its first API key
-klein create-key TENANT_NAME       issue another key for a tenant
-klein build-tiny DIR               save the tiny random-weights Klein pipeline to DIR
+    klein up [--model PATH]                  start the whole platform on embedded services (core/up.py)
+    klein migrate                            apply database migrations (alembic upgrade head)
+    klein create-tenant NAME [limits]        create a tenant and print its first API key (shown once)
+    klein set-limits TENANT [limits]         change a tenant's limits or price plan
+    klein tenants                            list tenants with their limits
+    klein create-key TENANT [--name N] [--expires-in-days D]
+    klein keys TENANT                        list a tenant's keys (prefix, name, created, last used)
+    klein revoke-key KEY_ID                  revoke a key, effective on its next request
+    klein usage [--tenant T] [--start D] [--end D]
+    klein build-tiny DIR                     save the tiny random-weights Klein pipeline to DIR
+
+TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
+--max-in-flight N (queued + processing) and --price P (USD per image); "default" resets one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from core.settings import get_settings
 
@@ -24,49 +36,112 @@ def migrate() -> None:
     command.upgrade(Config(toml_file=str(ROOT / "pyproject.toml")), "head")
 
 
+def _limit(value: str) -> int | float | None:
+    return None if value == "default" else (float(value) if "." in value else int(value))
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate-limit", dest="rate_limit_per_minute", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument("--max-in-flight", dest="max_in_flight", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klein", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the whole platform on embedded services")
+    sub.add_parser("migrate", help="apply database migrations")
+    create = sub.add_parser("create-tenant", help="create a tenant and print its first API key")
+    create.add_argument("name")
+    _add_limits(create)
+    limits = sub.add_parser("set-limits", help="change a tenant's limits or price plan")
+    limits.add_argument("tenant")
+    _add_limits(limits)
+    sub.add_parser("tenants", help="list tenants")
+    key = sub.add_parser("create-key", help="issue another API key for a tenant")
+    key.add_argument("tenant")
+    key.add_argument("--name", default="")
+    key.add_argument("--expires-in-days", type=float)
+    keys = sub.add_parser("keys", help="list a tenant's keys")
+    keys.add_argument("tenant")
+    revoke = sub.add_parser("revoke-key", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    report = sub.add_parser("usage", help="usage totals by day and model")
+    report.add_argument("--tenant")
+    report.add_argument("--start", type=date.fromisoformat)
+    report.add_argument("--end", type=date.fromisoformat)
+    tiny = sub.add_parser("build-tiny", help="save the tiny random-weights pipeline")
+    tiny.add_argument("directory", type=Path)
+    return parser
+
+
+def _print(rows: Any) -> None:
+    print(json.dumps([dict(row) for row in rows], default=str, indent=2))
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from sqlalchemy import Connection
+
+    from core import tenants, usage
+    from core.db import make_sync_engine
+
+    limits = {k: getattr(args, k) for k in tenants.LIMIT_FIELDS if hasattr(args, k)}
+
+    def tenant_id(conn: Connection, name_or_id: str) -> str:
+        found = conn.execute(tenants.find_tenant(name_or_id)).first()
+        if found is None:
+            raise SystemExit(f"no tenant {name_or_id!r}")
+        return str(found.id)
+
+    engine = make_sync_engine(get_settings())
+    with engine.begin() as conn:
+        if args.command == "create-tenant":
+            if conn.execute(tenants.find_tenant(args.name)).first() is not None:
+                raise SystemExit(f"tenant {args.name!r} exists already")
+            new_id, statement = tenants.create_tenant(args.name, **limits)
+            conn.execute(statement)
+            issued, statement = tenants.issue_key(new_id, "default")
+            conn.execute(statement)
+            print(f"tenant: {new_id}\nkey:    {issued.key}  (shown once; only its hash is stored)")
+        elif args.command == "set-limits":
+            _print(conn.execute(tenants.set_limits(tenant_id(conn, args.tenant), **limits)).mappings())
+        elif args.command == "tenants":
+            _print(conn.execute(tenants.list_tenants()).mappings())
+        elif args.command == "create-key":
+            expires = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
+            issued, statement = tenants.issue_key(tenant_id(conn, args.tenant), args.name, expires)
+            conn.execute(statement)
+            print(f"key id: {issued.key_id}\nkey:    {issued.key}  (shown once; only its hash is stored)")
+        elif args.command == "keys":
+            _print(conn.execute(tenants.list_keys(tenant_id(conn, args.tenant))).mappings())
+        elif args.command == "revoke-key":
+            if conn.execute(tenants.revoke_key(args.key_id)).first() is None:
+                raise SystemExit(f"no active key {args.key_id!r}")
+            print(f"revoked {args.key_id}")
+        elif args.command == "usage":
+            end = args.end or datetime.now(UTC).date() + timedelta(days=1)
+            start = args.start or end - timedelta(days=31)
+            scope = tenant_id(conn, args.tenant) if args.tenant else None
+            _print(conn.execute(usage.totals(scope, start, end)).mappings())
+    engine.dispose()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["up"]:
         from core.up import up
 
         return up(argv[1:])
-    parser = argparse.ArgumentParser(prog="klein", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the whole platform on embedded services")
-    sub.add_parser("migrate", help="apply database migrations")
-    tenant = sub.add_parser("create-tenant", help="create a tenant and print its first API key")
-    tenant.add_argument("name")
-    key = sub.add_parser("create-key", help="issue another API key for a tenant")
-    key.add_argument("tenant_name")
-    key.add_argument("--name", default="")
-    tiny = sub.add_parser("build-tiny", help="save the tiny random-weights pipeline")
-    tiny.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-
+    args = _parser().parse_args(argv)
     if args.command == "migrate":
         migrate()
-    elif args.command in ("create-tenant", "create-key"):
-        from core.db import make_sync_engine
-        from core.tenants import create_tenant, find_tenant, issue_key
-
-        engine = make_sync_engine(get_settings())
-        with engine.begin() as conn:
-            if args.command == "create-tenant":
-                if find_tenant(conn, args.name):
-                    print(f"tenant {args.name!r} exists already", file=sys.stderr)
-                    return 1
-                issued = issue_key(conn, create_tenant(conn, args.name), "default")
-            else:
-                tenant_id = find_tenant(conn, args.tenant_name)
-                if tenant_id is None:
-                    print(f"no tenant named {args.tenant_name!r}", file=sys.stderr)
-                    return 1
-                issued = issue_key(conn, tenant_id, args.name)
-        print(f"tenant: {issued.tenant_id}\nkey:    {issued.key}  (shown once; only its hash is stored)")
     elif args.command == "build-tiny":
         from models.tiny import save_tiny_pipeline
 
         print(save_tiny_pipeline(args.directory))
+    else:
+        return _admin(args)
     return 0
 
 

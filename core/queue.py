@@ -27,6 +27,9 @@ def make_celery(settings: Settings) -> Celery:
             # An unacked message is redelivered after this; keep it above the task time limit.
             "visibility_timeout": settings.task_time_limit_s * 2,
             "socket_timeout": 5,
+            # Priorities 0 (first) … 9 map onto lists consumed in that order: see core.quota.queue_priority.
+            "priority_steps": [0, 3, 6, 9],
+            "queue_order_strategy": "priority",
             "socket_connect_timeout": 5,
         },
         broker_pool_limit=10,
@@ -34,5 +37,5 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, prediction_id: str) -> None:
-    app.send_task(PREDICT_TASK, args=[prediction_id])
+def enqueue(app: Celery, prediction_id: str, priority: int = 0) -> None:
+    app.send_task(PREDICT_TASK, args=[prediction_id], priority=priority)

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     # A prediction held longer than this by a worker may be claimed again (worker presumed dead).
     task_time_limit_s: int = Field(600, ge=10)
 
+    # Tenants: defaults for tenants without their own limits and price plan.
+    default_rate_limit_per_minute: int = Field(150, ge=1)  # per API key, every authenticated request
+    default_max_in_flight: int = Field(500, ge=1)  # per tenant, queued + processing
+    default_price_per_image: float = Field(0.0001, ge=0)  # USD
+    admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
+    idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+
     # API
     public_base_url: str | None = None  # e.g. https://images.example.com; else the request's own
     try_sync_timeout_s: float = Field(60.0, ge=0, le=600)

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Table,
     Text,
@@ -25,6 +26,10 @@ tenants = Table(
     Column("id", String(32), primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Limits and price plan; NULL means the platform default from core.settings.
+    Column("rate_limit_per_minute", Integer),
+    Column("max_in_flight", Integer),
+    Column("price_per_image", Numeric(12, 6)),
 )
 
 api_keys = Table(
@@ -64,4 +69,21 @@ predictions = Table(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
     Index("predictions_tenant_created", "tenant_id", "created_at"),
+)
+
+# One row per completed prediction, written in the same transaction that completes it.
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("prediction_id", String(32), ForeignKey("predictions.id", ondelete="CASCADE"), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("api_key_id", String(32), ForeignKey("api_keys.id", ondelete="SET NULL")),
+    Column("model", Text, nullable=False),
+    Column("images", Integer, nullable=False),
+    Column("megapixels", Numeric(10, 4), nullable=False),  # per image
+    Column("steps", Integer, nullable=False),
+    Column("price_per_image", Numeric(12, 6), nullable=False),  # the tenant's price when it completed
+    Column("amount", Numeric(14, 6), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("usage_tenant_created", "tenant_id", "created_at"),
 )

@@ -44,16 +44,21 @@ def _database_url(pgdata: Path) -> str:
 
 def _first_key(data_dir: Path) -> str:
     """Create the `default` tenant on first start; its key is kept in the data folder (mode 600)."""
+    from core import tenants
     from core.db import make_sync_engine
     from core.settings import get_settings
-    from core.tenants import create_tenant, find_tenant, issue_key
 
     key_file = data_dir / "api-key"
     engine = make_sync_engine(get_settings())
     with engine.begin() as conn:
-        if find_tenant(conn, "default") is None or not key_file.exists():
-            tenant_id = find_tenant(conn, "default") or create_tenant(conn, "default")
-            key_file.write_text(issue_key(conn, tenant_id, "klein up").key)
+        found = conn.execute(tenants.find_tenant("default")).first()
+        if found is None or not key_file.exists():
+            tenant_id, create = tenants.create_tenant("default")
+            if found is None:
+                conn.execute(create)
+            issued, issue = tenants.issue_key(found.id if found else tenant_id, "klein up")
+            conn.execute(issue)
+            key_file.write_text(issued.key)
             key_file.chmod(0o600)
     engine.dispose()
     return key_file.read_text().strip()

@@ -5,20 +5,23 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 from sqlalchemy import Engine
 
+from core import tenants
 from core.db import make_sync_engine
 from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
-from core.tenants import IssuedKey, create_tenant, issue_key
+from core.tenants import IssuedKey
 from tests.stack import REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ADMIN_KEY = "test-admin-" + secrets.token_hex(8)  # nothing in the tests may reach a model hub
 
 
 @dataclass
@@ -57,6 +60,8 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         "KLEIN_MODEL_PATH": str(tiny_model),
         "KLEIN_DEVICE": "cpu",
         "KLEIN_TRY_SYNC_TIMEOUT_S": "30",
+        "KLEIN_DEFAULT_RATE_LIMIT_PER_MINUTE": "100000",  # tests poll fast; rate-limit tests set their own
+        "KLEIN_ADMIN_API_KEY": ADMIN_KEY,
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -101,10 +106,19 @@ def stack(
         worker.stop()
 
 
+def make_tenant(engine: Engine, **limits: Any) -> IssuedKey:
+    """A new tenant with one key; limits as in core.tenants (None: the platform default)."""
+    tenant_id, create = tenants.create_tenant(f"tenant-{secrets.token_hex(4)}", **limits)
+    issued, issue = tenants.issue_key(tenant_id, "test")
+    with engine.begin() as conn:
+        conn.execute(create)
+        conn.execute(issue)
+    return issued
+
+
 @pytest.fixture
 def tenant(engine: Engine) -> IssuedKey:
-    with engine.begin() as conn:
-        return issue_key(conn, create_tenant(conn, f"tenant-{secrets.token_hex(4)}"), "test")
+    return make_tenant(engine)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from core.tables import predictions
 from core.tenants import IssuedKey
-from tests.conftest import Stack
+from tests.conftest import Stack, make_tenant
 
 PROMPT = "A serene mountain landscape at dawn with mist rolling through the valleys"
 
@@ -125,11 +125,8 @@ def test_model_aliases_name_the_same_model(client: httpx.Client) -> None:
 
 
 def test_tenants_never_see_each_other(stack: Stack, client: httpx.Client) -> None:
-    from core.tenants import create_tenant, issue_key
-
     body = submit(client, {"prompt": PROMPT}, sync=True).json()
-    with stack.engine.begin() as conn:
-        other = issue_key(conn, create_tenant(conn, f"other-{body['id']}"))
+    other = make_tenant(stack.engine)
     intruder = {"apikey": other.key}
     assert httpx.get(body["get_url"], headers=intruder).status_code == 404
     assert httpx.get(body["generation_url"], headers=intruder).status_code == 404

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sqlalchemy import Engine, Update
 
-from core import lifecycle
+from core import lifecycle, quota, usage
 from core.db import make_sync_engine
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client, output_key
@@ -39,6 +39,9 @@ class WorkerRuntime:
     s3: S3Client
     redis: redis.Redis
     worker_id: str
+
+    def __post_init__(self) -> None:
+        self.release_script = self.redis.register_script(quota.RELEASE_SLOT_LUA)
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
@@ -73,8 +76,10 @@ class WorkerRuntime:
         else:
             timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
             finish = lifecycle.complete(prediction_id, self.worker_id, outputs, timings)
-        if self._execute(finish) is None:
+        if self._finish(finish) is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
+        else:
+            self._release_slot(row["tenant_id"])
         self._announce(prediction_id)
 
     def _generate(self, prediction_id: str, row: Any, timings: dict[str, int]) -> list[dict[str, Any]]:
@@ -100,6 +105,20 @@ class WorkerRuntime:
     def _execute(self, statement: Update) -> Any:
         with self.engine.begin() as conn:
             return conn.execute(statement).mappings().first()
+
+    def _finish(self, statement: Update) -> Any:
+        """Apply the final transition; a completion is billed in the same transaction, so exactly once."""
+        with self.engine.begin() as conn:
+            row = conn.execute(statement).mappings().first()
+            if row is not None and row["status"] == lifecycle.Status.COMPLETED:
+                conn.execute(usage.record(row, self.settings.default_price_per_image))
+            return row
+
+    def _release_slot(self, tenant_id: str) -> None:
+        try:
+            self.release_script(keys=[quota.in_flight_key(self.settings.queue_name, tenant_id)])
+        except redis.RedisError:
+            log.warning("could not release the in-flight slot of tenant %s", tenant_id, exc_info=True)
 
     def _announce(self, prediction_id: str) -> None:
         try:

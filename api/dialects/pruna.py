@@ -79,6 +79,7 @@ async def create_prediction(
     ctx: Annotated[AppContext, Depends(get_ctx)],
     model: Annotated[str | None, Header(alias="Model")] = None,
     try_sync: Annotated[str | None, Header(alias="Try-Sync")] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     if not model:
         raise ApiError(
@@ -102,7 +103,7 @@ async def create_prediction(
     seed = validated.seed if validated.seed >= 0 else random_seed()
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(try_sync) else 0.0
     row = await predictions.submit(
-        ctx, principal, spec, validated.model_dump(), validated.to_params(seed), wait_s=wait_s
+        ctx, principal, spec, validated.model_dump(), validated.to_params(seed), wait_s, idempotency_key
     )
     finished = Status(row["status"]).terminal
     return JSONResponse(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
@@ -113,6 +114,14 @@ async def prediction_status(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
     row = await predictions.fetch_or_404(ctx, principal, prediction_id)
+    return view(row, public_base_url(request, ctx.settings))
+
+
+@router.post("/v1/predictions/{prediction_id}/cancel")
+async def cancel_prediction(
+    prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> dict[str, Any]:
+    row = await predictions.cancel(ctx, principal, prediction_id)
     return view(row, public_base_url(request, ctx.settings))
 
 

@@ -1,0 +1,120 @@
+"""The operators' HTTP API under /admin/v1, behind `KLEIN_ADMIN_API_KEY` (header `X-Admin-Key` or Bearer)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import RowMapping
+from sqlalchemy.exc import IntegrityError
+
+from api.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
+from api.auth import presented_key
+from api.context import AppContext, get_ctx
+from api.errors import ApiError
+from core import tenants
+
+
+async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> None:
+    configured = ctx.settings.admin_api_key
+    if configured is None:
+        raise ApiError(404, "the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
+    given = request.headers.get("x-admin-key") or presented_key(request) or ""
+    # Compare digests so the comparison's time depends on neither key's length nor content.
+    expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
+    if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
+        raise ApiError(401, "invalid admin key")
+
+
+router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000, description="per key; null: default")
+    max_in_flight: int | None = Field(None, ge=1, le=1_000_000, description="queued + processing; null: default")
+    price_per_image: float | None = Field(None, ge=0, le=1000, description="USD; null: platform default")
+
+
+class TenantRequest(Limits):
+    name: str = Field(min_length=1, max_length=100)
+
+
+def tenant_view(row: RowMapping) -> dict[str, Any]:
+    view = key_view(row)
+    if view.get("price_per_image") is not None:
+        view["price_per_image"] = float(view["price_per_image"])
+    return view
+
+
+async def _tenant(ctx: AppContext, tenant_id: str) -> RowMapping:
+    async with ctx.engine.connect() as conn:
+        row = (await conn.execute(tenants.find_tenant(tenant_id))).mappings().first()
+    if row is None:
+        raise ApiError(404, f"tenant {tenant_id!r} not found")
+    return row
+
+
+@router.post("/tenants", status_code=201)
+async def create_tenant(request: TenantRequest, ctx: Ctx) -> JSONResponse:
+    tenant_id, create = tenants.create_tenant(request.name, **request.model_dump(exclude={"name"}))
+    issued, issue = tenants.issue_key(tenant_id, "default")
+    try:
+        async with ctx.engine.begin() as conn:
+            await conn.execute(create)
+            await conn.execute(issue)
+    except IntegrityError:
+        raise ApiError(409, f"a tenant named {request.name!r} exists already") from None
+    tenant = tenant_view(await _tenant(ctx, tenant_id))
+    return JSONResponse({"tenant": tenant, "key": issued.public()}, status_code=201)
+
+
+@router.get("/tenants")
+async def all_tenants(ctx: Ctx) -> dict[str, Any]:
+    async with ctx.engine.connect() as conn:
+        rows = (await conn.execute(tenants.list_tenants())).mappings().all()
+    return {"data": [tenant_view(row) for row in rows]}
+
+
+@router.get("/tenants/{tenant_id}")
+async def one_tenant(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
+    return tenant_view(await _tenant(ctx, tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}")
+async def update_limits(tenant_id: str, limits: Limits, ctx: Ctx) -> dict[str, Any]:
+    """Set limits and price; only the fields sent change (null resets one to the platform default)."""
+    async with ctx.engine.begin() as conn:
+        row = (await conn.execute(tenants.set_limits(tenant_id, **limits.model_dump(exclude_unset=True)))).first()
+    if row is None:
+        raise ApiError(404, f"tenant {tenant_id!r} not found")
+    return tenant_view(await _tenant(ctx, tenant_id))
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+async def create_key(tenant_id: str, request: KeyRequest, ctx: Ctx) -> JSONResponse:
+    await _tenant(ctx, tenant_id)
+    return await issue_key(ctx, tenant_id, request)
+
+
+@router.get("/tenants/{tenant_id}/keys")
+async def tenant_keys(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
+    await _tenant(ctx, tenant_id)
+    return await list_keys(ctx, tenant_id)
+
+
+@router.delete("/keys/{key_id}")
+async def revoke(key_id: str, ctx: Ctx) -> dict[str, Any]:
+    return await revoke_key(ctx, key_id, None)
+
+
+@router.get("/usage")
+async def all_usage(ctx: Ctx, tenant_id: str | None = None, start: Start = None, end: End = None) -> dict[str, Any]:
+    report = await usage_report(ctx, tenant_id, start, end)
+    return report if tenant_id is None else report | {"tenant_id": tenant_id}
