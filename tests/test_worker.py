@@ -32,10 +32,8 @@ def wait_for(stack: Stack, prediction_id: str, timeout: float = 60) -> Any:
     raise AssertionError(f"{prediction_id} still {current['status']}")
 
 
-def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
-    stack: Stack, tenant: IssuedKey, client: httpx.Client
-) -> None:
-    # A row whose parameters crash the pipeline (8 px is below one latent patch): poison input.
+def poison_prediction(stack: Stack, tenant: IssuedKey) -> str:
+    """Store and enqueue a row whose parameters crash the pipeline (8 px is below one latent patch)."""
     inp = KleinInput(prompt="poison")
     params = inp.to_params(5).model_copy(update={"width": 8, "height": 8})
     pid = new_id()
@@ -51,6 +49,13 @@ def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
             )
         )
     enqueue(make_celery(stack.settings), pid)
+    return pid
+
+
+def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client
+) -> None:
+    pid = poison_prediction(stack, tenant)
     failed = wait_for(stack, pid)
     assert failed["status"] == "failed"
     assert failed["error"].startswith("RuntimeError: ")

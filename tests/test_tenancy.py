@@ -1,0 +1,240 @@
+"""Multi-tenancy on the real stack: keys, rate limits, in-flight caps, idempotency, usage, admin API, fairness."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import func, select, update
+
+from api.errors import ApiError
+from api.rate_limit import Limiter
+from core import tenants
+from core.tables import api_keys, predictions, usage_records
+from core.tenants import IssuedKey
+from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.test_predictions import PROMPT, poll, submit
+
+
+def burst(url: str, headers: dict[str, str], n: int, method: str = "GET", json: Any = None) -> list[httpx.Response]:
+    """n requests at once from n connections."""
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as http:
+            return await asyncio.gather(*(http.request(method, url, headers=headers, json=json) for _ in range(n)))
+
+    return asyncio.run(go())
+
+
+def test_a_concurrent_burst_lets_exactly_the_limit_through(stack: Stack) -> None:
+    key = make_tenant(stack.engine, rate_limit_per_minute=20)
+    answers = burst(f"{stack.api_url}/v1/keys", {"apikey": key.key}, 50)
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses.count(200) == 20 and statuses.count(429) == 30
+    limited = next(a for a in answers if a.status_code == 429)
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    assert limited.headers["ratelimit-policy"] == '"per-key";q=20;w=60'
+    assert limited.headers["ratelimit"].startswith('"per-key";r=0;t=')
+    assert "20 requests per minute" in limited.json()["error"]
+    ok = next(a for a in answers if a.status_code == 200)
+    assert ok.headers["ratelimit-policy"] == '"per-key";q=20;w=60'
+
+
+def test_the_rate_limit_is_per_key(stack: Stack) -> None:
+    first = make_tenant(stack.engine, rate_limit_per_minute=3)
+    with stack.engine.begin() as conn:
+        second, statement = tenants.issue_key(first.tenant_id, "second")
+        conn.execute(statement)
+    for key, expected in ((first.key, [200, 200, 200, 429]), (second.key, [200, 200, 200, 429])):
+        got = [httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": key}).status_code for _ in range(4)]
+        assert got == expected
+
+
+def test_a_limit_check_without_redis_fails_closed() -> None:
+    async def scenario() -> None:
+        limiter = Limiter(Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5), "klein")
+        with pytest.raises(ApiError) as raised:
+            await limiter.hit("t", "k", 10)
+        assert raised.value.status == 503
+        with pytest.raises(ApiError) as raised:
+            await limiter.take_slot("t", 10)
+        assert raised.value.status == 503
+
+    asyncio.run(scenario())
+
+
+def test_the_in_flight_cap_rejects_with_429_and_frees_slots_on_completion(stack: Stack) -> None:
+    key = make_tenant(stack.engine, max_in_flight=2)
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+        # Each tiny-pipeline image takes ~1 s on the CPU; three submits take a few ms.
+        first, second, third = (submit(client, {"prompt": PROMPT}) for _ in range(3))
+        assert (first.status_code, second.status_code, third.status_code) == (201, 201, 429)
+        assert third.headers["retry-after"] == "1"
+        assert "in flight" in third.json()["error"]
+        canceled = client.post(f"/v1/predictions/{second.json()['id']}/cancel").json()
+        assert canceled["status"] in ("canceled", "succeeded")
+        assert poll(client, first.json()["get_url"])["status"] == "succeeded"
+        assert submit(client, {"prompt": PROMPT}, sync=True).json()["status"] == "succeeded"
+        assert submit(client, {"prompt": PROMPT}).status_code == 201
+
+
+def test_revoked_expired_and_malformed_keys_get_the_same_401(stack: Stack, tenant: IssuedKey) -> None:
+    url = f"{stack.api_url}/v1/keys"
+    with stack.engine.begin() as conn:
+        expired, statement = tenants.issue_key(tenant.tenant_id, "expired")
+        conn.execute(statement)
+        conn.execute(
+            update(api_keys).where(api_keys.c.id == expired.key_id).values(expires_at=func.now() - timedelta(seconds=1))
+        )
+    revoked = httpx.post(url, headers={"apikey": tenant.key}, json={"name": "short-lived"}).json()
+    assert httpx.delete(f"{url}/{revoked['id']}", headers={"apikey": tenant.key}).json()["revoked"] is True
+    bodies = {
+        httpx.get(url, headers={"apikey": key}).text
+        for key in (revoked["key"], expired.key, "kl_nope", "%%%", "x" * 500)
+    }
+    assert len(bodies) == 1 and "invalid, revoked or expired API key" in bodies.pop()
+    assert httpx.get(url, headers={"apikey": tenant.key}).status_code == 200
+
+
+def test_key_lifecycle_for_a_tenant(stack: Stack, tenant: IssuedKey) -> None:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}) as client:
+        expires = (datetime.now(UTC) + timedelta(days=7)).isoformat()
+        created = client.post("/v1/keys", json={"name": "ci", "expires_at": expires})
+        assert created.status_code == 201
+        new = created.json()
+        assert new["key"].startswith(new["prefix"]) and new["prefix"].startswith("kl_")
+        listed = {k["id"]: k for k in client.get("/v1/keys").json()["data"]}
+        assert set(listed) == {tenant.key_id, new["id"]}
+        assert listed[new["id"]]["name"] == "ci" and listed[new["id"]]["expires_at"] is not None
+        assert not any("key" in k or "key_hash" in k for k in listed.values())
+        assert listed[tenant.key_id]["last_used_at"] is not None  # this very request used it
+        assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": new["key"]}).status_code == 200
+        assert client.delete(f"/v1/keys/{new['id']}").status_code == 200
+        assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": new["key"]}).status_code == 401
+        assert client.delete(f"/v1/keys/{new['id']}").status_code == 404
+        other = make_tenant(stack.engine)
+        assert client.delete(f"/v1/keys/{other.key_id}").status_code == 404  # not ours to revoke
+        past = client.post("/v1/keys", json={"expires_at": "2001-01-01T00:00:00Z"})
+        assert past.status_code == 422 and "future" in past.json()["error"]
+
+
+def test_idempotency_key_returns_the_original_prediction(stack: Stack, tenant: IssuedKey) -> None:
+    headers = {"apikey": tenant.key, "Model": "flux-klein-4b", "Idempotency-Key": "order-42"}
+    body = {"input": {"prompt": PROMPT, "seed": -1}}
+    answers = burst(f"{stack.api_url}/v1/predictions", headers, 5, "POST", body)
+    assert {a.status_code for a in answers} <= {200, 201}
+    ids = {a.json()["id"] for a in answers}
+    assert len(ids) == 1
+    retry = httpx.post(f"{stack.api_url}/v1/predictions", headers=headers, json=body).json()
+    assert retry["id"] in ids and retry["seed"] == answers[0].json()["seed"]
+    different = httpx.post(f"{stack.api_url}/v1/predictions", headers=headers, json={"input": {"prompt": "other"}})
+    assert different.status_code == 422 and "Idempotency-Key" in different.json()["error"]
+    with stack.engine.connect() as conn:
+        count = select(func.count()).select_from(predictions).where(predictions.c.tenant_id == tenant.tenant_id)
+        assert conn.execute(count).scalar_one() == 1
+    other = make_tenant(stack.engine)  # keys are per tenant
+    theirs = httpx.post(f"{stack.api_url}/v1/predictions", headers=headers | {"apikey": other.key}, json=body)
+    assert theirs.status_code == 201 and theirs.json()["id"] not in ids
+
+
+def test_usage_is_metered_per_completed_image_at_the_tenant_price(stack: Stack) -> None:
+    key = make_tenant(stack.engine, price_per_image=0.25)
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+        for ratio in ("1:1", "16:9"):
+            assert submit(client, {"prompt": PROMPT, "aspect_ratio": ratio}, sync=True).json()["status"] == "succeeded"
+        report = client.get("/v1/usage").json()
+    assert report["total"]["predictions"] == 2 and report["total"]["images"] == 2
+    assert report["total"]["amount"] == pytest.approx(0.5)
+    assert report["total"]["megapixels"] == pytest.approx(1.0 + 1360 * 768 / 2**20, abs=1e-3)
+    assert [d["model"] for d in report["days"]] == ["flux-klein-4b"]
+    with stack.engine.connect() as conn:
+        steps = conn.execute(select(usage_records.c.steps).where(usage_records.c.tenant_id == key.tenant_id))
+        assert steps.scalars().all() == [4, 4]
+
+
+def test_failed_predictions_are_not_billed(stack: Stack, tenant: IssuedKey) -> None:
+    from tests.test_worker import poison_prediction, wait_for
+
+    pid = poison_prediction(stack, tenant)
+    assert wait_for(stack, pid)["status"] == "failed"
+    with stack.engine.connect() as conn:
+        assert conn.execute(select(usage_records).where(usage_records.c.prediction_id == pid)).first() is None
+
+
+def test_admin_api(stack: Stack) -> None:
+    admin = httpx.Client(base_url=f"{stack.api_url}/admin/v1", headers={"X-Admin-Key": ADMIN_KEY})
+    assert httpx.get(f"{stack.api_url}/admin/v1/tenants").status_code == 401
+    assert httpx.get(f"{stack.api_url}/admin/v1/tenants", headers={"X-Admin-Key": "wrong"}).status_code == 401
+    name = f"acme-{time.time_ns()}"
+    created = admin.post("/tenants", json={"name": name, "rate_limit_per_minute": 2, "price_per_image": 0.01})
+    assert created.status_code == 201, created.text
+    tenant_id, key = created.json()["tenant"]["id"], created.json()["key"]
+    assert created.json()["tenant"]["rate_limit_per_minute"] == 2
+    assert admin.post("/tenants", json={"name": name}).status_code == 409
+    assert admin.post("/tenants", json={"name": "x", "max_in_flight": 0}).status_code == 422
+
+    probe = [httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": key["key"]}).status_code for _ in range(3)]
+    assert probe == [200, 200, 429]
+    patched = admin.patch(f"/tenants/{tenant_id}", json={"rate_limit_per_minute": 100}).json()
+    assert patched["rate_limit_per_minute"] == 100 and patched["price_per_image"] == 0.01
+    assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": key["key"]}).status_code == 200
+    assert admin.patch(f"/tenants/{tenant_id}", json={"price_per_image": None}).json()["price_per_image"] is None
+
+    extra = admin.post(f"/tenants/{tenant_id}/keys", json={"name": "ops"}).json()
+    assert {k["id"] for k in admin.get(f"/tenants/{tenant_id}/keys").json()["data"]} == {key["id"], extra["id"]}
+    assert admin.delete(f"/keys/{extra['id']}").json()["revoked"] is True
+    assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": extra["key"]}).status_code == 401
+    assert any(t["id"] == tenant_id for t in admin.get("/tenants").json()["data"])
+    assert admin.get("/tenants/nope").status_code == 404
+    usage = admin.get("/usage").json()
+    assert all("tenant_id" in day for day in usage["days"])
+
+
+def test_cli_manages_tenants_and_keys(stack: Stack) -> None:
+    env = os.environ | {k: v for k, v in stack.env.items() if k.startswith("KLEIN_")}
+
+    def klein(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    name = f"cli-{time.time_ns()}"
+    out = klein("create-tenant", name, "--rate-limit", "7", "--price", "0.5")
+    key = out.split("key:")[1].split()[0]
+    assert (
+        httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": key}).headers["ratelimit-policy"].endswith("q=7;w=60")
+    )
+    assert '"rate_limit_per_minute": 9' in klein("set-limits", name, "--rate-limit", "9")
+    assert key not in klein("keys", name)
+    key_id = klein("create-key", name, "--name", "x", "--expires-in-days", "1").split("key id:")[1].split()[0]
+    assert f"revoked {key_id}" in klein("revoke-key", key_id)
+    assert name in klein("tenants")
+    klein("usage", "--tenant", name)
+
+
+def test_a_quiet_tenant_is_not_starved_by_a_noisy_backlog(stack: Stack) -> None:
+    noisy, quiet = make_tenant(stack.engine), make_tenant(stack.engine)
+    noisy_client = httpx.Client(base_url=stack.api_url, headers={"apikey": noisy.key}, timeout=60)
+    backlog = [submit(noisy_client, {"prompt": f"noisy {i}"}).json()["id"] for i in range(12)]
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": quiet.key}, timeout=60) as client:
+        done = submit(client, {"prompt": "quiet"}, sync=True).json()
+    assert done["status"] == "succeeded"
+    with stack.engine.connect() as conn:
+        started_before = conn.execute(
+            select(func.count())
+            .select_from(predictions)
+            .where(predictions.c.id.in_(backlog), predictions.c.started_at < datetime.fromisoformat(done["started_at"]))
+        ).scalar_one()
+    # Without fair dispatch the quiet prediction would start after all 12; with it, after those already taken.
+    assert started_before <= 3, started_before
+    for pid in backlog:
+        noisy_client.post(f"/v1/predictions/{pid}/cancel")
+    noisy_client.close()
