@@ -1,0 +1,384 @@
+"""Deployment files: schema validity and the wiring that matters.
+
+Schemas come from installed packages (no network at test time):
+- docker-compose.yml: the Compose Specification JSON schema vendored by `check-jsonschema`
+  (check_jsonschema/builtin_schemas/vendor/compose-spec.json);
+- deploy/k8s/*.yaml: the Kubernetes JSON schemas shipped by `kubernetes-validate`, strict variant
+  (unknown fields rejected), for an older and the newest Kubernetes version it ships;
+- the KEDA ScaledObject: the JSON schema of `cloudcoil-models-keda`'s ScaledObject model, which is generated
+  from KEDA's ScaledObject CRD (OpenAPI v3), made strict the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+import shlex
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from core.queue import make_celery
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+K8S_DIR = ROOT / "deploy" / "k8s"
+DOCKERFILE_API = ROOT / "deploy" / "Dockerfile.api"
+DOCKERFILE_WORKER = ROOT / "deploy" / "Dockerfile.worker"
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+KLEIN_SETTINGS = {f"KLEIN_{name.upper()}" for name in Settings.model_fields}
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def _errors(validator: jsonschema.protocols.Validator, doc: Any) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@cache
+def compose_validator() -> jsonschema.protocols.Validator:
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields, as kubectl --validate=strict does: additionalProperties false wherever a
+    schema lists properties and says nothing about others."""
+    if isinstance(schema, dict):
+        for value in schema.values():
+            _strict(value)
+        if "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        for value in schema:
+            _strict(value)
+    return schema
+
+
+@cache
+def keda_validator() -> jsonschema.protocols.Validator:
+    models = importlib.import_module("cloudcoil.models.keda.v1alpha1")
+    schema = _strict(models.ScaledObject.model_json_schema(by_alias=True))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path.name, doc))
+    return docs
+
+
+def k8s(kind: str, name: str) -> dict[str, Any]:
+    found = [doc for _, doc in k8s_docs() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def config_data() -> dict[str, str]:
+    return dict(k8s("ConfigMap", "klein-config")["data"])
+
+
+def run_commands(dockerfile: Path) -> list[str]:
+    """Each shell command of each RUN instruction (continuations joined, split on && and ;)."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    commands: list[str] = []
+    for line in text.splitlines():
+        if line.strip().upper().startswith("RUN "):
+            commands += [c.strip() for c in re.split(r"&&|;", line.strip()[4:]) if c.strip()]
+    return commands
+
+
+def pip_installs(dockerfile: Path) -> list[str]:
+    return [c for c in run_commands(dockerfile) if re.match(r"(python3? -m )?pip install\b", c)]
+
+
+def base_images(dockerfile: Path) -> list[str]:
+    text = dockerfile.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], ref) for ref in re.findall(r"^FROM (\S+)", text, re.M)]
+
+
+# -- schemas ---------------------------------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    assert _errors(compose_validator(), compose()) == []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    checked = set()
+    for filename, doc in k8s_docs():
+        if doc["apiVersion"].startswith(("keda.sh/", "kustomize.config.k8s.io/")):
+            continue  # not Kubernetes API types: checked below
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{filename}: {doc['kind']} at {'/'.join(map(str, e.path))}: {e.message}")
+        checked.add(doc["kind"])
+    assert {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler", "Job"} <= checked
+
+
+def test_scaled_object_matches_the_keda_crd_schema() -> None:
+    scaled = k8s("ScaledObject", "klein-worker")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert _errors(keda_validator(), scaled) == []
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kustomization["kind"] == "Kustomization"
+    files = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(files)
+    images = {image["name"] for image in kustomization["images"]}
+    used = {container(doc)["image"] for _, doc in k8s_docs() if doc["kind"] in ("Deployment", "Job")}
+    assert used == images == {"klein-serve-api", "klein-serve-worker"}
+
+
+def test_the_validators_reject_broken_copies() -> None:
+    broken_compose = copy.deepcopy(compose())
+    broken_compose["services"]["api"]["depends_on"]["migrate"]["condition"] = "service_finished"
+    broken_deployment = copy.deepcopy(k8s("Deployment", "klein-worker"))
+    broken_deployment["spec"]["replicas"] = "one"
+    broken_scaled = copy.deepcopy(k8s("ScaledObject", "klein-worker"))
+    broken_scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 4  # trigger metadata is string → string
+    broken_scaled["spec"]["scaleTargetRef"]["nmae"] = "typo"
+    assert _errors(compose_validator(), broken_compose)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken_deployment, K8S_VERSIONS[-1], strict=True)
+    assert len(_errors(keda_validator(), broken_scaled)) == 2
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def test_api_image_has_no_worker_extra_and_no_torch() -> None:
+    installs = pip_installs(DOCKERFILE_API)
+    assert installs, "the API image installs the project"
+    for command in installs:
+        assert "--no-cache-dir" in command
+        assert "worker" not in command and "torch" not in command, command
+    assert any(shlex.split(command)[-1] == "." for command in installs)
+
+
+def test_worker_image_installs_the_worker_extra() -> None:
+    installs = pip_installs(DOCKERFILE_WORKER)
+    assert any(".[worker]" in command for command in installs)
+    assert all("--no-cache-dir" in command for command in installs)
+    (base,) = base_images(DOCKERFILE_WORKER)
+    assert base.startswith(("nvidia/cuda:", "pytorch/pytorch:")) and "runtime" in base
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_API, DOCKERFILE_WORKER], ids=["api", "worker"])
+def test_images_are_pinned_and_run_as_non_root(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    for image in base_images(dockerfile):
+        tag = image.partition(":")[2]
+        assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), image
+    if dockerfile == DOCKERFILE_API:
+        assert base_images(dockerfile)[0].startswith("python:3.11") and "slim" in base_images(dockerfile)[0]
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "PYTHONDONTWRITEBYTECODE=1" in text
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".data", ".git", "**/__pycache__", ".mypy_cache", ".pytest_cache"} <= ignored
+
+
+# -- compose wiring --------------------------------------------------------------------------------------
+
+
+def test_compose_services_come_up_in_order() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker"}
+    conditions = {
+        name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in services.items()
+    }
+    assert conditions["minio-init"] == {"minio": "service_healthy"}
+    assert conditions["migrate"] == {"postgres": "service_healthy"}
+    for tier in ("api", "worker"):
+        assert conditions[tier]["migrate"] == "service_completed_successfully"
+        assert conditions[tier]["minio-init"] == "service_completed_successfully"
+        assert conditions[tier]["redis"] == "service_healthy"
+    for name, deps in conditions.items():
+        for dep, condition in deps.items():
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy, which has no check"
+
+
+def test_compose_healthchecks() -> None:
+    services = compose()["services"]
+
+    def check(name: str) -> str:
+        return " ".join(services[name]["healthcheck"]["test"])
+
+    assert "pg_isready" in check("postgres")
+    assert "redis-cli ping" in check("redis")
+    assert "mc ready local" in check("minio")
+    assert "/readyz" in check("api")
+    assert "klein-outputs" in " ".join(services["minio-init"]["command"])
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+
+
+def test_compose_images_and_gpu() -> None:
+    services = compose()["services"]
+    assert services["api"]["build"]["dockerfile"] == "deploy/Dockerfile.api"
+    assert services["migrate"]["build"]["dockerfile"] == "deploy/Dockerfile.api"
+    assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile.worker"
+    (device,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert any(volume.endswith(":/models") for volume in services["worker"]["volumes"])
+    assert services["worker"]["environment"]["HF_HOME"].startswith("/models")
+    assert "KLEIN_MODEL_PATH" in services["worker"]["environment"]
+
+
+def test_compose_settings_are_real_settings() -> None:
+    services = compose()["services"]
+    for name in ("migrate", "api", "worker"):
+        env = services[name]["environment"]
+        names = {key for key in env if key.startswith("KLEIN_")}
+        assert names <= KLEIN_SETTINGS, names - KLEIN_SETTINGS
+        assert {
+            "KLEIN_DATABASE_URL",
+            "KLEIN_REDIS_URL",
+            "KLEIN_S3_ENDPOINT_URL",
+            "KLEIN_S3_BUCKET",
+            "KLEIN_S3_ACCESS_KEY_ID",
+            "KLEIN_S3_SECRET_ACCESS_KEY",
+        } <= names
+        assert env["KLEIN_S3_BUCKET"] == "klein-outputs"
+
+
+# -- kubernetes wiring -----------------------------------------------------------------------------------
+
+
+def test_k8s_manifests_are_namespace_less() -> None:
+    for filename, doc in k8s_docs():
+        assert "namespace" not in doc.get("metadata", {}), filename
+    assert "namespace" not in yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+
+
+def test_k8s_settings_split_between_configmap_and_secret() -> None:
+    config = config_data()
+    secret = k8s("Secret", "klein-secrets")["stringData"]
+    assert set(config) <= KLEIN_SETTINGS and set(secret) <= KLEIN_SETTINGS
+    assert {"KLEIN_DATABASE_URL", "KLEIN_S3_ACCESS_KEY_ID", "KLEIN_S3_SECRET_ACCESS_KEY"} <= set(secret)
+    assert not set(config) & set(secret)
+    for kind, name in (("Deployment", "klein-api"), ("Deployment", "klein-worker"), ("Job", "klein-migrate")):
+        sources = container(k8s(kind, name))["envFrom"]
+        assert {"configMapRef": {"name": "klein-config"}} in sources
+        assert {"secretRef": {"name": "klein-secrets"}} in sources
+
+
+def test_api_probes_service_and_autoscaler() -> None:
+    api = container(k8s("Deployment", "klein-api"))
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    (port,) = api["ports"]
+    assert port["containerPort"] == 8000
+    assert api["livenessProbe"]["httpGet"]["port"] in (port["name"], port["containerPort"])
+    assert api["readinessProbe"]["httpGet"]["port"] in (port["name"], port["containerPort"])
+    assert "nvidia.com/gpu" not in api["resources"].get("limits", {})
+    assert api["resources"]["requests"]["cpu"]  # the HPA's CPU utilization is relative to this
+
+    deployment = k8s("Deployment", "klein-api")
+    service = k8s("Service", "klein-api")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
+
+    hpa = k8s("HorizontalPodAutoscaler", "klein-api")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "klein-api"}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_worker_has_a_gpu_a_liveness_ping_and_a_warm_shutdown() -> None:
+    deployment = k8s("Deployment", "klein-worker")
+    worker = container(deployment)
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
+
+    command = worker["command"]
+    assert command[:4] == ["celery", "-A", "worker.app", "worker"]
+    assert command[command.index("-Q") + 1] == "$(KLEIN_QUEUE_NAME)"
+    node = command[command.index("-n") + 1]
+    assert node.endswith("@%h")
+    for probe in ("startupProbe", "livenessProbe"):
+        ping = " ".join(worker[probe]["exec"]["command"])
+        assert "inspect ping" in ping
+        assert f'-d "{node.removesuffix("%h")}$HOSTNAME"' in ping  # %h is the pod's hostname
+    liveness = worker["livenessProbe"]
+    time_limit = int(config_data()["KLEIN_TASK_TIME_LIMIT_S"])
+    # The solo pool answers pings only between predictions: tolerate one as long as the lease.
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > time_limit
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= time_limit
+    mounts = {mount["mountPath"] for mount in worker["volumeMounts"]}
+    assert "/models" in mounts
+
+
+def test_keda_scales_the_worker_on_the_queue_lists() -> None:
+    scaled = k8s("ScaledObject", "klein-worker")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == k8s("Deployment", "klein-worker")["metadata"]["name"]
+    assert scaled["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 0 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    assert k8s("Deployment", "klein-worker")["metadata"]["name"] not in {
+        doc["spec"]["scaleTargetRef"]["name"] for _, doc in k8s_docs() if doc["kind"] == "HorizontalPodAutoscaler"
+    }  # KEDA owns the worker's HPA
+
+    config = config_data()
+    queue = config["KLEIN_QUEUE_NAME"]
+    redis_url = urlsplit(config["KLEIN_REDIS_URL"])
+    # Celery's Redis transport: priority p > 0 lives in the list "<queue>\x06\x16<p>".
+    options = make_celery(Settings(queue_name=queue)).conf.broker_transport_options
+    steps = options.get("priority_steps", [0, 3, 6, 9])
+    lists = [queue] + [f"{queue}\x06\x16{step}" for step in steps if step]
+    triggers = scaled["triggers"]
+    assert [trigger["metadata"]["listName"] for trigger in triggers] == lists
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        metadata = trigger["metadata"]
+        assert metadata["address"] == f"{redis_url.hostname}:{redis_url.port or 6379}"
+        assert metadata["databaseIndex"] == (redis_url.path.strip("/") or "0")
+        assert int(metadata["listLength"]) >= 1
+
+
+def test_migration_job_runs_alembic() -> None:
+    job = k8s("Job", "klein-migrate")
+    assert container(job)["command"] == ["alembic", "upgrade", "head"]
+    assert container(job)["image"] == container(k8s("Deployment", "klein-api"))["image"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
