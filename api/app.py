@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
-from api import account, admin, delivery, meta
+from api import account, admin, delivery, files, meta
 from api.body_limit import BodySizeLimit
 from api.context import AppContext
-from api.dialects import pruna
+from api.dialects import features, klein, openai, pruna, wavespeed
 from api.errors import install_error_handlers
 from api.rate_limit import Limiter, RateLimitHeaders
 from api.waiter import CompletionWaiter
@@ -31,7 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            # A restarted Redis leaves dead pooled connections: reconnect and retry instead of failing.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+            retry_on_error=[ConnectionError, TimeoutError],
+        )
         celery = make_celery(settings)
         s3 = await asyncio.to_thread(make_s3_client, settings)
         waiter = CompletionWaiter(redis, settings.events_channel)
@@ -55,8 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(pruna.router)
+    for dialect in (pruna, klein, wavespeed, features, openai):
+        app.include_router(dialect.router)
     app.include_router(delivery.router)
+    app.include_router(files.router)
     app.include_router(account.router)
     app.include_router(admin.router)
     app.include_router(meta.router)

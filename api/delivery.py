@@ -1,19 +1,24 @@
 """Delivery of output files: `GET /v1/predictions/delivery/{id}/{filename}`.
 
-Streams the object from storage after checking that the caller's tenant owns the prediction.
+With an API key: served when the caller's tenant owns the prediction (others get 404).
+Without one: served only on a valid, unexpired signature (see api/signing.py).
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy import RowMapping, select
 
-from api.auth import Authenticated
+from api import signing
+from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from api.objects import file_response, read_object
 from api.predictions import fetch_or_404
+from core.tables import predictions
 
 router = APIRouter()
 
@@ -22,18 +27,41 @@ def delivery_url(base_url: str, prediction_id: str, filename: str) -> str:
     return f"{base_url}/v1/predictions/delivery/{prediction_id}/{filename}"
 
 
+def output_urls(base_url: str, row: RowMapping) -> list[str]:
+    return [delivery_url(base_url, row["id"], output["filename"]) for output in row["outputs"]]
+
+
+def signed_output_urls(ctx: AppContext, base_url: str, row: RowMapping) -> list[str]:
+    return [
+        signing.sign(ctx.settings, delivery_url(base_url, row["id"], o["filename"]), row["id"], o["filename"])
+        for o in row["outputs"]
+    ]
+
+
+async def outputs_base64(ctx: AppContext, row: RowMapping) -> list[str]:
+    """The outputs inline, for dialects that ask for base64 instead of URLs."""
+    return [base64.b64encode(await read_object(ctx, output["key"])).decode() for output in row["outputs"]]
+
+
 @router.get("/v1/predictions/delivery/{prediction_id}/{filename}", response_class=Response)
 async def deliver(
-    prediction_id: str, filename: str, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+    prediction_id: str,
+    filename: str,
+    request: Request,
+    ctx: Annotated[AppContext, Depends(get_ctx)],
+    expires: int | None = None,
+    signature: str | None = None,
 ) -> Response:
-    row = await fetch_or_404(ctx, principal, prediction_id)
+    if presented_key(request) is None and expires is not None and signature is not None:
+        if not signing.verify(ctx.settings, prediction_id, filename, expires, signature):
+            raise ApiError(403, "delivery link invalid or expired")
+        async with ctx.engine.connect() as conn:
+            row = (await conn.execute(select(predictions).where(predictions.c.id == prediction_id))).mappings().first()
+        if row is None:
+            raise ApiError(404, f"prediction {prediction_id!r} not found")
+    else:
+        row = await fetch_or_404(ctx, await authenticate(request, ctx), prediction_id)
     output = next((o for o in row["outputs"] if o["filename"] == filename), None)
     if output is None:
         raise ApiError(404, f"output {filename!r} not found for prediction {prediction_id!r}")
-    obj = await asyncio.to_thread(ctx.s3.get_object, Bucket=ctx.settings.s3_bucket, Key=output["key"])
-    body = await asyncio.to_thread(obj["Body"].read)
-    return Response(
-        content=body,
-        media_type=output["content_type"],
-        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=86400"},
-    )
+    return file_response(await read_object(ctx, output["key"]), output["content_type"], max_age_s=3600)

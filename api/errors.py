@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,9 +30,39 @@ class ApiError(Exception):
 
 def validation_error(errors: Sequence[Any], prefix: tuple[str | int, ...] = ()) -> ApiError:
     """422 naming every offending field, e.g. `input.num_inference_steps: ...`."""
-    detail = [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+    detail = [
+        {"loc": [*prefix, *_located(e["loc"])], "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+        for e in errors
+    ]
     summary = "; ".join(f"{'.'.join(str(part) for part in d['loc']) or 'body'}: {d['msg']}" for d in detail)
     return ApiError(422, f"invalid request: {summary}", detail=detail)
+
+
+def _located(loc: Sequence[str | int]) -> list[str | int]:
+    return list(loc[1:]) if loc[:1] == ("body",) or loc[:1] == ["body"] else list(loc)
+
+
+def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
+    """A route class answering ApiError and request validation errors in a dialect's own error shape."""
+
+    class DialectRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except ApiError as exc:
+                    error = exc
+                except RequestValidationError as exc:
+                    error = validation_error(exc.errors())
+                response = render(error)
+                response.headers.update(error.headers or {})
+                return response
+
+            return route
+
+    return DialectRoute
 
 
 def _body(message: str, **extra: Any) -> dict[str, Any]:
@@ -54,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
-    @app.exception_handler(ConnectionError)  # a refused connect is raised unwrapped by asyncpg
+    @app.exception_handler(OSError)  # asyncpg raises a failed connect unwrapped (refused, socket gone)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", exc)
         return JSONResponse(

@@ -11,9 +11,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.context import AppContext, get_ctx
+from api.dialects.features import PromptObject
+from api.dialects.klein import GenerateRequest
+from api.dialects.openai import ImagesRequest
+from api.dialects.wavespeed import WaveSpeedRequest
 from api.errors import ApiError
 from core.settings import Settings
-from models.registry import MODELS, known_ids, resolve
+from models.registry import MODELS, ModelSpec, known_ids, resolve
 from models.tiny import MARKER as TINY_MARKER
 
 router = APIRouter(tags=["meta"])
@@ -29,10 +33,26 @@ def _weights(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _describe(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """The model as every dialect's clients expect it: OpenAI's model object plus each request schema."""
+    return spec.describe() | {
+        "object": "model",
+        "created": 0,
+        "owned_by": "black-forest-labs",
+        "weights": _weights(settings),
+        "schemas": {
+            "POST /v1/predictions (input)": spec.input_schema(),
+            "POST /v1/images/generations": ImagesRequest.model_json_schema(),
+            "POST /v1/generate": GenerateRequest.model_json_schema(),
+            "POST /api/v3/wavespeed-ai/flux-2-klein-4b/{text-to-image,edit}": WaveSpeedRequest.model_json_schema(),
+            "POST /api/features (promptObject)": PromptObject.model_json_schema(),
+        },
+    }
+
+
 @router.get("/v1/models")
 async def list_models(ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
-    weights = _weights(ctx.settings)
-    return {"object": "list", "data": [spec.describe() | {"weights": weights} for spec in MODELS]}
+    return {"object": "list", "data": [_describe(spec, ctx.settings) for spec in MODELS]}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -40,7 +60,7 @@ async def get_model(model_id: str, ctx: Annotated[AppContext, Depends(get_ctx)])
     spec = resolve(model_id)
     if spec is None:
         raise ApiError(404, f"unknown model {model_id!r}", known_models=known_ids())
-    return spec.describe() | {"weights": _weights(ctx.settings)}
+    return _describe(spec, ctx.settings)
 
 
 @router.get("/healthz")

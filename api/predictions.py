@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import RowMapping, select
@@ -16,10 +17,13 @@ from api import idempotency
 from api.auth import Principal
 from api.context import AppContext
 from api.errors import ApiError
+from api.objects import put_object
+from api.references import Reference
 from core import lifecycle
 from core.ids import new_id
-from core.queue import enqueue
+from core.queue import enqueue, queued_key
 from core.quota import queue_priority
+from core.storage import output_key
 from core.tables import predictions
 from models.klein import GenerationParams
 from models.registry import ModelSpec
@@ -33,10 +37,11 @@ async def submit(
     spec: ModelSpec,
     request_input: dict[str, Any],
     params: GenerationParams,
+    references: Sequence[Reference] = (),
     wait_s: float = 0.0,
     idempotency_key: str | None = None,
 ) -> RowMapping:
-    """Store the prediction, enqueue it after the commit, and optionally wait for it to finish."""
+    """Store the prediction (and its reference images), enqueue it after the commit, optionally wait."""
     prediction_id = new_id()
     if idempotency_key is not None:
         fingerprint = idempotency.fingerprint(spec.id, request_input)
@@ -46,6 +51,8 @@ async def submit(
     try:
         held = await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
         try:
+            keys = await _store_references(ctx, principal, prediction_id, references)
+            params = params.model_copy(update={"reference_keys": keys})
             row = await _insert(ctx, principal, spec, prediction_id, request_input, params)
         except Exception:
             await ctx.limiter.release_slot(principal.tenant_id)
@@ -55,8 +62,9 @@ async def submit(
             await idempotency.forget(ctx, principal, idempotency_key)
         raise
 
-    with ctx.waiter.watch(prediction_id) as finished:  # watch first: the worker may be faster than us
+    with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
         try:
+            await ctx.redis.sadd(queued_key(ctx.settings), prediction_id)  # for the sweeper, see core/sweeper.py
             await asyncio.to_thread(enqueue, ctx.celery, prediction_id, queue_priority(held))
         except Exception as exc:
             log.error("enqueue of %s failed: %s", prediction_id, exc)
@@ -65,9 +73,23 @@ async def submit(
             if failed.first() is not None:
                 await ctx.limiter.release_slot(principal.tenant_id)
             raise ApiError(503, "queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
-        if wait_s > 0:
+        if wait_s > 0 and ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
+
+
+async def _store_references(
+    ctx: AppContext, principal: Principal, prediction_id: str, references: Sequence[Reference]
+) -> tuple[str, ...]:
+    """Inputs live with the prediction in storage, so a redelivered task sees exactly the same images."""
+    keys = tuple(
+        output_key(principal.tenant_id, prediction_id, f"input_{i}.{ref.info.extension}")
+        for i, ref in enumerate(references)
+    )
+    await asyncio.gather(
+        *(put_object(ctx, key, ref.data, ref.info.content_type) for key, ref in zip(keys, references, strict=True))
+    )
+    return keys
 
 
 async def _insert(
@@ -98,7 +120,7 @@ async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wai
             raise ApiError(409, "a request with this Idempotency-Key is still being accepted; retry shortly")
         await asyncio.sleep(0.05)
     if wait_s > 0 and not lifecycle.Status(row["status"]).terminal:
-        with ctx.waiter.watch(prediction_id) as finished:
+        with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 
 from redis.asyncio import Redis
@@ -25,12 +25,16 @@ class CompletionWaiter:
         self._redis = redis
         self._channel = channel
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._per_tenant: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
     @property
     def waiting(self) -> int:
         return sum(len(events) for events in self._events.values())
+
+    def waiting_for(self, tenant_id: str) -> int:
+        return self._per_tenant[tenant_id]
 
     async def start(self, ready_timeout: float = 5.0) -> None:
         self._task = asyncio.create_task(self._listen(), name="completion-waiter")
@@ -44,12 +48,16 @@ class CompletionWaiter:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, prediction_id: str) -> Iterator[asyncio.Event]:
+    def watch(self, prediction_id: str, tenant_id: str = "") -> Iterator[asyncio.Event]:
         event = asyncio.Event()
         self._events[prediction_id].add(event)
+        self._per_tenant[tenant_id] += 1
         try:
             yield event
         finally:
+            self._per_tenant[tenant_id] -= 1
+            if not self._per_tenant[tenant_id]:
+                del self._per_tenant[tenant_id]
             events = self._events.get(prediction_id)
             if events is not None:
                 events.discard(event)

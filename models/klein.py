@@ -11,9 +11,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+InputAspectRatio = Literal[
+    "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "match_input_image"
+]
 OutputFormat = Literal["png", "jpg", "webp"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 
+MAX_REFERENCES = 4  # 1 reference: edit; 2–4: multi-reference
+MAX_OUTPUTS = 4
 MAX_PROMPT_CHARS = 4096  # the text encoder reads 512 tokens; longer prompts are truncated by the pipeline
 MAX_SEED = 2**32 - 1
 MEGAPIXEL = 1024 * 1024
@@ -28,9 +33,30 @@ DEFAULT_GUIDANCE = 1.0
 def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[int, int]:
     """(width, height) of about `megapixels`, each side a multiple of 16: 1:1 → 1024×1024, 16:9 → 1360×768."""
     a, b = (int(part) for part in aspect_ratio.split(":"))
-    width = math.sqrt(megapixels * MEGAPIXEL * a / b)
-    height = width * b / a
-    return _round16(width), _round16(height)
+    return size_for_ratio(a / b, megapixels)
+
+
+def size_for_ratio(width_over_height: float, megapixels: float = 1.0) -> tuple[int, int]:
+    width = math.sqrt(megapixels * MEGAPIXEL * width_over_height)
+    return _round16(width), _round16(width / width_over_height)
+
+
+# The Klein generate API's named aspect ratios and their exact resolutions (shared/seeds/001).
+NAMED_SIZES: dict[str, tuple[int, int]] = {
+    "square": (1024, 1024),
+    "landscape": (1344, 768),
+    "portrait": (768, 1344),
+    "photo": (1248, 832),
+    "photo_v": (832, 1248),
+    "standard": (1184, 896),
+    "standard_v": (896, 1184),
+    "wide": (1568, 672),
+}
+
+
+def floor16(side: int) -> int:
+    """The pipeline rounds sizes down to multiples of 16; we do it first so reported sizes are true."""
+    return side - side % SIZE_MULTIPLE
 
 
 def _round16(x: float) -> int:
@@ -51,6 +77,10 @@ class GenerationParams(BaseModel):
     output_format: OutputFormat
     output_quality: int
     num_outputs: int = 1
+    max_sequence_length: int = 512
+    # Object-storage keys of the reference images (0: text-to-image, 1: edit, 2–4: multi-reference),
+    # stored with the prediction so a redelivered task sees the same inputs.
+    reference_keys: tuple[str, ...] = ()
 
     @property
     def megapixels(self) -> float:
@@ -63,7 +93,15 @@ class KleinInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to generate.")
-    aspect_ratio: AspectRatio = Field("1:1", description="Output aspect ratio, at about one megapixel.")
+    images: list[str] = Field(
+        [],
+        max_length=MAX_REFERENCES,
+        description="Reference images (URLs, data URIs or /v1/files URLs): 1 edits it, 2–4 guide a new image.",
+    )
+    aspect_ratio: InputAspectRatio | None = Field(
+        None,
+        description="Output aspect ratio at about one megapixel. Default: 1:1, or the first reference image's.",
+    )
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed, reported back.")
     num_inference_steps: int = Field(
         DEFAULT_STEPS, ge=1, le=50, description="Denoising steps; the distilled model needs 4."
@@ -81,8 +119,12 @@ class KleinInput(BaseModel):
             raise ValueError("prompt must not be blank")
         return prompt
 
-    def to_params(self, seed: int) -> GenerationParams:
-        width, height = size_for_aspect_ratio(self.aspect_ratio)
+    def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
+        if self.aspect_ratio in (None, "match_input_image"):
+            ratio = reference_size[0] / reference_size[1] if reference_size else 1.0
+            width, height = size_for_ratio(ratio)
+        else:
+            width, height = size_for_aspect_ratio(self.aspect_ratio)
         return GenerationParams(
             prompt=self.prompt,
             width=width,

@@ -12,10 +12,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import RowMapping
 
-from api import predictions
+from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
-from api.delivery import delivery_url
+from api.delivery import output_urls
 from api.errors import ApiError, validation_error
 from core.ids import random_seed
 from core.lifecycle import Status
@@ -62,7 +62,7 @@ def view(row: RowMapping, base_url: str) -> dict[str, Any]:
         "error": row["error"],
     }
     if status is Status.COMPLETED:
-        urls = [delivery_url(base_url, row["id"], o["filename"]) for o in row["outputs"]]
+        urls = output_urls(base_url, row)
         body["generation_url"] = urls[0]
         body["generation_urls"] = urls
     return body
@@ -100,11 +100,11 @@ async def create_prediction(
         validated = spec.input_model.model_validate(raw_input)
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix=("input",)) from None
+    refs = await references.resolve(ctx, principal, request, validated.images, "input.images")
     seed = validated.seed if validated.seed >= 0 else random_seed()
+    params = validated.to_params(seed, (refs[0].info.width, refs[0].info.height) if refs else None)
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(try_sync) else 0.0
-    row = await predictions.submit(
-        ctx, principal, spec, validated.model_dump(), validated.to_params(seed), wait_s, idempotency_key
-    )
+    row = await predictions.submit(ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key)
     finished = Status(row["status"]).terminal
     return JSONResponse(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
 

@@ -1,0 +1,95 @@
+"""The 1min features dialect (shared/seeds/003_*): `POST /api/features` with `API-KEY`, answered with an aiRecord."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api import predictions
+from api.auth import Authenticated
+from api.context import AppContext, get_ctx, public_base_url
+from api.delivery import output_urls, signed_output_urls
+from api.errors import ApiError
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import MAX_PROMPT_CHARS, MAX_SEED, GenerationParams, size_for_aspect_ratio
+from models.registry import resolve
+
+router = APIRouter(tags=["1min"])
+RECORD_STATUS = {Status.COMPLETED: "SUCCESS", Status.FAILED: "FAILED", Status.CANCELED: "FAILED"}
+
+
+class PromptObject(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    aspect_ratio: Literal["1:1", "16:9", "9:16", "3:2", "2:3", "4:5", "5:4"] = "1:1"
+    output_format: Literal["webp", "jpg", "png"] = "webp"
+    output_quality: int = Field(80, ge=0, le=100)
+    num_inference_steps: int = Field(4, ge=1, le=4)
+    go_fast: bool = True  # the platform always runs its fastest configuration
+    megapixels: Literal["0.25", "1"] = "1"
+    disable_safety_checker: bool = False  # no safety checker runs on this platform
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+
+class FeatureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["IMAGE_GENERATOR"]
+    model: str
+    promptObject: PromptObject
+
+
+@router.post("/api/features")
+async def features(
+    body: FeatureRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> dict[str, Any]:
+    spec = resolve(body.model)
+    if spec is None:
+        raise ApiError(422, f"invalid request: model: must be black-forest-labs/flux-2-klein-4b, not {body.model!r}")
+    prompt = body.promptObject
+    width, height = size_for_aspect_ratio(prompt.aspect_ratio, float(prompt.megapixels))
+    params = GenerationParams(
+        prompt=prompt.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=prompt.num_inference_steps,
+        guidance_scale=1.0,
+        seed=prompt.seed if prompt.seed is not None else random_seed(),
+        output_format=prompt.output_format,
+        output_quality=prompt.output_quality,
+    )
+    row = await predictions.submit(
+        ctx, principal, spec, body.model_dump(), params, wait_s=ctx.settings.try_sync_timeout_s
+    )
+    status = Status(row["status"])
+    base_url = public_base_url(request, ctx.settings)
+    done = status is Status.COMPLETED
+    return {
+        "aiRecord": {
+            "uuid": row["id"],
+            "model": body.model,
+            "type": body.type,
+            "status": RECORD_STATUS.get(status, "PROCESSING"),
+            "createdAt": row["created_at"].isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "aiRecordDetail": {
+                "promptObject": prompt.model_dump(exclude_none=True),
+                "resultObject": [url.removeprefix(base_url).lstrip("/") for url in output_urls(base_url, row)]
+                if done
+                else [],
+                "error": row["error"],
+                "statusUrl": f"{base_url}/v1/predictions/status/{row['id']}",
+            },
+            "temporaryUrl": signed_output_urls(ctx, base_url, row)[0] if done else None,
+        }
+    }

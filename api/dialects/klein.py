@@ -1,0 +1,123 @@
+"""The Klein generate dialect (shared/seeds/001_*): `POST /v1/generate`, synchronous, raw PNG bytes back.
+
+The workflow follows the reference-image count: 0 text-to-image, 1 edit, 2–4 multi-reference.
+Images come as multipart files `images` (these win) or `image_uris` (a JSON array of URLs or
+base64 data URIs). Errors are `{"detail": "..."}`: 401, 422, 504 past the time limit, 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api import predictions, references
+from api.auth import Authenticated
+from api.context import AppContext, get_ctx
+from api.errors import ApiError, dialect_route, validation_error
+from api.files import read_upload
+from api.objects import read_object
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import MAX_PROMPT_CHARS, MAX_SEED, NAMED_SIZES, GenerationParams
+from models.registry import known_ids, resolve
+
+
+def _detail(error: ApiError) -> Response:
+    return JSONResponse({"detail": error.message}, status_code=error.status)
+
+
+router = APIRouter(tags=["klein"], route_class=dialect_route(_detail))
+NamedRatio = Literal["square", "landscape", "portrait", "photo", "photo_v", "standard", "standard_v", "wide"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str = "flux2-klein-4b"
+    aspect_ratio: NamedRatio = "landscape"
+    image_uris: list[str] = []
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+
+async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], list[bytes]]:
+    """The fields and the uploaded files of a multipart or JSON request."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(422, "body must be JSON or multipart/form-data") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "body must be a JSON object")
+        return body, []
+    form = await request.form(max_files=16, max_fields=16)
+    fields: dict[str, Any] = {}
+    uploads: list[bytes] = []
+    for name, value in form.multi_items():
+        if not isinstance(value, str):
+            if name != "images":
+                raise ApiError(422, f"unexpected file field {name!r}: send reference images as `images`")
+            uploads.append(await read_upload(value, max_image_bytes))
+        elif name == "image_uris":
+            try:
+                fields[name] = json.loads(value)
+            except ValueError:
+                raise ApiError(422, "image_uris: must be a JSON array of URLs or data URIs") from None
+        else:
+            fields[name] = value
+    if "seed" in fields:
+        try:
+            fields["seed"] = int(fields["seed"])
+        except ValueError:
+            raise ApiError(422, "seed: must be an integer") from None
+    return fields, uploads
+
+
+@router.post("/v1/generate", response_class=Response)
+async def generate(
+    request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> Response:
+    fields, uploads = await _parse(request, ctx.settings.max_image_bytes)
+    try:
+        body = GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    spec = resolve(body.model)
+    if spec is None:
+        raise ApiError(422, f"model: unknown model {body.model!r}; known: {', '.join(known_ids())}")
+    sources: list[str | bytes] = list(uploads) if uploads else list(body.image_uris)
+    field = "images" if uploads else "image_uris"
+    refs = await references.resolve(ctx, principal, request, sources, field)
+    width, height = NAMED_SIZES[body.aspect_ratio]
+    seed = body.seed if body.seed >= 0 else random_seed()
+    params = GenerationParams(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        seed=seed,
+        output_format="png",
+        output_quality=100,
+    )
+    echo = body.model_dump() | {"images": len(uploads)}
+    row = await predictions.submit(ctx, principal, spec, echo, params, refs, ctx.settings.try_sync_timeout_s)
+    status = Status(row["status"])
+    if status is Status.COMPLETED:
+        png = await read_object(ctx, row["outputs"][0]["key"])
+        headers = {"X-Prediction-Id": row["id"], "X-Seed": str(seed), "X-Content-Type-Options": "nosniff"}
+        return Response(png, media_type="image/png", headers=headers)
+    if status.terminal:
+        raise ApiError(500, f"generation {status.value}: {row['error'] or 'no reason recorded'}")
+    raise ApiError(504, f"generation exceeded the {ctx.settings.try_sync_timeout_s:g} s time limit (id {row['id']})")

@@ -1,0 +1,160 @@
+"""The OpenAI-style images dialect (shared/seeds/004_*): `POST /v1/images/generations`.
+
+Works with the official `openai` client (`images.generate`, url or b64_json). Errors are
+`{"error": {"message", "type", "param", "code"}}`. `url` outputs are signed delivery links.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from api import predictions, references
+from api.auth import Authenticated
+from api.context import AppContext, get_ctx, public_base_url
+from api.delivery import outputs_base64, signed_output_urls
+from api.errors import ApiError, dialect_route
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import (
+    MAX_OUTPUTS,
+    MAX_PROMPT_CHARS,
+    MAX_REFERENCES,
+    MAX_SEED,
+    GenerationParams,
+    floor16,
+    size_for_aspect_ratio,
+)
+from models.registry import known_ids, resolve
+
+MIN_SIDE, MAX_SIDE, MAX_PIXELS = 256, 2048, 1_048_576
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def _openai_error(error: ApiError) -> Response:
+    kind = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
+    detail = error.extra.get("detail") or [{}]
+    param = ".".join(str(p) for p in detail[0].get("loc", [])) or None
+    body = {"error": {"message": error.message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=error.status)
+
+
+router = APIRouter(tags=["openai"], route_class=dialect_route(_openai_error))
+
+
+class ImagesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str = "flux-2-klein-4b"
+    negative_prompt: str | None = Field(None, description="accepted for compatibility; the distilled model ignores it")
+    aspect_ratio: Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] = "1:1"
+    size: str | None = Field(None, description="WIDTHxHEIGHT, at most 1,048,576 pixels; overrides aspect_ratio")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
+    num_inference_steps: int = Field(4, ge=1, le=12)
+    guidance_scale: float = Field(1.0, ge=0, le=8)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
+    num_images: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
+    format: Literal["webp", "png", "jpg", "jpeg"] | None = None
+    output_format: Literal["webp", "png", "jpeg"] | None = None  # the openai client's name for `format`
+    response_format: Literal["url", "b64_json"] = "url"
+    return_base64: bool = False
+    max_sequence_length: int = Field(512, ge=64, le=512)
+    images: list[str] | str = Field([], description="reference image URLs (a list, or comma-separated)")
+    # Accepted from OpenAI clients, without effect here.
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    stream: Literal[False] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    @model_validator(mode="after")
+    def _size_rules(self) -> ImagesRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be set together")
+        width, height = self.dimensions()
+        if width * height > MAX_PIXELS:
+            raise ValueError(f"width × height must be at most {MAX_PIXELS} pixels, got {width}×{height}")
+        if len(self.reference_urls()) > MAX_REFERENCES:
+            raise ValueError(f"at most {MAX_REFERENCES} reference images")
+        return self
+
+    def dimensions(self) -> tuple[int, int]:
+        if self.width is not None and self.height is not None:
+            return floor16(self.width), floor16(self.height)
+        if self.size not in (None, "auto"):
+            match = re.fullmatch(r"\s*(\d+)\s*[x*×]\s*(\d+)\s*", self.size)
+            if not match or not all(MIN_SIDE <= int(side) <= MAX_SIDE for side in match.groups()):
+                raise ValueError(f"size must be WIDTHxHEIGHT with each side {MIN_SIDE}–{MAX_SIDE}, e.g. 1024x1024")
+            return floor16(int(match.group(1))), floor16(int(match.group(2)))
+        return size_for_aspect_ratio(self.aspect_ratio)
+
+    def reference_urls(self) -> list[str]:
+        if isinstance(self.images, str):
+            return [url.strip() for url in self.images.split(",") if url.strip()]
+        return self.images
+
+    def file_format(self) -> Literal["webp", "png", "jpg"]:
+        chosen = self.format or self.output_format or "webp"
+        return "jpg" if chosen == "jpeg" else chosen
+
+
+@router.post("/v1/images/generations")
+async def generate(
+    body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> dict[str, Any]:
+    spec = resolve(body.model)
+    if spec is None:
+        raise ApiError(404, f"unknown model {body.model!r}; known: {', '.join(known_ids())}")
+    refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
+    width, height = body.dimensions()
+    seed = body.seed if body.seed is not None else random_seed()
+    params = GenerationParams(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        output_format=body.file_format(),
+        output_quality=90,
+        num_outputs=body.num_images or body.n or 1,
+        max_sequence_length=body.max_sequence_length,
+    )
+    echo = body.model_dump(exclude_none=True)
+    row = await predictions.submit(ctx, principal, spec, echo, params, refs, ctx.settings.try_sync_timeout_s)
+    status = Status(row["status"])
+    if status is not Status.COMPLETED:
+        if status.terminal:
+            raise ApiError(500, f"generation {status.value}: {row['error'] or 'no reason recorded'}")
+        raise ApiError(
+            504, f"generation exceeded the {ctx.settings.try_sync_timeout_s:g} s time limit (id {row['id']})"
+        )
+    if body.response_format == "b64_json" or body.return_base64:
+        data = [{"b64_json": b64, "revised_prompt": None} for b64 in await outputs_base64(ctx, row)]
+    else:
+        urls = signed_output_urls(ctx, public_base_url(request, ctx.settings), row)
+        data = [{"url": url, "revised_prompt": None} for url in urls]
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
+        "id": row["id"],
+        "model": spec.id,
+        "seed": seed,
+        "size": f"{width}x{height}",
+        "timings": row["timings"],
+    }

@@ -1,0 +1,140 @@
+"""The WaveSpeed v3 dialect (shared/seeds/002_*).
+
+    POST /api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image   (and …/edit with `images`)
+    GET  /api/v3/predictions/{id}/result
+
+Every answer is the `{code, message, data}` envelope; statuses created/processing/completed/failed.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import RowMapping
+
+from api import predictions, references
+from api.auth import Authenticated
+from api.context import AppContext, get_ctx, public_base_url
+from api.delivery import output_urls, outputs_base64
+from api.errors import ApiError, dialect_route
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import CONTENT_TYPES, MAX_PROMPT_CHARS, MAX_REFERENCES, GenerationParams, floor16
+from models.registry import known_ids, resolve
+
+MIN_SIDE, MAX_SIDE = 256, 1536
+TASKS = ("text-to-image", "edit")
+STATUS_WORDS = {
+    Status.CREATED: "created",
+    Status.PROCESSING: "processing",
+    Status.COMPLETED: "completed",
+    Status.FAILED: "failed",
+    Status.CANCELED: "failed",
+}
+
+
+def _envelope(error: ApiError) -> Response:
+    return JSONResponse({"code": error.status, "message": error.message, "data": None}, status_code=error.status)
+
+
+router = APIRouter(tags=["wavespeed"], route_class=dialect_route(_envelope))
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+class WaveSpeedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    size: str = Field("1024*1024", description="WIDTH*HEIGHT, each 256–1536 (rounded down to multiples of 16)")
+    seed: int = Field(-1, ge=-1, le=2147483647)
+    images: list[str] = Field([], max_length=MAX_REFERENCES, description="edit: 1–4 reference image URLs")
+    output_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    enable_sync_mode: bool = False
+    enable_base64_output: bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        match = re.fullmatch(r"\s*(\d+)\s*[*x]\s*(\d+)\s*", size)
+        if not match or not all(MIN_SIDE <= int(side) <= MAX_SIDE for side in match.groups()):
+            raise ValueError(f"must be WIDTH*HEIGHT with each side {MIN_SIDE}–{MAX_SIDE}, e.g. 1024*1024")
+        return f"{match.group(1)}*{match.group(2)}"
+
+    def dimensions(self) -> tuple[int, int]:
+        width, height = (floor16(int(side)) for side in self.size.split("*"))
+        return width, height
+
+
+def view(row: RowMapping, base_url: str, outputs: list[str] | None = None) -> dict[str, Any]:
+    status = Status(row["status"])
+    done = status is Status.COMPLETED
+    return {
+        "id": row["id"],
+        "model": row["input"]["model"],
+        "outputs": (outputs if outputs is not None else output_urls(base_url, row)) if done else [],
+        "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
+        "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
+        "status": STATUS_WORDS[status],
+        "created_at": _iso_z(row["created_at"]),
+        "error": row["error"] or ("canceled" if status is Status.CANCELED else ""),
+        "timings": {"inference": row["timings"].get("inference_ms", 0)},
+        "seed": row["params"]["seed"],
+    }
+
+
+def _iso_z(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def _answer(ctx: AppContext, request: Request, row: RowMapping) -> JSONResponse:
+    base_url = public_base_url(request, ctx.settings)
+    outputs = None
+    if row["input"].get("enable_base64_output") and row["status"] == Status.COMPLETED:
+        types = [CONTENT_TYPES[row["params"]["output_format"]]] * len(row["outputs"])
+        outputs = [f"data:{t};base64,{b}" for t, b in zip(types, await outputs_base64(ctx, row), strict=True)]
+    data = view(row, base_url, outputs)
+    if row["input"].get("enable_sync_mode") and not Status(row["status"]).terminal:
+        data["error"] = "Sync mode timed out; query the result at urls.get"
+    return JSONResponse({"code": 200, "message": "success", "data": data})
+
+
+@router.post("/api/v3/{model_path:path}")
+async def submit(
+    model_path: str, body: WaveSpeedRequest, request: Request, principal: Authenticated, ctx: Ctx
+) -> Response:
+    model_name, _, task = model_path.rpartition("/")
+    spec = resolve(model_name)
+    if spec is None or task not in TASKS:
+        known = [f"{name}/{t}" for name in known_ids() if name.startswith("wavespeed-ai/") for t in TASKS]
+        raise ApiError(404, f"unknown model {model_path!r}; known: {', '.join(known)}")
+    if task == "edit" and not body.images:
+        raise ApiError(422, "images: edit needs 1–4 reference images")
+    if task == "text-to-image" and body.images:
+        raise ApiError(422, "images: text-to-image takes no images; use the edit endpoint")
+    refs = await references.resolve(ctx, principal, request, body.images, "images")
+    width, height = body.dimensions()
+    output_format = "jpg" if body.output_format == "jpeg" else body.output_format
+    params = GenerationParams(
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        seed=body.seed if body.seed >= 0 else random_seed(),
+        output_format=output_format,
+        output_quality=90,
+    )
+    echo = body.model_dump() | {"model": model_path}
+    wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
+    row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s)
+    return await _answer(ctx, request, row)
+
+
+@router.get("/api/v3/predictions/{prediction_id}/result")
+async def result(prediction_id: str, request: Request, principal: Authenticated, ctx: Ctx) -> Response:
+    return await _answer(ctx, request, await predictions.fetch_or_404(ctx, principal, prediction_id))

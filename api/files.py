@@ -1,0 +1,83 @@
+"""Uploads for reference images: `POST /v1/files` (multipart field `content`), `GET /v1/files/{id}`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import RowMapping, func, insert, select
+from starlette.datastructures import UploadFile
+
+from api.auth import Authenticated, Principal
+from api.context import AppContext, get_ctx, public_base_url
+from api.errors import ApiError
+from api.objects import file_response, put_object, read_object
+from core import images
+from core.ids import new_id
+from core.tables import files
+
+router = APIRouter(tags=["files"])
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+def file_url(base_url: str, file_id: str) -> str:
+    return f"{base_url}/v1/files/{file_id}"
+
+
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ApiError(413, f"file larger than {max_bytes} bytes")
+    return data
+
+
+async def stored_file(ctx: AppContext, principal: Principal, file_id: str) -> RowMapping:
+    """The tenant's unexpired upload, or 404 (another tenant's file reads as absent)."""
+    statement = select(files).where(
+        files.c.id == file_id, files.c.tenant_id == principal.tenant_id, files.c.expires_at > func.now()
+    )
+    async with ctx.engine.connect() as conn:
+        row = (await conn.execute(statement)).mappings().first()
+    if row is None:
+        raise ApiError(404, f"file {file_id!r} not found or expired")
+    return row
+
+
+@router.post("/v1/files", status_code=201)
+async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> JSONResponse:
+    form = await request.form(max_files=1, max_fields=10)
+    upload = form.get("content") or form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "invalid request: content: send the image as multipart form field `content`")
+    data = await read_upload(upload, ctx.settings.max_image_bytes)
+    try:
+        info = images.inspect(data, ctx.settings.max_image_bytes, ctx.settings.max_image_pixels)
+    except images.BadImage as exc:
+        raise ApiError(422, f"invalid request: content: {exc}") from None
+    file_id = new_id()
+    key = f"{principal.tenant_id}/files/{file_id}.{info.extension}"
+    await put_object(ctx, key, data, info.content_type)
+    values: dict[str, Any] = {
+        "id": file_id,
+        "tenant_id": principal.tenant_id,
+        "key": key,
+        "content_type": info.content_type,
+        "bytes": len(data),
+        "width": info.width,
+        "height": info.height,
+        "expires_at": func.now() + timedelta(seconds=ctx.settings.upload_ttl_s),
+    }
+    async with ctx.engine.begin() as conn:
+        row = (await conn.execute(insert(files).values(**values).returning(files))).mappings().one()
+    url = file_url(public_base_url(request, ctx.settings), file_id)
+    body = {name: row[name] for name in ("id", "content_type", "bytes", "width", "height")}
+    body |= {"url": url, "urls": {"get": url}, "expires_at": row["expires_at"].isoformat()}
+    return JSONResponse(body, status_code=201)
+
+
+@router.get("/v1/files/{file_id}", response_class=Response)
+async def download_file(file_id: str, principal: Authenticated, ctx: Ctx) -> Response:
+    row = await stored_file(ctx, principal, file_id)
+    return file_response(await read_object(ctx, row["key"]), row["content_type"], max_age_s=3600)

@@ -1,0 +1,84 @@
+"""Reference images from a request — uploads, URLs, base64 data URIs — checked and loaded as bytes.
+
+A URL of a file uploaded to this server is read from storage, not fetched over HTTP; any other
+URL goes through the SSRF-safe fetcher. Every image is size-checked and decoded before it is
+accepted, so a worker never receives something it cannot open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from fastapi import Request
+
+from api.auth import Principal
+from api.context import AppContext, public_base_url
+from api.errors import ApiError
+from api.fetch import FetchError, fetch
+from api.files import stored_file
+from api.objects import read_object
+from core import images
+from models.klein import MAX_REFERENCES
+
+OWN_FILE_PATH = re.compile(r"^/v1/files/([A-Za-z0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Reference:
+    data: bytes
+    info: images.ImageInfo
+
+
+async def resolve(
+    ctx: AppContext, principal: Principal, request: Request, sources: Sequence[str | bytes], field: str
+) -> list[Reference]:
+    """Load and check every reference; a bad one is a 422 naming `field[i]`."""
+    if len(sources) > MAX_REFERENCES:
+        raise ApiError(422, f"invalid request: {field}: at most {MAX_REFERENCES} reference images, got {len(sources)}")
+    ours = {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}
+
+    async def one(index: int, source: str | bytes) -> Reference:
+        try:
+            data = source if isinstance(source, bytes) else await _load(ctx, principal, source, ours)
+            info = images.inspect(data, ctx.settings.max_image_bytes, ctx.settings.max_image_pixels)
+        except (images.BadImage, FetchError) as exc:
+            raise ApiError(422, f"invalid request: {field}[{index}]: {exc}") from None
+        return Reference(data, info)
+
+    return list(await asyncio.gather(*(one(i, source) for i, source in enumerate(sources))))
+
+
+async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[str]) -> bytes:
+    source = source.strip()
+    if source.startswith("data:"):
+        return _data_uri(source, ctx.settings.max_image_bytes)
+    parts = urlsplit(source)
+    own = OWN_FILE_PATH.match(parts.path)
+    if own and parts.netloc in ours:
+        try:
+            row = await stored_file(ctx, principal, own.group(1))
+        except ApiError as exc:
+            raise images.BadImage(exc.message) from None
+        return await read_object(ctx, row["key"])
+    if parts.scheme not in ("http", "https"):
+        raise images.BadImage("must be an http(s) URL or a base64 data URI (data:image/png;base64,...)")
+    settings = ctx.settings
+    return await fetch(source, settings.max_image_bytes, settings.fetch_timeout_s, settings.fetch_allowlist)
+
+
+def _data_uri(uri: str, max_bytes: int) -> bytes:
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise images.BadImage("data URIs must be base64: data:image/png;base64,...")
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise images.BadImage(f"image is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise images.BadImage("data URI is not valid base64") from None
