@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image as PILImage
 from PIL.Image import Image
 
+from core.settings import Settings, get_settings
 from models.klein import GenerationParams
+from models.optimize import (
+    PromptCache,
+    SpeedupReport,
+    WarmupShape,
+    apply_speedups,
+    pick_dtype,
+    process_age_s,
+    warmup_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,31 +34,142 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class KleinPipeline:
-    """Loaded once per worker process; `generate` runs one prediction."""
+class Stop(RuntimeError):
+    """Generation stopped between steps; the message is the reason shown to the client."""
 
-    def __init__(self, model_path: str, device: str = "auto") -> None:
+
+@dataclass
+class StartupTimes:
+    """Where a worker's start went, in seconds; `process_s` is process start to ready (None off Linux)."""
+
+    load_s: float
+    speedups_s: float
+    warmup_s: float
+    warmup_shapes: int
+    ready_s: float
+    process_s: float | None
+
+
+class KleinPipeline:
+    """Loaded once per worker process; `generate` runs one prediction.
+
+    `settings` carries the speed switches (models/optimize.py); by default the process's settings.
+    `pipe` hands over an already built Flux2KleinPipeline instead of loading `model_path` (benchmarks,
+    tests); it goes through the same dtype, device, speed-up and warm-up steps.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "auto",
+        settings: Settings | None = None,
+        *,
+        pipe: Flux2KleinPipeline | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        self.settings = settings if settings is not None else get_settings()
+        self.model_path = model_path
         self.device = pick_device(device)
-        # bf16 on GPUs; float32 on CPU, where bf16 matmuls are slow.
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.pipe = Flux2KleinPipeline.from_pretrained(model_path, dtype=self.dtype).to(self.device)
+        # bf16 on GPUs; float32 on CPU, where bf16 matmuls are slow (KLEIN_DTYPE overrides).
+        self.dtype = pick_dtype(self.settings.dtype, self.device)
+        built: Any = pipe if pipe is not None else Flux2KleinPipeline.from_pretrained(model_path, dtype=self.dtype)
+        for module in (built.transformer, built.text_encoder, built.vae):
+            if module.dtype != self.dtype:  # a pipeline handed over in another dtype
+                module.to(self.dtype)
+        self.pipe: Any = built.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.parameters = sum(
             p.numel() for m in (self.pipe.transformer, self.pipe.text_encoder, self.pipe.vae) for p in m.parameters()
         )
         log.info("loaded %s on %s (%s, %.3g B parameters)", model_path, self.device, self.dtype, self.parameters / 1e9)
+        loaded = time.perf_counter()
 
-    def generate(self, params: GenerationParams) -> list[Image]:
+        self.speedups: SpeedupReport = apply_speedups(self.pipe, self.settings, self.device)
+        sped_up = time.perf_counter()
+
+        shapes = warmup_shapes(self.settings)
+        for shape in shapes:
+            self.warm_up(shape)
+        if shapes and (self.settings.compile_transformer or self.settings.compile_vae):
+            # Warmed shapes run compiled; any other shape runs eagerly instead of compiling inside a request.
+            torch.compiler.set_stance("eager_on_recompile")
+        ready = time.perf_counter()
+        self.startup = StartupTimes(
+            load_s=loaded - started,
+            speedups_s=sped_up - loaded,
+            warmup_s=ready - sped_up,
+            warmup_shapes=len(shapes),
+            ready_s=ready - started,
+            process_s=process_age_s(),
+        )
+        log.info(
+            "pipeline ready in %.2f s (load %.2f s, speed-ups %.2f s, warm-up %.2f s over %d shapes); "
+            "process start to ready %s",
+            self.startup.ready_s,
+            self.startup.load_s,
+            self.startup.speedups_s,
+            self.startup.warmup_s,
+            len(shapes),
+            "n/a" if self.startup.process_s is None else f"{self.startup.process_s:.2f} s",
+        )
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        cache = self.pipe.encode_prompt
+        return cache if isinstance(cache, PromptCache) else None
+
+    def warm_up(self, shape: WarmupShape) -> None:
+        """One 1-step generation at `shape`: compiles (static shapes) and autotunes before any request does."""
+        started = time.perf_counter()
+        references = [PILImage.new("RGB", size, (127, 127, 127)) for size in shape.references]
+        params = GenerationParams(
+            prompt="warm-up",
+            width=shape.width,
+            height=shape.height,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            seed=0,
+            output_format="png",
+            output_quality=100,
+        )
+        self.generate(params, references)
+        log.info("warm-up %s: %.2f s", shape, time.perf_counter() - started)
+
+    def generate(
+        self,
+        params: GenerationParams,
+        references: Sequence[Image] = (),
+        stop_reason: Callable[[], str | None] = lambda: None,
+    ) -> list[Image]:
+        """Text-to-image, or an edit of one reference, or generation from 2–4 references.
+
+        `stop_reason` is asked after every denoising step; a reason (time limit, canceled) raises Stop.
+        """
+
+        def check(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            reason = stop_reason()
+            if reason is not None:
+                raise Stop(reason)
+            return tensors
+
         # A CPU generator draws the same noise on every device, so a seed means the same image.
         generator = torch.Generator("cpu").manual_seed(params.seed)
         with torch.inference_mode():
             result = self.pipe(
-                prompt=params.prompt,  # keyword: `image` is the first positional parameter
+                image=list(references) or None,
+                prompt=params.prompt,
                 height=params.height,
                 width=params.width,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 num_images_per_prompt=params.num_outputs,
                 generator=generator,
+                max_sequence_length=params.max_sequence_length,
+                callback_on_step_end=check,
             )
         return list(result.images)
+
+    def release_memory(self) -> None:
+        """After a failure (GPU out of memory above all): hand cached blocks back so the next one fits."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

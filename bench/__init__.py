@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.platform` measures the serving platform against floors it starts itself."""

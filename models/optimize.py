@@ -1,0 +1,399 @@
+"""Worker speed switches for the FLUX.2 [klein] pipeline, each one a field of `core.settings.Settings`.
+
+`apply_speedups(pipe, settings, device)` applies them in a fixed order to a loaded `Flux2KleinPipeline`
+and returns what it did, switch by switch. Every switch is independent, so each can be measured on its
+own (`python bench/gpu.py --compare`). A switch that needs CUDA is skipped on CPU with a log line, never
+an error; everything that can run on CPU does, so the tiny pipeline exercises the same code as a GPU.
+
+Order matters where switches touch the same modules: the text encoder is truncated before anything is
+compiled, QKV projections are fused before FP8 quantises the (fused) linear layers, and compilation
+comes last, over the final modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The text-encoder hidden states Flux2KleinPipeline stacks into the prompt embedding (`text_encoder_out_layers`).
+TEXT_ENCODER_OUT_LAYERS: tuple[int, ...] = (9, 18, 27)
+# Attention backends worth trying on CUDA, fastest first; "auto" takes the first that is installed and works.
+CUDA_ATTENTION_CANDIDATES: tuple[str, ...] = ("_flash_3", "flash", "_native_cudnn")
+# Backends that run on a CPU; any other named backend is skipped there.
+CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math"})
+# One compiled graph per shape (static shapes): allow as many shapes as a worker plausibly serves.
+RECOMPILE_LIMIT = 64
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The worker's dtype. Auto: bf16 on CUDA (transformer, text encoder and VAE); float32 on CPU (bf16 is slow)."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+@dataclass
+class SpeedupReport:
+    """What each switch did: "on …", "off", or "skipped: why"."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+    def note(self, switch: str, outcome: str, *, warn: bool = False) -> None:
+        self.outcomes[switch] = outcome
+        (log.warning if warn else log.info)("speed switch %s: %s", switch, outcome)
+
+    def summary(self) -> str:
+        return "; ".join(f"{k}={v}" for k, v in self.outcomes.items())
+
+
+def apply_speedups(pipe: Any, settings: Settings, device: torch.device) -> SpeedupReport:
+    """Apply every switch in `settings` to `pipe` (a Flux2KleinPipeline already on `device`)."""
+    report = SpeedupReport()
+    cuda = device.type == "cuda"
+
+    if settings.truncate_text_encoder:
+        report.note("truncate_text_encoder", truncate_text_encoder(pipe.text_encoder))
+    if settings.fuse_qkv:
+        report.note("fuse_qkv", fuse_qkv(pipe.transformer))
+    if settings.fp8:
+        outcome = quantize_fp8(pipe.transformer, device)
+        report.note("fp8", outcome, warn=outcome.startswith("skipped") and cuda)
+    report.note("attention_backend", set_attention_backend(pipe.transformer, settings.attention_backend, device))
+    if settings.vae_channels_last:
+        pipe.vae.to(memory_format=torch.channels_last)
+        report.note("vae_channels_last", "on")
+    if settings.cudnn_benchmark:
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            report.note("cudnn_benchmark", "on")
+        else:
+            report.note("cudnn_benchmark", "skipped: CUDA only")
+    if settings.compile_transformer:
+        report.note("compile_transformer", compile_transformer(pipe.transformer, device, settings.compile_mode))
+    if settings.compile_vae:
+        report.note("compile_vae", compile_vae(pipe.vae, device, settings.compile_mode))
+    if settings.prompt_cache_size > 0:
+        install_prompt_cache(pipe, settings.prompt_cache_size)
+        report.note("prompt_cache_size", f"on: LRU of {settings.prompt_cache_size} prompts")
+    return report
+
+
+# Text encoder ------------------------------------------------------------------------------------------------
+
+
+class SkippedLogits(nn.Module):
+    """Stands in for the LM head: the pipeline reads hidden states only, so no logits are computed."""
+
+    def __init__(self, original_layers: int) -> None:
+        super().__init__()
+        self.original_layers = original_layers  # before truncation (FLOP counts of the untruncated model)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., :0]
+
+
+def truncate_text_encoder(text_encoder: Any, out_layers: Sequence[int] = TEXT_ENCODER_OUT_LAYERS) -> str:
+    """Keep only the decoder layers whose hidden states the pipeline reads, and skip the logits.
+
+    `output.hidden_states[k]` is the output of layer k-1 (index 0 is the embeddings); the last entry is
+    replaced by the final-norm output. Keeping max(out_layers) + 1 layers leaves every index read
+    un-normalised and computed by exactly the same ops: bit-identical prompt embeddings.
+    """
+    if min(out_layers) < 0:
+        raise ValueError("text encoder out layers must be non-negative to truncate")
+    model = text_encoder.model
+    keep = max(out_layers) + 1
+    total = len(model.layers)
+    if keep < total:
+        model.layers = nn.ModuleList(list(model.layers)[:keep])
+        for config in {id(c): c for c in (text_encoder.config, model.config)}.values():
+            config.num_hidden_layers = keep
+            if getattr(config, "layer_types", None) is not None:
+                config.layer_types = list(config.layer_types)[:keep]
+    if not isinstance(text_encoder.lm_head, SkippedLogits):
+        text_encoder.lm_head = SkippedLogits(total)
+    return f"on: {min(keep, total)} of {total} layers, no logits"
+
+
+class PromptCache:
+    """An LRU of prompt embeddings in front of `Flux2KleinPipeline.encode_prompt` (same signature).
+
+    The key is everything that determines the text encoder's output: the prompts, the sequence length,
+    the hidden-state layers, the device and the dtype. The cached value is the embedding for one image per
+    prompt; `num_images_per_prompt` is applied by the pipeline's own `encode_prompt` on every call, so
+    the result is identical to an uncached call.
+    """
+
+    def __init__(self, pipe: Any, size: int) -> None:
+        self.pipe = pipe
+        self.size = size
+        self.encode: Any = pipe.encode_prompt  # the pipeline's bound method
+        self.entries: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int = 512,
+        text_encoder_out_layers: tuple[int, ...] = TEXT_ENCODER_OUT_LAYERS,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt_embeds is None:
+            prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+            device = device or self.pipe._execution_device
+            key = (
+                tuple(prompts),
+                max_sequence_length,
+                tuple(text_encoder_out_layers),
+                str(device),
+                str(self.pipe.text_encoder.dtype),
+            )
+            prompt_embeds = self.entries.get(key)
+            if prompt_embeds is not None:
+                self.hits += 1
+                self.entries.move_to_end(key)
+            else:
+                self.misses += 1
+                prompt_embeds, _ = self.encode(
+                    prompt=prompts,
+                    device=device,
+                    num_images_per_prompt=1,
+                    max_sequence_length=max_sequence_length,
+                    text_encoder_out_layers=text_encoder_out_layers,
+                )
+                self.entries[key] = prompt_embeds
+                while len(self.entries) > self.size:
+                    self.entries.popitem(last=False)
+            prompt = prompts
+        return self.encode(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            prompt_embeds=prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            text_encoder_out_layers=text_encoder_out_layers,
+        )
+
+
+def install_prompt_cache(pipe: Any, size: int) -> PromptCache:
+    current = pipe.encode_prompt
+    if isinstance(current, PromptCache):
+        current.size = size
+        return current
+    cache = PromptCache(pipe, size)
+    pipe.encode_prompt = cache
+    return cache
+
+
+# Transformer ---------------------------------------------------------------------------------------------
+
+
+def fuse_qkv(transformer: Any) -> str:
+    """One QKV matmul (and one for the text stream) per double-stream block; the unfused weights are freed.
+
+    The single-stream blocks already fuse QKV with the MLP input projection.
+    """
+    transformer.fuse_qkv_projections()
+    freed = 0
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            names = ["to_q", "to_k", "to_v"]
+            if hasattr(module, "to_added_qkv"):
+                names += ["add_q_proj", "add_k_proj", "add_v_proj"]
+            for name in names:
+                if isinstance(getattr(module, name, None), nn.Module):
+                    freed += sum(p.numel() * p.element_size() for p in getattr(module, name).parameters())
+                    delattr(module, name)
+    return f"on: freed {freed / 2**20:.3g} MiB of unfused weights"
+
+
+def fp8_filter(module: nn.Module, fqn: str) -> bool:
+    """The linear layers FP8 pays off for: the blocks' token-wise projections, dims divisible by 16.
+
+    Embedders, modulation (one row per image) and the output projection stay in bf16.
+    """
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def quantize_fp8(transformer: Any, device: torch.device) -> str:
+    """torchao float8 dynamic activation + float8 weight, per-row scales (CUDA compute capability ≥ 8.9)."""
+    if device.type != "cuda":
+        return "skipped: FP8 needs CUDA (compute capability ≥ 8.9)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return f"skipped: FP8 needs compute capability ≥ 8.9, this GPU has {capability[0]}.{capability[1]}"
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        return "skipped: torchao is not installed"
+    count = sum(1 for name, module in transformer.named_modules() if fp8_filter(module, name))
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter)
+    return f"on: {count} linear layers in float8 (torchao, per-row)"
+
+
+def attention_backend_works(backend: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a diffusers attention backend is installed and agrees with native SDPA on a small input."""
+    try:
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _check_attention_backend_requirements,
+            dispatch_attention_fn,
+        )
+
+        name = AttentionBackendName(backend)
+        _check_attention_backend_requirements(name)
+        generator = torch.Generator(device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 256, 2, 128, device=device, dtype=dtype, generator=generator) for _ in range(3)
+        )  # (batch, tokens, heads, head dim), the diffusers layout
+        out = dispatch_attention_fn(q, k, v, backend=name)
+        ref = dispatch_attention_fn(q, k, v, backend=AttentionBackendName.NATIVE)
+        return bool(torch.allclose(out.float(), ref.float(), atol=3e-2, rtol=3e-2))
+    except Exception as exc:  # not installed, wrong GPU, wrong version: not usable
+        log.info("attention backend %s is not usable here: %s", backend, exc)
+        return False
+
+
+def set_attention_backend(transformer: Any, requested: str, device: torch.device) -> str:
+    """Auto: the first of FA3, flash-attn 2, cuDNN SDPA that works here (CUDA); native SDPA on CPU.
+
+    The backend is always set explicitly, "native" included: diffusers also makes the last backend set the
+    process-wide default, which would otherwise leak into another pipeline in the same process.
+    """
+    if requested == "auto":
+        chosen, outcome = "native", "native (auto on CPU)"
+        if device.type == "cuda":
+            dtype = next(transformer.parameters()).dtype
+            probe_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+            outcome = "native (auto: no faster backend works here)"
+            for candidate in CUDA_ATTENTION_CANDIDATES:
+                if attention_backend_works(candidate, device, probe_dtype):
+                    chosen, outcome = candidate, f"{candidate} (auto)"
+                    break
+    elif device.type != "cuda" and requested not in CPU_ATTENTION_BACKENDS:
+        chosen, outcome = "native", f"skipped: {requested} needs CUDA; native on CPU"
+    else:
+        chosen = outcome = requested
+    transformer.set_attention_backend(chosen)
+    return outcome
+
+
+# torch.compile -------------------------------------------------------------------------------------------
+
+
+def _compile_kwargs(device: torch.device, mode: str, backend: str) -> dict[str, Any]:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT
+    )
+    kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
+    if backend == "inductor" and mode != "default":
+        if device.type != "cuda" and "reduce-overhead" in mode:
+            log.info("compile mode %s uses CUDA graphs; default mode on %s", mode, device.type)
+        else:
+            kwargs["mode"] = mode
+    return kwargs
+
+
+def compile_transformer(
+    transformer: Any, device: torch.device, mode: str = "default", backend: str = "inductor"
+) -> str:
+    """Regional compilation of the repeated blocks: static shapes, one graph per resolution (warm-up compiles)."""
+    kwargs = _compile_kwargs(device, mode, backend)
+    transformer.compile_repeated_blocks(**kwargs)
+    return f"on: repeated blocks, {_describe(kwargs)}"
+
+
+def compile_vae(vae: Any, device: torch.device, mode: str = "default", backend: str = "inductor") -> str:
+    """Compile the VAE decoder (the part every request runs), static shapes."""
+    kwargs = _compile_kwargs(device, mode, backend)
+    vae.decoder.compile(**kwargs)
+    return f"on: decoder, {_describe(kwargs)}"
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+# Warm-up -------------------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    width: int
+    height: int
+    references: tuple[tuple[int, int], ...] = ()
+
+    def __str__(self) -> str:
+        return "+".join(f"{w}x{h}" for w, h in ((self.width, self.height), *self.references))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size WxH: {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width % 16 or height % 16 or width < 64 or height < 64:
+        raise ValueError(f"sizes are multiples of 16, at least 64: {text!r}")
+    return width, height
+
+
+def parse_warmup_shape(text: str) -> WarmupShape:
+    """Text-to-image "1024x1024", or "1024x1024+1024x1024": the output size, then each reference's size."""
+    sizes = [parse_size(part) for part in text.split("+")]
+    return WarmupShape(sizes[0][0], sizes[0][1], tuple(sizes[1:]))
+
+
+def warmup_shapes(settings: Settings) -> list[WarmupShape]:
+    """The shapes run once at start. Unset: every aspect-ratio size of the API when anything is compiled
+    (the resolution buckets text-to-image requests use), else none."""
+    if settings.warmup_sizes is not None:
+        return [parse_warmup_shape(text) for text in settings.warmup_sizes]
+    if not (settings.compile_transformer or settings.compile_vae):
+        return []
+    from typing import get_args
+
+    from models.klein import AspectRatio, size_for_aspect_ratio
+
+    return [WarmupShape(*size_for_aspect_ratio(ratio)) for ratio in get_args(AspectRatio)]
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), for the worker's start-to-ready figure."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
