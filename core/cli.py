@@ -29,11 +29,15 @@ from core.settings import get_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def migrate() -> None:
+def migrate(sync_database_url: str | None = None) -> None:
+    """alembic upgrade head, on the configured database or the one given."""
     from alembic import command
     from alembic.config import Config
 
-    command.upgrade(Config(toml_file=str(ROOT / "pyproject.toml")), "head")
+    config = Config(toml_file=str(ROOT / "pyproject.toml"))
+    if sync_database_url:
+        config.set_main_option("sqlalchemy.url", sync_database_url)
+    command.upgrade(config, "head")
 
 
 def _limit(value: str) -> int | float | None:

@@ -1,9 +1,9 @@
 """The prediction state machine: the only code that changes a prediction's status.
 
     created ──▶ processing ──▶ completed
-       │            │  ▲
-       │            │  └── (lease expired: a worker vanished, another claims it again)
-       │            ├────▶ failed
+       │  ▲         │
+       │  └─────────┤  requeue: the holder's lease lapsed (worker lost), attempts left
+       │            ├────▶ failed  (error, timeout, or no attempts left)
        └────────────┴────▶ canceled / failed
 
 Each transition is one compare-and-set UPDATE: it applies only if the row is still in the
@@ -58,11 +58,14 @@ def create(
     )
 
 
-def claim(prediction_id: str, worker_id: str, lease_s: float) -> Update:
+def claim(prediction_id: str, worker_id: str, lease_s: float, max_attempts: int) -> Update:
     """created → processing, or take over a processing row whose holder's lease ran out."""
-    claimable = or_(
-        p.c.status == Status.CREATED,
-        and_(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()),
+    claimable = and_(
+        p.c.attempts < max_attempts,
+        or_(
+            p.c.status == Status.CREATED,
+            and_(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()),
+        ),
     )
     return (
         update(p)
@@ -75,6 +78,36 @@ def claim(prediction_id: str, worker_id: str, lease_s: float) -> Update:
             lease_expires_at=func.now() + timedelta(seconds=lease_s),
         )
         .returning(p)
+    )
+
+
+def renew(prediction_id: str, worker_id: str, lease_s: float) -> Update:
+    """Extend the holder's lease (the worker's heartbeat); no row back means it is no longer ours."""
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.worker_id == worker_id)
+        .values(lease_expires_at=func.now() + timedelta(seconds=lease_s))
+        .returning(p.c.id)
+    )
+
+
+def requeue_lapsed(prediction_id: str) -> Update:
+    """processing → created when the holder's lease lapsed and attempts are left."""
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now())
+        .values(status=Status.CREATED, worker_id=None, lease_expires_at=None)
+        .returning(p.c.id, p.c.tenant_id)
+    )
+
+
+def give_up(prediction_id: str, error: str) -> Update:
+    """processing → failed when the holder's lease lapsed and no attempts are left."""
+    return (
+        update(p)
+        .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now())
+        .values(status=Status.FAILED, error=error, completed_at=func.now(), lease_expires_at=None)
+        .returning(p.c.id, p.c.tenant_id)
     )
 
 

@@ -25,7 +25,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # An unacked message is redelivered after this; keep it above the task time limit.
-            "visibility_timeout": settings.task_time_limit_s * 2,
+            "visibility_timeout": int(settings.task_time_limit_s * 2 + settings.lease_s),
             "socket_timeout": 5,
             # Priorities 0 (first) … 9 map onto lists consumed in that order: see core.quota.queue_priority.
             "priority_steps": [0, 3, 6, 9],
@@ -37,5 +37,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def queued_key(settings: Settings) -> str:
+    """Redis set of the ids handed to the broker and not yet claimed (see core/sweeper.py)."""
+    return f"{settings.queue_name}:queued"
+
+
 def enqueue(app: Celery, prediction_id: str, priority: int = 0) -> None:
+    """Publish the task. Callers first add the id to `queued_key`, so that a lost message can be found."""
     app.send_task(PREDICT_TASK, args=[prediction_id], priority=priority)

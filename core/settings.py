@@ -28,8 +28,15 @@ class Settings(BaseSettings):
     # Worker: a local diffusers folder or a hub id, and the device ("auto" picks CUDA when present).
     model_path: str = "black-forest-labs/FLUX.2-klein-4B"
     device: str = "auto"
-    # A prediction held longer than this by a worker may be claimed again (worker presumed dead).
-    task_time_limit_s: int = Field(600, ge=10)
+    # Reliability: a worker's claim is a lease it renews every lease_s / 3 while it works; a lapsed
+    # lease means the worker died, and the sweeper puts the prediction back in the queue.
+    lease_s: float = Field(30.0, ge=1)
+    task_time_limit_s: float = Field(600.0, ge=1)  # a prediction running longer fails with a timeout
+    max_attempts: int = Field(3, ge=1)  # worker losses before a prediction fails for good
+    sweep_interval_s: float = Field(10.0, gt=0)
+    requeue_grace_s: float = Field(30.0, ge=0)  # a `created` row this old and not in the broker is re-enqueued
+    db_retry_s: float = Field(60.0, ge=0)  # workers retry database writes this long (e.g. across a restart)
+    s3_max_attempts: int = Field(4, ge=1)  # boto3 retries with exponential backoff
 
     # Tenants: defaults for tenants without their own limits and price plan.
     default_rate_limit_per_minute: int = Field(150, ge=1)  # per API key, every authenticated request
@@ -41,7 +48,35 @@ class Settings(BaseSettings):
     # API
     public_base_url: str | None = None  # e.g. https://images.example.com; else the request's own
     try_sync_timeout_s: float = Field(60.0, ge=0, le=600)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_sync_waits_per_tenant: int = Field(200, ge=0)  # per API process; beyond it Try-Sync answers at once
+    max_body_bytes: int = Field(32 << 20, ge=1024)  # room for 4 base64 reference images
+
+    # Input images (uploads, URLs, data URIs): limits before and after decoding.
+    max_image_bytes: int = Field(10 << 20, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # decompression bombs stop here
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120)
+    # Hosts or networks (CIDR) whose URLs may be fetched although they are private (private deployments, tests).
+    fetch_allowlist: list[str] = []
+    upload_ttl_s: int = Field(24 * 3600, ge=60)  # how long an uploaded file stays referenceable
+    # Signed delivery URLs (OpenAI `url`, 1min `temporaryUrl`) open without an API key until they expire.
+    # Set the same key on every API replica; unset, each process makes its own (links then break on restart).
+    url_signing_key: SecretStr | None = None
+    signed_url_ttl_s: int = Field(3600, ge=60)
+
+    # Worker speed switches (see models/optimize.py); all off means the plain diffusers pipeline.
+    dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")  # auto: bf16 on CUDA, fp32 on CPU
+    attention_backend: str = "auto"  # auto: FA3, flash-attn, cuDNN SDPA (first that works) on CUDA; native on CPU
+    fuse_qkv: bool = True  # one QKV matmul per double-stream block
+    truncate_text_encoder: bool = True  # run text-encoder layers up to the last one read (27), skip the logits
+    prompt_cache_size: int = Field(32, ge=0)  # LRU of prompt embeddings (≈ 7.9 MB each in bf16); 0 disables
+    vae_channels_last: bool = True
+    cudnn_benchmark: bool = True  # CUDA only: autotuned convolution algorithms
+    compile_transformer: bool = False  # torch.compile the repeated blocks, static shapes, compiled at start
+    compile_vae: bool = False  # torch.compile the VAE decoder, static shapes, compiled at start
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    fp8: bool = False  # torchao float8 activations + weights in the transformer blocks (CUDA, SM ≥ 8.9)
+    # Run at start: "WxH", or "WxH+WxH…" with reference sizes. Unset: every aspect-ratio size if compiling.
+    warmup_sizes: list[str] | None = None
 
     @property
     def async_database_url(self) -> str:

@@ -24,7 +24,7 @@ def make_s3_client(settings: Settings) -> S3Client:
         aws_secret_access_key=secret.get_secret_value() if secret else None,
         config=Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
             connect_timeout=5,
             read_timeout=30,
         ),

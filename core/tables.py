@@ -87,3 +87,18 @@ usage_records = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("usage_tenant_created", "tenant_id", "created_at"),
 )
+
+# Files uploaded for use as reference images (`POST /v1/files`), stored under <tenant>/files/.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("key", Text, nullable=False),
+    Column("content_type", Text, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -40,6 +41,13 @@ def _database_url(pgdata: Path) -> str:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = 'klein'").fetchone() is None:
             conn.execute("CREATE DATABASE klein")
     return server.get_uri("klein")
+
+
+def _persistent_secret(path: Path) -> str:
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def _first_key(data_dir: Path) -> str:
@@ -105,6 +113,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
             "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
             "KLEIN_MODEL_PATH": model_path,
+            "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
         }
         os.environ.update(env)
         from core.cli import migrate

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ import redis
 from sqlalchemy import Engine
 
 from core import tenants
+from core.cli import migrate
 from core.db import make_sync_engine
 from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
@@ -62,15 +64,14 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         "KLEIN_TRY_SYNC_TIMEOUT_S": "30",
         "KLEIN_DEFAULT_RATE_LIMIT_PER_MINUTE": "100000",  # tests poll fast; rate-limit tests set their own
         "KLEIN_ADMIN_API_KEY": ADMIN_KEY,
+        "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
+        # Test image servers listen on 127.0.0.2; every other private address stays refused.
+        "KLEIN_FETCH_ALLOWLIST": '["127.0.0.2/32"]',
+        "KLEIN_FETCH_TIMEOUT_S": "3",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    config.set_main_option("sqlalchemy.url", Settings(database_url=database_url).sync_database_url)
-    command.upgrade(config, "head")
+    migrate(Settings(database_url=database_url).sync_database_url)
     try:
         yield env
     finally:
@@ -80,9 +81,8 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
 
 @pytest.fixture(scope="session")
 def settings(settings_env: dict[str, str]) -> Settings:
-    return Settings.model_validate(
-        {k[len("KLEIN_") :].lower(): v for k, v in settings_env.items() if k.startswith("KLEIN_")}
-    )
+    with mock.patch.dict(os.environ, settings_env):  # parsed exactly as the subprocesses parse it
+        return Settings()
 
 
 @pytest.fixture(scope="session")

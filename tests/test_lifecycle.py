@@ -39,20 +39,20 @@ def run(engine: Engine, statement: Update) -> Any:
 
 def test_claim_is_exclusive_while_the_lease_lives(engine: Engine, tenant: IssuedKey) -> None:
     pid = created(engine, tenant)
-    row = run(engine, lifecycle.claim(pid, "w1", 60))
+    row = run(engine, lifecycle.claim(pid, "w1", 60, 3))
     assert row["status"] == Status.PROCESSING and row["attempts"] == 1 and row["started_at"] is not None
-    assert run(engine, lifecycle.claim(pid, "w2", 60)) is None  # duplicate delivery to a second worker
+    assert run(engine, lifecycle.claim(pid, "w2", 60, 3)) is None  # duplicate delivery to a second worker
     assert run(engine, lifecycle.complete(pid, "w2", [], TIMINGS)) is None  # only the holder may finish
     done = run(engine, lifecycle.complete(pid, "w1", [{"filename": "output.jpg"}], TIMINGS))
     assert done["status"] == Status.COMPLETED and done["completed_at"] is not None
-    assert run(engine, lifecycle.claim(pid, "w1", 60)) is None  # redelivery after completion
+    assert run(engine, lifecycle.claim(pid, "w1", 60, 3)) is None  # redelivery after completion
     assert run(engine, lifecycle.fail(pid, "w1", "late", TIMINGS)) is None  # terminal stays terminal
 
 
 def test_an_expired_lease_is_claimed_again(engine: Engine, tenant: IssuedKey) -> None:
     pid = created(engine, tenant)
-    assert run(engine, lifecycle.claim(pid, "vanished", 0)) is not None
-    retaken = run(engine, lifecycle.claim(pid, "w2", 60))
+    assert run(engine, lifecycle.claim(pid, "vanished", 0, 3)) is not None
+    retaken = run(engine, lifecycle.claim(pid, "w2", 60, 3))
     assert retaken["worker_id"] == "w2" and retaken["attempts"] == 2
     assert run(engine, lifecycle.complete(pid, "vanished", [], TIMINGS)) is None
     assert run(engine, lifecycle.fail(pid, "w2", "RuntimeError: boom", TIMINGS))["status"] == Status.FAILED
@@ -65,7 +65,7 @@ def test_cancel_and_unclaimed_failure(
     pid = created(engine, tenant)
     assert run(engine, lifecycle.cancel(pid, "someone-else")) is None  # scoped to the owner
     assert run(engine, lifecycle.cancel(pid, tenant.tenant_id))["status"] == Status.CANCELED
-    assert run(engine, lifecycle.claim(pid, "w1", 60)) is None
+    assert run(engine, lifecycle.claim(pid, "w1", 60, 3)) is None
 
     other = created(engine, tenant)
     assert run(engine, lifecycle.fail_unclaimed(other, "could not be queued")) is not None
@@ -74,3 +74,18 @@ def test_cancel_and_unclaimed_failure(
 
 def test_terminal_set() -> None:
     assert {s for s in Status if s.terminal} == {Status.COMPLETED, Status.FAILED, Status.CANCELED}
+
+
+def test_a_lapsed_lease_is_requeued_until_the_attempts_run_out(engine: Engine, tenant: IssuedKey) -> None:
+    pid = created(engine, tenant)
+    assert run(engine, lifecycle.claim(pid, "w1", 60, 2)) is not None
+    assert run(engine, lifecycle.renew(pid, "w1", 60)) is not None
+    assert run(engine, lifecycle.renew(pid, "w2", 60)) is None  # not w2's to renew
+    assert run(engine, lifecycle.requeue_lapsed(pid)) is None  # the lease is alive
+    assert run(engine, lifecycle.renew(pid, "w1", 0)) is not None  # w1 dies right after: the lease lapses
+    assert run(engine, lifecycle.requeue_lapsed(pid)) is not None
+    assert run(engine, lifecycle.renew(pid, "w1", 60)) is None  # w1's late heartbeat finds it gone
+    assert run(engine, lifecycle.claim(pid, "w2", 0, 2))["attempts"] == 2
+    assert run(engine, lifecycle.claim(pid, "w3", 60, 2)) is None  # no attempts left, even with a lapsed lease
+    failed = run(engine, lifecycle.give_up(pid, "worker lost 2 times"))
+    assert failed is not None and run(engine, lifecycle.requeue_lapsed(pid)) is None

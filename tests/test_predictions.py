@@ -186,7 +186,7 @@ def test_malformed_bodies_are_422(stack: Stack, client: httpx.Client, tenant: Is
 
 
 def test_oversized_body_is_413(stack: Stack, client: httpx.Client, tenant: IssuedKey) -> None:
-    answer = submit(client, {"prompt": "x" * (2 << 20)})
+    answer = submit(client, {"prompt": "x" * (stack.settings.max_body_bytes + 1)})
     assert answer.status_code == 413
     assert "larger than" in answer.json()["error"]
     assert count_predictions(stack, tenant) == 0

@@ -5,30 +5,43 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
-from sqlalchemy import Engine, Update
+from botocore.exceptions import BotoCoreError, ClientError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from sqlalchemy import Connection, Engine, Update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core import lifecycle, quota, usage
+from core import images, lifecycle, quota, usage
 from core.db import make_sync_engine
+from core.queue import make_celery, queued_key
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client, output_key
+from core.sweeper import Sweeper, run_forever
 from models.klein import GenerationParams
-from models.klein_pipeline import KleinPipeline
+from models.klein_pipeline import KleinPipeline, Stop
 from worker.encode import encode
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+class StorageUnavailable(RuntimeError):
+    pass
 
 
 @dataclass
@@ -39,6 +52,7 @@ class WorkerRuntime:
     s3: S3Client
     redis: redis.Redis
     worker_id: str
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.release_script = self.redis.register_script(quota.RELEASE_SLOT_LUA)
@@ -50,69 +64,119 @@ class WorkerRuntime:
         ensure_bucket(s3, settings.s3_bucket)
         runtime = cls(
             settings=settings,
-            pipeline=KleinPipeline(settings.model_path, settings.device),
-            engine=make_sync_engine(settings),
+            pipeline=KleinPipeline(settings.model_path, settings.device, settings),
+            engine=make_sync_engine(settings, pool_size=3),  # task, heartbeat, sweeper
             s3=s3,
-            redis=redis.Redis.from_url(settings.redis_url, socket_timeout=5),
+            redis=redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=5,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            ),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
+        sweeper = Sweeper(settings, runtime.engine, runtime.redis, make_celery(settings))
+        threading.Thread(target=run_forever, args=(sweeper, runtime.stopping), name="sweeper", daemon=True).start()
         log.info("worker %s ready in %.2f s", runtime.worker_id, time.perf_counter() - started)
         return runtime
 
     def run(self, prediction_id: str) -> None:
-        """Claim, generate, encode, upload, finish. Safe to call twice for the same id."""
+        """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id."""
         claimed_at = time.perf_counter()
-        row = self._execute(lifecycle.claim(prediction_id, self.worker_id, self.settings.task_time_limit_s))
+        settings = self.settings
+        claim = lifecycle.claim(prediction_id, self.worker_id, settings.lease_s, settings.max_attempts)
+        try:
+            row = self._db(lambda conn: conn.execute(claim).mappings().first())
+        except (OperationalError, InterfaceError):
+            log.error("database unreachable; leaving %s to the sweeper", prediction_id)
+            self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
+            return
+        self.redis.srem(queued_key(settings), prediction_id)
         if row is None:
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
             return
         timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
-        try:
-            outputs = self._generate(prediction_id, row, timings)
-        except Exception as exc:  # the prediction fails; the worker keeps serving
-            log.exception("prediction %s failed", prediction_id)
-            timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-            finish = lifecycle.fail(prediction_id, self.worker_id, _readable(exc), timings)
-        else:
-            timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-            finish = lifecycle.complete(prediction_id, self.worker_id, outputs, timings)
+        with _Heartbeat(self, prediction_id) as heartbeat:
+            try:
+                outputs = self._generate(prediction_id, row, timings, heartbeat.stop_reason)
+            except Exception as exc:  # the prediction fails; the worker keeps serving
+                log.exception("prediction %s failed", prediction_id)
+                self.pipeline.release_memory()
+                timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
+                finish = lifecycle.fail(prediction_id, self.worker_id, _readable(exc), timings)
+            else:
+                timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
+                finish = lifecycle.complete(prediction_id, self.worker_id, outputs, timings)
         if self._finish(finish) is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
         else:
             self._release_slot(row["tenant_id"])
         self._announce(prediction_id)
 
-    def _generate(self, prediction_id: str, row: Any, timings: dict[str, int]) -> list[dict[str, Any]]:
+    def _generate(
+        self, prediction_id: str, row: Any, timings: dict[str, int], stop_reason: Callable[[], str | None]
+    ) -> list[dict[str, Any]]:
         params = GenerationParams.model_validate(row["params"])
+        references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in params.reference_keys]
         started = time.perf_counter()
-        images = self.pipeline.generate(params)
+        outputs = self.pipeline.generate(params, references, stop_reason)
         timings["inference_ms"] = _ms(time.perf_counter() - started)
 
         started = time.perf_counter()
-        encoded = [encode(image, params.output_format, params.output_quality) for image in images]
+        encoded = [encode(image, params.output_format, params.output_quality) for image in outputs]
         timings["encode_ms"] = _ms(time.perf_counter() - started)
 
         started = time.perf_counter()
-        outputs = []
-        for index, (data, content_type) in enumerate(encoded):
-            filename = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
-            key = output_key(row["tenant_id"], prediction_id, filename)
-            self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
-            outputs.append({"filename": filename, "key": key, "content_type": content_type, "bytes": len(data)})
+        stored: list[dict[str, Any]] = []
+        try:
+            for index, (data, content_type) in enumerate(encoded):
+                name = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
+                key = output_key(row["tenant_id"], prediction_id, name)
+                self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
+                stored.append({"filename": name, "key": key, "content_type": content_type, "bytes": len(data)})
+        except (BotoCoreError, ClientError) as exc:
+            log.error("upload of %s failed: %s", prediction_id, exc)
+            self._delete(stored)  # never leave half a result behind
+            attempts = self.settings.s3_max_attempts
+            raise StorageUnavailable(f"storage unavailable after {attempts} attempts ({type(exc).__name__})") from exc
         timings["upload_ms"] = _ms(time.perf_counter() - started)
-        return outputs
+        return stored
 
-    def _execute(self, statement: Update) -> Any:
-        with self.engine.begin() as conn:
-            return conn.execute(statement).mappings().first()
+    def _read(self, key: str) -> bytes:
+        return self.s3.get_object(Bucket=self.settings.s3_bucket, Key=key)["Body"].read()
+
+    def _delete(self, stored: list[dict[str, Any]]) -> None:
+        for output in stored:
+            try:
+                self.s3.delete_object(Bucket=self.settings.s3_bucket, Key=output["key"])
+            except (BotoCoreError, ClientError):
+                log.warning("could not delete partial output %s", output["key"])
+
+    def _db(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a transaction, retrying through database outages for up to `db_retry_s`."""
+        deadline = time.monotonic() + self.settings.db_retry_s
+        delay = 0.2
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _finish(self, statement: Update) -> Any:
         """Apply the final transition; a completion is billed in the same transaction, so exactly once."""
-        with self.engine.begin() as conn:
+
+        def finish(conn: Connection) -> Any:
             row = conn.execute(statement).mappings().first()
             if row is not None and row["status"] == lifecycle.Status.COMPLETED:
                 conn.execute(usage.record(row, self.settings.default_price_per_image))
             return row
+
+        return self._db(finish)
 
     def _release_slot(self, tenant_id: str) -> None:
         try:
@@ -127,6 +191,49 @@ class WorkerRuntime:
             log.warning("could not publish completion of %s", prediction_id, exc_info=True)
 
 
+class _Heartbeat:
+    """Renews the claim's lease while the prediction runs, and says when to stop it.
+
+    Stops are checked between denoising steps: past `task_time_limit_s`, or when the lease is no
+    longer ours (canceled, or taken over after we were presumed dead).
+    """
+
+    def __init__(self, runtime: WorkerRuntime, prediction_id: str) -> None:
+        self.runtime = runtime
+        self.prediction_id = prediction_id
+        self.deadline = time.monotonic() + runtime.settings.task_time_limit_s
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{prediction_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def stop_reason(self) -> str | None:
+        if self.lost:
+            return "canceled or taken over by another worker"
+        if time.monotonic() > self.deadline:
+            return f"timed out after {self.runtime.settings.task_time_limit_s:g} s"
+        return None
+
+    def _beat(self) -> None:
+        settings = self.runtime.settings
+        renew = lifecycle.renew(self.prediction_id, self.runtime.worker_id, settings.lease_s)
+        while not self._done.wait(settings.lease_s / 3):
+            try:
+                with self.runtime.engine.begin() as conn:
+                    self.lost = conn.execute(renew).first() is None
+            except (OperationalError, InterfaceError):
+                log.warning("heartbeat of %s missed (database unavailable)", self.prediction_id)
+
+
 def _readable(exc: BaseException) -> str:
+    if isinstance(exc, Stop | StorageUnavailable):  # written for the client already
+        return str(exc)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}"[:500] if message else type(exc).__name__

@@ -1,0 +1,144 @@
+"""The sweeper: nothing accepted is lost, nothing stays stuck.
+
+Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker process runs one):
+1. Predictions whose worker's lease lapsed (the worker died) go back to the queue while attempts
+   are left, else fail with the reason.
+2. Predictions `created` for longer than `requeue_grace_s` that are not in the broker — Redis lost
+   them (restart without persistence) or the API died between its commit and the enqueue — are
+   enqueued again. The API adds each id to a Redis set before enqueueing; a worker removes it when it
+   claims the prediction, so "not in the set" means "not in the broker".
+3. If Redis lost its data, the per-tenant in-flight counters are rebuilt from PostgreSQL.
+Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy import Engine, func, select
+
+from core import lifecycle, quota
+from core.lifecycle import Status
+from core.queue import enqueue, queued_key
+from core.settings import Settings
+from core.tables import predictions as p
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    requeued_lapsed: int = 0
+    failed_lapsed: int = 0
+    requeued_lost: int = 0
+    counters_rebuilt: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Sweeper:
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    celery: Celery
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def sweep(self) -> SweepReport | None:
+        """One pass, if no other sweeper holds the lock; None when another one does."""
+        lock = f"{self.settings.queue_name}:sweeper-lock"
+        ttl_ms = int(max(self.settings.sweep_interval_s * 3, 30) * 1000)
+        if not self.redis.set(lock, self.token, nx=True, px=ttl_ms):
+            return None
+        started = time.perf_counter()
+        try:
+            report = SweepReport()
+            self._rebuild_counters_if_lost(report)
+            self._lapsed(report)
+            self._lost(report)
+            report.seconds = time.perf_counter() - started
+            return report
+        finally:
+            if self.redis.get(lock) == self.token.encode():
+                self.redis.delete(lock)
+
+    def _lapsed(self, report: SweepReport) -> None:
+        with self.engine.connect() as conn:
+            lapsed = conn.execute(
+                select(p.c.id, p.c.attempts).where(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now())
+            ).all()
+        for prediction_id, attempts in lapsed:
+            if attempts >= self.settings.max_attempts:
+                error = f"the worker was lost {attempts} times while running this prediction; giving up"
+                with self.engine.begin() as conn:
+                    row = conn.execute(lifecycle.give_up(prediction_id, error)).first()
+                if row is not None:
+                    self._release_slot(row.tenant_id)
+                    self.redis.publish(self.settings.events_channel, prediction_id)
+                    report.failed_lapsed += 1
+                continue
+            with self.engine.begin() as conn:
+                row = conn.execute(lifecycle.requeue_lapsed(prediction_id)).first()
+            if row is not None:
+                self._enqueue(prediction_id)
+                report.requeued_lapsed += 1
+
+    def _lost(self, report: SweepReport) -> None:
+        grace = timedelta(seconds=self.settings.requeue_grace_s)
+        with self.engine.connect() as conn:
+            waiting = (
+                conn.execute(select(p.c.id).where(p.c.status == Status.CREATED, p.c.created_at < func.now() - grace))
+                .scalars()
+                .all()
+            )
+        if not waiting:
+            return
+        in_broker = self.redis.smismember(queued_key(self.settings), list(waiting))
+        for prediction_id, queued in zip(waiting, in_broker, strict=True):
+            if not queued:
+                self._enqueue(prediction_id)
+                report.requeued_lost += 1
+
+    def _rebuild_counters_if_lost(self, report: SweepReport) -> None:
+        epoch = f"{self.settings.queue_name}:epoch"
+        if self.redis.exists(epoch):
+            return
+        with self.engine.connect() as conn:
+            counts = conn.execute(
+                select(p.c.tenant_id, func.count())
+                .where(p.c.status.in_([Status.CREATED, Status.PROCESSING]))
+                .group_by(p.c.tenant_id)
+            ).all()
+        pipe = self.redis.pipeline()
+        for tenant_id, count in counts:
+            pipe.set(quota.in_flight_key(self.settings.queue_name, tenant_id), count)
+        pipe.set(epoch, self.token)
+        pipe.execute()
+        report.counters_rebuilt = True
+
+    def _enqueue(self, prediction_id: str) -> None:
+        self.redis.sadd(queued_key(self.settings), prediction_id)
+        enqueue(self.celery, prediction_id, priority=0)  # it has waited longest: first in line
+
+    def _release_slot(self, tenant_id: str) -> None:
+        self.redis.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))
+
+
+def run_forever(sweeper: Sweeper, stop: threading.Event) -> None:
+    """The worker's sweeper thread: survives database and Redis outages, logs what it did."""
+    while not stop.wait(sweeper.settings.sweep_interval_s):
+        try:
+            report = sweeper.sweep()
+        except Exception:
+            log.warning("sweep failed; retrying in %.0f s", sweeper.settings.sweep_interval_s, exc_info=True)
+            continue
+        if report and (
+            report.requeued_lapsed or report.failed_lapsed or report.requeued_lost or report.counters_rebuilt
+        ):
+            log.info("sweep: %s", report)
