@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     fp8: bool = False  # torchao float8 activations + weights in the transformer blocks (CUDA, SM ≥ 8.9)
     # Run at start: "WxH", or "WxH+WxH…" with reference sizes. Unset: every aspect-ratio size if compiling.
     warmup_sizes: list[str] | None = None
+
+    @field_validator("admin_api_key", "url_signing_key", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def async_database_url(self) -> str:

@@ -296,7 +296,8 @@ def test_k8s_settings_split_between_configmap_and_secret() -> None:
     config = config_data()
     secret = k8s("Secret", "klein-secrets")["stringData"]
     assert set(config) <= KLEIN_SETTINGS and set(secret) <= KLEIN_SETTINGS
-    assert {"KLEIN_DATABASE_URL", "KLEIN_S3_ACCESS_KEY_ID", "KLEIN_S3_SECRET_ACCESS_KEY"} <= set(secret)
+    secrets = {"KLEIN_DATABASE_URL", "KLEIN_S3_ACCESS_KEY_ID", "KLEIN_S3_SECRET_ACCESS_KEY", "KLEIN_URL_SIGNING_KEY"}
+    assert secrets | {"KLEIN_ADMIN_API_KEY"} <= set(secret)
     assert not set(config) & set(secret)
     for kind, name in (("Deployment", "klein-api"), ("Deployment", "klein-worker"), ("Job", "klein-migrate")):
         sources = container(k8s(kind, name))["envFrom"]

@@ -91,3 +91,8 @@ def test_concurrent_try_sync_waits_are_capped_per_tenant(stack: Stack, tenant: I
         assert len(at_once) == 2, answers
     finally:
         api.stop()
+
+
+def test_an_empty_admin_key_disables_the_admin_api_rather_than_opening_it() -> None:
+    assert Settings(admin_api_key="", url_signing_key=" ").admin_api_key is None
+    assert Settings(admin_api_key="", url_signing_key=" ").url_signing_key is None
