@@ -87,3 +87,21 @@ def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stac
         assert time.monotonic() < deadline, "worker never saw the duplicates"
         time.sleep(0.1)
     assert row(stack, body["id"]) == before  # same attempts, outputs, timings, timestamps
+
+
+def test_canceling_a_running_prediction_stops_its_inference(stack: Stack, client: httpx.Client) -> None:
+    slow = {"prompt": "long", "num_inference_steps": 50}
+    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
+    deadline = time.monotonic() + 60
+    while row(stack, pid)["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.post(f"/v1/predictions/{pid}/cancel").json()["status"] == "canceled"
+    log = stack.logs / "worker.log"
+    deadline = time.monotonic() + 30
+    while f"prediction {pid} changed state while running" not in log.read_text():
+        assert time.monotonic() < deadline, "the worker never noticed the cancel"
+        time.sleep(0.1)
+    assert "Stop: canceled or taken over by another worker" in log.read_text()
+    final = row(stack, pid)
+    assert final["status"] == "canceled" and final["outputs"] == []

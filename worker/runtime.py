@@ -224,7 +224,8 @@ class _Heartbeat:
     def _beat(self) -> None:
         settings = self.runtime.settings
         renew = lifecycle.renew(self.prediction_id, self.runtime.worker_id, settings.lease_s)
-        while not self._done.wait(settings.lease_s / 3):
+        # Often enough to keep the lease and to notice a cancel within about two seconds.
+        while not self._done.wait(min(settings.lease_s / 3, 2.0)):
             try:
                 with self.runtime.engine.begin() as conn:
                     self.lost = conn.execute(renew).first() is None
