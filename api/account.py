@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import RowMapping
 
-from api.auth import Authenticated
+from api.auth import Authenticated, keys_changed
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from api.responses import errors
 from core import tenants, usage
 
-router = APIRouter(tags=["account"])
+router = APIRouter(tags=["account"], responses=errors(401, 429, 503))
 
 
 class KeyRequest(BaseModel):
@@ -56,12 +57,13 @@ async def revoke_key(ctx: AppContext, key_id: str, tenant_id: str | None) -> dic
         revoked = (await conn.execute(tenants.revoke_key(key_id, tenant_id))).first()
     if revoked is None:
         raise ApiError(404, f"no active key {key_id!r}")
+    await keys_changed(ctx)
     return {"id": key_id, "revoked": True}
 
 
 async def usage_report(ctx: AppContext, tenant_id: str | None, start: date | None, end: date | None) -> dict[str, Any]:
     end = end or (datetime.now(UTC).date() + timedelta(days=1))
-    start = start or (end - timedelta(days=31))
+    start = start or max(end, date.min + timedelta(days=31)) - timedelta(days=31)  # no underflow before year 1
     if start >= end:
         raise ApiError(422, "invalid request: start must be before end")
     async with ctx.engine.connect() as conn:
@@ -92,16 +94,16 @@ async def my_keys(principal: Authenticated, ctx: Ctx) -> dict[str, Any]:
     return await list_keys(ctx, principal.tenant_id)
 
 
-@router.post("/v1/keys", status_code=201)
+@router.post("/v1/keys", status_code=201, responses=errors(400, 413, 422))
 async def create_my_key(request: KeyRequest, principal: Authenticated, ctx: Ctx) -> JSONResponse:
     return await issue_key(ctx, principal.tenant_id, request)
 
 
-@router.delete("/v1/keys/{key_id}")
+@router.delete("/v1/keys/{key_id}", responses=errors(404, 422))
 async def revoke_my_key(key_id: str, principal: Authenticated, ctx: Ctx) -> dict[str, Any]:
     return await revoke_key(ctx, key_id, principal.tenant_id)
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", responses=errors(422))
 async def my_usage(principal: Authenticated, ctx: Ctx, start: Start = None, end: End = None) -> dict[str, Any]:
     return await usage_report(ctx, principal.tenant_id, start, end)

@@ -13,9 +13,10 @@ from sqlalchemy import RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from api.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
-from api.auth import presented_key
+from api.auth import keys_changed, presented_key
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from api.responses import errors
 from core import tenants
 
 
@@ -30,7 +31,10 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
         raise ApiError(401, "invalid admin key")
 
 
-router = APIRouter(prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)])
+# 404 also when the admin API is disabled (KLEIN_ADMIN_API_KEY unset).
+router = APIRouter(
+    prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)], responses=errors(401, 404, 503)
+)
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
@@ -61,7 +65,7 @@ async def _tenant(ctx: AppContext, tenant_id: str) -> RowMapping:
     return row
 
 
-@router.post("/tenants", status_code=201)
+@router.post("/tenants", status_code=201, responses=errors(400, 409, 413, 422))
 async def create_tenant(request: TenantRequest, ctx: Ctx) -> JSONResponse:
     tenant_id, create = tenants.create_tenant(request.name, **request.model_dump(exclude={"name"}))
     issued, issue = tenants.issue_key(tenant_id, "default")
@@ -82,39 +86,42 @@ async def all_tenants(ctx: Ctx) -> dict[str, Any]:
     return {"data": [tenant_view(row) for row in rows]}
 
 
-@router.get("/tenants/{tenant_id}")
+@router.get("/tenants/{tenant_id}", responses=errors(422))
 async def one_tenant(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
     return tenant_view(await _tenant(ctx, tenant_id))
 
 
-@router.patch("/tenants/{tenant_id}")
+@router.patch("/tenants/{tenant_id}", responses=errors(400, 413, 422))
 async def update_limits(tenant_id: str, limits: Limits, ctx: Ctx) -> dict[str, Any]:
     """Set limits and price; only the fields sent change (null resets one to the platform default)."""
-    async with ctx.engine.begin() as conn:
-        row = (await conn.execute(tenants.set_limits(tenant_id, **limits.model_dump(exclude_unset=True)))).first()
-    if row is None:
-        raise ApiError(404, f"tenant {tenant_id!r} not found")
+    changes = limits.model_dump(exclude_unset=True)
+    if changes:  # an UPDATE without a SET list is invalid SQL
+        async with ctx.engine.begin() as conn:
+            row = (await conn.execute(tenants.set_limits(tenant_id, **changes))).first()
+        if row is None:
+            raise ApiError(404, f"tenant {tenant_id!r} not found")
+        await keys_changed(ctx)  # cached principals carry the old limits
     return tenant_view(await _tenant(ctx, tenant_id))
 
 
-@router.post("/tenants/{tenant_id}/keys", status_code=201)
+@router.post("/tenants/{tenant_id}/keys", status_code=201, responses=errors(400, 413, 422))
 async def create_key(tenant_id: str, request: KeyRequest, ctx: Ctx) -> JSONResponse:
-    await _tenant(ctx, tenant_id)
-    return await issue_key(ctx, tenant_id, request)
+    tenant = await _tenant(ctx, tenant_id)  # by id or name: the key belongs to the tenant found
+    return await issue_key(ctx, tenant["id"], request)
 
 
-@router.get("/tenants/{tenant_id}/keys")
+@router.get("/tenants/{tenant_id}/keys", responses=errors(422))
 async def tenant_keys(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
-    await _tenant(ctx, tenant_id)
-    return await list_keys(ctx, tenant_id)
+    tenant = await _tenant(ctx, tenant_id)
+    return await list_keys(ctx, tenant["id"])
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", responses=errors(422))
 async def revoke(key_id: str, ctx: Ctx) -> dict[str, Any]:
     return await revoke_key(ctx, key_id, None)
 
 
-@router.get("/usage")
+@router.get("/usage", responses=errors(422))
 async def all_usage(ctx: Ctx, tenant_id: str | None = None, start: Start = None, end: End = None) -> dict[str, Any]:
     report = await usage_report(ctx, tenant_id, start, end)
     return report if tenant_id is None else report | {"tenant_id": tenant_id}

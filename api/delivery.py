@@ -18,6 +18,7 @@ from api.context import AppContext, get_ctx
 from api.errors import ApiError
 from api.objects import file_response, read_object
 from api.predictions import fetch_or_404
+from api.responses import errors, image
 from core.tables import predictions
 
 router = APIRouter()
@@ -43,7 +44,11 @@ async def outputs_base64(ctx: AppContext, row: RowMapping) -> list[str]:
     return [base64.b64encode(await read_object(ctx, output["key"])).decode() for output in row["outputs"]]
 
 
-@router.get("/v1/predictions/delivery/{prediction_id}/{filename}", response_class=Response)
+@router.get(
+    "/v1/predictions/delivery/{prediction_id}/{filename}",
+    response_class=Response,
+    responses={**image("The output file"), **errors(401, 403, 404, 422, 429, 503)},
+)
 async def deliver(
     prediction_id: str,
     filename: str,

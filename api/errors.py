@@ -56,6 +56,13 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
                     error = exc
                 except RequestValidationError as exc:
                     error = validation_error(exc.errors())
+                except StarletteHTTPException as exc:  # e.g. a malformed multipart body (400)
+                    error = ApiError(exc.status_code, str(exc.detail))
+                    error.headers = dict(exc.headers) if exc.headers else None
+                except DBAPIError as exc:
+                    if (unstorable := unstorable_value(exc)) is None:
+                        raise
+                    error = unstorable
                 response = render(error)
                 response.headers.update(error.headers or {})
                 return response
@@ -63,6 +70,13 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
             return route
 
     return DialectRoute
+
+
+def unstorable_value(exc: DBAPIError) -> ApiError | None:
+    """422 for PostgreSQL's data exceptions (SQLSTATE class 22): the request's own values, e.g. a NUL character."""
+    if str(getattr(exc.orig, "sqlstate", "") or "").startswith("22"):
+        return ApiError(422, "invalid request: a value cannot be stored, e.g. text with a NUL character")
+    return None
 
 
 def _body(message: str, **extra: Any) -> dict[str, Any]:
@@ -87,6 +101,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)  # asyncpg raises a failed connect unwrapped (refused, socket gone)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and (unstorable := unstorable_value(exc)) is not None:
+            return JSONResponse(_body(unstorable.message), status_code=unstorable.status)
         log.warning("database error: %s", exc)
         return JSONResponse(
             _body("database unavailable, try again shortly"), status_code=503, headers={"Retry-After": "1"}

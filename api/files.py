@@ -14,11 +14,12 @@ from api.auth import Authenticated, Principal
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import ApiError
 from api.objects import file_response, put_object, read_object
+from api.responses import errors, image
 from core import images
 from core.ids import new_id
 from core.tables import files
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=errors(401, 429, 503))
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
@@ -45,7 +46,21 @@ async def stored_file(ctx: AppContext, principal: Principal, file_id: str) -> Ro
     return row
 
 
-@router.post("/v1/files", status_code=201)
+_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["content"],
+                "properties": {"content": {"type": "string", "format": "binary", "description": "a PNG, JPEG or WebP"}},
+            }
+        }
+    },
+}
+
+
+@router.post("/v1/files", status_code=201, openapi_extra={"requestBody": _UPLOAD}, responses=errors(400, 413, 422))
 async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> JSONResponse:
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("content") or form.get("file")
@@ -77,7 +92,9 @@ async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> J
     return JSONResponse(body, status_code=201)
 
 
-@router.get("/v1/files/{file_id}", response_class=Response)
+@router.get(
+    "/v1/files/{file_id}", response_class=Response, responses={**image("The uploaded image"), **errors(404, 422)}
+)
 async def download_file(file_id: str, principal: Authenticated, ctx: Ctx) -> Response:
     row = await stored_file(ctx, principal, file_id)
     return file_response(await read_object(ctx, row["key"]), row["content_type"], max_age_s=3600)

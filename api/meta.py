@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from api.context import AppContext, get_ctx
@@ -16,6 +17,7 @@ from api.dialects.klein import GenerateRequest
 from api.dialects.openai import ImagesRequest
 from api.dialects.wavespeed import WaveSpeedRequest
 from api.errors import ApiError
+from api.responses import errors
 from core.settings import Settings
 from models.registry import MODELS, ModelSpec, known_ids, resolve
 from models.tiny import MARKER as TINY_MARKER
@@ -55,7 +57,7 @@ async def list_models(ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str,
     return {"object": "list", "data": [_describe(spec, ctx.settings) for spec in MODELS]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(404, 422))
 async def get_model(model_id: str, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
     spec = resolve(model_id)
     if spec is None:
@@ -69,7 +71,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "Every dependency answers"},
+        503: {"model": Readiness, "description": "A dependency does not answer; `checks` says which"},
+    },
+)
 async def readyz(ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
     """Readiness: every dependency answers within a second."""
 

@@ -34,4 +34,5 @@ def sign(settings: Settings, url: str, prediction_id: str, filename: str) -> str
 def verify(settings: Settings, prediction_id: str, filename: str, expires: int, signature: str) -> bool:
     if expires < time.time():
         return False
-    return hmac.compare_digest(_signature(settings, prediction_id, filename, expires), signature)
+    # Bytes: compare_digest refuses str with non-ASCII characters (TypeError), and a signature is client input.
+    return hmac.compare_digest(_signature(settings, prediction_id, filename, expires).encode(), signature.encode())

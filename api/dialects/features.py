@@ -12,12 +12,13 @@ from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import output_urls, signed_output_urls
 from api.errors import ApiError
+from api.responses import errors
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import MAX_PROMPT_CHARS, MAX_SEED, GenerationParams, size_for_aspect_ratio
 from models.registry import resolve
 
-router = APIRouter(tags=["1min"])
+router = APIRouter(tags=["1min"], responses=errors(401, 429, 503))
 RECORD_STATUS = {Status.COMPLETED: "SUCCESS", Status.FAILED: "FAILED", Status.CANCELED: "FAILED"}
 
 
@@ -50,7 +51,7 @@ class FeatureRequest(BaseModel):
     promptObject: PromptObject
 
 
-@router.post("/api/features")
+@router.post("/api/features", responses=errors(400, 413, 422))
 async def features(
     body: FeatureRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:

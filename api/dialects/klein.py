@@ -20,6 +20,7 @@ from api.context import AppContext, get_ctx
 from api.errors import ApiError, dialect_route, validation_error
 from api.files import read_upload
 from api.objects import read_object
+from api.responses import KleinError, errors, image
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import MAX_PROMPT_CHARS, MAX_SEED, NAMED_SIZES, GenerationParams
@@ -30,7 +31,9 @@ def _detail(error: ApiError) -> Response:
     return JSONResponse({"detail": error.message}, status_code=error.status)
 
 
-router = APIRouter(tags=["klein"], route_class=dialect_route(_detail))
+router = APIRouter(
+    tags=["klein"], route_class=dialect_route(_detail), responses=errors(401, 429, 503, shape=KleinError)
+)
 NamedRatio = Literal["square", "landscape", "portrait", "photo", "photo_v", "standard", "standard_v", "wide"]
 
 
@@ -84,7 +87,33 @@ async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any]
     return fields, uploads
 
 
-@router.post("/v1/generate", response_class=Response)
+_MULTIPART = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string"},
+        "model": {"type": "string"},
+        "aspect_ratio": {"type": "string", "enum": list(NAMED_SIZES)},
+        "seed": {"type": "integer"},
+        "image_uris": {"type": "string", "description": "a JSON array of URLs or base64 data URIs"},
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 4},
+    },
+}
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()},
+        "multipart/form-data": {"schema": _MULTIPART},
+    },
+}
+
+
+@router.post(
+    "/v1/generate",
+    response_class=Response,
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses={**image("The generated PNG", "image/png"), **errors(400, 413, 422, 500, 504, shape=KleinError)},
+)
 async def generate(
     request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> Response:

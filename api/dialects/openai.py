@@ -19,6 +19,7 @@ from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import outputs_base64, signed_output_urls
 from api.errors import ApiError, dialect_route
+from api.responses import OpenAIError, errors
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import (
@@ -44,7 +45,9 @@ def _openai_error(error: ApiError) -> Response:
     return JSONResponse(body, status_code=error.status)
 
 
-router = APIRouter(tags=["openai"], route_class=dialect_route(_openai_error))
+router = APIRouter(
+    tags=["openai"], route_class=dialect_route(_openai_error), responses=errors(401, 429, 503, shape=OpenAIError)
+)
 
 
 class ImagesRequest(BaseModel):
@@ -112,7 +115,7 @@ class ImagesRequest(BaseModel):
         return "jpg" if chosen == "jpeg" else chosen
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses=errors(400, 404, 413, 422, 500, 504, shape=OpenAIError))
 async def generate(
     body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import output_urls, outputs_base64
 from api.errors import ApiError, dialect_route
+from api.responses import WaveSpeedError, errors
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_PROMPT_CHARS, MAX_REFERENCES, GenerationParams, floor16
@@ -42,7 +43,9 @@ def _envelope(error: ApiError) -> Response:
     return JSONResponse({"code": error.status, "message": error.message, "data": None}, status_code=error.status)
 
 
-router = APIRouter(tags=["wavespeed"], route_class=dialect_route(_envelope))
+router = APIRouter(
+    tags=["wavespeed"], route_class=dialect_route(_envelope), responses=errors(401, 429, 503, shape=WaveSpeedError)
+)
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
@@ -103,7 +106,7 @@ async def _answer(ctx: AppContext, request: Request, row: RowMapping) -> JSONRes
     return JSONResponse({"code": 200, "message": "success", "data": data})
 
 
-@router.post("/api/v3/{model_path:path}")
+@router.post("/api/v3/{model_path:path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
 async def submit(
     model_path: str, body: WaveSpeedRequest, request: Request, principal: Authenticated, ctx: Ctx
 ) -> Response:
@@ -135,6 +138,6 @@ async def submit(
     return await _answer(ctx, request, row)
 
 
-@router.get("/api/v3/predictions/{prediction_id}/result")
+@router.get("/api/v3/predictions/{prediction_id}/result", responses=errors(404, 422, shape=WaveSpeedError))
 async def result(prediction_id: str, request: Request, principal: Authenticated, ctx: Ctx) -> Response:
     return await _answer(ctx, request, await predictions.fetch_or_404(ctx, principal, prediction_id))
