@@ -18,10 +18,10 @@ from api.body_limit import BodySizeLimit
 from api.context import AppContext
 from api.dialects import features, klein, openai, pruna, wavespeed
 from api.errors import install_error_handlers
+from api.principals import KeyCache
 from api.rate_limit import Limiter, RateLimitHeaders
 from api.waiter import CompletionWaiter
 from core.db import make_async_engine
-from core.queue import make_celery
 from core.settings import Settings, get_settings
 from core.storage import make_s3_client
 
@@ -42,19 +42,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
             retry_on_error=[ConnectionError, TimeoutError],
         )
-        celery = make_celery(settings)
         s3 = await asyncio.to_thread(make_s3_client, settings)
-        waiter = CompletionWaiter(redis, settings.events_channel)
+        keys = KeyCache(settings.key_cache_ttl_s)
+        waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
-        app.state.ctx = AppContext(settings, engine, redis, celery, s3, waiter, limiter)
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        app.state.ctx = AppContext(settings, engine, autocommit, redis, s3, waiter, limiter, keys)
         try:
             yield
         finally:
             await waiter.stop()
             await redis.aclose()
             await engine.dispose()
-            celery.close()
 
     app = FastAPI(
         title="klein-serve",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,6 +12,7 @@ from sqlalchemy import func, or_, select, update
 
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from api.principals import Principal
 from core.ids import hash_api_key
 from core.tables import api_keys, tenants
 
@@ -21,14 +21,6 @@ MISSING = "missing API key: send it in the `apikey` header or as `Authorization:
 # One message for unknown, malformed, revoked and expired keys, from one query: nothing tells them apart.
 INVALID = "invalid, revoked or expired API key"
 TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per key and process
-
-
-@dataclass(frozen=True)
-class Principal:
-    tenant_id: str
-    api_key_id: str
-    rate_limit_per_minute: int
-    max_in_flight: int
 
 
 def presented_key(request: Request) -> str | None:
@@ -45,7 +37,8 @@ async def authenticate(request: Request, ctx: Annotated[AppContext, Depends(get_
     key = presented_key(request)
     if not key:
         raise ApiError(401, MISSING)
-    principal = await _lookup(ctx, hash_api_key(key))
+    key_hash = hash_api_key(key)
+    principal = ctx.keys.get(key_hash) or await _lookup(ctx, key_hash)
     if principal is None:
         raise ApiError(401, INVALID)
     _touch_later(ctx, principal.api_key_id)
@@ -66,6 +59,7 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
         select(
             api_keys.c.id,
             api_keys.c.tenant_id,
+            api_keys.c.expires_at,
             func.coalesce(tenants.c.rate_limit_per_minute, defaults.default_rate_limit_per_minute).label("rate"),
             func.coalesce(tenants.c.max_in_flight, defaults.default_max_in_flight).label("in_flight"),
         )
@@ -76,9 +70,19 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
             or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > func.now()),
         )
     )
-    async with ctx.engine.connect() as conn:
+    async with ctx.autocommit.connect() as conn:
         row = (await conn.execute(statement)).first()
-    return None if row is None else Principal(row.tenant_id, row.id, row.rate, row.in_flight)
+    if row is None:
+        return None
+    principal = Principal(row.tenant_id, row.id, row.rate, row.in_flight, row.expires_at)
+    ctx.keys.put(key_hash, principal)
+    return principal
+
+
+async def keys_changed(ctx: AppContext) -> None:
+    """After a revocation or a limits change: drop cached principals here at once, and on every replica."""
+    ctx.keys.clear()
+    await ctx.redis.publish(ctx.settings.keys_channel, "changed")
 
 
 _last_touch: dict[str, float] = {}

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from celery import Celery
 from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.principals import KeyCache
 from api.rate_limit import Limiter
 from api.waiter import CompletionWaiter
 from core.settings import Settings
@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class AppContext:
     settings: Settings
-    engine: AsyncEngine
+    engine: AsyncEngine  # transactions
+    autocommit: AsyncEngine  # the same pool without BEGIN/ROLLBACK round trips, for single statements
     redis: Redis
-    celery: Celery
     s3: S3Client
     waiter: CompletionWaiter
     limiter: Limiter
+    keys: KeyCache
 
 
 def get_ctx(request: Request) -> AppContext:

@@ -21,7 +21,7 @@ from api.objects import put_object
 from api.references import Reference
 from core import lifecycle
 from core.ids import new_id
-from core.queue import enqueue, queued_key
+from core.queue import queued_key, task_message
 from core.quota import queue_priority
 from core.storage import output_key
 from core.tables import predictions
@@ -64,8 +64,7 @@ async def submit(
 
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
         try:
-            await ctx.redis.sadd(queued_key(ctx.settings), prediction_id)  # for the sweeper, see core/sweeper.py
-            await asyncio.to_thread(enqueue, ctx.celery, prediction_id, queue_priority(held))
+            await _enqueue(ctx, prediction_id, queue_priority(held))
         except Exception as exc:
             log.error("enqueue of %s failed: %s", prediction_id, exc)
             async with ctx.engine.begin() as conn:
@@ -76,6 +75,15 @@ async def submit(
         if wait_s > 0 and ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
+
+
+async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
+    """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task, one round trip."""
+    key, message = task_message(ctx.settings.queue_name, prediction_id, priority)
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.sadd(queued_key(ctx.settings), prediction_id)
+        pipe.lpush(key, message)
+        await pipe.execute()
 
 
 async def _store_references(
@@ -108,7 +116,7 @@ async def _insert(
         input=request_input,
         params=params.model_dump(),
     ).returning(predictions)
-    async with ctx.engine.begin() as conn:
+    async with ctx.autocommit.connect() as conn:
         return (await conn.execute(create)).mappings().one()
 
 
@@ -146,7 +154,7 @@ async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Ro
     statement = select(predictions).where(
         predictions.c.id == prediction_id, predictions.c.tenant_id == principal.tenant_id
     )
-    async with ctx.engine.connect() as conn:
+    async with ctx.autocommit.connect() as conn:
         return (await conn.execute(statement)).mappings().first()
 
 

@@ -1,5 +1,8 @@
 """Try-Sync waiting: one Redis pub/sub subscription per API process wakes every waiter.
 
+The same subscription carries the process's other notices (`also`: channel → handler, e.g. "API keys
+changed"); each handler is also called after a (re)subscription, when notices may have been missed.
+
 Workers publish a prediction's id on `settings.events_channel` once its row is final. A
 request registers its interest *before* the prediction is enqueued, so a completion can
 never slip between enqueueing and starting to wait. After a (re)subscription every waiter
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -21,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class CompletionWaiter:
-    def __init__(self, redis: Redis, channel: str) -> None:
+    def __init__(self, redis: Redis, channel: str, also: dict[str, Callable[[str], None]] | None = None) -> None:
         self._redis = redis
         self._channel = channel
+        self._also = also or {}
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._per_tenant: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
@@ -78,13 +82,18 @@ class CompletionWaiter:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
+                await pubsub.subscribe(self._channel, *self._also)
                 self.subscribed.set()
                 self._wake_all()
+                for handler in self._also.values():
+                    handler("")
                 backoff = 0.1
                 async for message in pubsub.listen():
-                    data = message["data"]
-                    self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                    channel, data = (_text(message["channel"]), _text(message["data"]))
+                    if channel == self._channel:
+                        self._wake(data)
+                    elif channel in self._also:
+                        self._also[channel](data)
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 log.warning("event subscription lost (%s); retrying in %.1f s", exc, backoff)
@@ -93,3 +102,7 @@ class CompletionWaiter:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -83,6 +83,17 @@ def _print(rows: Any) -> None:
     print(json.dumps([dict(row) for row in rows], default=str, indent=2))
 
 
+def _keys_changed() -> None:
+    """Tell every API replica to drop its cached key lookups (see api/principals.py)."""
+    import redis
+
+    settings = get_settings()
+    try:
+        redis.Redis.from_url(settings.redis_url, socket_timeout=5).publish(settings.keys_channel, "changed")
+    except redis.RedisError:
+        print(f"note: Redis unreachable; API replicas notice within {settings.key_cache_ttl_s:g} s", file=sys.stderr)
+
+
 def _admin(args: argparse.Namespace) -> int:
     from sqlalchemy import Connection
 
@@ -109,6 +120,7 @@ def _admin(args: argparse.Namespace) -> int:
             print(f"tenant: {new_id}\nkey:    {issued.key}  (shown once; only its hash is stored)")
         elif args.command == "set-limits":
             _print(conn.execute(tenants.set_limits(tenant_id(conn, args.tenant), **limits)).mappings())
+            _keys_changed()
         elif args.command == "tenants":
             _print(conn.execute(tenants.list_tenants()).mappings())
         elif args.command == "create-key":
@@ -121,6 +133,7 @@ def _admin(args: argparse.Namespace) -> int:
         elif args.command == "revoke-key":
             if conn.execute(tenants.revoke_key(args.key_id)).first() is None:
                 raise SystemExit(f"no active key {args.key_id!r}")
+            _keys_changed()
             print(f"revoked {args.key_id}")
         elif args.command == "usage":
             end = args.end or datetime.now(UTC).date() + timedelta(days=1)

@@ -1,12 +1,29 @@
-"""The queue contract between API and workers: one Celery app config, one task, an id as payload."""
+"""The queue contract between API and workers: one Celery app config, one task, an id as payload.
+
+Publishing does not go through Celery's producer: `task_message` builds the exact message Celery
+(protocol 2) and kombu's Redis transport would write, so the API can add the id to the sweeper's set
+and push the message in one pipelined round trip, without a thread hop. tests/test_queue.py checks
+the message against one published by Celery itself, and every end-to-end test has the real worker
+consume it.
+"""
 
 from __future__ import annotations
 
+import base64
+import os
+import socket
+import uuid
+
+import orjson
+import redis
 from celery import Celery
 
 from core.settings import Settings
 
 PREDICT_TASK = "klein.predict"
+PRIORITY_STEPS = (0, 3, 6, 9)
+_KOMBU_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue><sep><priority>" for priorities > 0
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -19,7 +36,8 @@ def make_celery(settings: Settings) -> Celery:
         # At-least-once: ack after the task ran; the task itself is idempotent (core.lifecycle.claim).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,  # one prediction in flight per GPU worker process
+        worker_prefetch_multiplier=1,  # one prediction in flight per GPU worker process…
+        worker_disable_prefetch=True,  # …and none reserved behind it: the next one is chosen when the GPU is free
         worker_concurrency=1,
         worker_pool="solo",
         broker_connection_retry_on_startup=True,
@@ -28,7 +46,7 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": int(settings.task_time_limit_s * 2 + settings.lease_s),
             "socket_timeout": 5,
             # Priorities 0 (first) … 9 map onto lists consumed in that order: see core.quota.queue_priority.
-            "priority_steps": [0, 3, 6, 9],
+            "priority_steps": list(PRIORITY_STEPS),
             "queue_order_strategy": "priority",
             "socket_connect_timeout": 5,
         },
@@ -42,6 +60,58 @@ def queued_key(settings: Settings) -> str:
     return f"{settings.queue_name}:queued"
 
 
-def enqueue(app: Celery, prediction_id: str, priority: int = 0) -> None:
-    """Publish the task. Callers first add the id to `queued_key`, so that a lost message can be found."""
-    app.send_task(PREDICT_TASK, args=[prediction_id], priority=priority)
+def list_key(queue: str, priority: int) -> str:
+    return queue if priority == 0 else f"{queue}{_KOMBU_SEPARATOR}{priority}"
+
+
+def task_message(queue: str, prediction_id: str, priority: int) -> tuple[str, bytes]:
+    """(Redis list, message) of a `klein.predict` task, as Celery's producer would LPUSH it."""
+    if priority not in PRIORITY_STEPS:
+        raise ValueError(f"priority must be one of {PRIORITY_STEPS}")
+    task_id = str(uuid.uuid4())
+    body = [[prediction_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    message = {
+        "body": base64.b64encode(orjson.dumps(body)).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": PREDICT_TASK,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr([prediction_id]),
+            "kwargsrepr": "{}",
+            "origin": _ORIGIN,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": str(uuid.uuid4()),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": priority,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return list_key(queue, priority), orjson.dumps(message)
+
+
+def enqueue(client: redis.Redis, settings: Settings, prediction_id: str, priority: int = 0) -> None:
+    """Mark the id as in the broker (for the sweeper) and publish its task, in one round trip."""
+    key, message = task_message(settings.queue_name, prediction_id, priority)
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(queued_key(settings), prediction_id)
+    pipe.lpush(key, message)
+    pipe.execute()

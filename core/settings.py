@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     default_price_per_image: float = Field(0.0001, ge=0)  # USD
     admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    key_cache_ttl_s: float = Field(10.0, ge=0)  # API-process cache of key lookups; revocations clear it at once
 
     # API
     public_base_url: str | None = None  # e.g. https://images.example.com; else the request's own
@@ -95,6 +96,10 @@ class Settings(BaseSettings):
     @property
     def events_channel(self) -> str:
         return f"{self.queue_name}:done"
+
+    @property
+    def keys_channel(self) -> str:
+        return f"{self.queue_name}:keys-changed"
 
 
 def _with_driver(url: str, driver: str) -> str:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import redis
-from celery import Celery
 from sqlalchemy import Engine, func, select
 
 from core import lifecycle, quota
@@ -47,7 +46,6 @@ class Sweeper:
     settings: Settings
     engine: Engine
     redis: redis.Redis
-    celery: Celery
     token: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def sweep(self) -> SweepReport | None:
@@ -123,8 +121,7 @@ class Sweeper:
         report.counters_rebuilt = True
 
     def _enqueue(self, prediction_id: str) -> None:
-        self.redis.sadd(queued_key(self.settings), prediction_id)
-        enqueue(self.celery, prediction_id, priority=0)  # it has waited longest: first in line
+        enqueue(self.redis, self.settings, prediction_id, priority=0)  # it has waited longest: first in line
 
     def _release_slot(self, tenant_id: str) -> None:
         self.redis.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))

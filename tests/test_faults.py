@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from core import tenants
 from core.lifecycle import Status
-from core.queue import make_celery
 from core.sweeper import Sweeper
 from core.tables import predictions, usage_records
 from tests.private_stack import PrivateStack
@@ -218,11 +218,7 @@ def test_a_prediction_whose_workers_keep_dying_fails_after_the_attempt_limit(
             .where(predictions.c.id == pid)
             .values(status=Status.PROCESSING, attempts=3, worker_id="gone", lease_expires_at=func.now())
         )
-    import redis
-
-    sweeper = Sweeper(
-        faults.settings, faults.engine, redis.Redis.from_url(faults.settings.redis_url), make_celery(faults.settings)
-    )
+    sweeper = Sweeper(faults.settings, faults.engine, redis.Redis.from_url(faults.settings.redis_url))
     report = sweeper.sweep()
     assert report is not None and report.failed_lapsed == 1
     failed = row(faults, pid)

@@ -6,15 +6,20 @@ import time
 from typing import Any
 
 import httpx
+import redis
 from sqlalchemy import select
 
 from core import lifecycle
 from core.ids import new_id
-from core.queue import enqueue, make_celery
+from core.queue import enqueue
 from core.tables import predictions
 from core.tenants import IssuedKey
 from models.klein import KleinInput
 from tests.conftest import Stack
+
+
+def broker(stack: Stack) -> redis.Redis:
+    return redis.Redis.from_url(stack.settings.redis_url)
 
 
 def row(stack: Stack, prediction_id: str) -> Any:
@@ -48,7 +53,7 @@ def poison_prediction(stack: Stack, tenant: IssuedKey) -> str:
                 params=params.model_dump(),
             )
         )
-    enqueue(make_celery(stack.settings), pid)
+    enqueue(broker(stack), stack.settings, pid)
     return pid
 
 
@@ -79,9 +84,8 @@ def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stac
     log = stack.logs / "worker.log"
     skipped = log.read_text().count(f"prediction {body['id']} is finished")
 
-    celery = make_celery(stack.settings)
-    enqueue(celery, body["id"])
-    enqueue(celery, body["id"])
+    enqueue(broker(stack), stack.settings, body["id"])
+    enqueue(broker(stack), stack.settings, body["id"])
     deadline = time.monotonic() + 30
     while log.read_text().count(f"prediction {body['id']} is finished") < skipped + 2:
         assert time.monotonic() < deadline, "worker never saw the duplicates"

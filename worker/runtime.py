@@ -21,7 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import images, lifecycle, quota, usage
 from core.db import make_sync_engine
-from core.queue import make_celery, queued_key
+from core.queue import queued_key
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client, output_key
 from core.sweeper import Sweeper, run_forever
@@ -75,7 +75,7 @@ class WorkerRuntime:
             ),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
-        sweeper = Sweeper(settings, runtime.engine, runtime.redis, make_celery(settings))
+        sweeper = Sweeper(settings, runtime.engine, runtime.redis)
         threading.Thread(target=run_forever, args=(sweeper, runtime.stopping), name="sweeper", daemon=True).start()
         log.info("worker %s ready in %.2f s", runtime.worker_id, time.perf_counter() - started)
         return runtime

@@ -17,12 +17,14 @@ from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import output_urls
 from api.errors import ApiError, validation_error
+from api.jsonresponse import JSON
+from api.responses import errors
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import KleinInput
 from models.registry import known_ids, resolve
 
-router = APIRouter(tags=["pruna"])
+router = APIRouter(tags=["pruna"], responses=errors(401, 429, 503))
 
 STATUS_WORDS = {
     Status.CREATED: "starting",
@@ -72,13 +74,24 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-@router.post("/v1/predictions", openapi_extra={"requestBody": _REQUEST_SCHEMA})
+_PREDICTION = {"application/json": {"schema": {"type": "object"}}}
+
+
+@router.post(
+    "/v1/predictions",
+    openapi_extra={"requestBody": _REQUEST_SCHEMA},
+    responses={
+        200: {"description": "Finished within the Try-Sync wait", "content": _PREDICTION},
+        201: {"description": "Accepted: queued or running; poll get_url", "content": _PREDICTION},
+        **errors(404, 409, 413, 422),
+    },
+)
 async def create_prediction(
     request: Request,
     principal: Authenticated,
     ctx: Annotated[AppContext, Depends(get_ctx)],
-    model: Annotated[str | None, Header(alias="Model")] = None,
-    try_sync: Annotated[str | None, Header(alias="Try-Sync")] = None,
+    model: Annotated[str | None, Header(alias="Model", examples=["flux-klein-4b"])] = None,
+    try_sync: Annotated[str | None, Header(alias="Try-Sync", examples=["true"])] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
     if not model:
@@ -106,10 +119,10 @@ async def create_prediction(
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(try_sync) else 0.0
     row = await predictions.submit(ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key)
     finished = Status(row["status"]).terminal
-    return JSONResponse(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
+    return JSON(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
 
 
-@router.get("/v1/predictions/status/{prediction_id}")
+@router.get("/v1/predictions/status/{prediction_id}", responses=errors(404, 422))
 async def prediction_status(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
@@ -117,7 +130,7 @@ async def prediction_status(
     return view(row, public_base_url(request, ctx.settings))
 
 
-@router.post("/v1/predictions/{prediction_id}/cancel")
+@router.post("/v1/predictions/{prediction_id}/cancel", responses=errors(404, 422))
 async def cancel_prediction(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
