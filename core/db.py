@@ -9,7 +9,10 @@ from core.settings import Settings
 
 
 def make_async_engine(settings: Settings) -> AsyncEngine:
-    return create_async_engine(settings.async_database_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A fixed pool: a connection opened per request (overflow) costs far more than waiting for a free
+    # one. Dead connections are dropped on first use (SQLAlchemy invalidates the pool on a disconnect
+    # error), so no ping round trip is spent on every checkout.
+    return create_async_engine(settings.async_database_url, pool_size=settings.db_pool_size, max_overflow=0)
 
 
 def make_sync_engine(settings: Settings, pool_size: int = 2) -> Engine:

@@ -13,6 +13,7 @@ class Settings(BaseSettings):
 
     # PostgreSQL; the driver suffix is added per tier (asyncpg in the API, psycopg in workers).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/klein"
+    db_pool_size: int = Field(20, ge=1)  # connections per API process (replicas × this ≤ max_connections)
     # Redis: Celery broker and completion events.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Celery queue name; also namespaces the Redis event channel.
