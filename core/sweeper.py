@@ -51,7 +51,8 @@ class Sweeper:
     def sweep(self) -> SweepReport | None:
         """One pass, if no other sweeper holds the lock; None when another one does."""
         lock = f"{self.settings.queue_name}:sweeper-lock"
-        ttl_ms = int(max(self.settings.sweep_interval_s * 3, 30) * 1000)
+        # Held a few intervals at most, so a sweeper that died holding it delays the next one only briefly.
+        ttl_ms = int(max(self.settings.sweep_interval_s * 3, 5) * 1000)
         if not self.redis.set(lock, self.token, nx=True, px=ttl_ms):
             return None
         started = time.perf_counter()
