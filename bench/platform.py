@@ -150,6 +150,19 @@ def start_celery(app: str, env: dict[str, str], log_path: Path, name: str, queue
     return worker
 
 
+def connect_retrying(url: str, timeout: float = 120.0) -> psycopg.Connection[Any]:
+    """An autocommit connection, waiting while the shared server has no connection slot free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            if "too many clients" not in str(exc) or time.monotonic() > deadline:
+                raise
+            log("PostgreSQL has no free connection slot (shared server); waiting")
+            time.sleep(1.0)
+
+
 def _start_api(env: dict[str, str], log_path: Path) -> tuple[Service, str]:
     """core.embedded.start_api, without leaving the API running when it never gets ready."""
     before = {p.pid for p in psutil.Process().children()}
@@ -229,6 +242,8 @@ class Stack:
     floor_list: str = ""
     external_api_pid: int | None = None  # with external: a platform already running (its settings in KLEIN_*)
     external: bool = False
+    _db: psycopg.Connection[Any] | None = None
+    _db_backend: int | None = None
 
     @property
     def api_pid(self) -> int | None:
@@ -343,6 +358,8 @@ class Stack:
             self.tiny_build.kill()
         if self.s3 is not None:
             self.s3.stop()
+        if self._db is not None:
+            self._db.close()
         if self.database:
             with contextlib.suppress(Exception), psycopg.connect(self.pg_admin_url, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -516,9 +533,16 @@ class Stack:
         with self.no_sweep():
             self._reset()
 
+    def db(self) -> psycopg.Connection[Any]:
+        """The benchmark's own connection to its database: one, kept open (PostgreSQL is shared and its
+        connection slots can run out), left out of the platform's costs."""
+        if self._db is None or self._db.closed:
+            self._db = connect_retrying(self.database_url)
+            self._db_backend = self._db.info.backend_pid
+        return self._db
+
     def _reset(self) -> None:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            conn.execute("TRUNCATE predictions CASCADE")
+        self.db().execute("TRUNCATE predictions CASCADE")
         r = self.redis_client()
         try:
             sets = [k for k in r.scan_iter(match=f"{self.queue}*", count=1000) if r.type(k) == b"set"]
@@ -533,10 +557,13 @@ class Stack:
         """Sessions opened and transactions run on the benchmark's database (PostgreSQL ≥ 14; its statistics
         lag by up to a second) and commands the Redis server ran (all clients: approximate on a shared server)."""
         time.sleep(1.1)
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            row = conn.execute(
+        row = (
+            self.db()
+            .execute(
                 "SELECT sessions, xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
-            ).fetchone()
+            )
+            .fetchone()
+        )
         r = self.redis_client()
         commands = int(r.info("stats")["total_commands_processed"])
         r.close()
@@ -544,8 +571,7 @@ class Stack:
                 "redis_commands": commands}  # fmt: skip
 
     def sql(self, query: str, *params: Any) -> Any:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            row = conn.execute(query, params).fetchone()
+        row = self.db().execute(query, params).fetchone()
         return None if row is None else row[0]
 
     def fill(self, count: int, tenant_ids: list[str], age_s: float = 3600) -> dict[str, float]:
@@ -571,13 +597,13 @@ class Stack:
         if queued_key is not None:
             for i in range(0, count, 10_000):
                 r.sadd(queued_key(settings), *ids[i : i + 10_000])
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
-            with conn.cursor().copy(
-                "COPY predictions (id, tenant_id, model, input, params, status, created_at) FROM STDIN"
-            ) as copy:
-                for pid, owner in zip(ids, owners, strict=True):
-                    copy.write_row((pid, owner, MODEL, request_input, params, "created", created_at))
-            conn.execute("ANALYZE predictions")
+        conn = self.db()
+        with conn.cursor().copy(
+            "COPY predictions (id, tenant_id, model, input, params, status, created_at) FROM STDIN"
+        ) as copy:
+            for pid, owner in zip(ids, owners, strict=True):
+                copy.write_row((pid, owner, MODEL, request_input, params, "created", created_at))
+        conn.execute("ANALYZE predictions")
         rows_s = time.perf_counter() - started
 
         # One message sent by Celery itself, configured as the workers are, gives the real shape and list.
@@ -638,7 +664,8 @@ class Stack:
         for proc in psutil.process_iter(["name", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
             # Client sessions only ("postgres: user db host(port) state"); autovacuum is PostgreSQL's own.
-            if cmd.startswith("postgres:") and f" {self.database} " in cmd and "autovacuum" not in cmd:
+            ours = cmd.startswith("postgres:") and f" {self.database} " in cmd and "autovacuum" not in cmd
+            if ours and proc.pid != self._db_backend:  # not the benchmark's own session
                 backends.append(proc.pid)
         return {"api": api, "workers": workers, "postgres": backends}
 
@@ -818,13 +845,12 @@ class Bench:
     def figure_status(self) -> None:
         log("3. status reads: GET /v1/predictions/status/{id} vs floor (raw asyncpg primary-key read)")
         s = self.stack
-        with psycopg.connect(s.database_url) as conn:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM predictions WHERE api_key_id = %s LIMIT %s", (s.key_id, self.plan.status_ids)
-                )
-            ]
+        ids = [
+            r[0]
+            for r in s.db().execute(
+                "SELECT id FROM predictions WHERE api_key_id = %s LIMIT %s", (s.key_id, self.plan.status_ids)
+            )
+        ]
         if len(ids) < self.plan.status_ids:
             with httpx.Client(base_url=s.api_url, headers=self.headers(), timeout=30) as http:
                 for _ in range(self.plan.status_ids - len(ids)):
