@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
@@ -34,14 +34,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
-        redis = Redis.from_url(
+        # A bounded pool that makes a request wait for a free connection rather than fail when every one is
+        # busy; a restarted Redis leaves dead pooled connections: reconnect and retry instead of failing.
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=10,
             socket_connect_timeout=5,
             health_check_interval=30,
-            # A restarted Redis leaves dead pooled connections: reconnect and retry instead of failing.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
             retry_on_error=[ConnectionError, TimeoutError],
         )
+        redis = Redis(connection_pool=pool)
         s3 = await asyncio.to_thread(make_s3_client, settings)
         keys = KeyCache(settings.key_cache_ttl_s)
         waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
@@ -54,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await waiter.stop()
             await redis.aclose()
+            await pool.disconnect()
             await engine.dispose()
 
     app = FastAPI(

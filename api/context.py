@@ -30,7 +30,7 @@ class AppContext:
     keys: KeyCache
 
 
-def get_ctx(request: Request) -> AppContext:
+async def get_ctx(request: Request) -> AppContext:  # async: a plain def would cost a thread-pool hop
     ctx: AppContext = request.app.state.ctx
     return ctx
 
