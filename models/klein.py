@@ -6,9 +6,9 @@ Torch-free: the API imports this. The pipeline itself lives in models/klein_pipe
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 InputAspectRatio = Literal[
@@ -63,6 +63,16 @@ def _round16(x: float) -> int:
     return max(SIZE_MULTIPLE, round(x / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 
 
+def _not_blank(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must not be blank")
+    return prompt
+
+
+# The prompt as every dialect accepts it.
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+
+
 class GenerationParams(BaseModel):
     """What a worker runs: every dialect's request ends up as one of these."""
 
@@ -92,7 +102,7 @@ class KleinInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to generate.")
+    prompt: Prompt = Field(description="What to generate.")
     images: list[str] = Field(
         [],
         max_length=MAX_REFERENCES,
@@ -111,13 +121,6 @@ class KleinInput(BaseModel):
     )
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return prompt
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from api import predictions
 from api.auth import Authenticated
@@ -15,7 +15,7 @@ from api.errors import ApiError
 from api.responses import errors
 from core.ids import random_seed
 from core.lifecycle import Status
-from models.klein import MAX_PROMPT_CHARS, MAX_SEED, GenerationParams, size_for_aspect_ratio
+from models.klein import MAX_SEED, GenerationParams, Prompt, size_for_aspect_ratio
 from models.registry import resolve
 
 router = APIRouter(tags=["1min"], responses=errors(401, 429, 503))
@@ -25,7 +25,7 @@ RECORD_STATUS = {Status.COMPLETED: "SUCCESS", Status.FAILED: "FAILED", Status.CA
 class PromptObject(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     aspect_ratio: Literal["1:1", "16:9", "9:16", "3:2", "2:3", "4:5", "5:4"] = "1:1"
     output_format: Literal["webp", "jpg", "png"] = "webp"
     output_quality: int = Field(80, ge=0, le=100)
@@ -34,13 +34,6 @@ class PromptObject(BaseModel):
     megapixels: Literal["0.25", "1"] = "1"
     disable_safety_checker: bool = False  # no safety checker runs on this platform
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return prompt
 
 
 class FeatureRequest(BaseModel):

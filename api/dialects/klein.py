@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api import predictions, references
 from api.auth import Authenticated
@@ -23,7 +23,7 @@ from api.objects import read_object
 from api.responses import KleinError, errors, image
 from core.ids import random_seed
 from core.lifecycle import Status
-from models.klein import MAX_PROMPT_CHARS, MAX_SEED, NAMED_SIZES, GenerationParams
+from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
 from models.registry import known_ids, resolve
 
 
@@ -40,18 +40,11 @@ NamedRatio = Literal["square", "landscape", "portrait", "photo", "photo_v", "sta
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     model: str = "flux2-klein-4b"
     aspect_ratio: NamedRatio = "landscape"
     image_uris: list[str] = []
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return prompt
 
 
 async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], list[bytes]]:

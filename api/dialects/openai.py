@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api import predictions, references
 from api.auth import Authenticated
@@ -24,10 +24,10 @@ from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import (
     MAX_OUTPUTS,
-    MAX_PROMPT_CHARS,
     MAX_REFERENCES,
     MAX_SEED,
     GenerationParams,
+    Prompt,
     floor16,
     size_for_aspect_ratio,
 )
@@ -53,7 +53,7 @@ router = APIRouter(
 class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     model: str = "flux-2-klein-4b"
     negative_prompt: str | None = Field(None, description="accepted for compatibility; the distilled model ignores it")
     aspect_ratio: Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] = "1:1"
@@ -76,13 +76,6 @@ class ImagesRequest(BaseModel):
     style: str | None = None
     user: str | None = None
     stream: Literal[False] | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be blank")
-        return prompt
 
     @model_validator(mode="after")
     def _size_rules(self) -> ImagesRequest:

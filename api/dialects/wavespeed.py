@@ -25,7 +25,7 @@ from api.errors import ApiError, dialect_route
 from api.responses import WaveSpeedError, errors
 from core.ids import random_seed
 from core.lifecycle import Status
-from models.klein import CONTENT_TYPES, MAX_PROMPT_CHARS, MAX_REFERENCES, GenerationParams, floor16
+from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt, floor16
 from models.registry import known_ids, resolve
 
 MIN_SIDE, MAX_SIDE = 256, 1536
@@ -52,7 +52,7 @@ Ctx = Annotated[AppContext, Depends(get_ctx)]
 class WaveSpeedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     size: str = Field("1024*1024", description="WIDTH*HEIGHT, each 256–1536 (rounded down to multiples of 16)")
     seed: int = Field(-1, ge=-1, le=2147483647)
     images: list[str] = Field([], max_length=MAX_REFERENCES, description="edit: 1–4 reference image URLs")
