@@ -18,6 +18,7 @@ from api.body_limit import BodySizeLimit
 from api.context import AppContext
 from api.dialects import features, klein, openai, pruna, wavespeed
 from api.errors import install_error_handlers
+from api.pg import make_pool
 from api.principals import KeyCache
 from api.rate_limit import Limiter, RateLimitHeaders
 from api.waiter import CompletionWaiter
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
+        pg = await make_pool(settings)
         # A bounded pool that makes a request wait for a free connection rather than fail when every one is
         # busy; a restarted Redis leaves dead pooled connections: reconnect and retry instead of failing.
         pool = BlockingConnectionPool.from_url(
@@ -51,14 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
-        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        app.state.ctx = AppContext(settings, engine, autocommit, redis, s3, waiter, limiter, keys)
+        app.state.ctx = AppContext(settings, engine, pg, redis, s3, waiter, limiter, keys)
         try:
             yield
         finally:
             await waiter.stop()
             await redis.aclose()
             await pool.disconnect()
+            await pg.close()
             await engine.dispose()
 
     app = FastAPI(

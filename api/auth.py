@@ -8,10 +8,11 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
+from api.pg import Statement
 from api.principals import Principal
 from core.ids import hash_api_key
 from core.tables import api_keys, tenants
@@ -53,28 +54,33 @@ async def authenticate(request: Request, ctx: Annotated[AppContext, Depends(get_
     return principal
 
 
-async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
-    defaults = ctx.settings
-    statement = (
-        select(
-            api_keys.c.id,
-            api_keys.c.tenant_id,
-            api_keys.c.expires_at,
-            func.coalesce(tenants.c.rate_limit_per_minute, defaults.default_rate_limit_per_minute).label("rate"),
-            func.coalesce(tenants.c.max_in_flight, defaults.default_max_in_flight).label("in_flight"),
-        )
-        .join(tenants, tenants.c.id == api_keys.c.tenant_id)
-        .where(
-            api_keys.c.key_hash == key_hash,
-            api_keys.c.revoked_at.is_(None),
-            or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > func.now()),
-        )
+_LOOKUP = Statement(
+    select(
+        api_keys.c.id,
+        api_keys.c.tenant_id,
+        api_keys.c.expires_at,
+        func.coalesce(tenants.c.rate_limit_per_minute, bindparam("default_rate")).label("rate"),
+        func.coalesce(tenants.c.max_in_flight, bindparam("default_in_flight")).label("in_flight"),
     )
-    async with ctx.autocommit.connect() as conn:
-        row = (await conn.execute(statement)).first()
+    .join(tenants, tenants.c.id == api_keys.c.tenant_id)
+    .where(
+        api_keys.c.key_hash == bindparam("key_hash"),
+        api_keys.c.revoked_at.is_(None),
+        or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > func.now()),
+    )
+)
+
+
+async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
+    row = await _LOOKUP.one(
+        ctx.pg,
+        key_hash=key_hash,
+        default_rate=ctx.settings.default_rate_limit_per_minute,
+        default_in_flight=ctx.settings.default_max_in_flight,
+    )
     if row is None:
         return None
-    principal = Principal(row.tenant_id, row.id, row.rate, row.in_flight, row.expires_at)
+    principal = Principal(row["tenant_id"], row["id"], row["rate"], row["in_flight"], row["expires_at"])
     ctx.keys.put(key_hash, principal)
     return principal
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import asyncpg
 from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class AppContext:
     settings: Settings
-    engine: AsyncEngine  # transactions
-    autocommit: AsyncEngine  # the same pool without BEGIN/ROLLBACK round trips, for single statements
+    engine: AsyncEngine  # SQLAlchemy: transactions and everything off the hot path
+    pg: asyncpg.Pool  # the hot single statements (api/pg.py)
     redis: Redis
     s3: S3Client
     waiter: CompletionWaiter

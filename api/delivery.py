@@ -10,36 +10,38 @@ import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from sqlalchemy import RowMapping, select
+from sqlalchemy import bindparam, select
 
 from api import signing
 from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
 from api.errors import ApiError
 from api.objects import file_response, read_object
-from api.predictions import fetch_or_404
+from api.pg import Statement
+from api.predictions import Row, fetch_or_404
 from api.responses import errors, image
 from core.tables import predictions
 
 router = APIRouter()
+_READ_SIGNED = Statement(select(predictions).where(predictions.c.id == bindparam("id")))
 
 
 def delivery_url(base_url: str, prediction_id: str, filename: str) -> str:
     return f"{base_url}/v1/predictions/delivery/{prediction_id}/{filename}"
 
 
-def output_urls(base_url: str, row: RowMapping) -> list[str]:
+def output_urls(base_url: str, row: Row) -> list[str]:
     return [delivery_url(base_url, row["id"], output["filename"]) for output in row["outputs"]]
 
 
-def signed_output_urls(ctx: AppContext, base_url: str, row: RowMapping) -> list[str]:
+def signed_output_urls(ctx: AppContext, base_url: str, row: Row) -> list[str]:
     return [
         signing.sign(ctx.settings, delivery_url(base_url, row["id"], o["filename"]), row["id"], o["filename"])
         for o in row["outputs"]
     ]
 
 
-async def outputs_base64(ctx: AppContext, row: RowMapping) -> list[str]:
+async def outputs_base64(ctx: AppContext, row: Row) -> list[str]:
     """The outputs inline, for dialects that ask for base64 instead of URLs."""
     return [base64.b64encode(await read_object(ctx, output["key"])).decode() for output in row["outputs"]]
 
@@ -57,11 +59,11 @@ async def deliver(
     expires: int | None = None,
     signature: str | None = None,
 ) -> Response:
+    row: Row | None
     if presented_key(request) is None and expires is not None and signature is not None:
         if not signing.verify(ctx.settings, prediction_id, filename, expires, signature):
             raise ApiError(403, "delivery link invalid or expired")
-        async with ctx.engine.connect() as conn:
-            row = (await conn.execute(select(predictions).where(predictions.c.id == prediction_id))).mappings().first()
+        row = await _READ_SIGNED.one(ctx.pg, id=prediction_id)  # the signature stands for the tenant
         if row is None:
             raise ApiError(404, f"prediction {prediction_id!r} not found")
     else:

@@ -8,16 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import RowMapping, select
+from sqlalchemy import bindparam, select
 
 from api import idempotency
 from api.auth import Principal
 from api.context import AppContext
 from api.errors import ApiError
 from api.objects import put_object
+from api.pg import Statement
 from api.references import Reference
 from core import lifecycle
 from core.ids import new_id
@@ -29,6 +30,7 @@ from models.klein import GenerationParams
 from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
+Row = Mapping[str, Any]  # a predictions row by column name
 
 
 async def submit(
@@ -40,7 +42,7 @@ async def submit(
     references: Sequence[Reference] = (),
     wait_s: float = 0.0,
     idempotency_key: str | None = None,
-) -> RowMapping:
+) -> Row:
     """Store the prediction (and its reference images), enqueue it after the commit, optionally wait."""
     prediction_id = new_id()
     if idempotency_key is not None:
@@ -100,6 +102,21 @@ async def _store_references(
     return keys
 
 
+_CREATE = Statement(
+    lifecycle.create(
+        prediction_id=bindparam("id"),
+        tenant_id=bindparam("tenant_id"),
+        api_key_id=bindparam("api_key_id"),
+        model=bindparam("model"),
+        input=bindparam("input"),
+        params=bindparam("params"),
+    ).returning(predictions)
+)
+_READ = Statement(
+    select(predictions).where(predictions.c.id == bindparam("id"), predictions.c.tenant_id == bindparam("tenant_id"))
+)
+
+
 async def _insert(
     ctx: AppContext,
     principal: Principal,
@@ -107,20 +124,21 @@ async def _insert(
     prediction_id: str,
     request_input: dict[str, Any],
     params: GenerationParams,
-) -> RowMapping:
-    create = lifecycle.create(
-        prediction_id=prediction_id,
+) -> Row:
+    row = await _CREATE.one(
+        ctx.pg,
+        id=prediction_id,
         tenant_id=principal.tenant_id,
         api_key_id=principal.api_key_id,
         model=spec.id,
         input=request_input,
-        params=params.model_dump(),
-    ).returning(predictions)
-    async with ctx.autocommit.connect() as conn:
-        return (await conn.execute(create)).mappings().one()
+        params=params.model_dump(mode="json"),
+    )
+    assert row is not None  # INSERT … RETURNING returns the row or raises
+    return row
 
 
-async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> RowMapping:
+async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> Row:
     """The prediction an earlier request with the same Idempotency-Key created (it may still be storing it)."""
     deadline = time.monotonic() + 5
     while (row := await fetch(ctx, principal, prediction_id)) is None:
@@ -135,7 +153,7 @@ async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wai
 
 async def _wait(
     ctx: AppContext, principal: Principal, prediction_id: str, finished: asyncio.Event, wait_s: float
-) -> RowMapping | None:
+) -> Row | None:
     deadline = time.monotonic() + wait_s
     while (remaining := deadline - time.monotonic()) > 0:
         try:
@@ -149,28 +167,24 @@ async def _wait(
     return await fetch(ctx, principal, prediction_id)
 
 
-async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping | None:
+async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Row | None:
     """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent)."""
-    statement = select(predictions).where(
-        predictions.c.id == prediction_id, predictions.c.tenant_id == principal.tenant_id
-    )
-    async with ctx.autocommit.connect() as conn:
-        return (await conn.execute(statement)).mappings().first()
+    return await _READ.one(ctx.pg, id=prediction_id, tenant_id=principal.tenant_id)
 
 
-async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping:
+async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
     row = await fetch(ctx, principal, prediction_id)
     if row is None:
         raise ApiError(404, f"prediction {prediction_id!r} not found")
     return row
 
 
-async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> RowMapping:
+async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
     """Cancel a queued or running prediction; a finished one is returned unchanged."""
     async with ctx.engine.begin() as conn:
         canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
     if canceled is not None:
         await ctx.limiter.release_slot(principal.tenant_id)
         await ctx.redis.publish(ctx.settings.events_channel, prediction_id)
-        return canceled
+        return dict(canceled)
     return await fetch_or_404(ctx, principal, prediction_id)

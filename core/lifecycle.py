@@ -18,7 +18,7 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Insert, Update, and_, func, insert, or_, update
+from sqlalchemy import BindParameter, Insert, Update, and_, func, insert, or_, update
 
 from core.tables import predictions as p
 
@@ -40,13 +40,14 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELED})
 
 def create(
     *,
-    prediction_id: str,
-    tenant_id: str,
-    api_key_id: str | None,
-    model: str,
-    input: dict[str, Any],
-    params: dict[str, Any],
+    prediction_id: str | BindParameter[Any],
+    tenant_id: str | BindParameter[Any],
+    api_key_id: str | BindParameter[Any] | None,
+    model: str | BindParameter[Any],
+    input: dict[str, Any] | BindParameter[Any],
+    params: dict[str, Any] | BindParameter[Any],
 ) -> Insert:
+    """A new prediction, `created`. Values may be `bindparam()`s for a statement compiled once (api/pg.py)."""
     return insert(p).values(
         id=prediction_id,
         tenant_id=tenant_id,

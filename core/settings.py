@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         return _with_driver(self.database_url, "psycopg")
 
     @property
+    def libpq_database_url(self) -> str:
+        """The URL without a SQLAlchemy driver, as asyncpg and libpq take it."""
+        return _with_driver(self.database_url, None)
+
+    @property
     def events_channel(self) -> str:
         return f"{self.queue_name}:done"
 
@@ -104,11 +109,13 @@ class Settings(BaseSettings):
         return f"{self.queue_name}:keys-changed"
 
 
-def _with_driver(url: str, driver: str) -> str:
+def _with_driver(url: str, driver: str | None) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(f"not a database URL: {url!r}")
-    return f"postgresql+{driver}://{rest}" if scheme.split("+")[0] in ("postgresql", "postgres") else url
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        return url
+    return f"postgresql+{driver}://{rest}" if driver else f"postgresql://{rest}"
 
 
 @lru_cache

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import RowMapping
 
 from api import predictions, references
 from api.auth import Authenticated
@@ -48,7 +47,7 @@ _REQUEST_SCHEMA = {
 }
 
 
-def view(row: RowMapping, base_url: str) -> dict[str, Any]:
+def view(row: predictions.Row, base_url: str) -> dict[str, Any]:
     status = Status(row["status"])
     body: dict[str, Any] = {
         "id": row["id"],

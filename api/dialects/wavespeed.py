@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import RowMapping
 
 from api import predictions, references
 from api.auth import Authenticated
@@ -73,7 +72,7 @@ class WaveSpeedRequest(BaseModel):
         return width, height
 
 
-def view(row: RowMapping, base_url: str, outputs: list[str] | None = None) -> dict[str, Any]:
+def view(row: predictions.Row, base_url: str, outputs: list[str] | None = None) -> dict[str, Any]:
     status = Status(row["status"])
     done = status is Status.COMPLETED
     return {
@@ -94,7 +93,7 @@ def _iso_z(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def _answer(ctx: AppContext, request: Request, row: RowMapping) -> JSONResponse:
+async def _answer(ctx: AppContext, request: Request, row: predictions.Row) -> JSONResponse:
     base_url = public_base_url(request, ctx.settings)
     outputs = None
     if row["input"].get("enable_base64_output") and row["status"] == Status.COMPLETED:
