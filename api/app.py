@@ -37,13 +37,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_async_engine(settings)
         pg = await make_pool(settings)
         # A bounded pool that makes a request wait for a free connection rather than fail when every one is
-        # busy; a restarted Redis leaves dead pooled connections: reconnect and retry instead of failing.
+        # busy; a restarted Redis leaves dead pooled connections: reconnect and retry instead of failing
+        # (which makes a PING before idle connections' commands, health_check_interval, unnecessary).
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=settings.redis_max_connections,
             timeout=10,
             socket_connect_timeout=5,
-            health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
             retry_on_error=[ConnectionError, TimeoutError],
         )

@@ -92,6 +92,8 @@ async def _store_references(
     ctx: AppContext, principal: Principal, prediction_id: str, references: Sequence[Reference]
 ) -> tuple[str, ...]:
     """Inputs live with the prediction in storage, so a redelivered task sees exactly the same images."""
+    if not references:
+        return ()
     keys = tuple(
         output_key(principal.tenant_id, prediction_id, f"input_{i}.{ref.info.extension}")
         for i, ref in enumerate(references)
