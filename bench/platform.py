@@ -25,7 +25,6 @@ pipeline call replaced by a 64×64 image.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -576,9 +575,8 @@ class Stack:
 
     def fill(self, count: int, tenant_ids: list[str], age_s: float = 3600) -> dict[str, float]:
         """Queue `count` predictions of other tenants as the API would: rows (created `age_s` ago: a backlog that
-        has waited), their ids in the broker's bookkeeping set when the platform keeps one, real-shaped messages."""
-        import core.queue
-        from core.queue import make_celery
+        has waited), their ids in the sweeper's set of handed-over predictions, the API's own messages."""
+        from core.queue import queued_key, task_message
         from core.quota import in_flight_key, queue_priority
         from core.settings import Settings
         from models.klein import KleinInput
@@ -593,10 +591,8 @@ class Stack:
         started = time.perf_counter()
         # The ids go into the sweeper's "handed to the broker" set first, as the API adds each before it
         # enqueues: backdated rows outside it would be taken for lost messages and enqueued again.
-        queued_key = getattr(core.queue, "queued_key", None)
-        if queued_key is not None:
-            for i in range(0, count, 10_000):
-                r.sadd(queued_key(settings), *ids[i : i + 10_000])
+        for i in range(0, count, 10_000):
+            r.sadd(queued_key(settings), *ids[i : i + 10_000])
         conn = self.db()
         with conn.cursor().copy(
             "COPY predictions (id, tenant_id, model, input, params, status, created_at) FROM STDIN"
@@ -606,32 +602,13 @@ class Stack:
         conn.execute("ANALYZE predictions")
         rows_s = time.perf_counter() - started
 
-        # One message sent by Celery itself, configured as the workers are, gives the real shape and list.
+        # Messages exactly as the API pushes them (core.queue.task_message, checked against Celery's own
+        # producer by tests/test_queue.py), in the list of the priority a deep backlog gets.
         started = time.perf_counter()
-        marker = f"template-{uuid.uuid4().hex}"
-        celery = make_celery(settings)
-        task = getattr(core.queue, "PREDICT_TASK", "klein.predict")
-        celery.send_task(task, args=[marker], priority=queue_priority(16))
-        celery.close()
-        target: Any = None
-        raw: Any = None
-        for key in self.queue_lists(r):
-            for item in r.lrange(key, 0, 50):  # LPUSH: the newest message is at the head
-                if marker in json.loads(item).get("headers", {}).get("argsrepr", ""):
-                    target, raw = key, item
-        if target is None or raw is None:
-            raise RuntimeError(f"could not find the template message {marker} in the queue's lists")
-        r.lrem(target, 1, raw)
-        template = json.loads(raw)
-        _args, kwargs, embed = json.loads(base64.b64decode(template["body"]))
+        priority = queue_priority(16)
         pipe = r.pipeline(transaction=False)
         for n, pid in enumerate(ids, 1):
-            task_id = str(uuid.uuid4())
-            message = dict(template)
-            message["headers"] = dict(template["headers"], id=task_id, root_id=task_id, argsrepr=repr([pid]))
-            message["properties"] = dict(template["properties"], correlation_id=task_id, delivery_tag=str(uuid.uuid4()))
-            message["body"] = base64.b64encode(json.dumps([[pid], kwargs, embed]).encode()).decode()
-            pipe.lpush(target, json.dumps(message))
+            pipe.lpush(*task_message(self.queue, pid, priority))
             if n % 5000 == 0:
                 pipe.execute()
         pipe.execute()
