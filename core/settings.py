@@ -13,7 +13,7 @@ class Settings(BaseSettings):
 
     # PostgreSQL; the driver suffix is added per tier (asyncpg in the API, psycopg in workers).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/klein"
-    db_pool_size: int = Field(20, ge=1)  # connections per API process (replicas × this ≤ max_connections)
+    db_pool_size: int = Field(20, ge=1)  # per API pool, two per process (api/pg.py, core/db.py); see docs/scaling.md
     # Redis: Celery broker and completion events.
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_max_connections: int = Field(100, ge=2)  # per API process; requests wait for a free one
