@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +16,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+# From SQLAlchemy, and from the hot statements run on asyncpg directly (api/pg.py).
+DATABASE_ERRORS = (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class ApiError(Exception):
@@ -59,7 +62,7 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
                 except StarletteHTTPException as exc:  # e.g. a malformed multipart body (400)
                     error = ApiError(exc.status_code, str(exc.detail))
                     error.headers = dict(exc.headers) if exc.headers else None
-                except DBAPIError as exc:
+                except DATABASE_ERRORS as exc:
                     if (unstorable := unstorable_value(exc)) is None:
                         raise
                     error = unstorable
@@ -72,9 +75,10 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
     return DialectRoute
 
 
-def unstorable_value(exc: DBAPIError) -> ApiError | None:
+def unstorable_value(exc: Exception) -> ApiError | None:
     """422 for PostgreSQL's data exceptions (SQLSTATE class 22): the request's own values, e.g. a NUL character."""
-    if str(getattr(exc.orig, "sqlstate", "") or "").startswith("22"):
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if str(sqlstate or "").startswith("22"):
         return ApiError(422, "invalid request: a value cannot be stored, e.g. text with a NUL character")
     return None
 
@@ -99,9 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(asyncpg.PostgresError)
+    @app.exception_handler(asyncpg.InterfaceError)
     @app.exception_handler(OSError)  # asyncpg raises a failed connect unwrapped (refused, socket gone)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, DBAPIError) and (unstorable := unstorable_value(exc)) is not None:
+        if (unstorable := unstorable_value(exc)) is not None:
             return JSONResponse(_body(unstorable.message), status_code=unstorable.status)
         log.warning("database error: %s", exc)
         return JSONResponse(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import bindparam, select
 
+from api.errors import unstorable_value
 from api.pg import Statement, make_pool
 from core import lifecycle
 from core.ids import new_id
@@ -71,3 +73,10 @@ def test_a_missing_value_is_an_error_not_a_null() -> None:
         {},
         lifecycle.Status.CREATED,
     ]
+
+
+def test_asyncpg_errors_map_like_sqlalchemys() -> None:
+    """The hot statements raise asyncpg's own exceptions: data errors are the client's (422), others 503."""
+    assert unstorable_value(asyncpg.exceptions.UntranslatableCharacterError("\\u0000 cannot be converted")) is not None
+    assert unstorable_value(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")) is None
+    assert unstorable_value(OSError("refused")) is None
