@@ -45,7 +45,7 @@ class Statement:
 async def make_pool(settings: Settings) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         settings.libpq_database_url,
-        min_size=1,
+        min_size=0,  # connect on first use: an API started while PostgreSQL is down answers 503, not fails to start
         max_size=settings.db_pool_size,
         init=_json_codecs,
         # Only single autocommit statements run here, so a returned connection carries no session state
