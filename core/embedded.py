@@ -142,7 +142,9 @@ class Service:
             self.process.wait()
 
 
-def start_api(env: dict[str, str], log: Path, port: int | None = None, host: str = "127.0.0.1") -> tuple[Service, str]:
+def start_api(
+    env: dict[str, str], log: Path, port: int | None = None, host: str = "127.0.0.1", ready_path: str = "/readyz"
+) -> tuple[Service, str]:
     port = port or free_port()
     args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port)]
     api = Service([*args, "--log-level", "warning"], env, log).start()
@@ -151,7 +153,7 @@ def start_api(env: dict[str, str], log: Path, port: int | None = None, host: str
     def ready() -> bool:
         api.ensure_alive("API")
         try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+            return httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -75,8 +75,9 @@ class PrivateStack:
         self.services.append(service)
         return service
 
-    def api(self, **overrides: str) -> tuple[Service, str]:
-        service, url = start_api(self.env | overrides, self.root / f"api-{len(self.services)}.log")
+    def api(self, ready_path: str = "/readyz", **overrides: str) -> tuple[Service, str]:
+        log = self.root / f"api-{len(self.services)}.log"
+        service, url = start_api(self.env | overrides, log, ready_path=ready_path)
         self.services.append(service)
         return service, url
 

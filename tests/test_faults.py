@@ -169,13 +169,18 @@ def test_postgres_restart_gives_503_then_recovers(faults: PrivateStack, api: str
             assert down.status_code == 503 and "database unavailable" in down.json()["error"]
             assert "Traceback" not in down.text
             assert httpx.get(f"{api}/readyz").json()["checks"]["database"].startswith("error")
+            # An API process started now comes up (live, not ready) and answers 503 as well.
+            _, late_api = faults.api(ready_path="/healthz")
+            late = httpx.get(f"{late_api}/v1/predictions/status/{pid}", headers={"apikey": key})
+            assert late.status_code == 503 and "database unavailable" in late.json()["error"]
             time.sleep(2)
         finally:
             faults.start_postgres()
         done = wait_for(faults, pid, {"completed", "failed"})
         assert done["status"] == "completed" and bills(faults, pid) == 1
-        status = httpx.get(f"{api}/v1/predictions/status/{pid}", headers={"apikey": key})
-        assert status.status_code == 200 and status.json()["status"] == "succeeded"
+        for url in (api, late_api):
+            status = httpx.get(f"{url}/v1/predictions/status/{pid}", headers={"apikey": key})
+            assert status.status_code == 200 and status.json()["status"] == "succeeded"
     finally:
         worker.stop()
 
