@@ -104,7 +104,7 @@ async def _store_references(
     return keys
 
 
-_CREATE = Statement(
+CREATE = Statement(
     lifecycle.create(
         prediction_id=bindparam("id"),
         tenant_id=bindparam("tenant_id"),
@@ -114,7 +114,7 @@ _CREATE = Statement(
         params=bindparam("params"),
     ).returning(predictions)
 )
-_READ = Statement(
+READ = Statement(
     select(predictions).where(predictions.c.id == bindparam("id"), predictions.c.tenant_id == bindparam("tenant_id"))
 )
 
@@ -127,7 +127,7 @@ async def _insert(
     request_input: dict[str, Any],
     params: GenerationParams,
 ) -> Row:
-    row = await _CREATE.one(
+    row = await CREATE.one(
         ctx.pg,
         id=prediction_id,
         tenant_id=principal.tenant_id,
@@ -171,7 +171,7 @@ async def _wait(
 
 async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Row | None:
     """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent)."""
-    return await _READ.one(ctx.pg, id=prediction_id, tenant_id=principal.tenant_id)
+    return await READ.one(ctx.pg, id=prediction_id, tenant_id=principal.tenant_id)
 
 
 async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:

@@ -1,4 +1,4 @@
-"""api/pg.py: statements compiled once by SQLAlchemy, run by asyncpg, on the real schema."""
+"""api/pg.py: statements compiled once by SQLAlchemy, run by asyncpg: the API's own, on the real schema."""
 
 from __future__ import annotations
 
@@ -7,30 +7,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import bindparam, select
 
 from api.errors import unstorable_value
-from api.pg import Statement, make_pool
+from api.pg import make_pool
+from api.predictions import CREATE, READ
 from core import lifecycle
 from core.ids import new_id
 from core.settings import Settings
-from core.tables import predictions
 from core.tenants import IssuedKey
 
-CREATE = Statement(
-    lifecycle.create(
-        prediction_id=bindparam("id"),
-        tenant_id=bindparam("tenant_id"),
-        api_key_id=bindparam("api_key_id"),
-        model=bindparam("model"),
-        input=bindparam("input"),
-        params=bindparam("params"),
-    ).returning(predictions)
-)
-READ = Statement(select(predictions).where(predictions.c.id == bindparam("id")))
 
-
-def test_insert_and_read_round_trip_json_and_the_state_machines_literal(settings: Settings, tenant: IssuedKey) -> None:
+def test_insert_and_read_round_trip_json_and_another_tenant_reads_nothing(
+    settings: Settings, tenant: IssuedKey
+) -> None:
     prediction_id = new_id()
     document: dict[str, Any] = {"prompt": "ünïcode ✓", "nested": {"list": [1, 2.5, None, True]}, "empty": {}}
 
@@ -46,7 +35,8 @@ def test_insert_and_read_round_trip_json_and_the_state_machines_literal(settings
                 input=document,
                 params={"seed": 7, "reference_keys": ("a", "b")},
             )
-            return created, await READ.one(pool, id=prediction_id), await READ.one(pool, id=new_id())
+            read = await READ.one(pool, id=prediction_id, tenant_id=tenant.tenant_id)
+            return created, read, await READ.one(pool, id=prediction_id, tenant_id=new_id())
         finally:
             await pool.close()
 
