@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
-    @app.exception_handler(asyncpg.PostgresError)
-    @app.exception_handler(asyncpg.InterfaceError)
-    @app.exception_handler(OSError)  # asyncpg raises a failed connect unwrapped (refused, socket gone)
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         if (unstorable := unstorable_value(exc)) is not None:
             return JSONResponse(_body(unstorable.message), status_code=unstorable.status)
@@ -113,6 +108,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             _body("database unavailable, try again shortly"), status_code=503, headers={"Retry-After": "1"}
         )
+
+    for database_error in (*DATABASE_ERRORS, OSError):  # asyncpg raises a failed connect as OSError (refused)
+        app.add_exception_handler(database_error, _database_down)
 
     @app.exception_handler(RedisError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
