@@ -8,10 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.asyncio import Redis
 
 from api import account, admin, delivery, files, meta
 from api.body_limit import BodySizeLimit
@@ -21,6 +18,7 @@ from api.errors import install_error_handlers
 from api.pg import make_pool
 from api.principals import KeyCache
 from api.rate_limit import Limiter, RateLimitHeaders
+from api.redis_mux import RedisMux
 from api.waiter import CompletionWaiter
 from core.db import make_async_engine
 from core.settings import Settings, get_settings
@@ -36,21 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
         pg = await make_pool(settings)
-        # A bounded pool that makes a request wait for a free connection rather than fail when every one is
-        # busy; a restarted Redis leaves dead pooled connections: reconnect and retry instead of failing
-        # (which makes a PING before idle connections' commands, health_check_interval, unnecessary).
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=10,
-            socket_connect_timeout=5,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-            retry_on_error=[ConnectionError, TimeoutError],
-        )
-        redis = Redis(connection_pool=pool)
+        redis = RedisMux(settings.redis_url)  # every request's commands, on one pipelined connection
+        subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=5)  # the waiter's one subscription
         s3 = await asyncio.to_thread(make_s3_client, settings)
         keys = KeyCache(settings.key_cache_ttl_s)
-        waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
+        waiter = CompletionWaiter(subscriber, settings.events_channel, also={settings.keys_channel: keys.clear})
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
         app.state.ctx = AppContext(settings, engine, pg, redis, s3, waiter, limiter, keys)
@@ -58,8 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await waiter.stop()
+            await subscriber.aclose()
             await redis.aclose()
-            await pool.disconnect()
             await pg.close()
             await engine.dispose()
 

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.principals import KeyCache
 from api.rate_limit import Limiter
+from api.redis_mux import RedisMux
 from api.waiter import CompletionWaiter
 from core.settings import Settings
 
@@ -24,7 +24,7 @@ class AppContext:
     settings: Settings
     engine: AsyncEngine  # SQLAlchemy: transactions and everything off the hot path
     pg: asyncpg.Pool  # the hot single statements (api/pg.py)
-    redis: Redis
+    redis: RedisMux
     s3: S3Client
     waiter: CompletionWaiter
     limiter: Limiter

@@ -41,16 +41,16 @@ async def reserve(
     value = f"{request_fingerprint}:{prediction_id}"
     try:
         for _ in range(3):  # the holder may expire between our SET and GET
-            if await ctx.redis.set(key, value, nx=True, ex=ctx.settings.idempotency_ttl_s):
+            if await ctx.redis.execute("SET", key, value, "NX", "EX", ctx.settings.idempotency_ttl_s):
                 return None
-            existing = await ctx.redis.get(key)
+            existing = await ctx.redis.execute("GET", key)
             if existing is not None:
                 break
         else:
             raise ApiError(409, "Idempotency-Key is contended; retry the request")
     except RedisError as exc:
         raise ApiError(503, "idempotency store unavailable, try again shortly", retry_after=1) from exc
-    stored_fingerprint, _, stored_id = (existing.decode() if isinstance(existing, bytes) else existing).partition(":")
+    stored_fingerprint, _, stored_id = existing.decode().partition(":")
     if stored_fingerprint != request_fingerprint:
         raise ApiError(422, "Idempotency-Key was already used with a different request body")
     return stored_id
@@ -59,6 +59,6 @@ async def reserve(
 async def forget(ctx: AppContext, principal: Principal, idempotency_key: str) -> None:
     """Release a reservation whose request was not accepted, so that a retry can go through."""
     try:
-        await ctx.redis.delete(_redis_key(ctx, principal, idempotency_key))
+        await ctx.redis.execute("DEL", _redis_key(ctx, principal, idempotency_key))
     except RedisError:
         await asyncio.sleep(0)  # the reservation expires on its own

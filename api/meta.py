@@ -91,7 +91,7 @@ async def readyz(ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
             await conn.execute(text("SELECT 1"))
 
     async def redis() -> None:
-        await ctx.redis.ping()
+        await ctx.redis.execute("PING")
 
     async def storage() -> None:
         await asyncio.to_thread(ctx.s3.head_bucket, Bucket=ctx.settings.s3_bucket)

@@ -82,10 +82,7 @@ async def submit(
 async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
     """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task, one round trip."""
     key, message = task_message(ctx.settings.queue_name, prediction_id, priority)
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.sadd(queued_key(ctx.settings), prediction_id)
-        pipe.lpush(key, message)
-        await pipe.execute()
+    await ctx.redis.pipeline(("SADD", queued_key(ctx.settings), prediction_id), ("LPUSH", key, message))
 
 
 async def _store_references(
@@ -187,6 +184,6 @@ async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> R
         canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
     if canceled is not None:
         await ctx.limiter.release_slot(principal.tenant_id)
-        await ctx.redis.publish(ctx.settings.events_channel, prediction_id)
+        await ctx.redis.execute("PUBLISH", ctx.settings.events_channel, prediction_id)
         return dict(canceled)
     return await fetch_or_404(ctx, principal, prediction_id)

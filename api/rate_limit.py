@@ -5,29 +5,31 @@ from __future__ import annotations
 import secrets
 import time
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
+from api.redis_mux import RedisMux, Script
 from core import quota
 
 
 class Limiter:
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    _RATE = Script(quota.RATE_LIMIT_LUA)
+    _TAKE = Script(quota.TAKE_SLOT_LUA)
+    _RELEASE = Script(quota.RELEASE_SLOT_LUA)
+
+    def __init__(self, redis: RedisMux, namespace: str) -> None:
+        self._redis = redis
         self._namespace = namespace
-        self._rate = redis.register_script(quota.RATE_LIMIT_LUA)
-        self._take = redis.register_script(quota.TAKE_SLOT_LUA)
-        self._release = redis.register_script(quota.RELEASE_SLOT_LUA)
 
     async def hit(self, tenant_id: str, api_key_id: str, limit: int) -> quota.RateDecision:
         """Count one request against the key's per-minute limit. Fails closed: no Redis, no request."""
         key = quota.rate_key(self._namespace, tenant_id, api_key_id)
         now_ms = int(time.time() * 1000)
         try:
-            allowed, remaining, reset_s = await self._rate(
-                keys=[key], args=[now_ms, quota.WINDOW_MS, limit, f"{now_ms}-{secrets.token_hex(4)}"]
+            allowed, remaining, reset_s = await self._redis.run(
+                self._RATE, [key], [now_ms, quota.WINDOW_MS, limit, f"{now_ms}-{secrets.token_hex(4)}"]
             )
         except RedisError as exc:
             raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
@@ -36,7 +38,9 @@ class Limiter:
     async def take_slot(self, tenant_id: str, max_in_flight: int) -> int:
         """Reserve an in-flight slot; returns how many the tenant held before. 429 when none is free."""
         try:
-            taken, held = await self._take(keys=[quota.in_flight_key(self._namespace, tenant_id)], args=[max_in_flight])
+            taken, held = await self._redis.run(
+                self._TAKE, [quota.in_flight_key(self._namespace, tenant_id)], [max_in_flight]
+            )
         except RedisError as exc:
             raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
         if not taken:
@@ -48,7 +52,7 @@ class Limiter:
         return int(held)
 
     async def release_slot(self, tenant_id: str) -> None:
-        await self._release(keys=[quota.in_flight_key(self._namespace, tenant_id)])
+        await self._redis.run(self._RELEASE, [quota.in_flight_key(self._namespace, tenant_id)], [])
 
 
 class RateLimitHeaders:

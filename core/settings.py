@@ -16,7 +16,6 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(20, ge=1)  # per API pool, two per process (api/pg.py, core/db.py); see docs/scaling.md
     # Redis: Celery broker and completion events.
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_max_connections: int = Field(100, ge=2)  # per API process; requests wait for a free one
     # Celery queue name; also namespaces the Redis event channel.
     queue_name: str = "klein"
 

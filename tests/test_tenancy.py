@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 from sqlalchemy import func, select, update
 
 from api.errors import ApiError
 from api.rate_limit import Limiter
+from api.redis_mux import RedisMux
 from core import tenants
 from core.tables import api_keys, predictions, usage_records
 from core.tenants import IssuedKey
@@ -60,7 +60,7 @@ def test_the_rate_limit_is_per_key(stack: Stack) -> None:
 
 def test_a_limit_check_without_redis_fails_closed() -> None:
     async def scenario() -> None:
-        limiter = Limiter(Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5), "klein")
+        limiter = Limiter(RedisMux("redis://127.0.0.1:1", connect_timeout_s=0.5), "klein")
         with pytest.raises(ApiError) as raised:
             await limiter.hit("t", "k", 10)
         assert raised.value.status == 503
