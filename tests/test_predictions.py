@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -190,6 +192,21 @@ def test_oversized_body_is_413(stack: Stack, client: httpx.Client, tenant: Issue
     assert answer.status_code == 413
     assert "larger than" in answer.json()["error"]
     assert count_predictions(stack, tenant) == 0
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(stack: Stack, client: httpx.Client, tenant: IssuedKey) -> None:
+    def chunked(body: bytes) -> Iterator[bytes]:  # a generator: httpx sends Transfer-Encoding: chunked
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    headers = {"Model": "flux-klein-4b", "Content-Type": "application/json"}
+    small = json.dumps({"input": {"prompt": PROMPT}}).encode()
+    accepted = client.post("/v1/predictions", headers=headers, content=chunked(small))
+    assert accepted.status_code == 201, accepted.text
+    huge = json.dumps({"input": {"prompt": "x" * (stack.settings.max_body_bytes + 1)}}).encode()
+    refused = client.post("/v1/predictions", headers=headers, content=chunked(huge))
+    assert refused.status_code == 413 and "larger than" in refused.json()["error"]
+    assert count_predictions(stack, tenant) == 1
 
 
 def test_missing_unknown_and_revoked_keys_are_401(stack: Stack) -> None:
