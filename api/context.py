@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from fastapi import Request
@@ -38,4 +38,18 @@ async def get_ctx(request: Request) -> AppContext:  # async: a plain def would c
 
 def public_base_url(request: Request, settings: Settings) -> str:
     """Absolute base for URLs we hand out: the configured public URL, else the request's own."""
-    return (settings.public_base_url or str(request.base_url)).rstrip("/")
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    # Starlette builds request.base_url from these anew for every request: remember the few seen.
+    scope = request.scope
+    root = scope.get("app_root_path", scope.get("root_path", ""))
+    seen = (scope["scheme"], request.headers.get("host"), scope.get("server"), root)
+    base = _base_urls.get(seen)
+    if base is None:
+        if len(_base_urls) >= 256:  # the Host header is the client's: bound what it can make us keep
+            _base_urls.clear()
+        base = _base_urls[seen] = str(request.base_url).rstrip("/")
+    return base
+
+
+_base_urls: dict[tuple[Any, ...], str] = {}

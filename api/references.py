@@ -39,6 +39,8 @@ async def resolve(
     ctx: AppContext, principal: Principal, request: Request, sources: Sequence[str | bytes], field: str
 ) -> list[Reference]:
     """Load and check every reference; a bad one is a 422 naming `field[i]`."""
+    if not sources:
+        return []
     if len(sources) > MAX_REFERENCES:
         raise ApiError(422, f"invalid request: {field}: at most {MAX_REFERENCES} reference images, got {len(sources)}")
     ours = {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}

@@ -121,20 +121,29 @@ async def create_prediction(
     return JSON(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
 
 
-@router.get("/v1/predictions/status/{prediction_id}", responses=errors(404, 422))
+@router.get(
+    "/v1/predictions/status/{prediction_id}",
+    responses={200: {"description": "The prediction", "content": _PREDICTION}, **errors(404, 422)},
+)
 async def prediction_status(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
-) -> dict[str, Any]:
+) -> JSONResponse:
     row = await predictions.fetch_or_404(ctx, principal, prediction_id)
-    return view(row, public_base_url(request, ctx.settings))
+    return JSON(view(row, public_base_url(request, ctx.settings)))
 
 
-@router.post("/v1/predictions/{prediction_id}/cancel", responses=errors(404, 422))
+@router.post(
+    "/v1/predictions/{prediction_id}/cancel",
+    responses={
+        200: {"description": "The prediction, canceled unless it had finished", "content": _PREDICTION},
+        **errors(404, 422),
+    },
+)
 async def cancel_prediction(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
-) -> dict[str, Any]:
+) -> JSONResponse:
     row = await predictions.cancel(ctx, principal, prediction_id)
-    return view(row, public_base_url(request, ctx.settings))
+    return JSON(view(row, public_base_url(request, ctx.settings)))
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
