@@ -485,7 +485,7 @@ class Stack:
 
     def start_noop_worker(self) -> Service:
         name = f"bench-noop-{self.run}"
-        worker = start_celery("bench.floors:noop_app", self.env, self.workdir / f"{name}.log", name, self.noop_queue)
+        worker = start_celery("bench.noop:noop_app", self.env, self.workdir / f"{name}.log", name, self.noop_queue)
         self.workers.append(worker)
         return worker
 
@@ -732,19 +732,27 @@ class Bench:
             return "invalid"
         return "pass" if ok else "FAIL"
 
-    def profile(self, name: str, spec: dict[str, Any]) -> None:
-        """py-spy record of the API under this load (after the measurement, so it never skews it)."""
+    def profile(self, name: str, spec: dict[str, Any], floor_spec: dict[str, Any]) -> None:
+        """py-spy records of the API and of its floor under these loads (after the measurement, so they never
+        skew it): what the API spends that the floor does not is what there is to remove."""
         if self.profile_dir is None:
             return
         if self.stack.api_pid is None:
             log("no API process id (pass --api-pid with --api-url): no profile")
             return
+        self._profile(name, spec, self.stack.api_pid)
+        floor = self.stack.floor
+        if floor is not None and floor.process is not None:
+            self._profile(f"{name}-floor", floor_spec, floor.process.pid)
+
+    def _profile(self, name: str, spec: dict[str, Any], process_id: int) -> None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(spy).exists():
             log("py-spy not found (pip install py-spy): no profile")
             return
+        assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        pid = str(self.stack.api_pid)
+        pid = str(process_id)
         seconds = str(int(self.plan.profile_s))
         raw = self.profile_dir / f"{name}.txt"
         load = dict(spec, duration_s=2 * self.plan.profile_s + 5)
@@ -815,7 +823,7 @@ class Bench:
             "≥ 0.8",
             self.verdict(ratio >= 0.8, valid),
         )
-        self.profile("submit", ours_spec)
+        self.profile("submit", ours_spec, floor_spec)
 
     # -- 3 ---------------------------------------------------------------------------------------------------------
 
@@ -847,7 +855,7 @@ class Bench:
             "≥ 0.8",
             self.verdict(ratio >= 0.8, ours["non_2xx"] == 0 and floor["non_2xx"] == 0),
         )
-        self.profile("status", ours_spec)
+        self.profile("status", ours_spec, floor_spec)
 
     # -- 5 ---------------------------------------------------------------------------------------------------------
 
@@ -993,8 +1001,7 @@ class Bench:
             args = [
                 sys.executable,
                 "-m",
-                "bench.floors",
-                "noop-client",
+                "bench.noop",
                 "--samples",
                 str(self.plan.noop_samples),
                 "--warmup",
