@@ -65,11 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for dialect in (pruna, klein, wavespeed, features, openai):
-        app.include_router(dialect.router)
-    app.include_router(delivery.router)
-    app.include_router(files.router)
-    app.include_router(account.router)
-    app.include_router(admin.router)
-    app.include_router(meta.router)
+    for module in (pruna, klein, wavespeed, features, openai, delivery, files, account, admin, meta):
+        # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
+        # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,
+        # docs/performance.md). The OpenAPI document comes out the same.
+        app.router.routes.extend(module.router.routes)
     return app

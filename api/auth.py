@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import bindparam, func, or_, select, update
 
-from api.context import AppContext, get_ctx
+from api.context import AppContext, context
 from api.errors import ApiError
 from api.pg import Statement
 from api.principals import Principal
@@ -34,7 +34,10 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-async def authenticate(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> Principal:
+async def authenticate(request: Request) -> Principal:
+    """The dependency behind `Authenticated`. It takes the request alone: every sub-dependency would cost
+    each authenticated request another round of FastAPI's dependency solving."""
+    ctx = context(request)
     key = presented_key(request)
     if not key:
         raise ApiError(401, MISSING)

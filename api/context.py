@@ -31,9 +31,13 @@ class AppContext:
     keys: KeyCache
 
 
-async def get_ctx(request: Request) -> AppContext:  # async: a plain def would cost a thread-pool hop
+def context(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
+
+
+async def get_ctx(request: Request) -> AppContext:  # async: a plain def would cost a thread-pool hop
+    return context(request)
 
 
 def public_base_url(request: Request, settings: Settings) -> str:

@@ -67,7 +67,7 @@ async def deliver(
         if row is None:
             raise ApiError(404, f"prediction {prediction_id!r} not found")
     else:
-        row = await fetch_or_404(ctx, await authenticate(request, ctx), prediction_id)
+        row = await fetch_or_404(ctx, await authenticate(request), prediction_id)
     output = next((o for o in row["outputs"] if o["filename"] == filename), None)
     if output is None:
         raise ApiError(404, f"output {filename!r} not found for prediction {prediction_id!r}")

@@ -53,8 +53,9 @@ async def submit(
     try:
         held = await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
         try:
-            keys = await _store_references(ctx, principal, prediction_id, references)
-            params = params.model_copy(update={"reference_keys": keys})
+            if references:
+                keys = await _store_references(ctx, principal, prediction_id, references)
+                params = params.model_copy(update={"reference_keys": keys})
             row = await _insert(ctx, principal, spec, prediction_id, request_input, params)
         except Exception:
             await ctx.limiter.release_slot(principal.tenant_id)
@@ -64,19 +65,27 @@ async def submit(
             await idempotency.forget(ctx, principal, idempotency_key)
         raise
 
+    if wait_s <= 0:
+        await _enqueue_or_fail(ctx, principal, prediction_id, held)
+        return row
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
-        try:
-            await _enqueue(ctx, prediction_id, queue_priority(held))
-        except Exception as exc:
-            log.error("enqueue of %s failed: %s", prediction_id, exc)
-            async with ctx.engine.begin() as conn:
-                failed = await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
-            if failed.first() is not None:
-                await ctx.limiter.release_slot(principal.tenant_id)
-            raise ApiError(503, "queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
-        if wait_s > 0 and ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
+        await _enqueue_or_fail(ctx, principal, prediction_id, held)
+        if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
+
+
+async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id: str, held: int) -> None:
+    """Enqueue, or fail the stored prediction (unless a worker already took it) and answer 503."""
+    try:
+        await _enqueue(ctx, prediction_id, queue_priority(held))
+    except Exception as exc:
+        log.error("enqueue of %s failed: %s", prediction_id, exc)
+        async with ctx.engine.begin() as conn:
+            failed = await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
+        if failed.first() is not None:
+            await ctx.limiter.release_slot(principal.tenant_id)
+        raise ApiError(503, "queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
 
 
 async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
@@ -89,8 +98,6 @@ async def _store_references(
     ctx: AppContext, principal: Principal, prediction_id: str, references: Sequence[Reference]
 ) -> tuple[str, ...]:
     """Inputs live with the prediction in storage, so a redelivered task sees exactly the same images."""
-    if not references:
-        return ()
     keys = tuple(
         output_key(principal.tenant_id, prediction_id, f"input_{i}.{ref.info.extension}")
         for i, ref in enumerate(references)
@@ -109,7 +116,7 @@ CREATE = Statement(
         model=bindparam("model"),
         input=bindparam("input"),
         params=bindparam("params"),
-    ).returning(predictions)
+    ).returning(*(column for column in predictions.c if column.name not in ("input", "params")))
 )
 READ = Statement(
     select(predictions).where(predictions.c.id == bindparam("id"), predictions.c.tenant_id == bindparam("tenant_id"))
@@ -124,17 +131,17 @@ async def _insert(
     request_input: dict[str, Any],
     params: GenerationParams,
 ) -> Row:
+    stored = {"input": request_input, "params": params.model_dump(mode="json")}
     row = await CREATE.one(
         ctx.pg,
         id=prediction_id,
         tenant_id=principal.tenant_id,
         api_key_id=principal.api_key_id,
         model=spec.id,
-        input=request_input,
-        params=params.model_dump(mode="json"),
+        **stored,
     )
     assert row is not None  # INSERT … RETURNING returns the row or raises
-    return row
+    return row | stored  # what was just encoded need not be decoded again
 
 
 async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> Row:

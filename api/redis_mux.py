@@ -25,7 +25,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import hiredis
@@ -62,19 +61,16 @@ def pack(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(slots=True)
-class _Pending:
-    future: asyncio.Future[list[Any]]
-    count: int
-    replies: list[Any] = field(default_factory=list)
-
-
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
-        self._pending: deque[_Pending] = deque()
-        self._transport: asyncio.Transport | None = None
+        # Per request written and not yet answered, in order: its future and how many replies it awaits;
+        # a single command's future gets its reply, a pipeline's the list of them (gathered in _replies).
+        self._pending: deque[tuple[asyncio.Future[Any], int]] = deque()
+        self._replies: list[Any] = []
         self._outgoing: list[bytes] = []  # written once per event-loop pass: one syscall for every request's
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
         self._failure: Exception | None = None
         self.lost = False
         self.waiting_since = 0.0  # when the oldest unanswered command last saw progress
@@ -87,12 +83,15 @@ class _Connection(asyncio.Protocol):
         pending = self._pending
         try:
             while (reply := self._reader.gets()) is not False:
-                entry = pending[0]
-                entry.replies.append(reply)
-                if len(entry.replies) == entry.count:
-                    pending.popleft()
-                    if not entry.future.done():  # its caller may have been cancelled
-                        entry.future.set_result(entry.replies)
+                future, count = pending[0]
+                if count > 1:
+                    self._replies.append(reply)
+                    if len(self._replies) < count:
+                        continue
+                    reply, self._replies = self._replies, []
+                pending.popleft()
+                if not future.done():  # its caller may have been cancelled
+                    future.set_result(reply)
         except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
             self.abort(InvalidResponse(f"Redis protocol error: {exc!r}"))
             return
@@ -102,20 +101,20 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         failure = self._failure or RedisConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}")
         while self._pending:
-            future = self._pending.popleft().future
+            future, _ = self._pending.popleft()
             if not future.done():
                 future.set_exception(failure)
 
-    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
-        if self.lost or self._transport is None or self._transport.is_closing():
+    def send(self, payload: bytes, count: int) -> asyncio.Future[Any]:
+        """Queue `count` packed commands; the future gets the reply (count 1) or the list of replies."""
+        if self.lost:
             raise RedisConnectionError("connection to Redis lost")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
+        future = self._loop.create_future()
         if not self._pending:
             self.waiting_since = time.monotonic()
-        self._pending.append(_Pending(future, count))
+        self._pending.append((future, count))
         if not self._outgoing:
-            loop.call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._outgoing.append(payload)
         return future
 
@@ -129,8 +128,9 @@ class _Connection(asyncio.Protocol):
 
     def abort(self, failure: Exception) -> None:
         self._failure = failure
+        self.lost = True  # nothing more is sent; connection_lost follows and fails what is pending
         if self._transport is not None:
-            self._transport.abort()  # connection_lost follows and fails what is pending
+            self._transport.abort()
 
 
 class RedisMux:
@@ -145,8 +145,7 @@ class RedisMux:
         self.connects = 0  # connections opened so far (benchmarks and tests read it)
 
     async def execute(self, *args: Arg) -> Any:
-        (reply,) = await self._send(pack(args), 1)
-        return _raise_error(reply)
+        return _raise_error(await self._send(pack(args), 1))
 
     async def pipeline(self, *commands: Sequence[Arg]) -> list[Any]:
         """Several commands in one write; their replies in order. The first error reply is raised."""
@@ -168,7 +167,7 @@ class RedisMux:
             self._connection.abort(RedisConnectionError("client closed"))
         self._connection = None
 
-    async def _send(self, payload: bytes, count: int) -> list[Any]:
+    async def _send(self, payload: bytes, count: int) -> Any:
         connection = self._connection
         if connection is None or connection.lost:
             connection = await self._reconnect()
@@ -214,9 +213,8 @@ class RedisMux:
             setup.append(["SELECT", options["db"]])
         if setup:
             try:
-                replies = await connection.send(b"".join(pack(command) for command in setup), len(setup))
-                for reply in replies:
-                    _raise_error(reply)
+                for command in setup:
+                    _raise_error(await connection.send(pack(command), 1))
             except BaseException:
                 connection.abort(RedisConnectionError("setup failed"))
                 raise

@@ -1,15 +1,13 @@
 """The HTTP floor the API is measured against, started by `bench.platform` beside the real stack.
 
-`uvicorn bench.floors:create_app --factory`, under the API's uvicorn settings (one worker), with its
-clients (an asyncpg pool, api/redis_mux.py for Redis) and its runtime settings (the heap frozen after
-start-up, as api/app.py does): `POST /floor/predictions`
-parses the same JSON body, inserts one row into the same `predictions` table with a raw asyncpg pool
+`uvicorn bench.floors:create_app --factory` runs under the API's uvicorn settings (one worker), with the
+API's clients (api/pg.py's asyncpg pool, api/redis_mux.py) and runtime (the heap frozen after start-up).
+`POST /floor/predictions` parses the same JSON body, inserts one row into the same `predictions` table
 and pushes one Redis message; `GET /floor/status/{id}` does the same primary-key read (id and tenant)
-with raw asyncpg and answers the row as JSON. No framework features beyond routing, and nothing
-imported beyond what that needs: what any implementation of these endpoints has to do.
-(bench/noop.py is the Celery no-op round trip, the floor of figure 2.)
+and answers the row as JSON. No framework features beyond routing: what any implementation of these
+endpoints has to do, on the same footing as the API. (bench/noop.py is the floor of figure 2.)
 
-Settings come from the environment: KLEIN_DATABASE_URL, KLEIN_REDIS_URL, BENCH_FLOOR_TENANT_ID,
+Settings come from the environment: KLEIN_* as the API reads them, BENCH_FLOOR_TENANT_ID and
 BENCH_FLOOR_LIST (the Redis list the floor pushes to).
 """
 
@@ -27,7 +25,9 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request, Response
 
+from api.pg import make_pool
 from api.redis_mux import RedisMux
+from core.settings import Settings
 
 INSERT = """
 INSERT INTO predictions (id, tenant_id, model, input, params, status)
@@ -40,18 +40,6 @@ def _new_id() -> str:
     return base64.b32encode(secrets.token_bytes(17)).decode().lower().rstrip("=")[:26]
 
 
-def _plain_url(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"postgresql://{rest}" if scheme.startswith("postgres") else url
-
-
-async def _json_codec(conn: asyncpg.Connection) -> None:
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            name, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
-        )
-
-
 def _default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
@@ -59,16 +47,14 @@ def _default(value: Any) -> Any:
 
 
 def create_app() -> FastAPI:
-    database_url = _plain_url(os.environ["KLEIN_DATABASE_URL"])
-    redis_url = os.environ["KLEIN_REDIS_URL"]
+    settings = Settings()  # KLEIN_* from the environment, read as the API reads them
     tenant_id = os.environ["BENCH_FLOOR_TENANT_ID"]
     floor_list = os.environ.get("BENCH_FLOOR_LIST", "bench:floor")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The API's pool: SQLAlchemy pool_size=10, max_overflow=20.
-        app.state.pool = await asyncpg.create_pool(database_url, min_size=10, max_size=30, init=_json_codec)
-        app.state.redis = RedisMux(redis_url)
+        app.state.pool = await make_pool(settings)
+        app.state.redis = RedisMux(settings.redis_url)
         gc.freeze()
         try:
             yield

@@ -633,6 +633,22 @@ class Stack:
         engine.dispose()
         return ids
 
+    @property
+    def floor_pid(self) -> int | None:
+        return self.floor.process.pid if self.floor is not None and self.floor.process is not None else None
+
+    def cpu_seconds(self, server_pid: int | None) -> dict[str, float]:
+        """CPU used so far by a server process, by the sessions on the benchmark's database, and by the Redis
+        server (all its clients: approximate on a shared server). Sessions that close in between are lost."""
+        r = self.redis_client()
+        info = r.info("cpu")
+        r.close()
+        return {
+            "server": process_cpu([server_pid]) if server_pid is not None else float("nan"),
+            "postgres": process_cpu(self.stack_pids()["postgres"]),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        }
+
     def stack_pids(self) -> dict[str, list[int]]:
         """Processes whose idle CPU counts as platform cost: the API, workers, and their database sessions."""
         api = [self.api.process.pid] if self.api is not None and self.api.process is not None else []
@@ -700,15 +716,24 @@ class Bench:
                 self.loadgen.run(dict(spec, duration_s=self.plan.warmup_s))
                 count = not self.plan.short  # the statistics lag: 2 s a run, not worth it in short mode
                 before = self.stack.counters() if count else {}
+                server = self.stack.api_pid if which == "ours" else self.stack.floor_pid
+                cpu_before = self.stack.cpu_seconds(server)
                 result = self.loadgen.run(spec)
-                sessions_text = ""
+                n = max(result["requests"], 1)
+                result["cpu_us_per_request"] = {
+                    k: (v - cpu_before[k]) / n * 1e6 for k, v in self.stack.cpu_seconds(server).items()
+                }
+                cpu = result["cpu_us_per_request"]
+                sessions_text = (
+                    f"; CPU per request: server {cpu['server']:.0f} µs, its PostgreSQL sessions "
+                    f"{cpu['postgres']:.0f} µs, Redis {cpu['redis']:.0f} µs"
+                )
                 if count:
                     after = self.stack.counters()
-                    n = max(result["requests"], 1)
                     result["db_sessions_opened"] = after["db_sessions"] - before["db_sessions"]
                     result["db_transactions_per_request"] = (after["db_transactions"] - before["db_transactions"]) / n
                     result["redis_commands_per_request"] = (after["redis_commands"] - before["redis_commands"]) / n
-                    sessions_text = (
+                    sessions_text += (
                         f"; ≈{result['db_sessions_opened']} database sessions opened, "
                         f"{result['db_transactions_per_request']:.1f} transactions and "
                         f"{result['redis_commands_per_request']:.1f} Redis commands per request"

@@ -1,8 +1,9 @@
 """Per-key request rate limits and per-tenant in-flight slots, atomic in Redis.
 
-Both hold across any number of API replicas: each check is one Lua script, so N concurrent
-requests against a limit of L let exactly L through. Keys carry the tenant in a hash tag so
-a tenant's keys live on one Redis Cluster slot.
+Both hold across any number of API replicas: each check is one atomic Redis operation (a Lua
+script for the rate limit, an INCR for a slot), so N concurrent requests against a limit of L
+let exactly L through. Keys carry the tenant in a hash tag so a tenant's keys live on one Redis
+Cluster slot.
 
 A slot is taken when a prediction is accepted and given back exactly once, by whoever wins
 the compare-and-set that ends it (worker finish, cancel, or the API's failed enqueue).
@@ -33,14 +34,6 @@ if oldest[2] then reset = tonumber(oldest[2]) + window - now end
 return {allowed, limit - used, math.ceil(reset / 1000)}
 """
 
-# Takes a slot if fewer than ARGV[1] are held. Returns {taken (0|1), slots held before}.
-TAKE_SLOT_LUA = """
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
-if held >= tonumber(ARGV[1]) then return {0, held} end
-redis.call('INCR', KEYS[1])
-return {1, held}
-"""
-
 # Gives a slot back, never below zero.
 RELEASE_SLOT_LUA = """
 local held = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -64,12 +57,12 @@ class RateDecision:
     remaining: int
     reset_s: int
 
-    def headers(self) -> dict[str, str]:
-        """IETF draft-ietf-httpapi-ratelimit-headers: the policy and the current state."""
-        return {
-            "RateLimit-Policy": f'"per-key";q={self.limit};w={WINDOW_MS // 1000}',
-            "RateLimit": f'"per-key";r={max(self.remaining, 0)};t={self.reset_s}',
-        }
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """IETF draft-ietf-httpapi-ratelimit-headers, the policy and the current state, as raw ASGI headers."""
+        return [
+            (b"ratelimit-policy", b'"per-key";q=%d;w=%d' % (self.limit, WINDOW_MS // 1000)),
+            (b"ratelimit", b'"per-key";r=%d;t=%d' % (max(self.remaining, 0), self.reset_s)),
+        ]
 
 
 def queue_priority(slots_held: int) -> int:

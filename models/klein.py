@@ -5,6 +5,7 @@ Torch-free: the API imports this. The pipeline itself lives in models/klein_pipe
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated, Literal
 
@@ -30,6 +31,7 @@ DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0
 
 
+@functools.lru_cache(maxsize=256)
 def size_for_aspect_ratio(aspect_ratio: str, megapixels: float = 1.0) -> tuple[int, int]:
     """(width, height) of about `megapixels`, each side a multiple of 16: 1:1 → 1024×1024, 16:9 → 1360×768."""
     a, b = (int(part) for part in aspect_ratio.split(":"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from sqlalchemy import func, select, update
 from api.errors import ApiError
 from api.rate_limit import Limiter
 from api.redis_mux import RedisMux
-from core import tenants
+from core import quota, tenants
 from core.tables import api_keys, predictions, usage_records
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.stack import REDIS_URL
 from tests.test_predictions import PROMPT, poll, submit
 
 
@@ -67,6 +69,23 @@ def test_a_limit_check_without_redis_fails_closed() -> None:
         with pytest.raises(ApiError) as raised:
             await limiter.take_slot("t", 10)
         assert raised.value.status == 503
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> None:
+    async def scenario() -> None:
+        namespace = f"slots-test-{secrets.token_hex(4)}"
+        redis = RedisMux(REDIS_URL)
+        limiter = Limiter(redis, namespace)
+        await redis.execute("SET", quota.in_flight_key(namespace, "t"), 3)
+        answers = await asyncio.gather(*(limiter.take_slot("t", 8) for _ in range(40)), return_exceptions=True)
+        assert sorted(a for a in answers if isinstance(a, int)) == [3, 4, 5, 6, 7]  # slots held before each
+        refused = [a for a in answers if not isinstance(a, int)]
+        assert len(refused) == 35 and all(isinstance(a, ApiError) and a.status == 429 for a in refused)
+        assert await redis.execute("GET", quota.in_flight_key(namespace, "t")) == b"8"
+        await redis.execute("DEL", quota.in_flight_key(namespace, "t"))
+        await redis.aclose()
 
     asyncio.run(scenario())
 
