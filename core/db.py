@@ -15,5 +15,5 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(settings.async_database_url, pool_size=settings.db_pool_size, max_overflow=0)
 
 
-def make_sync_engine(settings: Settings, pool_size: int = 2) -> Engine:
-    return create_engine(settings.sync_database_url, pool_size=pool_size, pool_pre_ping=True)
+def make_sync_engine(settings: Settings, pool_size: int = 2, pre_ping: bool = True) -> Engine:
+    return create_engine(settings.sync_database_url, pool_size=pool_size, pool_pre_ping=pre_ping)

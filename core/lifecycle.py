@@ -59,7 +59,7 @@ def create(
     )
 
 
-def claim(prediction_id: str, worker_id: str, lease_s: float, max_attempts: int) -> Update:
+def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: float, max_attempts: int) -> Update:
     """created → processing, or take over a processing row whose holder's lease ran out."""
     claimable = and_(
         p.c.attempts < max_attempts,
@@ -112,11 +112,21 @@ def give_up(prediction_id: str, error: str) -> Update:
     )
 
 
-def complete(prediction_id: str, worker_id: str, outputs: list[dict[str, Any]], timings: dict[str, int]) -> Update:
+def complete(
+    prediction_id: str | BindParameter[Any],
+    worker_id: str,
+    outputs: list[dict[str, Any]] | BindParameter[Any],
+    timings: dict[str, int] | BindParameter[Any],
+) -> Update:
     return _finish(prediction_id, worker_id, Status.COMPLETED, outputs=outputs, timings=timings)
 
 
-def fail(prediction_id: str, worker_id: str, error: str, timings: dict[str, int]) -> Update:
+def fail(
+    prediction_id: str | BindParameter[Any],
+    worker_id: str,
+    error: str | BindParameter[Any],
+    timings: dict[str, int] | BindParameter[Any],
+) -> Update:
     return _finish(prediction_id, worker_id, Status.FAILED, error=error, timings=timings)
 
 
@@ -143,7 +153,7 @@ def cancel(prediction_id: str, tenant_id: str) -> Update:
     )
 
 
-def _finish(prediction_id: str, worker_id: str, status: Status, **values: Any) -> Update:
+def _finish(prediction_id: str | BindParameter[Any], worker_id: str, status: Status, **values: Any) -> Update:
     # Only the worker holding the claim may finish it.
     return (
         update(p)

@@ -4,30 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Insert, Select, cast, func, insert, literal, select
-from sqlalchemy.types import Date, Numeric
+from sqlalchemy import Select, Update, bindparam, cast, func, insert, literal, select
+from sqlalchemy.types import Date, Integer, Numeric
 
+from core.lifecycle import Status
 from core.tables import tenants, usage_records
 
 
-def record(prediction: Any, default_price: float) -> Insert:
-    """Bill a completed prediction row (from lifecycle.complete). Failed predictions are never billed."""
-    images = len(prediction["outputs"])
-    params = prediction["params"]
+def finish_and_bill(finish: Update, default_price: float) -> Select[Any]:
+    """A worker's final transition (lifecycle.complete or fail) and, if it completed the prediction, its usage
+    record, in one statement: billed in the same atomic step as the compare-and-set that finishes it, so
+    exactly once, and never when it failed. Returns the finished row, or nothing if the transition did not
+    happen. Executed with `charges(...)` among its parameters."""
+    finished = finish.cte("finished")
     price = func.coalesce(tenants.c.price_per_image, literal(default_price, Numeric(12, 6)))
-    source = select(
-        literal(prediction["id"]),
-        tenants.c.id,
-        literal(prediction["api_key_id"]),
-        literal(prediction["model"]),
-        literal(images),
-        literal(round(params["width"] * params["height"] / 2**20, 4), Numeric(10, 4)),
-        literal(params["num_inference_steps"]),
-        price,
-        price * images,
-    ).where(tenants.c.id == prediction["tenant_id"])
+    images = bindparam("images", type_=Integer)
+    source = (
+        select(
+            finished.c.id,
+            tenants.c.id,
+            finished.c.api_key_id,
+            finished.c.model,
+            images,
+            bindparam("megapixels", type_=Numeric(10, 4)),
+            bindparam("steps", type_=Integer),
+            price,
+            price * images,
+        )
+        .select_from(finished.join(tenants, tenants.c.id == finished.c.tenant_id))
+        .where(finished.c.status == Status.COMPLETED)
+    )
     columns = ["prediction_id", "tenant_id", "api_key_id", "model", "images", "megapixels", "steps"]
-    return insert(usage_records).from_select([*columns, "price_per_image", "amount"], source)
+    billed = insert(usage_records).from_select([*columns, "price_per_image", "amount"], source).cte("billed")
+    return select(finished).add_cte(billed)
+
+
+def charges(params: dict[str, Any], images: int) -> dict[str, Any]:
+    """What a prediction run with these GenerationParams and producing `images` is billed on."""
+    megapixels = round(params["width"] * params["height"] / 2**20, 4)
+    return {"images": images, "megapixels": megapixels, "steps": params["num_inference_steps"]}
 
 
 def totals(tenant_id: str | None, start: Any, end: Any) -> Select[Any]:

@@ -16,7 +16,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from sqlalchemy import Connection, Engine, Update
+from sqlalchemy import BindParameter, Connection, Engine, bindparam
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import images, lifecycle, quota, usage
@@ -55,7 +55,16 @@ class WorkerRuntime:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.release_script = self.redis.register_script(quota.RELEASE_SLOT_LUA)
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The task's statements, built once and compiled once (SQLAlchemy caches them); values bound per run
+        # (bound names may not be column names in an UPDATE).
+        s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
+        self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
+        timings: BindParameter[Any] = bindparam("final_timings")
+        completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
+        failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings)
+        self.complete = usage.finish_and_bill(completed, price)
+        self.fail = usage.finish_and_bill(failed, price)
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
@@ -65,7 +74,8 @@ class WorkerRuntime:
         runtime = cls(
             settings=settings,
             pipeline=KleinPipeline(settings.model_path, settings.device, settings),
-            engine=make_sync_engine(settings, pool_size=3),  # task, heartbeat, sweeper
+            # Task, heartbeat, sweeper. No ping per checkout: _db retries a dead connection's failure anyway.
+            engine=make_sync_engine(settings, pool_size=3, pre_ping=False),
             s3=s3,
             redis=redis.Redis.from_url(
                 settings.redis_url,
@@ -84,9 +94,8 @@ class WorkerRuntime:
         """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id."""
         claimed_at = time.perf_counter()
         settings = self.settings
-        claim = lifecycle.claim(prediction_id, self.worker_id, settings.lease_s, settings.max_attempts)
         try:
-            row = self._db(lambda conn: conn.execute(claim).mappings().first())
+            row = self._db(lambda conn: conn.execute(self.claim, {"prediction_id": prediction_id}).mappings().first())
         except (OperationalError, InterfaceError):
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
@@ -96,6 +105,7 @@ class WorkerRuntime:
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
             return
         timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
+        outputs: list[dict[str, Any]] = []
         with _Heartbeat(self, prediction_id) as heartbeat:
             try:
                 outputs = self._generate(prediction_id, row, timings, heartbeat.stop_reason)
@@ -103,15 +113,16 @@ class WorkerRuntime:
                 log.exception("prediction %s failed", prediction_id)
                 self.pipeline.release_memory()
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-                finish = lifecycle.fail(prediction_id, self.worker_id, _readable(exc), timings)
+                finish, values = self.fail, dict[str, Any](final_error=_readable(exc))
             else:
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-                finish = lifecycle.complete(prediction_id, self.worker_id, outputs, timings)
-        if self._finish(finish) is None:
+                finish, values = self.complete, {"final_outputs": outputs}
+        values |= {"prediction_id": prediction_id, "final_timings": timings}
+        values |= usage.charges(row["params"], len(outputs))
+        finished = self._db(lambda conn: conn.execute(finish, values).first())
+        if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
-        else:
-            self._release_slot(row["tenant_id"])
-        self._announce(prediction_id)
+        self._release_and_announce(prediction_id, row["tenant_id"] if finished is not None else None)
 
     def _generate(
         self, prediction_id: str, row: Any, timings: dict[str, int], stop_reason: Callable[[], str | None]
@@ -153,12 +164,15 @@ class WorkerRuntime:
                 log.warning("could not delete partial output %s", output["key"])
 
     def _db(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` in a transaction, retrying through database outages for up to `db_retry_s`."""
+        """Run `work`, one statement, retrying through database outages for up to `db_retry_s`.
+
+        Each of the worker's statements is atomic on its own (claim, finish-and-bill, renew), so they run
+        in autocommit: no BEGIN and COMMIT round trips on a prediction's path."""
         deadline = time.monotonic() + self.settings.db_retry_s
         delay = 0.2
         while True:
             try:
-                with self.engine.begin() as conn:
+                with self.autocommit.connect() as conn:
                     return work(conn)
             except (OperationalError, InterfaceError) as exc:
                 if time.monotonic() + delay > deadline:
@@ -167,28 +181,17 @@ class WorkerRuntime:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _finish(self, statement: Update) -> Any:
-        """Apply the final transition; a completion is billed in the same transaction, so exactly once."""
-
-        def finish(conn: Connection) -> Any:
-            row = conn.execute(statement).mappings().first()
-            if row is not None and row["status"] == lifecycle.Status.COMPLETED:
-                conn.execute(usage.record(row, self.settings.default_price_per_image))
-            return row
-
-        return self._db(finish)
-
-    def _release_slot(self, tenant_id: str) -> None:
+    def _release_and_announce(self, prediction_id: str, tenant_id: str | None) -> None:
+        """Give back the tenant's slot (when this worker finished the prediction) and publish that the row is
+        final, in one round trip. Waiters that miss the event fall back to their timeout."""
+        pipe = self.redis.pipeline(transaction=False)
+        if tenant_id is not None:
+            pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))
+        pipe.publish(self.settings.events_channel, prediction_id)
         try:
-            self.release_script(keys=[quota.in_flight_key(self.settings.queue_name, tenant_id)])
+            pipe.execute()
         except redis.RedisError:
-            log.warning("could not release the in-flight slot of tenant %s", tenant_id, exc_info=True)
-
-    def _announce(self, prediction_id: str) -> None:
-        try:
-            self.redis.publish(self.settings.events_channel, prediction_id)
-        except redis.RedisError:  # waiters fall back to their timeout; the row is already final
-            log.warning("could not publish completion of %s", prediction_id, exc_info=True)
+            log.warning("could not release the slot of or announce %s", prediction_id, exc_info=True)
 
 
 class _Heartbeat:
@@ -227,7 +230,7 @@ class _Heartbeat:
         # Often enough to keep the lease and to notice a cancel within about two seconds.
         while not self._done.wait(min(settings.lease_s / 3, 2.0)):
             try:
-                with self.runtime.engine.begin() as conn:
+                with self.runtime.autocommit.connect() as conn:
                     self.lost = conn.execute(renew).first() is None
             except (OperationalError, InterfaceError):
                 log.warning("heartbeat of %s missed (database unavailable)", self.prediction_id)
