@@ -106,6 +106,7 @@ class WorkerRuntime:
             return
         timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
         outputs: list[dict[str, Any]] = []
+        values: dict[str, Any]
         with _Heartbeat(self, prediction_id) as heartbeat:
             try:
                 outputs = self._generate(prediction_id, row, timings, heartbeat.stop_reason)
@@ -113,7 +114,7 @@ class WorkerRuntime:
                 log.exception("prediction %s failed", prediction_id)
                 self.pipeline.release_memory()
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-                finish, values = self.fail, dict[str, Any](final_error=_readable(exc))
+                finish, values = self.fail, {"final_error": _readable(exc)}
             else:
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
                 finish, values = self.complete, {"final_outputs": outputs}
