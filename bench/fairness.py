@@ -90,7 +90,7 @@ def main() -> int:
             "KLEIN_TRY_SYNC_TIMEOUT_S": "300",
             "HF_HUB_OFFLINE": "1",
         }
-        settings = Settings(**{k[6:].lower(): v for k, v in env.items() if k.startswith("KLEIN_")})
+        settings = Settings.model_validate({k[6:].lower(): v for k, v in env.items() if k.startswith("KLEIN_")})
         migrate(settings.sync_database_url)
         services.append(start_worker(env, root / "worker.log", "fairness"))
         api_service, api = start_api(env, root / "api.log")
