@@ -45,7 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ctx = AppContext(settings, engine, pg, redis, s3, waiter, limiter, keys)
         # Everything allocated so far lives as long as the process. Left to the collector, its full
         # collections walk all of it again and again: under load they took a fifth of the API's CPU and
-        # most of its p99 latency (docs/performance.md). Frozen, they only walk what requests allocate.
+        # most of its p99 latency (docs/performance.md). Frozen, they only walk what requests allocate;
+        # start-up's own garbage is collected first rather than kept for good.
+        gc.collect()
         gc.freeze()
         try:
             yield

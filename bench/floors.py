@@ -55,6 +55,7 @@ def create_app() -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await make_pool(settings)
         app.state.redis = RedisMux(settings.redis_url)
+        gc.collect()
         gc.freeze()
         try:
             yield
