@@ -1,6 +1,6 @@
 """The floor of figure 2: a bare Celery no-op round trip over the platform's broker.
 
-* `celery -A bench.noop:noop_app worker`, configured as core.queue configures the platform's workers;
+* `celery -A bench.noop:noop_app worker`, configured by core.queue exactly as the platform's workers are;
 * `python -m bench.noop --samples N --out PATH`, its client: send → worker → result, timed one at a time.
 
 Settings come from the environment: KLEIN_REDIS_URL, BENCH_NOOP_QUEUE.
@@ -17,25 +17,19 @@ from pathlib import Path
 
 from celery import Celery
 
+from core.queue import make_celery
+from core.settings import Settings
+
 NOOP_TASK = "bench.noop"
 
 
 def make_noop_app() -> Celery:
-    """Celery configured as core.queue configures the platform's (same broker, solo pool, acks late)."""
+    """The platform's own Celery configuration (core.queue.make_celery: broker options, priorities, solo pool,
+    acks late, no prefetch), with a Redis result backend so that the client can await the answer."""
     redis_url = os.environ.get("KLEIN_REDIS_URL", "redis://127.0.0.1:6379/14")
-    app = Celery("bench-noop", broker=redis_url, backend=redis_url, set_as_current=False)
-    app.conf.update(
-        task_default_queue=os.environ.get("BENCH_NOOP_QUEUE", "bench-noop"),
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_acks_late=True,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,
-        worker_pool="solo",
-        broker_connection_retry_on_startup=True,
-        result_expires=600,
-    )
+    queue = os.environ.get("BENCH_NOOP_QUEUE", "bench-noop")
+    app = make_celery(Settings(redis_url=redis_url, queue_name=queue))
+    app.conf.update(result_backend=redis_url, task_ignore_result=False, result_serializer="json", result_expires=600)
 
     @app.task(name=NOOP_TASK)
     def noop() -> None:
