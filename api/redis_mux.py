@@ -142,7 +142,7 @@ class RedisMux:
         self._connection: _Connection | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
-        self.connects = 0  # connections opened so far (benchmarks and tests read it)
+        self.connects = 0  # connections opened so far (the tests read it)
 
     async def execute(self, *args: Arg) -> Any:
         return _raise_error(await self._send(pack(args), 1))
