@@ -1,9 +1,9 @@
-"""Rate limits and in-flight slots for the API (scripts in core.quota), plus their response headers."""
+"""Rate limits and in-flight slots for the API (their keys and arithmetic in core.quota), plus their headers."""
 
 from __future__ import annotations
 
-import secrets
 import time
+from collections.abc import Callable
 
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,24 +14,27 @@ from core import quota
 
 
 class Limiter:
-    _RATE = Script(quota.RATE_LIMIT_LUA)
     _RELEASE = Script(quota.RELEASE_SLOT_LUA)
 
-    def __init__(self, redis: RedisMux, namespace: str) -> None:
+    def __init__(self, redis: RedisMux, namespace: str, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._namespace = namespace
+        self._clock = clock  # wall-clock seconds: replicas agree on the windows as far as their clocks do
 
     async def hit(self, tenant_id: str, api_key_id: str, limit: int) -> quota.RateDecision:
         """Count one request against the key's per-minute limit. Fails closed: no Redis, no request."""
-        key = quota.rate_key(self._namespace, tenant_id, api_key_id)
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000)
+        current, previous = quota.rate_keys(self._namespace, tenant_id, api_key_id, now_ms)
         try:
-            allowed, remaining, reset_s = await self._redis.run(
-                self._RATE, [key], [now_ms, quota.WINDOW_MS, limit, f"{now_ms}-{secrets.token_hex(4)}"]
+            counted, _, before = await self._redis.pipeline(
+                ("INCR", current), ("PEXPIRE", current, 2 * quota.WINDOW_MS), ("GET", previous)
             )
+            decision = quota.rate_decision(limit, int(counted), int(before or 0), now_ms)
+            if not decision.allowed:
+                await self._redis.execute("DECR", current)
         except RedisError as exc:
             raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
-        return quota.RateDecision(bool(allowed), limit, int(remaining), int(reset_s))
+        return decision
 
     async def take_slot(self, tenant_id: str, max_in_flight: int) -> int:
         """Reserve an in-flight slot; returns how many the tenant held before. 429 when none is free.

@@ -42,7 +42,8 @@ def test_a_concurrent_burst_lets_exactly_the_limit_through(stack: Stack) -> None
     statuses = sorted(a.status_code for a in answers)
     assert statuses.count(200) == 20 and statuses.count(429) == 30
     limited = next(a for a in answers if a.status_code == 429)
-    assert 1 <= int(limited.headers["retry-after"]) <= 60
+    # Until the next minute has decayed this full one to 19: at most 60 s + 60 s / 20.
+    assert 1 <= int(limited.headers["retry-after"]) <= 63
     assert limited.headers["ratelimit-policy"] == '"per-key";q=20;w=60'
     assert limited.headers["ratelimit"].startswith('"per-key";r=0;t=')
     assert "20 requests per minute" in limited.json()["error"]
@@ -58,6 +59,40 @@ def test_the_rate_limit_is_per_key(stack: Stack) -> None:
     for key, expected in ((first.key, [200, 200, 200, 429]), (second.key, [200, 200, 200, 429])):
         got = [httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": key}).status_code for _ in range(4)]
         assert got == expected
+
+
+def test_the_rate_window_slides_across_minutes() -> None:
+    """The limiter on real Redis at chosen clock times: a full minute blocks until the next one has decayed
+    enough of it, the previous minute's count weighs in by how much of it the last 60 s cover, and
+    denied requests do not count."""
+    window = quota.WINDOW_MS / 1000
+    start = (time.time() // window + 1) * window  # the start of a minute
+    clock = [start]
+
+    async def scenario() -> None:
+        redis = RedisMux(REDIS_URL)
+        limiter = Limiter(redis, f"rate-test-{secrets.token_hex(4)}", clock=lambda: clock[0])
+
+        async def hits(at_s: float, n: int = 1) -> list[quota.RateDecision]:
+            clock[0] = start + at_s
+            return [await limiter.hit("t", "k", 10) for _ in range(n)]
+
+        first = await hits(0, 12)
+        assert [d.allowed for d in first] == [True] * 10 + [False, False]
+        assert [d.remaining for d in first[:3]] == [9, 8, 7] and first[0].reset_s == 60
+        (denied,) = await hits(20)
+        assert (denied.allowed, denied.reset_s) == (False, 46)  # the next minute opens in 40 s; 10 must decay to 9
+        assert not (await hits(65))[0].allowed  # ceil(10 × 55/60) = 10 still count
+        assert [(d.allowed, d.remaining) for d in await hits(66)] == [(True, 0)]  # ceil(10 × 54/60) = 9
+        later = await hits(90, 6)  # ceil(10 × 30/60) = 5 carried + 1 at 66 s + 4 now = 10
+        assert [d.allowed for d in later] == [True] * 4 + [False] * 2
+        assert (await hits(150))[0].remaining == 6  # ceil(5 × 30/60) = 3 carried, 1 now
+        assert (await hits(240))[0].remaining == 9  # nothing in the previous minute: a fresh allowance
+        # A count that still holds 15 concurrent denials (not yet given back) waits as for a full minute.
+        assert quota.rate_decision(20, 35, 0, 0).reset_s == quota.rate_decision(20, 21, 0, 0).reset_s == 63
+        await redis.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_a_limit_check_without_redis_fails_closed() -> None:
