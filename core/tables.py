@@ -51,7 +51,9 @@ predictions = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
-    Column("api_key_id", String(32), ForeignKey("api_keys.id", ondelete="SET NULL")),
+    # The submitting key, deliberately without a foreign key: its check locked the key's row on every insert
+    # (migrations/versions/0004). Keys are never deleted but with their tenant, whose predictions go too.
+    Column("api_key_id", String(32)),
     Column("model", Text, nullable=False),
     Column("input", JSONB, nullable=False),  # the validated input as the client sent it, defaults filled
     Column("params", JSONB, nullable=False),  # models.klein.GenerationParams: what the worker runs, seed resolved

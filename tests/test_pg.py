@@ -7,6 +7,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine
 
 from api.errors import unstorable_value
 from api.pg import make_pool
@@ -14,6 +17,7 @@ from api.predictions import CREATE, READ
 from core import lifecycle
 from core.ids import new_id
 from core.settings import Settings
+from core.tables import metadata
 from core.tenants import IssuedKey
 
 
@@ -71,3 +75,8 @@ def test_asyncpg_errors_map_like_sqlalchemys() -> None:
     assert unstorable_value(asyncpg.exceptions.UntranslatableCharacterError("\\u0000 cannot be converted")) is not None
     assert unstorable_value(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")) is None
     assert unstorable_value(OSError("refused")) is None
+
+
+def test_the_migrations_build_exactly_the_schema_of_core_tables(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
