@@ -6,7 +6,8 @@ Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker proc
 2. Predictions `created` for longer than `requeue_grace_s` that are not in the broker — Redis lost
    them (restart without persistence) or the API died between its commit and the enqueue — are
    enqueued again. The API adds each id to a Redis set before enqueueing; a worker removes it when it
-   claims the prediction, so "not in the set" means "not in the broker".
+   claims the prediction, so "not in the set" means "not in the broker". A pass checks the rows that
+   came due since the previous one; every `FULL_CHECK_EVERY_S`, and after Redis lost its data, all.
 3. If Redis lost its data, the per-tenant in-flight counters are rebuilt from PostgreSQL.
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
 """
@@ -18,7 +19,8 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import redis
 from sqlalchemy import Engine, func, select
@@ -31,6 +33,7 @@ from core.tables import predictions as p
 
 log = logging.getLogger(__name__)
 LOST_CHECK_PAGE = 1000  # ids asked of Redis at a time
+FULL_CHECK_EVERY_S = 300.0  # between full checks, a pass looks only at what came due since the last one
 
 
 @dataclass
@@ -90,13 +93,19 @@ class Sweeper:
                 report.requeued_lapsed += 1
 
     def _lost(self, report: SweepReport) -> None:
+        """Check the `created` rows that came due since the last pass (all of them every FULL_CHECK_EVERY_S,
+        and whenever Redis lost the sweeper's state with its data): each pass costs what arrived, not the
+        whole backlog (docs/performance.md, figure 5)."""
         grace = timedelta(seconds=self.settings.requeue_grace_s)
+        state = f"{self.settings.queue_name}:sweeper-checked"
+        checked = {str(k, "ascii"): float(v) for k, v in cast(dict[bytes, bytes], self.redis.hgetall(state)).items()}
         with self.engine.connect() as conn:
-            waiting = (
-                conn.execute(select(p.c.id).where(p.c.status == Status.CREATED, p.c.created_at < func.now() - grace))
-                .scalars()
-                .all()
-            )
+            due = conn.execute(select(func.now() - grace)).scalar_one()  # the database's clock, as created_at's
+            query = select(p.c.id).where(p.c.status == Status.CREATED, p.c.created_at < due)
+            full = "to" not in checked or due.timestamp() - checked.get("full", 0.0) >= FULL_CHECK_EVERY_S
+            if not full:  # from one grace period before the last boundary: a slow commit is still seen
+                query = query.where(p.c.created_at >= datetime.fromtimestamp(checked["to"], UTC) - grace)
+            waiting = conn.execute(query).scalars().all()
         # In pages: one SMISMEMBER of a deep backlog's 100,000 ids would hold Redis, and every API request
         # behind it, for tens of milliseconds (docs/performance.md, figure 5).
         for start in range(0, len(waiting), LOST_CHECK_PAGE):
@@ -106,6 +115,9 @@ class Sweeper:
                 if not queued:
                     self._enqueue(prediction_id)
                     report.requeued_lost += 1
+        self.redis.hset(state, "to", due.timestamp())
+        if full:
+            self.redis.hset(state, "full", due.timestamp())
 
     def _rebuild_counters_if_lost(self, report: SweepReport) -> None:
         epoch = f"{self.settings.queue_name}:epoch"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -71,6 +72,9 @@ predictions = Table(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
     Index("predictions_tenant_created", "tenant_id", "created_at"),
+    # The sweeper's scans (core/sweeper.py): only the rows in each state, not the whole history.
+    Index("predictions_waiting", "created_at", postgresql_where=text("status = 'created'")),
+    Index("predictions_leased", "lease_expires_at", postgresql_where=text("status = 'processing'")),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.

@@ -1,14 +1,23 @@
-"""The message the API publishes is the message Celery itself would publish."""
+"""The message the API publishes is the message Celery itself would publish; the sweeper finds what the broker lost."""
 
 from __future__ import annotations
 
 import base64
+import secrets
+import time
+from datetime import timedelta
 
 import orjson
 import redis
+from sqlalchemy import Engine, func, update
 
+from core.ids import new_id
+from core.lifecycle import Status
 from core.queue import PREDICT_TASK, enqueue, list_key, make_celery, queued_key, task_message
 from core.settings import Settings
+from core.sweeper import Sweeper
+from core.tables import predictions
+from core.tenants import IssuedKey
 from tests.stack import REDIS_URL
 
 
@@ -50,3 +59,56 @@ def test_enqueue_marks_the_id_for_the_sweeper_and_pushes_one_message() -> None:
     assert client.sismember(queued_key(settings), "p2")
     assert client.llen(list_key(settings.queue_name, 3)) == 1
     client.delete(queued_key(settings), list_key(settings.queue_name, 3))
+
+
+def test_the_sweeper_checks_what_came_due_and_everything_at_each_full_check(
+    settings: Settings, engine: Engine, tenant: IssuedKey
+) -> None:
+    """Lost predictions (created, not in the broker) are enqueued again: every one at a full check (the
+    first pass, then every FULL_CHECK_EVERY_S); in between, only those that came due since the last pass."""
+    client = redis.Redis.from_url(settings.redis_url)
+    own = settings.model_copy(update={"queue_name": f"sweep-test-{secrets.token_hex(4)}"})
+    platform_lock = f"{settings.queue_name}:sweeper-lock"  # the running workers' sweepers keep out meanwhile
+    deadline = time.monotonic() + 30
+    while not client.set(platform_lock, "test", nx=True, px=60_000):
+        assert time.monotonic() < deadline, "the platform's sweeper lock was never free"
+        time.sleep(0.1)
+    sweeper = Sweeper(own, engine, client)
+
+    def lost(age_s: float) -> str:
+        pid = new_id()
+        with engine.begin() as conn:
+            conn.execute(
+                predictions.insert().values(
+                    id=pid,
+                    tenant_id=tenant.tenant_id,
+                    model="flux-klein-4b",
+                    input={},
+                    params={},
+                    created_at=func.now() - timedelta(seconds=age_s),
+                )
+            )
+        return pid
+
+    def requeued(pid: str) -> bool:
+        return bool(client.sismember(queued_key(own), pid))
+
+    grace = own.requeue_grace_s
+    try:
+        old = lost(3600)
+        assert sweeper.sweep() is not None and requeued(old)  # the first pass is a full check
+        older, newly_due, not_yet = lost(7200), lost(grace + 1), lost(grace / 2)
+        sweeper.sweep()
+        assert requeued(newly_due) and not requeued(older) and not requeued(not_yet)
+        client.hset(f"{own.queue_name}:sweeper-checked", "full", 0)  # five minutes on
+        sweeper.sweep()
+        assert requeued(older) and not requeued(not_yet)
+    finally:
+        with engine.begin() as conn:  # nothing left for the platform's sweepers
+            conn.execute(
+                update(predictions).where(predictions.c.tenant_id == tenant.tenant_id).values(status=Status.CANCELED)
+            )
+        client.delete(
+            platform_lock, queued_key(own), f"{own.queue_name}:sweeper-checked", *client.keys(f"{own.queue_name}*")
+        )
+        client.close()
