@@ -105,10 +105,7 @@ def test_the_sweeper_checks_what_came_due_and_everything_at_each_full_check(
         assert requeued(older) and not requeued(not_yet)
     finally:
         with engine.begin() as conn:  # nothing left for the platform's sweepers
-            conn.execute(
-                update(predictions).where(predictions.c.tenant_id == tenant.tenant_id).values(status=Status.CANCELED)
-            )
-        client.delete(
-            platform_lock, queued_key(own), f"{own.queue_name}:sweeper-checked", *client.keys(f"{own.queue_name}*")
-        )
+            mine = predictions.c.tenant_id == tenant.tenant_id
+            conn.execute(update(predictions).where(mine).values(status=Status.CANCELED))
+        client.delete(platform_lock, *client.keys(f"{own.queue_name}*"))  # the set, lists and sweeper state
         client.close()
