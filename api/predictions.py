@@ -20,6 +20,7 @@ from api.errors import ApiError
 from api.objects import put_object
 from api.pg import Statement
 from api.references import Reference
+from api.waiter import Completion
 from core import lifecycle
 from core.ids import new_id
 from core.queue import queued_key, task_message
@@ -71,7 +72,7 @@ async def submit(
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
         await _enqueue_or_fail(ctx, principal, prediction_id, held)
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
-            return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
+            return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
     return row
 
 
@@ -158,8 +159,15 @@ async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wai
 
 
 async def _wait(
-    ctx: AppContext, principal: Principal, prediction_id: str, finished: asyncio.Event, wait_s: float
+    ctx: AppContext,
+    principal: Principal,
+    prediction_id: str,
+    finished: Completion,
+    wait_s: float,
+    stored: Row | None = None,
 ) -> Row | None:
+    """The row once it is final, or as it is after `wait_s`. With the row as `stored` (the insert's, with
+    input and params), a worker's completion event answers without reading the row back."""
     deadline = time.monotonic() + wait_s
     while (remaining := deadline - time.monotonic()) > 0:
         try:
@@ -167,6 +175,9 @@ async def _wait(
         except TimeoutError:
             break
         finished.clear()
+        final = finished.final_row
+        if stored is not None and final is not None and final["tenant_id"] == principal.tenant_id:
+            return {**stored, **final}
         row = await fetch(ctx, principal, prediction_id)
         if row is not None and lifecycle.Status(row["status"]).terminal:
             return row

@@ -3,7 +3,8 @@
 The same subscription carries the process's other notices (`also`: channel → handler, e.g. "API keys
 changed"); each handler is also called after a (re)subscription, when notices may have been missed.
 
-Workers publish a prediction's id on `settings.events_channel` once its row is final. A
+Workers publish a prediction's id on `settings.events_channel` once its row is final, with the
+final row when they finished it (core/events.py): a waiter woken with it need not read the row. A
 request registers its interest *before* the prediction is enqueued, so a completion can
 never slip between enqueueing and starting to wait. After a (re)subscription every waiter
 is woken once to re-read its row, covering messages published while disconnected.
@@ -16,11 +17,21 @@ import contextlib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core import events
+
 log = logging.getLogger(__name__)
+
+
+class Completion(asyncio.Event):
+    """Set when the prediction's row may have become final; `final_row` holds the row (less input and
+    params) when the event carried it."""
+
+    final_row: dict[str, Any] | None = None
 
 
 class CompletionWaiter:
@@ -28,7 +39,7 @@ class CompletionWaiter:
         self._redis = redis
         self._channel = channel
         self._also = also or {}
-        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._events: dict[str, set[Completion]] = defaultdict(set)
         self._per_tenant: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
@@ -52,8 +63,8 @@ class CompletionWaiter:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, prediction_id: str, tenant_id: str = "") -> Iterator[asyncio.Event]:
-        event = asyncio.Event()
+    def watch(self, prediction_id: str, tenant_id: str = "") -> Iterator[Completion]:
+        event = Completion()
         self._events[prediction_id].add(event)
         self._per_tenant[tenant_id] += 1
         try:
@@ -62,19 +73,30 @@ class CompletionWaiter:
             self._per_tenant[tenant_id] -= 1
             if not self._per_tenant[tenant_id]:
                 del self._per_tenant[tenant_id]
-            events = self._events.get(prediction_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
+            waiting = self._events.get(prediction_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
                     del self._events[prediction_id]
 
-    def _wake(self, prediction_id: str) -> None:
-        for event in self._events.get(prediction_id, ()):
+    def _wake(self, data: bytes) -> None:
+        prediction_id, encoded = events.parse(data)
+        waiting = self._events.get(prediction_id)
+        if not waiting:  # every API process hears every completion; most are someone else's
+            return
+        final_row = None
+        if encoded:
+            try:
+                final_row = events.final_row(encoded)
+            except ValueError:
+                log.warning("unreadable completion event for %s; its waiters read the row", prediction_id)
+        for event in waiting:
+            event.final_row = final_row
             event.set()
 
     def _wake_all(self) -> None:
-        for events in self._events.values():
-            for event in events:
+        for waiting in self._events.values():
+            for event in waiting:
                 event.set()
 
     async def _listen(self) -> None:
@@ -89,11 +111,11 @@ class CompletionWaiter:
                     handler("")
                 backoff = 0.1
                 async for message in pubsub.listen():
-                    channel, data = (_text(message["channel"]), _text(message["data"]))
+                    channel, data = _text(message["channel"]), message["data"]
                     if channel == self._channel:
-                        self._wake(data)
+                        self._wake(data if isinstance(data, bytes) else str(data).encode())
                     elif channel in self._also:
-                        self._also[channel](data)
+                        self._also[channel](_text(data))
             except (RedisError, OSError) as exc:
                 self.subscribed.clear()
                 log.warning("event subscription lost (%s); retrying in %.1f s", exc, backoff)

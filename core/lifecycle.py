@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import BindParameter, Insert, Update, and_, func, insert, or_, update
 
+from core.events import FINAL_COLUMNS
 from core.tables import predictions as p
 
 
@@ -154,10 +155,10 @@ def cancel(prediction_id: str, tenant_id: str) -> Update:
 
 
 def _finish(prediction_id: str | BindParameter[Any], worker_id: str, status: Status, **values: Any) -> Update:
-    # Only the worker holding the claim may finish it.
+    # Only the worker holding the claim may finish it. The row comes back as its completion event carries it.
     return (
         update(p)
         .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.worker_id == worker_id)
         .values(status=status, completed_at=func.now(), lease_expires_at=None, **values)
-        .returning(p)
+        .returning(*FINAL_COLUMNS)
     )

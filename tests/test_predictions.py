@@ -67,6 +67,7 @@ def test_try_sync_answers_with_the_finished_prediction(client: httpx.Client) -> 
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["status"] == "succeeded" and body["seed"] == 7
+    assert client.get(body["get_url"]).json() == body  # the answer from the completion event is the stored row
     image = client.get(body["generation_url"])
     assert image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)

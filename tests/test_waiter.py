@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import redis
 from redis.asyncio import Redis
 
 from api.waiter import CompletionWaiter
+from core import events
 from tests.stack import REDIS_URL
 
 
@@ -30,6 +33,7 @@ def test_a_published_completion_wakes_only_its_waiters() -> None:
             await client.publish("waiter-test:done", "a")
             assert await _wait(a1) and await _wait(a2)
             assert not await _wait(b, 0.3)
+            assert a1.final_row is None  # the id alone: the waiter reads the row itself
         assert waiter.waiting == 0
         await waiter.stop()
         await client.aclose()
@@ -48,6 +52,26 @@ def test_waiters_are_woken_after_the_subscription_is_lost_and_restored() -> None
             redis.Redis.from_url(REDIS_URL).client_kill_filter(_type="pubsub")
             assert await _wait(c, 5.0)
         assert waiter.subscribed.is_set()
+        await waiter.stop()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_completion_with_the_final_row_hands_it_to_the_waiters() -> None:
+    finished_at = datetime(2026, 12, 2, 4, 5, 6, 789012, tzinfo=timezone(timedelta(hours=1)))
+    final: dict[str, Any] = {"id": "d", "tenant_id": "t", "status": "completed", "outputs": [{"filename": "o.png"}]}
+    final |= {"completed_at": finished_at, "started_at": None, "error": None}
+
+    async def scenario() -> None:
+        client = Redis.from_url(REDIS_URL)
+        waiter = CompletionWaiter(client, "waiter-test-3:done")
+        await waiter.start()
+        with waiter.watch("d") as d:
+            await client.publish("waiter-test-3:done", events.completion("d", final))
+            assert await _wait(d)
+        assert d.final_row == final
+        assert d.final_row is not None and d.final_row["completed_at"].tzinfo == UTC  # as the API's reads give it
         await waiter.stop()
         await client.aclose()
 

@@ -9,7 +9,7 @@ import httpx
 import redis
 from sqlalchemy import select
 
-from core import lifecycle
+from core import events, lifecycle, quota
 from core.ids import new_id
 from core.queue import enqueue
 from core.tables import predictions
@@ -74,6 +74,29 @@ def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
         "/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json={"input": {"prompt": "ok"}}
     )
     assert after.json()["status"] == "succeeded"
+
+
+def test_the_finish_is_announced_with_the_final_row_and_gives_the_slot_back(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client
+) -> None:
+    """Try-Sync answers from this event (api/predictions.py), so it must be the row as stored."""
+    subscription = broker(stack).pubsub(ignore_subscribe_messages=True)
+    subscription.subscribe(stack.settings.events_channel)
+    answer = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": {"prompt": "news"}})
+    pid = answer.json()["id"]
+    deadline = time.monotonic() + 60
+    announced = b""
+    while not announced:
+        assert time.monotonic() < deadline, "no completion event"
+        message = subscription.get_message(timeout=1.0)
+        if message is not None and events.parse(message["data"])[0] == pid:
+            announced = events.parse(message["data"])[1]
+    stored = dict(row(stack, pid))
+    assert stored["status"] == "completed"
+    assert events.final_row(announced) == {k: v for k, v in stored.items() if k not in ("input", "params")}
+    in_flight = broker(stack).get(quota.in_flight_key(stack.settings.queue_name, tenant.tenant_id))
+    assert int(in_flight or 0) == 0
+    subscription.close()
 
 
 def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stack, client: httpx.Client) -> None:

@@ -17,10 +17,10 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from sqlalchemy import BindParameter, Connection, Engine, bindparam
+from sqlalchemy import BindParameter, Connection, Engine, RowMapping, bindparam
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core import images, lifecycle, quota, usage
+from core import events, images, lifecycle, quota, usage
 from core.db import make_sync_engine
 from core.queue import queued_key
 from core.settings import Settings
@@ -122,10 +122,10 @@ class WorkerRuntime:
                 finish, values = self.complete, {"final_outputs": outputs}
         values |= {"prediction_id": prediction_id, "final_timings": timings}
         values |= usage.charges(row["params"], len(outputs))
-        finished = self._db(lambda conn: conn.execute(finish, values).first())
+        finished = self._db(lambda conn: conn.execute(finish, values).mappings().first())
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
-        self._release_and_announce(prediction_id, row["tenant_id"] if finished is not None else None)
+        self._release_and_announce(prediction_id, finished)
 
     def _generate(
         self, prediction_id: str, row: Any, timings: dict[str, int], stop_reason: Callable[[], str | None]
@@ -184,13 +184,19 @@ class WorkerRuntime:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _release_and_announce(self, prediction_id: str, tenant_id: str | None) -> None:
-        """Give back the tenant's slot (when this worker finished the prediction) and publish that the row is
-        final, in one round trip. Waiters that miss the event fall back to their timeout."""
+    def _release_and_announce(self, prediction_id: str, finished: RowMapping | None) -> None:
+        """When this worker finished the prediction, give back the tenant's slot and publish the final row;
+        else publish that the row changed. One round trip. Waiters that miss the event fall back to their
+        timeout."""
+        try:
+            message = events.completion(prediction_id, finished)
+        except TypeError:  # a value JSON cannot hold: waiters read the row instead, and the slot still goes back
+            log.exception("could not encode the final row of %s", prediction_id)
+            message = events.completion(prediction_id)
         pipe = self.redis.pipeline(transaction=False)
-        if tenant_id is not None:
-            pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))
-        pipe.publish(self.settings.events_channel, prediction_id)
+        if finished is not None:
+            pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, finished["tenant_id"]))
+        pipe.publish(self.settings.events_channel, message)
         try:
             pipe.execute()
         except redis.RedisError:
