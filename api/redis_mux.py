@@ -46,19 +46,9 @@ class Script:
 
 
 def pack(args: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int | float) and not isinstance(arg, bool):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"Redis arguments are str, bytes, int or float, not {type(arg).__name__}")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    """One command in RESP: an array of bulk strings (hiredis packs it in C: a third of the CPU of doing so
+    in Python, for the six commands of a submit). TypeError for anything but str, bytes, int or float."""
+    return hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # its stub says a 1-tuple
 
 
 class _Connection(asyncio.Protocol):
