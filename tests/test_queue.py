@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+import uuid
 from datetime import timedelta
 
 import orjson
@@ -49,6 +50,17 @@ def test_task_message_matches_what_celery_publishes() -> None:
         assert our_shape == celery_shape
         assert our_message["headers"]["id"] == our_message["headers"]["root_id"]
         assert our_message["properties"]["correlation_id"] == our_message["headers"]["id"]
+
+
+def test_each_message_has_its_own_version_4_uuids() -> None:
+    seen = set()
+    for _ in range(1000):
+        message = orjson.loads(task_message("q", "p", 0)[1])
+        for text in (message["headers"]["id"], message["properties"]["delivery_tag"]):
+            parsed = uuid.UUID(text)
+            assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+            seen.add(text)
+    assert len(seen) == 2000
 
 
 def test_enqueue_marks_the_id_for_the_sweeper_and_pushes_one_message() -> None:
