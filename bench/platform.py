@@ -9,7 +9,7 @@ ratio holds on a noisy machine:
 1. Submit throughput: POST /v1/predictions (auth, rate limit, validation, insert, enqueue) vs a floor that
    parses the JSON, inserts one row with raw asyncpg and pushes one Redis message. No worker drains.
 2. Try-Sync overhead: client latency minus the worker's own pipeline time (inference + encode + upload,
-   from the prediction's timings) vs a bare Celery no-op round trip on the same broker.
+   from the prediction's timings) vs a bare Celery no-op round trip on the same broker, in alternating blocks.
 3. Status reads: GET /v1/predictions/status/{id} vs the same primary-key read with raw asyncpg.
 4. Waiting clients: W concurrent Try-Sync requests held by one fresh API process while workers are held
    back, then drained: every answer checked; the API's RSS and its Redis connections, at W and at W/10.
@@ -977,7 +977,19 @@ class Bench:
 
     # -- 2 ---------------------------------------------------------------------------------------------------------
 
-    def try_sync_samples(self, samples: int, warmup: int) -> dict[str, Any]:
+    def try_sync_alternating(self, samples: int, warmup: int) -> dict[str, Any]:
+        """Ours and the Celery no-op in alternating blocks, the no-op first and last, so that the machine's
+        drift moves both sides alike; each side's samples pooled."""
+        blocks = max(1, min(2 * self.plan.rounds, samples // 10))
+        per_noop = max(20, self.plan.noop_samples // (blocks + 1))
+        noop = self.noop_latencies(per_noop)
+        records: list[dict[str, Any]] = []
+        for block in range(blocks):
+            records += self.try_sync_records(samples // blocks + (block < samples % blocks), warmup)
+            noop += self.noop_latencies(per_noop)
+        return self.try_sync_summary(records) | {"noop": summarize(noop), "blocks": blocks}
+
+    def try_sync_records(self, samples: int, warmup: int) -> list[dict[str, Any]]:
         spec = {
             "url": f"{self.stack.api_url}/v1/predictions",
             "method": "POST",
@@ -987,8 +999,11 @@ class Bench:
             "requests": samples + warmup,
             "record": True,
         }
-        result = self.loadgen.run(spec, timeout=samples * 60 + 120)
-        records = result["records"][warmup:]
+        records: list[dict[str, Any]] = self.loadgen.run(spec, timeout=samples * 60 + 120)["records"][warmup:]
+        return records
+
+    @staticmethod
+    def try_sync_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         overhead: list[float] = []
         overhead_inf: list[float] = []
         client: list[float] = []
@@ -1020,63 +1035,50 @@ class Bench:
             "work_p50_ms": {k: percentile(v, 50) for k, v in work.items()},
         }
 
-    def noop_round_trips(self) -> dict[str, Any]:
+    def noop_latencies(self, samples: int) -> list[float]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "noop.json"
-            args = [
-                sys.executable,
-                "-m",
-                "bench.noop",
-                "--samples",
-                str(self.plan.noop_samples),
-                "--warmup",
-                "20",
-                "--out",
-                str(out),
-            ]
+            args = [sys.executable, "-m", "bench.noop", "--samples", str(samples), "--warmup", "20", "--out", str(out)]
             proc = subprocess.run(args, cwd=ROOT, env=self.stack.env, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"noop client failed: {proc.stderr[-2000:]}")
-            return summarize(json.loads(out.read_text())["latencies_ms"])
+            latencies: list[float] = json.loads(out.read_text())["latencies_ms"]
+            return latencies
 
     def figure_try_sync(self) -> None:
         plan, s = self.plan, self.stack
         log("2. Try-Sync overhead: client latency − (inference + encode + upload) vs a bare Celery no-op round trip")
+        log("  each variant in alternating blocks with the no-op, which runs first and last")
         if not s.external:
             s.reset()
             s.open_gate()  # stub workers run freely here
         noop_worker = s.start_noop_worker()
-        noop = self.noop_round_trips()
-        log(f"  Celery no-op round trip: p50 {noop['p50_ms']:.2f} ms, p99 {noop['p99_ms']:.2f} ms (n={noop['n']})")
         variants: dict[str, dict[str, Any]] = {}
         if s.external:
-            variants["the running platform's workers"] = self.try_sync_samples(plan.sync_stub_samples, 2)
+            variants["the running platform's workers"] = self.try_sync_alternating(plan.sync_stub_samples, 2)
         elif plan.sync_real_samples:
             for stub in list(s.stubs):
                 s.stop_worker(stub)
             worker = s.start_real_worker()
-            variants["tiny pipeline 1 MP, real worker"] = self.try_sync_samples(plan.sync_real_samples, 2)
+            variants["tiny pipeline 1 MP, real worker"] = self.try_sync_alternating(plan.sync_real_samples, 2)
             s.stop_worker(worker)
         if not s.external:
             s.ensure_stubs(1)
-            variants["stub pipeline, real worker task"] = self.try_sync_samples(plan.sync_stub_samples, 5)
-        noops = [noop] if plan.short else [noop, self.noop_round_trips()]  # before and after ours: drift
+            variants["stub pipeline, real worker task"] = self.try_sync_alternating(plan.sync_stub_samples, 5)
         s.stop_worker(noop_worker)
-        noop_all = {"runs": noops}
-        floor_p50 = statistics.median(n["p50_ms"] for n in noops)
-        floor_p99 = statistics.median(n["p99_ms"] for n in noops)
-        self.results["2_try_sync"] = {"noop": noop_all, "variants": variants}
+        self.results["2_try_sync"] = {"variants": variants}
         for name, v in variants.items():
-            o = v["overhead"]
+            o, floor = v["overhead"], v["noop"]
             log(
-                f"  {name}: overhead p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms; parts p50 {v['parts_p50_ms']}; "
-                f"work p50 {v['work_p50_ms']}; failed {v['failed']}"
+                f"  {name}: overhead p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms in {v['blocks']} block(s); "
+                f"no-op p50 {floor['p50_ms']:.2f} ms p99 {floor['p99_ms']:.2f} ms (n={floor['n']}); "
+                f"parts p50 {v['parts_p50_ms']}; work p50 {v['work_p50_ms']}; failed {v['failed']}"
             )
-            ratio = o["p50_ms"] / floor_p50
+            ratio = o["p50_ms"] / floor["p50_ms"]
             self.row(
                 f"2. Try-Sync overhead, {name} (ms, n={v['samples']})",
                 f"p50 {fmt(o['p50_ms'])} / p99 {fmt(o['p99_ms'])}",
-                f"p50 {fmt(floor_p50, 2)} / p99 {fmt(floor_p99, 2)} (Celery no-op)",
+                f"p50 {fmt(floor['p50_ms'], 2)} / p99 {fmt(floor['p99_ms'], 2)} (Celery no-op, n={floor['n']})",
                 f"{ratio:.1f}",
                 "p50 ≤ 2",
                 self.verdict(ratio <= 2, v["failed"] == 0),
