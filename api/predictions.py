@@ -202,6 +202,9 @@ async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> R
         canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
     if canceled is not None:
         await ctx.limiter.release_slot(principal.tenant_id)
-        await ctx.redis.execute("PUBLISH", ctx.settings.events_channel, prediction_id)
+        # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
+        await ctx.redis.pipeline(
+            ("SREM", queued_key(ctx.settings), prediction_id), ("PUBLISH", ctx.settings.events_channel, prediction_id)
+        )
         return dict(canceled)
     return await fetch_or_404(ctx, principal, prediction_id)

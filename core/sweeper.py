@@ -5,8 +5,9 @@ Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker proc
    are left, else fail with the reason.
 2. Predictions `created` for longer than `requeue_grace_s` that are not in the broker — Redis lost
    them (restart without persistence) or the API died between its commit and the enqueue — are
-   enqueued again. The API adds each id to a Redis set before enqueueing; a worker removes it when it
-   claims the prediction, so "not in the set" means "not in the broker". A pass checks the rows that
+   enqueued again. The API adds each id to a Redis set as it enqueues; it leaves the set only once a
+   worker has taken its message (core.queue.queued_key), so for a `created` row "not in the set" means
+   "not in the broker". A pass checks the rows that
    came due since the previous one; every `FULL_CHECK_EVERY_S`, and after Redis lost its data, all.
 3. If Redis lost its data, the per-tenant in-flight counters are rebuilt from PostgreSQL.
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
@@ -83,6 +84,7 @@ class Sweeper:
                     row = conn.execute(lifecycle.give_up(prediction_id, error)).first()
                 if row is not None:
                     self._release_slot(row.tenant_id)
+                    self.redis.srem(queued_key(self.settings), prediction_id)  # its worker died before doing so
                     self.redis.publish(self.settings.events_channel, prediction_id)
                     report.failed_lapsed += 1
                 continue

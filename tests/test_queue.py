@@ -121,3 +121,39 @@ def test_the_sweeper_checks_what_came_due_and_everything_at_each_full_check(
             conn.execute(update(predictions).where(mine).values(status=Status.CANCELED))
         client.delete(platform_lock, *client.keys(f"{own.queue_name}*"))  # the set, lists and sweeper state
         client.close()
+
+
+def test_a_prediction_the_sweeper_gives_up_on_leaves_the_queued_set(
+    settings: Settings, engine: Engine, tenant: IssuedKey
+) -> None:
+    """Its last worker died before its last round trip, which would have taken the id out of the set."""
+    client = redis.Redis.from_url(settings.redis_url)
+    own = settings.model_copy(update={"queue_name": f"give-up-test-{secrets.token_hex(4)}"})
+    platform_lock = f"{settings.queue_name}:sweeper-lock"  # the running workers' sweepers keep out meanwhile
+    deadline = time.monotonic() + 30
+    while not client.set(platform_lock, "test", nx=True, px=60_000):
+        assert time.monotonic() < deadline, "the platform's sweeper lock was never free"
+        time.sleep(0.1)
+    pid = new_id()
+    with engine.begin() as conn:
+        conn.execute(
+            predictions.insert().values(
+                id=pid,
+                tenant_id=tenant.tenant_id,
+                model="flux-klein-4b",
+                input={},
+                params={},
+                status=Status.PROCESSING,
+                attempts=own.max_attempts,
+                worker_id="gone",
+                lease_expires_at=func.now() - timedelta(seconds=1),
+            )
+        )
+    client.sadd(queued_key(own), pid)
+    try:
+        report = Sweeper(own, engine, client).sweep()
+        assert report is not None and report.failed_lapsed == 1
+        assert not client.sismember(queued_key(own), pid)
+    finally:
+        client.delete(platform_lock, *client.keys(f"{own.queue_name}*"))
+        client.close()

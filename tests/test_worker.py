@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from core import events, lifecycle, quota
 from core.ids import new_id
-from core.queue import enqueue
+from core.queue import enqueue, queued_key
 from core.tables import predictions
 from core.tenants import IssuedKey
 from models.klein import KleinInput
@@ -76,7 +76,7 @@ def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
     assert after.json()["status"] == "succeeded"
 
 
-def test_the_finish_is_announced_with_the_final_row_and_gives_the_slot_back(
+def test_the_finish_is_announced_with_the_final_row_and_clears_the_slot_and_the_queued_mark(
     stack: Stack, tenant: IssuedKey, client: httpx.Client
 ) -> None:
     """Try-Sync answers from this event (api/predictions.py), so it must be the row as stored."""
@@ -96,6 +96,7 @@ def test_the_finish_is_announced_with_the_final_row_and_gives_the_slot_back(
     assert events.final_row(announced) == {k: v for k, v in stored.items() if k not in ("input", "params")}
     in_flight = broker(stack).get(quota.in_flight_key(stack.settings.queue_name, tenant.tenant_id))
     assert int(in_flight or 0) == 0
+    assert not broker(stack).sismember(queued_key(stack.settings), pid)  # nothing left for the sweeper
     subscription.close()
 
 

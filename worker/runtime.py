@@ -102,9 +102,9 @@ class WorkerRuntime:
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
             return
-        self.redis.srem(queued_key(settings), prediction_id)
         if row is None:
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
+            self.redis.srem(queued_key(settings), prediction_id)
             return
         timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
         outputs: list[dict[str, Any]] = []
@@ -186,14 +186,16 @@ class WorkerRuntime:
 
     def _release_and_announce(self, prediction_id: str, finished: RowMapping | None) -> None:
         """When this worker finished the prediction, give back the tenant's slot and publish the final row;
-        else publish that the row changed. One round trip. Waiters that miss the event fall back to their
-        timeout."""
+        else publish that the row changed. Either way the id leaves the sweeper's queued set (core/queue.py):
+        here rather than after the claim, which saves the prediction's path a round trip. One round trip.
+        Waiters that miss the event fall back to their timeout."""
         try:
             message = events.completion(prediction_id, finished)
         except TypeError:  # a value JSON cannot hold: waiters read the row instead, and the slot still goes back
             log.exception("could not encode the final row of %s", prediction_id)
             message = events.completion(prediction_id)
         pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(queued_key(self.settings), prediction_id)
         if finished is not None:
             pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, finished["tenant_id"]))
         pipe.publish(self.settings.events_channel, message)
