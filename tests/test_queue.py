@@ -7,6 +7,7 @@ import secrets
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import orjson
 import redis
@@ -80,27 +81,11 @@ def test_the_sweeper_checks_what_came_due_and_everything_at_each_full_check(
     first pass, then every FULL_CHECK_EVERY_S); in between, only those that came due since the last pass."""
     client = redis.Redis.from_url(settings.redis_url)
     own = settings.model_copy(update={"queue_name": f"sweep-test-{secrets.token_hex(4)}"})
-    platform_lock = f"{settings.queue_name}:sweeper-lock"  # the running workers' sweepers keep out meanwhile
-    deadline = time.monotonic() + 30
-    while not client.set(platform_lock, "test", nx=True, px=60_000):
-        assert time.monotonic() < deadline, "the platform's sweeper lock was never free"
-        time.sleep(0.1)
+    platform_lock = hold_platform_sweeper_lock(client, settings)
     sweeper = Sweeper(own, engine, client)
 
     def lost(age_s: float) -> str:
-        pid = new_id()
-        with engine.begin() as conn:
-            conn.execute(
-                predictions.insert().values(
-                    id=pid,
-                    tenant_id=tenant.tenant_id,
-                    model="flux-klein-4b",
-                    input={},
-                    params={},
-                    created_at=func.now() - timedelta(seconds=age_s),
-                )
-            )
-        return pid
+        return insert_prediction(engine, tenant, created_at=func.now() - timedelta(seconds=age_s))
 
     def requeued(pid: str) -> bool:
         return bool(client.sismember(queued_key(own), pid))
@@ -129,26 +114,11 @@ def test_a_prediction_the_sweeper_gives_up_on_leaves_the_queued_set(
     """Its last worker died before its last round trip, which would have taken the id out of the set."""
     client = redis.Redis.from_url(settings.redis_url)
     own = settings.model_copy(update={"queue_name": f"give-up-test-{secrets.token_hex(4)}"})
-    platform_lock = f"{settings.queue_name}:sweeper-lock"  # the running workers' sweepers keep out meanwhile
-    deadline = time.monotonic() + 30
-    while not client.set(platform_lock, "test", nx=True, px=60_000):
-        assert time.monotonic() < deadline, "the platform's sweeper lock was never free"
-        time.sleep(0.1)
-    pid = new_id()
-    with engine.begin() as conn:
-        conn.execute(
-            predictions.insert().values(
-                id=pid,
-                tenant_id=tenant.tenant_id,
-                model="flux-klein-4b",
-                input={},
-                params={},
-                status=Status.PROCESSING,
-                attempts=own.max_attempts,
-                worker_id="gone",
-                lease_expires_at=func.now() - timedelta(seconds=1),
-            )
-        )
+    platform_lock = hold_platform_sweeper_lock(client, settings)
+    lapsed = func.now() - timedelta(seconds=1)
+    pid = insert_prediction(
+        engine, tenant, status=Status.PROCESSING, attempts=own.max_attempts, worker_id="gone", lease_expires_at=lapsed
+    )
     client.sadd(queued_key(own), pid)
     try:
         report = Sweeper(own, engine, client).sweep()
@@ -157,3 +127,21 @@ def test_a_prediction_the_sweeper_gives_up_on_leaves_the_queued_set(
     finally:
         client.delete(platform_lock, *client.keys(f"{own.queue_name}*"))
         client.close()
+
+
+def hold_platform_sweeper_lock(client: redis.Redis, settings: Settings) -> str:
+    """Keep the running workers' sweepers out while a test sweeps the shared database itself."""
+    lock = f"{settings.queue_name}:sweeper-lock"
+    deadline = time.monotonic() + 30
+    while not client.set(lock, "test", nx=True, px=60_000):
+        assert time.monotonic() < deadline, "the platform's sweeper lock was never free"
+        time.sleep(0.1)
+    return lock
+
+
+def insert_prediction(engine: Engine, tenant: IssuedKey, **values: Any) -> str:
+    pid = new_id()
+    with engine.begin() as conn:
+        row = {"id": pid, "tenant_id": tenant.tenant_id, "model": "flux-klein-4b", "input": {}, "params": {}}
+        conn.execute(predictions.insert().values(**row, **values))
+    return pid
