@@ -169,7 +169,12 @@ def test_key_lifecycle_for_a_tenant(stack: Stack, tenant: IssuedKey) -> None:
         assert set(listed) == {tenant.key_id, new["id"]}
         assert listed[new["id"]]["name"] == "ci" and listed[new["id"]]["expires_at"] is not None
         assert not any("key" in k or "key_hash" in k for k in listed.values())
-        assert listed[tenant.key_id]["last_used_at"] is not None  # this very request used it
+        # Last use is recorded off the request path (api/auth.py, _touch_later): soon after the first request.
+        deadline = time.monotonic() + 10
+        while listed[tenant.key_id]["last_used_at"] is None:
+            assert time.monotonic() < deadline, "the key's last use was never recorded"
+            time.sleep(0.05)
+            listed = {k["id"]: k for k in client.get("/v1/keys").json()["data"]}
         assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": new["key"]}).status_code == 200
         assert client.delete(f"/v1/keys/{new['id']}").status_code == 200
         assert httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": new["key"]}).status_code == 401
