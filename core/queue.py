@@ -58,8 +58,8 @@ def make_celery(settings: Settings) -> Celery:
 
 def queued_key(settings: Settings) -> str:
     """Redis set of the ids handed to the broker whose run has not ended (see core/sweeper.py): the worker that
-    runs a prediction removes its id in its last round trip, a worker that finds it not claimable at once,
-    and a cancel or the sweeper when they end it."""
+    finishes a prediction removes its id in its last round trip, a worker that finds it not claimable at
+    once, and a cancel or the sweeper when they end it."""
     return f"{settings.queue_name}:queued"
 
 

@@ -133,3 +133,31 @@ def test_canceling_a_running_prediction_stops_its_inference(stack: Stack, client
     assert "Stop: canceled or taken over by another worker" in log.read_text()
     final = row(stack, pid)
     assert final["status"] == "canceled" and final["outputs"] == []
+
+
+def test_a_worker_whose_prediction_was_taken_over_leaves_the_queued_mark(stack: Stack, client: httpx.Client) -> None:
+    """The id then marks the prediction's new message (the sweeper's requeue, or another worker's run)."""
+    slow = {"prompt": "long", "num_inference_steps": 50}
+    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
+    deadline = time.monotonic() + 60
+    while row(stack, pid)["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with stack.engine.begin() as conn:  # as if its lease had lapsed and another worker had claimed it
+        conn.execute(predictions.update().where(predictions.c.id == pid).values(worker_id="another"))
+    broker(stack).sadd(queued_key(stack.settings), pid)  # that run's message, as the sweeper's requeue marks it
+    subscription = broker(stack).pubsub(ignore_subscribe_messages=True)
+    subscription.subscribe(stack.settings.events_channel)
+    deadline = time.monotonic() + 30
+    while True:  # the worker's announcement closes its last round trip
+        assert time.monotonic() < deadline, "the worker never noticed the takeover"
+        message = subscription.get_message(timeout=1.0)
+        if message is not None and events.parse(message["data"]) == (pid, b""):
+            break
+    subscription.close()
+    try:
+        assert broker(stack).sismember(queued_key(stack.settings), pid)
+    finally:
+        with stack.engine.begin() as conn:
+            conn.execute(predictions.update().where(predictions.c.id == pid).values(status="canceled"))
+        broker(stack).srem(queued_key(stack.settings), pid)

@@ -185,18 +185,19 @@ class WorkerRuntime:
                 delay = min(delay * 2, 5.0)
 
     def _release_and_announce(self, prediction_id: str, finished: RowMapping | None) -> None:
-        """When this worker finished the prediction, give back the tenant's slot and publish the final row;
-        else publish that the row changed. Either way the id leaves the sweeper's queued set (core/queue.py):
-        here rather than after the claim, which saves the prediction's path a round trip. One round trip.
-        Waiters that miss the event fall back to their timeout."""
+        """When this worker finished the prediction, take its id out of the sweeper's queued set (here rather
+        than after the claim: a round trip less on the prediction's path), give back the tenant's slot and
+        publish the final row; else publish only that the row changed (a cancel cleared the rest; after a
+        takeover the id marks the prediction's new message). One round trip. Waiters that miss the event
+        fall back to their timeout."""
         try:
             message = events.completion(prediction_id, finished)
         except TypeError:  # a value JSON cannot hold: waiters read the row instead, and the slot still goes back
             log.exception("could not encode the final row of %s", prediction_id)
             message = events.completion(prediction_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.srem(queued_key(self.settings), prediction_id)
         if finished is not None:
+            pipe.srem(queued_key(self.settings), prediction_id)
             pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, finished["tenant_id"]))
         pipe.publish(self.settings.events_channel, message)
         try:
