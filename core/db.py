@@ -15,5 +15,12 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(settings.async_database_url, pool_size=settings.db_pool_size, max_overflow=0)
 
 
-def make_sync_engine(settings: Settings, pool_size: int = 2, pre_ping: bool = True) -> Engine:
-    return create_engine(settings.sync_database_url, pool_size=pool_size, pool_pre_ping=pre_ping)
+def make_sync_engine(settings: Settings, pool_size: int = 2, pre_ping: bool = True, durable: bool = True) -> Engine:
+    """`durable=False`: its sessions commit without waiting for the WAL to reach disk (`synchronous_commit
+    = off`), for writes a database crash may take back without harm. The next durable commit on the
+    server flushes them too: WAL is written in order, so a durable commit is never kept while an
+    earlier asynchronous one it saw is lost."""
+    connect_args = {} if durable else {"options": "-c synchronous_commit=off"}
+    return create_engine(
+        settings.sync_database_url, pool_size=pool_size, pool_pre_ping=pre_ping, connect_args=connect_args
+    )

@@ -7,9 +7,10 @@ from typing import Any
 
 import httpx
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from core import events, lifecycle, quota
+from core.db import make_sync_engine
 from core.ids import new_id
 from core.queue import enqueue, queued_key
 from core.tables import predictions
@@ -161,3 +162,38 @@ def test_a_worker_whose_prediction_was_taken_over_leaves_the_queued_mark(stack: 
         with stack.engine.begin() as conn:
             conn.execute(predictions.update().where(predictions.c.id == pid).values(status="canceled"))
         broker(stack).srem(queued_key(stack.settings), pid)
+
+
+def test_claims_commit_without_waiting_for_the_disk_and_results_with(stack: Stack) -> None:
+    for durable, expected in ((True, "on"), (False, "off")):
+        engine = make_sync_engine(stack.settings, durable=durable)
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() == expected
+        engine.dispose()
+
+
+def test_a_claim_the_database_lost_is_queued_again(stack: Stack, client: httpx.Client) -> None:
+    """After a database crash the row is `created` as before the claim, its message gone and its id still marked
+    queued (which keeps the sweeper away): the worker that ran it queues it again."""
+    slow = {"prompt": "long", "num_inference_steps": 50}
+    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
+    deadline = time.monotonic() + 60
+    while row(stack, pid)["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with stack.engine.begin() as conn:  # what crash recovery leaves when the claim's commit never reached the disk
+        conn.execute(
+            predictions.update()
+            .where(predictions.c.id == pid)
+            .values(
+                status="created",
+                worker_id=None,
+                started_at=None,
+                lease_expires_at=None,
+                attempts=predictions.c.attempts - 1,
+            )
+        )
+    final = wait_for(stack, pid, timeout=120)
+    assert f"the claim of {pid} was lost" in (stack.logs / "worker.log").read_text()
+    assert final["status"] == "completed" and final["attempts"] == 1
+    assert not broker(stack).sismember(queued_key(stack.settings), pid)

@@ -17,15 +17,16 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from sqlalchemy import BindParameter, Connection, Engine, RowMapping, bindparam
+from sqlalchemy import BindParameter, Connection, Engine, RowMapping, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import events, images, lifecycle, quota, usage
 from core.db import make_sync_engine
-from core.queue import queued_key
+from core.queue import enqueue, queued_key
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client, output_key
 from core.sweeper import Sweeper, run_forever
+from core.tables import predictions
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
 from worker.encode import encode
@@ -49,7 +50,8 @@ class StorageUnavailable(RuntimeError):
 class WorkerRuntime:
     settings: Settings
     pipeline: KleinPipeline
-    engine: Engine
+    engine: Engine  # results, billing, the sweeper: every commit durable
+    leases: Engine  # the claim and its renewals, committed without waiting for the disk (_db)
     s3: S3Client
     redis: redis.Redis
     worker_id: str
@@ -57,10 +59,14 @@ class WorkerRuntime:
 
     def __post_init__(self) -> None:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.lease_autocommit = self.leases.execution_options(isolation_level="AUTOCOMMIT")
         # The task's statements, built once and compiled once (SQLAlchemy caches them); values bound per run
         # (bound names may not be column names in an UPDATE).
         s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
         self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
+        self.attempts_if_created = select(predictions.c.attempts).where(
+            predictions.c.id == bindparam("prediction_id"), predictions.c.status == lifecycle.Status.CREATED
+        )
         timings: BindParameter[Any] = bindparam("final_timings")
         completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
         failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings)
@@ -76,8 +82,10 @@ class WorkerRuntime:
         runtime = cls(
             settings=settings,
             pipeline=KleinPipeline(settings.model_path, settings.device, settings),
-            # Task, heartbeat, sweeper. No ping per checkout: _db retries a dead connection's failure anyway.
-            engine=make_sync_engine(settings, pool_size=3, pre_ping=False),
+            # No ping per checkout: _db retries a dead connection's failure anyway. Task and sweeper here,
+            # task and heartbeat in leases.
+            engine=make_sync_engine(settings, pool_size=2, pre_ping=False),
+            leases=make_sync_engine(settings, pool_size=2, pre_ping=False, durable=False),
             s3=s3,
             redis=redis.Redis.from_url(
                 settings.redis_url,
@@ -97,7 +105,10 @@ class WorkerRuntime:
         claimed_at = time.perf_counter()
         settings = self.settings
         try:
-            row = self._db(lambda conn: conn.execute(self.claim, {"prediction_id": prediction_id}).mappings().first())
+            row = self._db(
+                lambda conn: conn.execute(self.claim, {"prediction_id": prediction_id}).mappings().first(),
+                durable=False,
+            )
         except (OperationalError, InterfaceError):
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
@@ -125,7 +136,20 @@ class WorkerRuntime:
         finished = self._db(lambda conn: conn.execute(finish, values).mappings().first())
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
+            self._requeue_if_claim_lost(prediction_id, row["attempts"])
         self._release_and_announce(prediction_id, finished)
+
+    def _requeue_if_claim_lost(self, prediction_id: str, claimed_attempts: int) -> None:
+        """A database crash can take back the claim (it commits asynchronously, _db): the row is `created`
+        again, as before it, while its message is gone and its id still marked queued, so the sweeper
+        would leave it. Queue it again. A lapsed lease requeued by the sweeper is `created` too, but keeps
+        the claim's attempt count (and has its message)."""
+        current = self._db(
+            lambda conn: conn.execute(self.attempts_if_created, {"prediction_id": prediction_id}).first()
+        )
+        if current is not None and current.attempts < claimed_attempts:
+            log.warning("the claim of %s was lost (database restart?); queueing it again", prediction_id)
+            enqueue(self.redis, self.settings, prediction_id)
 
     def _generate(
         self, prediction_id: str, row: Any, timings: dict[str, int], stop_reason: Callable[[], str | None]
@@ -166,16 +190,19 @@ class WorkerRuntime:
             except (BotoCoreError, ClientError):
                 log.warning("could not delete partial output %s", output["key"])
 
-    def _db(self, work: Callable[[Connection], T]) -> T:
+    def _db(self, work: Callable[[Connection], T], durable: bool = True) -> T:
         """Run `work`, one statement, retrying through database outages for up to `db_retry_s`.
 
         Each of the worker's statements is atomic on its own (claim, finish-and-bill, renew), so they run
-        in autocommit: no BEGIN and COMMIT round trips on a prediction's path."""
+        in autocommit: no BEGIN and COMMIT round trips on a prediction's path. `durable=False` (the claim)
+        does not wait for the disk, a flush less on the path (docs/performance.md): a database crash can
+        take back only a claim (run() then queues the prediction again), never a result, since the
+        finish's durable commit flushes the claim before it."""
         deadline = time.monotonic() + self.settings.db_retry_s
         delay = 0.2
         while True:
             try:
-                with self.autocommit.connect() as conn:
+                with (self.autocommit if durable else self.lease_autocommit).connect() as conn:
                     return work(conn)
             except (OperationalError, InterfaceError) as exc:
                 if time.monotonic() + delay > deadline:
@@ -249,7 +276,7 @@ class _Heartbeat:
             renew = lifecycle.renew(lease.prediction_id, runtime.worker_id, runtime.settings.lease_s)
             lease.renewed_at = time.monotonic()
             try:
-                with runtime.autocommit.connect() as conn:
+                with runtime.lease_autocommit.connect() as conn:
                     lease.lost = conn.execute(renew).first() is None
             except (OperationalError, InterfaceError):
                 log.warning("heartbeat of %s missed (database unavailable)", lease.prediction_id)
