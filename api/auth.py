@@ -14,7 +14,9 @@ from api.context import AppContext, context
 from api.errors import ApiError
 from api.pg import Statement
 from api.principals import Principal
+from api.rate_limit import Slot
 from core.ids import hash_api_key
+from core.quota import RateDecision
 from core.tables import api_keys, tenants
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,23 @@ def presented_key(request: Request) -> str | None:
 async def authenticate(request: Request) -> Principal:
     """The dependency behind `Authenticated`. It takes the request alone: every sub-dependency would cost
     each authenticated request another round of FastAPI's dependency solving."""
+    ctx, principal = await _identify(request)
+    limit = principal.rate_limit_per_minute
+    _admit(request, await ctx.limiter.hit(principal.tenant_id, principal.api_key_id, limit))
+    return principal
+
+
+async def authenticate_submit(request: Request) -> tuple[Principal, Slot]:
+    """`authenticate`, and an in-flight slot for the prediction in the same round trip to Redis (a submit's
+    first). The caller gives the slot back on every way out but a stored prediction (Slot)."""
+    ctx, principal = await _identify(request)
+    limit, cap = principal.rate_limit_per_minute, principal.max_in_flight
+    decision, slot = await ctx.limiter.hit_and_take_slot(principal.tenant_id, principal.api_key_id, limit, cap)
+    _admit(request, decision)
+    return principal, slot
+
+
+async def _identify(request: Request) -> tuple[AppContext, Principal]:
     ctx = context(request)
     key = presented_key(request)
     if not key:
@@ -46,7 +65,10 @@ async def authenticate(request: Request) -> Principal:
     if principal is None:
         raise ApiError(401, INVALID)
     _touch_later(ctx, principal.api_key_id)
-    decision = await ctx.limiter.hit(principal.tenant_id, principal.api_key_id, principal.rate_limit_per_minute)
+    return ctx, principal
+
+
+def _admit(request: Request, decision: RateDecision) -> None:
     request.state.rate_limit = decision
     if not decision.allowed:
         raise ApiError(
@@ -54,7 +76,6 @@ async def authenticate(request: Request) -> Principal:
             f"rate limit exceeded: {decision.limit} requests per minute for this API key",
             retry_after=max(decision.reset_s, 1),
         )
-    return principal
 
 
 _LOOKUP = Statement(

@@ -19,6 +19,7 @@ from api.context import AppContext
 from api.errors import ApiError
 from api.objects import put_object
 from api.pg import Statement
+from api.rate_limit import Slot
 from api.references import Reference
 from api.waiter import Completion
 from core import lifecycle
@@ -43,34 +44,42 @@ async def submit(
     references: Sequence[Reference] = (),
     wait_s: float = 0.0,
     idempotency_key: str | None = None,
+    slot: Slot | None = None,
 ) -> Row:
-    """Store the prediction (and its reference images), enqueue it after the commit, optionally wait."""
+    """Store the prediction (and its reference images), enqueue it after the commit, optionally wait.
+
+    `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
+    the prediction keeps once stored; without one, a slot is taken here."""
     prediction_id = new_id()
     if idempotency_key is not None:
         fingerprint = idempotency.fingerprint(spec.id, request_input)
         original = await idempotency.reserve(ctx, principal, idempotency_key, fingerprint, prediction_id)
         if original is not None:
+            if slot is not None:
+                await slot.give_back()  # the original holds its own
             return await _replay(ctx, principal, original, wait_s)
     try:
-        held = await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
+        slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
+        slot.require()
         try:
             if references:
                 keys = await _store_references(ctx, principal, prediction_id, references)
                 params = params.model_copy(update={"reference_keys": keys})
             row = await _insert(ctx, principal, spec, prediction_id, request_input, params)
         except Exception:
-            await ctx.limiter.release_slot(principal.tenant_id)
+            await slot.give_back()
             raise
+        slot.keep()
     except Exception:
         if idempotency_key is not None:
             await idempotency.forget(ctx, principal, idempotency_key)
         raise
 
     if wait_s <= 0:
-        await _enqueue_or_fail(ctx, principal, prediction_id, held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, slot.held)
         return row
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
-        await _enqueue_or_fail(ctx, principal, prediction_id, held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, slot.held)
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
     return row

@@ -139,6 +139,8 @@ class RedisMux:
 
     async def pipeline(self, *commands: Sequence[Arg]) -> list[Any]:
         """Several commands in one write; their replies in order. The first error reply is raised."""
+        if len(commands) == 1:  # a single command's reply comes alone (_Connection.send)
+            return [await self.execute(*commands[0])]
         replies = await self._send(b"".join(pack(command) for command in commands), len(commands))
         return [_raise_error(reply) for reply in replies]
 

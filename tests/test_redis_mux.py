@@ -48,6 +48,8 @@ def test_commands_pipelines_and_error_replies() -> None:
         assert await client.execute("SET", k, "v", "EX", 10) == b"OK"
         assert await client.execute("GET", k) == b"v"
         assert await client.pipeline(("INCR", k + "n"), ("INCR", k + "n"), ("DEL", k, k + "n")) == [1, 2, 2]
+        assert await client.pipeline(("INCR", k + "n")) == [1]  # a pipeline of one is a list too
+        await client.execute("DEL", k + "n")
         await client.execute("SET", k, "v")
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await client.execute("LPUSH", k, "x")

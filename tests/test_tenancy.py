@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import func, select, update
 
 from api.errors import ApiError
@@ -114,15 +115,91 @@ def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> Non
         redis = RedisMux(REDIS_URL)
         limiter = Limiter(redis, namespace)
         await redis.execute("SET", quota.in_flight_key(namespace, "t"), 3)
-        answers = await asyncio.gather(*(limiter.take_slot("t", 8) for _ in range(40)), return_exceptions=True)
-        assert sorted(a for a in answers if isinstance(a, int)) == [3, 4, 5, 6, 7]  # slots held before each
-        refused = [a for a in answers if not isinstance(a, int)]
-        assert len(refused) == 35 and all(isinstance(a, ApiError) and a.status == 429 for a in refused)
+        slots = await asyncio.gather(*(limiter.take_slot("t", 8) for _ in range(40)))
+        assert sorted(s.held for s in slots if s.granted) == [3, 4, 5, 6, 7]  # slots held before each
+        refused = [s for s in slots if not s.granted]
+        assert len(refused) == 35 and all(s.held >= 8 for s in refused)
+        with pytest.raises(ApiError) as raised:
+            refused[0].require()
+        assert raised.value.status == 429
         assert await redis.execute("GET", quota.in_flight_key(namespace, "t")) == b"8"
         await redis.execute("DEL", quota.in_flight_key(namespace, "t"))
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_submit_takes_its_slot_in_the_rate_limit_round_trip_and_gives_it_back_once() -> None:
+    async def scenario() -> None:
+        namespace = f"admit-test-{secrets.token_hex(4)}"
+        redis = RedisMux(REDIS_URL)
+        limiter = Limiter(redis, namespace)
+        slots = quota.in_flight_key(namespace, "t")
+
+        async def held() -> int:
+            return int(await redis.execute("GET", slots) or 0)
+
+        decision, first = await limiter.hit_and_take_slot("t", "k", 2, 1)
+        assert decision.allowed and first.granted and first.held == 0 and await held() == 1
+        decision, second = await limiter.hit_and_take_slot("t", "k", 2, 1)  # the cap is reached
+        assert decision.allowed and not second.granted and second.held == 1 and await held() == 1
+        with pytest.raises(ApiError) as raised:
+            second.require()
+        assert raised.value.status == 429 and "in flight" in raised.value.message
+        await second.give_back()  # it holds nothing
+        assert await held() == 1
+        decision, third = await limiter.hit_and_take_slot("t", "k", 2, 5)  # the rate limit refuses it
+        assert not decision.allowed and not third.granted and await held() == 1
+        await first.give_back()
+        await first.give_back()
+        assert await held() == 0
+        _, kept = await limiter.hit_and_take_slot("t", "other-key", 2, 1)
+        kept.keep()  # its prediction holds it now
+        await kept.give_back()
+        assert await held() == 1
+        await redis.execute("DEL", slots)
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_or_replayed_submit_leaves_the_tenants_slots_as_they_were(stack: Stack) -> None:
+    key = make_tenant(stack.engine, max_in_flight=2)
+    slots = quota.in_flight_key(stack.settings.queue_name, key.tenant_id)
+    broker = redis.Redis.from_url(stack.settings.redis_url)
+
+    def held() -> int:
+        return int(broker.get(slots) or 0)
+
+    slow = {"prompt": PROMPT, "num_inference_steps": 50}
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+        assert submit(client, {"prompt": PROMPT, "width": 7}).status_code == 422
+        assert submit(client, {"prompt": PROMPT}, model="no-such-model").status_code == 404
+        assert client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, content=b"{").status_code == 422
+        assert held() == 0
+        headers = {"Model": "flux-klein-4b", "Idempotency-Key": "slot-test"}
+        original = client.post("/v1/predictions", headers=headers, json={"input": slow})
+        assert original.status_code == 201 and held() == 1
+
+        def replay_holds_nothing() -> None:
+            replay = client.post("/v1/predictions", headers=headers, json={"input": slow})
+            assert replay.status_code in (200, 201) and replay.json()["id"] == original.json()["id"]
+
+        replay_holds_nothing()  # with a slot free
+        assert held() == 1
+        other = submit(client, slow).json()["id"]
+        assert held() == 2
+        replay_holds_nothing()  # at the cap
+        assert held() == 2
+        refused = submit(client, slow)
+        assert refused.status_code == 429 and "in flight" in refused.json()["error"] and held() == 2
+        for prediction_id in (original.json()["id"], other):
+            client.post(f"/v1/predictions/{prediction_id}/cancel")
+        deadline = time.monotonic() + 30
+        while held() != 0:  # a cancel gives it back; so does the worker, if it finished first
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    broker.close()
 
 
 def test_the_in_flight_cap_rejects_with_429_and_frees_slots_on_completion(stack: Stack) -> None:

@@ -13,11 +13,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from api import predictions, references
-from api.auth import Authenticated, authenticate
+from api.auth import Authenticated, authenticate, authenticate_submit
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.delivery import output_urls
 from api.errors import ApiError, validation_error
 from api.jsonresponse import JSON
+from api.principals import Principal
+from api.rate_limit import Slot
 from api.responses import errors
 from core.ids import random_seed
 from core.lifecycle import Status
@@ -94,7 +96,15 @@ _SUBMIT_HEADERS = [
     },
 )
 async def create_prediction(request: Request) -> JSONResponse:
-    principal = await authenticate(request)
+    principal, slot = await authenticate_submit(request)  # the slot costs no round trip of its own
+    try:
+        return await _create(request, principal, slot)
+    except Exception:
+        await slot.give_back()  # unless the prediction was stored and keeps it
+        raise
+
+
+async def _create(request: Request, principal: Principal, slot: Slot) -> JSONResponse:
     ctx = context(request)
     model = request.headers.get("model")
     if not model:
@@ -121,7 +131,9 @@ async def create_prediction(request: Request) -> JSONResponse:
     params = validated.to_params(seed, (refs[0].info.width, refs[0].info.height) if refs else None)
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
     idempotency_key = request.headers.get("idempotency-key")
-    row = await predictions.submit(ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key)
+    row = await predictions.submit(
+        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot
+    )
     finished = Status(row["status"]).terminal
     return JSON(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
 
