@@ -1,7 +1,7 @@
 """The HTTP floor the API is measured against, started by `bench.platform` beside the real stack.
 
 `uvicorn bench.floors:create_app --factory` runs under the API's uvicorn settings (one worker), with the
-API's clients (api/pg.py's asyncpg pool, api/redis_mux.py) and runtime (the heap frozen after start-up).
+API's clients (api/pg.py's asyncpg pool, api/redis_mux.py, core.ids's ids) and runtime (the heap frozen after start-up).
 `POST /floor/predictions` parses the same JSON body, inserts one row into the same `predictions` table
 and pushes one Redis message; `GET /floor/status/{id}` does the same primary-key read (id and tenant)
 and answers the row as JSON. No framework features beyond routing: what any implementation of these
@@ -13,10 +13,8 @@ BENCH_FLOOR_LIST (the Redis list the floor pushes to).
 
 from __future__ import annotations
 
-import base64
 import gc
 import os
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +25,7 @@ from fastapi import FastAPI, Request, Response
 
 from api.pg import make_pool
 from api.redis_mux import RedisMux
+from core.ids import new_id
 from core.settings import Settings
 
 INSERT = """
@@ -34,10 +33,6 @@ INSERT INTO predictions (id, tenant_id, model, input, params, status)
 VALUES ($1, $2, $3, $4, $5, 'created')
 """
 SELECT = "SELECT * FROM predictions WHERE id = $1 AND tenant_id = $2"
-
-
-def _new_id() -> str:
-    return base64.b32encode(secrets.token_bytes(17)).decode().lower().rstrip("=")[:26]
 
 
 def _default(value: Any) -> Any:
@@ -70,7 +65,7 @@ def create_app() -> FastAPI:
         body = orjson.loads(await request.body())
         request_input = body["input"]
         model = request.headers.get("model", "flux-klein-4b")
-        prediction_id = _new_id()
+        prediction_id = new_id()  # the API's ids: the same work for the same id
         pool: asyncpg.Pool = request.app.state.pool
         await pool.execute(INSERT, prediction_id, tenant_id, model, request_input, request_input)
         await request.app.state.redis.execute("LPUSH", floor_list, prediction_id)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import httpx
 
 from api import signing
 from core.embedded import start_api
+from core.ids import new_id
 from core.settings import Settings
 from core.tenants import IssuedKey
 from tests.conftest import Stack, make_tenant
@@ -96,3 +98,13 @@ def test_concurrent_try_sync_waits_are_capped_per_tenant(stack: Stack, tenant: I
 def test_an_empty_admin_key_disables_the_admin_api_rather_than_opening_it() -> None:
     assert Settings(admin_api_key="", url_signing_key=" ").admin_api_key is None
     assert Settings(admin_api_key="", url_signing_key=" ").url_signing_key is None
+
+
+def test_prediction_ids_carry_130_random_bits_as_26_base32_letters() -> None:
+    ids = [new_id() for _ in range(32_000)]
+    assert len(set(ids)) == len(ids)
+    assert {len(i) for i in ids} == {26}
+    letters = Counter("".join(ids))
+    assert set(letters) == set("abcdefghijklmnopqrstuvwxyz234567")
+    expected = 26 * len(ids) / 32  # 26,000 of each letter; a standard deviation is about 158
+    assert all(abs(count - expected) < 1_000 for count in letters.values())

@@ -38,6 +38,17 @@ def wait_for(stack: Stack, prediction_id: str, timeout: float = 60) -> Any:
     raise AssertionError(f"{prediction_id} still {current['status']}")
 
 
+def start_slow_prediction(stack: Stack, client: httpx.Client) -> str:
+    """Submit a 50-step prediction and return its id once a worker is running it."""
+    slow = {"prompt": "long", "num_inference_steps": 50}
+    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
+    deadline = time.monotonic() + 60
+    while row(stack, pid)["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return str(pid)
+
+
 def poison_prediction(stack: Stack, tenant: IssuedKey) -> str:
     """Store and enqueue a row whose parameters crash the pipeline (8 px is below one latent patch)."""
     inp = KleinInput(prompt="poison")
@@ -119,12 +130,7 @@ def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stac
 
 
 def test_canceling_a_running_prediction_stops_its_inference(stack: Stack, client: httpx.Client) -> None:
-    slow = {"prompt": "long", "num_inference_steps": 50}
-    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
-    deadline = time.monotonic() + 60
-    while row(stack, pid)["status"] != "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    pid = start_slow_prediction(stack, client)
     assert client.post(f"/v1/predictions/{pid}/cancel").json()["status"] == "canceled"
     log = stack.logs / "worker.log"
     deadline = time.monotonic() + 30
@@ -138,12 +144,7 @@ def test_canceling_a_running_prediction_stops_its_inference(stack: Stack, client
 
 def test_a_worker_whose_prediction_was_taken_over_leaves_the_queued_mark(stack: Stack, client: httpx.Client) -> None:
     """The id then marks the prediction's new message (the sweeper's requeue, or another worker's run)."""
-    slow = {"prompt": "long", "num_inference_steps": 50}
-    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
-    deadline = time.monotonic() + 60
-    while row(stack, pid)["status"] != "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    pid = start_slow_prediction(stack, client)
     with stack.engine.begin() as conn:  # as if its lease had lapsed and another worker had claimed it
         conn.execute(predictions.update().where(predictions.c.id == pid).values(worker_id="another"))
     broker(stack).sadd(queued_key(stack.settings), pid)  # that run's message, as the sweeper's requeue marks it
@@ -175,12 +176,7 @@ def test_claims_commit_without_waiting_for_the_disk_and_results_with(stack: Stac
 def test_a_claim_the_database_lost_is_queued_again(stack: Stack, client: httpx.Client) -> None:
     """After a database crash the row is `created` as before the claim, its message gone and its id still marked
     queued (which keeps the sweeper away): the worker that ran it queues it again."""
-    slow = {"prompt": "long", "num_inference_steps": 50}
-    pid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": slow}).json()["id"]
-    deadline = time.monotonic() + 60
-    while row(stack, pid)["status"] != "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    pid = start_slow_prediction(stack, client)
     with stack.engine.begin() as conn:  # what crash recovery leaves when the claim's commit never reached the disk
         conn.execute(
             predictions.update()

@@ -51,7 +51,8 @@ _REQUEST_SCHEMA = {
 
 
 def view(row: predictions.Row, base_url: str) -> dict[str, Any]:
-    status = Status(row["status"])
+    """The Pruna prediction body. Timestamps stay datetimes: orjson writes them as `isoformat()` does, in C."""
+    status = row["status"]  # a Status is its str, so the str looks it up
     body: dict[str, Any] = {
         "id": row["id"],
         "model": row["model"],
@@ -59,21 +60,17 @@ def view(row: predictions.Row, base_url: str) -> dict[str, Any]:
         "status": STATUS_WORDS[status],
         "get_url": f"{base_url}/v1/predictions/status/{row['id']}",
         "seed": row["params"]["seed"],
-        "created_at": _iso(row["created_at"]),
-        "started_at": _iso(row["started_at"]),
-        "completed_at": _iso(row["completed_at"]),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "completed_at": row["completed_at"],
         "timings": row["timings"],
         "error": row["error"],
     }
-    if status is Status.COMPLETED:
+    if status == Status.COMPLETED:
         urls = output_urls(base_url, row)
         body["generation_url"] = urls[0]
         body["generation_urls"] = urls
     return body
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 _PREDICTION = {"application/json": {"schema": {"type": "object"}}}
