@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +17,7 @@ import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from sqlalchemy import BindParameter, Connection, Engine, RowMapping, bindparam, select
+from sqlalchemy import BindParameter, Connection, Engine, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core import events, images, lifecycle, quota, usage
@@ -29,6 +29,7 @@ from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
+from worker import sql
 from worker.encode import encode
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DB_ERRORS = (OperationalError, InterfaceError, *sql.ERRORS)  # SQLAlchemy's, and psycopg's from worker.sql
 
 
 def _ms(seconds: float) -> int:
@@ -63,15 +65,17 @@ class WorkerRuntime:
         # The task's statements, built once and compiled once (SQLAlchemy caches them); values bound per run
         # (bound names may not be column names in an UPDATE).
         s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
-        self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
+        self.claim = sql.Statement(
+            lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts), self.leases
+        )
         self.attempts_if_created = select(predictions.c.attempts).where(
             predictions.c.id == bindparam("prediction_id"), predictions.c.status == lifecycle.Status.CREATED
         )
         timings: BindParameter[Any] = bindparam("final_timings")
         completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
         failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings)
-        self.complete = usage.finish_and_bill(completed, price)
-        self.fail = usage.finish_and_bill(failed, price)
+        self.complete = sql.Statement(usage.finish_and_bill(completed, price), self.engine)
+        self.fail = sql.Statement(usage.finish_and_bill(failed, price), self.engine)
         self.heartbeat = _Heartbeat(self)
 
     @classmethod
@@ -106,10 +110,10 @@ class WorkerRuntime:
         settings = self.settings
         try:
             row = self._db(
-                lambda conn: conn.execute(self.claim, {"prediction_id": prediction_id}).mappings().first(),
+                lambda conn: self.claim.first(conn, {"prediction_id": prediction_id}),
                 durable=False,
             )
-        except (OperationalError, InterfaceError):
+        except DB_ERRORS:
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
             return
@@ -133,7 +137,7 @@ class WorkerRuntime:
                 finish, values = self.complete, {"final_outputs": outputs}
         values |= {"prediction_id": prediction_id, "final_timings": timings}
         values |= usage.charges(row["params"], len(outputs))
-        finished = self._db(lambda conn: conn.execute(finish, values).mappings().first())
+        finished = self._db(lambda conn: finish.first(conn, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
             self._requeue_if_claim_lost(prediction_id, row["attempts"])
@@ -204,14 +208,14 @@ class WorkerRuntime:
             try:
                 with (self.autocommit if durable else self.lease_autocommit).connect() as conn:
                     return work(conn)
-            except (OperationalError, InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _release_and_announce(self, prediction_id: str, finished: RowMapping | None) -> None:
+    def _release_and_announce(self, prediction_id: str, finished: Mapping[str, Any] | None) -> None:
         """When this worker finished the prediction, take its id out of the sweeper's queued set (here rather
         than after the claim: a round trip less on the prediction's path), give back the tenant's slot and
         publish the final row; else publish only that the row changed (a cancel cleared the rest; after a
