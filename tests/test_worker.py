@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, func, literal, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 
 from core import events, lifecycle, quota
 from core.db import make_sync_engine
@@ -17,6 +19,7 @@ from core.tables import predictions
 from core.tenants import IssuedKey
 from models.klein import KleinInput
 from tests.conftest import Stack
+from worker import sql
 
 
 def broker(stack: Stack) -> redis.Redis:
@@ -193,3 +196,22 @@ def test_a_claim_the_database_lost_is_queued_again(stack: Stack, client: httpx.C
     assert f"the claim of {pid} was lost" in (stack.logs / "worker.log").read_text()
     assert final["status"] == "completed" and final["attempts"] == 1
     assert not broker(stack).sismember(queued_key(stack.settings), pid)
+
+
+def test_worker_statements_bind_json_and_drop_a_lost_connection(stack: Stack) -> None:
+    engine = make_sync_engine(stack.settings, pre_ping=False)
+    typeof = sql.Statement(
+        select(func.jsonb_typeof(bindparam("doc", type_=JSONB)).label("kind"), literal("x").label("carried")), engine
+    )
+    with engine.connect() as conn:
+        assert typeof.first(conn, {"doc": {"a": 1}}) == {"kind": "object", "carried": "x"}
+        assert typeof.first(conn, {"doc": [1]}) == {"kind": "array", "carried": "x"}
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with stack.engine.connect() as other:  # the server ends the session, as a restart would
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(sql.ERRORS):
+            typeof.first(conn, {"doc": {}})
+        assert conn.invalidated
+    with engine.connect() as conn:  # the pool opened a new one
+        assert typeof.first(conn, {"doc": {}}) == {"kind": "object", "carried": "x"}
+    engine.dispose()
