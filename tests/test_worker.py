@@ -199,7 +199,7 @@ def test_a_claim_the_database_lost_is_queued_again(stack: Stack, client: httpx.C
 
 
 def test_worker_statements_bind_json_and_drop_a_lost_connection(stack: Stack) -> None:
-    engine = make_sync_engine(stack.settings, pre_ping=False)
+    engine = make_sync_engine(stack.settings, pre_ping=False).execution_options(isolation_level="AUTOCOMMIT")
     typeof = sql.Statement(
         select(func.jsonb_typeof(bindparam("doc", type_=JSONB)).label("kind"), literal("x").label("carried")), engine
     )
@@ -214,4 +214,8 @@ def test_worker_statements_bind_json_and_drop_a_lost_connection(stack: Stack) ->
         assert conn.invalidated
     with engine.connect() as conn:  # the pool opened a new one
         assert typeof.first(conn, {"doc": {}}) == {"kind": "object", "carried": "x"}
-    engine.dispose()
+    engine.engine.dispose()
+    transactional = make_sync_engine(stack.settings)
+    with transactional.connect() as conn, pytest.raises(RuntimeError, match="autocommit"):
+        typeof.first(conn, {"doc": {}})  # it would run in a transaction SQLAlchemy did not open, and roll back
+    transactional.dispose()

@@ -33,18 +33,20 @@ class Statement:
         self._literals = {name: bind.value for bind, name in compiled.bind_names.items() if not bind.required}
 
     def first(self, conn: Connection, values: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The first row by column name, or None. A lost connection invalidates `conn` (so the pool drops it)
-        and raises one of ERRORS."""
+        """The first row by column name, or None, on an autocommit connection (SQLAlchemy would roll back a
+        transaction it did not open). A lost connection invalidates `conn`, so that the pool drops it, and
+        raises one of ERRORS."""
         params = self._literals | {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in values.items()}
         driver = conn.connection.driver_connection
         assert isinstance(driver, psycopg.Connection)
+        if not driver.autocommit:
+            raise RuntimeError("worker statements run on autocommit connections (engine.execution_options)")
         try:
-            cursor = driver.execute(self.sql, params, prepare=True)
-            row = cursor.fetchone()
+            with driver.cursor() as cursor:
+                cursor.execute(self.sql, params, prepare=True)
+                row = cursor.fetchone()
+                names = [column.name for column in cursor.description or ()]
         except ERRORS:
             conn.invalidate()
             raise
-        if row is None:
-            return None
-        assert cursor.description is not None
-        return dict(zip([column.name for column in cursor.description], row, strict=True))
+        return None if row is None else dict(zip(names, row, strict=True))
