@@ -99,6 +99,9 @@ class Limiter:
             if max_in_flight is not None:
                 held = int(slots[0]) - 1
                 slot = Slot(self, tenant_id, held, max_in_flight, granted=decision.allowed and held < max_in_flight)
+            # Until this undo lands (one round trip), a refused request still counts against the window and the
+            # tenant's slots, as the INCR-then-DECR slot always did past its cap: a concurrent submit of the same
+            # tenant at its cap may be refused 429 (Retry-After: 1) for a slot that is about to be free.
             undo = [] if decision.allowed else [("DECR", current)]
             if slot is not None and not slot.granted:
                 undo.append(("DECR", slot_key))
