@@ -20,6 +20,7 @@ from api.pg import make_pool
 from api.principals import KeyCache
 from api.rate_limit import Limiter, RateLimitHeaders
 from api.redis_mux import RedisMux
+from api.rows import Rows
 from api.waiter import CompletionWaiter
 from core.db import make_async_engine
 from core.settings import Settings, get_settings
@@ -42,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         waiter = CompletionWaiter(subscriber, settings.events_channel, also={settings.keys_channel: keys.clear})
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
-        app.state.ctx = AppContext(settings, engine, pg, redis, s3, waiter, limiter, keys)
+        rows = Rows(pg, concurrency=settings.db_batches)
+        app.state.ctx = AppContext(settings, engine, pg, rows, redis, s3, waiter, limiter, keys)
         # Everything allocated so far lives as long as the process. Left to the collector, its full
         # collections walk all of it again and again: under load they took a fifth of the API's CPU and
         # most of its p99 latency (docs/performance.md). Frozen, they only walk what requests allocate;

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api.principals import KeyCache
 from api.rate_limit import Limiter
 from api.redis_mux import RedisMux
+from api.rows import Rows
 from api.waiter import CompletionWaiter
 from core.settings import Settings
 
@@ -24,6 +25,7 @@ class AppContext:
     settings: Settings
     engine: AsyncEngine  # SQLAlchemy: transactions and everything off the hot path
     pg: asyncpg.Pool  # the hot single statements (api/pg.py)
+    rows: Rows  # the predictions' insert and read, on `pg`
     redis: RedisMux
     s3: S3Client
     waiter: CompletionWaiter

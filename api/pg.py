@@ -1,4 +1,5 @@
-"""The API's hot single statements (key lookup, prediction insert and read) on a raw asyncpg pool.
+"""The API's hot single statements (key lookup; prediction insert and read, batched in api/rows.py) on a raw
+asyncpg pool.
 
 SQLAlchemy still builds each statement, once at import, so the tables and the state machine keep
 one definition; asyncpg then runs it as a prepared statement (cached per connection). Profiling
@@ -40,6 +41,10 @@ class Statement:
     async def one(self, pool: asyncpg.Pool, **values: Any) -> dict[str, Any] | None:
         record = await pool.fetchrow(self.sql, *self.args(values))
         return None if record is None else dict(record.items())
+
+    async def all(self, pool: asyncpg.Pool, **values: Any) -> list[asyncpg.Record]:
+        records: list[asyncpg.Record] = await pool.fetch(self.sql, *self.args(values))
+        return records
 
 
 async def make_pool(settings: Settings) -> asyncpg.Pool:

@@ -8,31 +8,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select
+import orjson
 
 from api import idempotency
 from api.auth import Principal
 from api.context import AppContext
 from api.errors import ApiError
 from api.objects import put_object
-from api.pg import Statement
 from api.rate_limit import Slot
 from api.references import Reference
+from api.rows import NewPrediction, Row
 from api.waiter import Completion
 from core import lifecycle
 from core.ids import new_id
 from core.queue import queued_key, task_message
 from core.quota import queue_priority
 from core.storage import output_key
-from core.tables import predictions
 from models.klein import GenerationParams
 from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
-Row = Mapping[str, Any]  # a predictions row by column name
 
 
 async def submit(
@@ -118,21 +116,6 @@ async def _store_references(
     return keys
 
 
-CREATE = Statement(
-    lifecycle.create(
-        prediction_id=bindparam("id"),
-        tenant_id=bindparam("tenant_id"),
-        api_key_id=bindparam("api_key_id"),
-        model=bindparam("model"),
-        input=bindparam("input"),
-        params=bindparam("params"),
-    ).returning(*(column for column in predictions.c if column.name not in ("input", "params")))
-)
-READ = Statement(
-    select(predictions).where(predictions.c.id == bindparam("id"), predictions.c.tenant_id == bindparam("tenant_id"))
-)
-
-
 async def _insert(
     ctx: AppContext,
     principal: Principal,
@@ -142,16 +125,15 @@ async def _insert(
     params: GenerationParams,
 ) -> Row:
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
-    row = await CREATE.one(
-        ctx.pg,
-        id=prediction_id,
-        tenant_id=principal.tenant_id,
-        api_key_id=principal.api_key_id,
-        model=spec.id,
-        **stored,
+    new = NewPrediction(
+        prediction_id,
+        principal.tenant_id,
+        principal.api_key_id,
+        spec.id,
+        orjson.dumps(request_input).decode(),
+        orjson.dumps(stored["params"]).decode(),
     )
-    assert row is not None  # INSERT … RETURNING returns the row or raises
-    return row | stored  # what was just encoded need not be decoded again
+    return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 
 
 async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> Row:
@@ -195,7 +177,7 @@ async def _wait(
 
 async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Row | None:
     """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent)."""
-    return await READ.one(ctx.pg, id=prediction_id, tenant_id=principal.tenant_id)
+    return await ctx.rows.read((prediction_id, principal.tenant_id))
 
 
 async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:

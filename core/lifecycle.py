@@ -18,7 +18,22 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BindParameter, Insert, Update, and_, func, insert, or_, update
+from sqlalchemy import (
+    BindParameter,
+    Insert,
+    String,
+    Text,
+    Update,
+    and_,
+    cast,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from core.events import FINAL_COLUMNS
 from core.tables import predictions as p
@@ -58,6 +73,26 @@ def create(
         params=params,
         status=Status.CREATED,
     )
+
+
+_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params")
+
+
+def create_many() -> Insert:
+    """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
+    `model`, and `input` and `params` as JSON text. One statement for a batch of submits (api/coalesce.py)."""
+    rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in _NEW_COLUMNS))
+    new = rows.table_valued(*_NEW_COLUMNS).render_derived()
+    values = select(
+        new.c.id,
+        new.c.tenant_id,
+        new.c.api_key_id,
+        new.c.model,
+        cast(new.c.input, JSONB),
+        cast(new.c.params, JSONB),
+        literal(Status.CREATED.value, String),
+    )
+    return insert(p).from_select([*_NEW_COLUMNS, "status"], values)
 
 
 def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: float, max_attempts: int) -> Update:

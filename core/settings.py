@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     # PostgreSQL; the driver suffix is added per tier (asyncpg in the API, psycopg in workers).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/klein"
     db_pool_size: int = Field(20, ge=1)  # per API pool, two per process (api/pg.py, core/db.py); see docs/scaling.md
+    # Batches of concurrent submits' inserts (and of status reads) under way at once, per API process (api/rows.py).
+    db_batches: int = Field(2, ge=1)
     # Redis: Celery broker and completion events.
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Celery queue name; also namespaces the Redis event channel.

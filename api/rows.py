@@ -1,0 +1,65 @@
+"""The predictions table's two hot statements: a submit's insert and the read by id and tenant.
+
+Both run on the raw asyncpg pool (api/pg.py), and concurrent requests' ones run together, one statement
+a batch (api/coalesce.py): under submit load that is the difference between a round trip and a commit
+per prediction and one per batch (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import asyncpg
+from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from api.coalesce import Coalescer
+from api.pg import Statement
+from core import lifecycle
+from core.tables import predictions
+
+Row = Mapping[str, Any]  # a predictions row by column name
+
+
+class NewPrediction(NamedTuple):
+    id: str
+    tenant_id: str
+    api_key_id: str | None
+    model: str
+    input: str  # JSON
+    params: str  # JSON
+
+
+class Rows:
+    """The predictions table's two hot statements, the insert of a submit and the read by id and tenant. The
+    concurrent requests' ones run together, one statement a batch (api/coalesce.py)."""
+
+    _CREATE = Statement(
+        lifecycle.create_many().returning(*(c for c in predictions.c if c.name not in ("input", "params")))
+    )
+    _READ = Statement(select(predictions).where(predictions.c.id == func.any(bindparam("ids", type_=ARRAY(Text)))))
+
+    def __init__(self, pool: asyncpg.Pool, concurrency: int, max_batch: int = 256) -> None:
+        self._pool = pool
+        self.insert = Coalescer(self._insert, concurrency=concurrency, max_batch=max_batch, retry_alone=_a_rows_fault)
+        self.read = Coalescer(self._read, concurrency=concurrency, max_batch=max_batch, retry_alone=_a_rows_fault)
+
+    async def _insert(self, new: Sequence[NewPrediction]) -> list[dict[str, Any]]:
+        columns = {name: [getattr(row, name) for row in new] for name in NewPrediction._fields}
+        created = {record["id"]: record for record in await self._CREATE.all(self._pool, **columns)}
+        return [dict(created[row.id].items()) for row in new]
+
+    async def _read(self, keys: Sequence[tuple[str, str]]) -> list[Row | None]:
+        """Rows by (id, tenant): another tenant's id reads as absent."""
+        found = {record["id"]: record for record in await self._READ.all(self._pool, ids=list({id for id, _ in keys}))}
+        return [
+            dict(record.items()) if (record := found.get(id)) is not None and record["tenant_id"] == tenant else None
+            for id, tenant in keys
+        ]
+
+
+def _a_rows_fault(exc: Exception) -> bool:
+    """PostgreSQL refused a value (SQLSTATE class 22, e.g. a NUL character in JSON) or a constraint (class 23,
+    e.g. a tenant deleted meanwhile): one row's doing, so each row of the batch is tried again alone."""
+    return str(getattr(exc, "sqlstate", "")).startswith(("22", "23"))
