@@ -252,12 +252,13 @@ class Stack:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def start(self) -> Stack:
-        self.database = f"klein_bench_{self.run}"
+    def __post_init__(self) -> None:
         self.queue = f"klein-bench-{self.run}"
         self.gate = f"bench:{self.run}:gate"
         self.noop_queue = f"bench-noop-{self.run}"
         self.floor_list = f"bench:{self.run}:floor-queue"
+
+    def start(self) -> Stack:
         if self.external:
             return self._attach()
         self._check_services()
@@ -270,10 +271,7 @@ class Stack:
                 stderr=open(self.workdir / "build-tiny.log", "wb"),  # noqa: SIM115 - owned by the child
                 env=os.environ | {"HF_HUB_OFFLINE": "1"},
             )
-        with psycopg.connect(self.pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.database}"')
-        self.database_url = self.pg_admin_url.rsplit("/", 1)[0] + f"/{self.database}"
-        self._migrate()
+        self.create_database()
         self.s3 = SeaweedS3(self.workdir / "s3").start()
         self.env = os.environ | {
             "KLEIN_DATABASE_URL": self.database_url,
@@ -294,12 +292,20 @@ class Stack:
         }
         for name in ("KLEIN_PUBLIC_BASE_URL", "KLEIN_ADMIN_API_KEY"):
             self.env.pop(name, None)
-        self._create_tenant()
         self._create_bucket()
         self.env["BENCH_FLOOR_TENANT_ID"] = self.tenant_id
         self.api, self.api_url = _start_api(self.env, self.workdir / "api.log")
         self.floor, self.floor_url = self._start_floor()
         return self
+
+    def create_database(self) -> None:
+        """A fresh database with the platform's schema, and the benchmark's tenant and key in it."""
+        self.database = f"klein_bench_{self.run}"
+        with psycopg.connect(self.pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.database}"')
+        self.database_url = self.pg_admin_url.rsplit("/", 1)[0] + f"/{self.database}"
+        self._migrate()
+        self._create_tenant()
 
     def _attach(self) -> Stack:
         """Use the running platform that KLEIN_* describe (and that answers at api_url): only a tenant is added."""

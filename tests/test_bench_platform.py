@@ -33,3 +33,12 @@ def test_platform_benchmark_short_mode(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert not results["failures"], results["failures"]
     assert set(results["results"]) == {"1_submit", "2_try_sync", "3_status", "4_waiters", "5_deep_queue"}
+
+
+def test_asgi_cpu_benchmark_runs() -> None:
+    args = [sys.executable, "-m", "bench.asgi_cpu", "--seconds", "0.5", "--rounds", "1", "--concurrency", "4"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-6000:]
+    for path in ("submit", "status"):
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{path} round 1:"))
+        assert ", 0 failed)" in line, line  # every request of ours answered 2xx
