@@ -32,8 +32,8 @@ class NewPrediction(NamedTuple):
 
 
 class Rows:
-    """The predictions table's two hot statements, the insert of a submit and the read by id and tenant. The
-    concurrent requests' ones run together, one statement a batch (api/coalesce.py)."""
+    """`await rows.insert(NewPrediction(...))` → the stored row but `input` and `params`;
+    `await rows.read((id, tenant_id))` → the row, or None (also for another tenant's id)."""
 
     _CREATE = Statement(
         lifecycle.create_many().returning(*(c for c in predictions.c if c.name not in ("input", "params")))
