@@ -52,10 +52,11 @@ class Rows:
 
     async def _read(self, keys: Sequence[tuple[str, str]]) -> list[Row | None]:
         """Rows by (id, tenant): another tenant's id reads as absent."""
-        found = {record["id"]: record for record in await self._READ.all(self._pool, ids=list({id for id, _ in keys}))}
+        ids = list({prediction_id for prediction_id, _ in keys})  # two reads of one id: one row
+        found = {record["id"]: record for record in await self._READ.all(self._pool, ids=ids)}
         return [
-            dict(record.items()) if (record := found.get(id)) is not None and record["tenant_id"] == tenant else None
-            for id, tenant in keys
+            dict(record.items()) if (record := found.get(prediction_id)) and record["tenant_id"] == tenant else None
+            for prediction_id, tenant in keys
         ]
 
 

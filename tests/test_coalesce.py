@@ -31,8 +31,10 @@ class Recorder:
         try:
             await self.release.wait()
             await asyncio.sleep(0.001)  # a round trip's worth: others run meanwhile
-            if any(item < 0 for item in items):
-                raise Refused if len(items) > 1 or items[0] == -1 else ConnectionError("down")
+            if -2 in items:
+                raise ConnectionError("down")  # the database, for everyone
+            if -1 in items:
+                raise Refused
             return [item * 10 for item in items]
         finally:
             self.running -= 1
@@ -96,9 +98,10 @@ def test_a_refused_item_fails_alone_and_any_other_error_fails_its_whole_batch() 
     assert results[0] == 10 and results[2] == 20 and isinstance(results[1], Refused)
     assert recorder.batches == [[1, -1, 2], [1], [-1], [2]]
 
-    # -2 alone raises ConnectionError, which is not retried alone: the database is down for everyone.
-    recorder, results = asyncio.run(scenario([-2]))
-    assert isinstance(results[0], ConnectionError) and recorder.batches == [[-2]]
+    # ConnectionError is not retried item by item: every caller of the batch gets it, once.
+    recorder, results = asyncio.run(scenario([1, -2, 2]))
+    assert all(isinstance(result, ConnectionError) for result in results)
+    assert recorder.batches == [[1, -2, 2]]
 
 
 def test_a_cancelled_caller_leaves_its_batch_and_the_others_answered() -> None:
