@@ -120,12 +120,18 @@ class Service:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Service:
-        handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child process
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        """Start (or restart) the process; the log is appended to, and only the child keeps it open."""
+        with open(self.log, "ab") as handle:
+            self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
         return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited (negative: killed by that signal), else None."""
+        return None if self.process is None else self.process.poll()
 
     def ensure_alive(self, what: str) -> None:
         if not self.alive():

