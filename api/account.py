@@ -41,7 +41,11 @@ def key_view(row: RowMapping) -> dict[str, Any]:
 
 async def issue_key(ctx: AppContext, tenant_id: str, request: KeyRequest) -> JSONResponse:
     issued, statement = tenants.issue_key(tenant_id, request.name, request.checked_expiry())
+    cap = ctx.settings.max_keys_per_tenant
     async with ctx.engine.begin() as conn:
+        await conn.execute(tenants.lock_tenant(tenant_id))
+        if (await conn.execute(tenants.active_keys(tenant_id))).scalar_one() >= cap:
+            raise ApiError(409, f"this tenant has {cap} active API keys, the limit: revoke one before creating another")
         await conn.execute(statement)
     return JSONResponse(issued.public() | {"note": "store this key now: it is shown only once"}, status_code=201)
 

@@ -19,15 +19,26 @@ from api.errors import ApiError
 from api.responses import errors
 from core import tenants
 
+ADMIN_FAILURE_WINDOW_MS = 60_000
+
 
 async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> None:
+    """The admin key, compared in constant time; an address that sent too many wrong ones in a minute is
+    refused (429) until the minute since its first failure is over, whatever key it sends."""
     configured = ctx.settings.admin_api_key
     if configured is None:
         raise ApiError(404, "the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
+    address = request.client.host if request.client else "unknown"
+    failures = f"{ctx.settings.queue_name}:admin-failures:{address}"
+    count, wait_ms = await ctx.redis.pipeline(("GET", failures), ("PTTL", failures))
+    if int(count or 0) >= ctx.settings.admin_failures_per_minute:
+        retry_after = max(1, -(-int(wait_ms) // 1000))
+        raise ApiError(429, "too many wrong admin keys from this address; try again later", retry_after=retry_after)
     given = request.headers.get("x-admin-key") or presented_key(request) or ""
     # Compare digests so the comparison's time depends on neither key's length nor content.
     expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
     if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
+        await ctx.redis.pipeline(("SET", failures, 0, "NX", "PX", ADMIN_FAILURE_WINDOW_MS), ("INCR", failures))
         raise ApiError(401, "invalid admin key")
 
 
@@ -42,6 +53,9 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rate_limit_per_minute: int | None = Field(None, ge=1, le=1_000_000, description="per key; null: default")
+    tenant_rate_limit_per_minute: int | None = Field(
+        None, ge=1, le=1_000_000, description="all the tenant's keys together; null: the per-key limit"
+    )
     max_in_flight: int | None = Field(None, ge=1, le=1_000_000, description="queued + processing; null: default")
     price_per_image: float | None = Field(None, ge=0, le=1000, description="USD; null: platform default")
 
@@ -94,14 +108,15 @@ async def one_tenant(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
 @router.patch("/tenants/{tenant_id}", responses=errors(400, 413, 422))
 async def update_limits(tenant_id: str, limits: Limits, ctx: Ctx) -> dict[str, Any]:
     """Set limits and price; only the fields sent change (null resets one to the platform default)."""
+    tenant = await _tenant(ctx, tenant_id)  # by id or name, as every admin route takes it
     changes = limits.model_dump(exclude_unset=True)
     if changes:  # an UPDATE without a SET list is invalid SQL
         async with ctx.engine.begin() as conn:
-            row = (await conn.execute(tenants.set_limits(tenant_id, **changes))).first()
+            row = (await conn.execute(tenants.set_limits(tenant["id"], **changes))).first()
         if row is None:
             raise ApiError(404, f"tenant {tenant_id!r} not found")
         await keys_changed(ctx)  # cached principals carry the old limits
-    return tenant_view(await _tenant(ctx, tenant_id))
+    return tenant_view(await _tenant(ctx, tenant["id"]))
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, responses=errors(400, 413, 422))

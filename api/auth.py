@@ -40,8 +40,7 @@ async def authenticate(request: Request) -> Principal:
     """The dependency behind `Authenticated`. It takes the request alone: every sub-dependency would cost
     each authenticated request another round of FastAPI's dependency solving."""
     ctx, principal = await _identify(request)
-    limit = principal.rate_limit_per_minute
-    _admit(request, await ctx.limiter.hit(principal.tenant_id, principal.api_key_id, limit))
+    _admit(request, await ctx.limiter.hit(principal))
     return principal
 
 
@@ -49,8 +48,7 @@ async def authenticate_submit(request: Request) -> tuple[Principal, Slot]:
     """`authenticate`, and an in-flight slot for the prediction in the same round trip to Redis (a submit's
     first). The caller gives the slot back on every way out but a stored prediction (Slot)."""
     ctx, principal = await _identify(request)
-    limit, cap = principal.rate_limit_per_minute, principal.max_in_flight
-    decision, slot = await ctx.limiter.hit_and_take_slot(principal.tenant_id, principal.api_key_id, limit, cap)
+    decision, slot = await ctx.limiter.hit_and_take_slot(principal)
     _admit(request, decision)
     return principal, slot
 
@@ -71,11 +69,12 @@ async def _identify(request: Request) -> tuple[AppContext, Principal]:
 def _admit(request: Request, decision: RateDecision) -> None:
     request.state.rate_limit = decision
     if not decision.allowed:
-        raise ApiError(
-            429,
-            f"rate limit exceeded: {decision.limit} requests per minute for this API key",
-            retry_after=max(decision.reset_s, 1),
+        whose = (
+            f"{decision.limit} requests per minute for this API key"
+            if decision.refused_by == "key"
+            else f"{decision.tenant_limit} requests per minute for this tenant's keys together"
         )
+        raise ApiError(429, f"rate limit exceeded: {whose}", retry_after=decision.retry_after_s)
 
 
 _LOOKUP = Statement(
@@ -84,6 +83,9 @@ _LOOKUP = Statement(
         api_keys.c.tenant_id,
         api_keys.c.expires_at,
         func.coalesce(tenants.c.rate_limit_per_minute, bindparam("default_rate")).label("rate"),
+        func.coalesce(
+            tenants.c.tenant_rate_limit_per_minute, tenants.c.rate_limit_per_minute, bindparam("default_rate")
+        ).label("tenant_rate"),
         func.coalesce(tenants.c.max_in_flight, bindparam("default_in_flight")).label("in_flight"),
     )
     .join(tenants, tenants.c.id == api_keys.c.tenant_id)
@@ -104,7 +106,9 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
     )
     if row is None:
         return None
-    principal = Principal(row["tenant_id"], row["id"], row["rate"], row["in_flight"], row["expires_at"])
+    principal = Principal(
+        row["tenant_id"], row["id"], row["rate"], row["tenant_rate"], row["in_flight"], row["expires_at"]
+    )
     ctx.keys.put(key_hash, principal)
     return principal
 

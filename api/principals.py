@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 class Principal:
     tenant_id: str
     api_key_id: str
-    rate_limit_per_minute: int
+    rate_limit_per_minute: int  # per key
+    tenant_rate_limit_per_minute: int  # all the tenant's keys together
     max_in_flight: int
     key_expires_at: datetime | None = None
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import asyncio
+import logging
+import secrets
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
+from api.principals import Principal
 from api.redis_mux import RedisMux, Script
 from core import quota
+
+log = logging.getLogger(__name__)
+UNDO_ATTEMPTS, UNDO_EVERY_S = 120, 0.5  # a minute of retries; after that the sweeper reconciles
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Slot:
         if not self.granted:
             raise ApiError(
                 429,
-                f"too many predictions in flight: this tenant has {self.held} queued or processing (limit {self.cap})",
+                f"too many predictions in flight: this tenant's limit of {self.cap} queued or processing is reached",
                 retry_after=1,
             )
 
@@ -44,72 +49,72 @@ class Slot:
 
 
 class Limiter:
+    _ADMIT = Script(quota.ADMIT_LUA)
+    _FORGET = Script(quota.FORGET_ADMISSION_LUA)
     _RELEASE = Script(quota.RELEASE_SLOT_LUA)
 
-    def __init__(self, redis: RedisMux, namespace: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis: RedisMux, namespace: str) -> None:
         self._redis = redis
         self._namespace = namespace
-        self._clock = clock  # wall-clock seconds: replicas agree on the windows as far as their clocks do
+        self._undoing: set[asyncio.Task[None]] = set()
 
-    async def hit(self, tenant_id: str, api_key_id: str, limit: int) -> quota.RateDecision:
-        """Count one request against the key's per-minute limit. Fails closed: no Redis, no request."""
-        decision, _ = await self._admit(tenant_id, api_key_id, limit, None)
+    async def hit(self, principal: Principal) -> quota.RateDecision:
+        """Count one request against its key's and its tenant's per-minute limits. Fails closed: no Redis,
+        no request."""
+        decision, _ = await self._admit(principal, 0)
         return decision
 
-    async def hit_and_take_slot(
-        self, tenant_id: str, api_key_id: str, limit: int, max_in_flight: int
-    ) -> tuple[quota.RateDecision, Slot]:
+    async def hit_and_take_slot(self, principal: Principal) -> tuple[quota.RateDecision, Slot]:
         """`hit` and `take_slot` in one round trip (a submit's). A request the rate limit refuses holds no
         slot; whether one was free, the caller asks the slot (`require`) where take_slot would have run."""
-        decision, slot = await self._admit(tenant_id, api_key_id, limit, max_in_flight)
+        decision, slot = await self._admit(principal, principal.max_in_flight)
         assert slot is not None
         return decision, slot
 
     async def take_slot(self, tenant_id: str, max_in_flight: int) -> Slot:
-        """Reserve an in-flight slot, `granted` unless the tenant holds `max_in_flight` already.
+        """Reserve an in-flight slot, `granted` unless the tenant holds `max_in_flight` already."""
+        _, slot = await self._run(tenant_id, ("", ""), (0, 0, max_in_flight))
+        assert slot is not None
+        return slot
 
-        One INCR, given back at once when it went past the cap: concurrent requests for the last slot
-        get one each from Redis's order, as a script would give them, without the script's cost."""
-        key = quota.in_flight_key(self._namespace, tenant_id)
-        try:
-            held = int(await self._redis.execute("INCR", key)) - 1
-            if held >= max_in_flight:
-                await self._redis.execute("DECR", key)
-        except RedisError as exc:
-            raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
-        return Slot(self, tenant_id, held, max_in_flight, granted=held < max_in_flight)
+    async def _admit(self, principal: Principal, max_in_flight: int) -> tuple[quota.RateDecision, Slot | None]:
+        keys = quota.rate_keys(self._namespace, principal.tenant_id, principal.api_key_id)
+        limits = (principal.rate_limit_per_minute, principal.tenant_rate_limit_per_minute, max_in_flight)
+        return await self._run(principal.tenant_id, keys, limits)
 
-    async def _admit(
-        self, tenant_id: str, api_key_id: str, limit: int, max_in_flight: int | None
+    async def _run(
+        self, tenant_id: str, rate_keys: tuple[str, str], limits: tuple[int, int, int]
     ) -> tuple[quota.RateDecision, Slot | None]:
-        now_ms = int(self._clock() * 1000)
-        current, previous = quota.rate_keys(self._namespace, tenant_id, api_key_id, now_ms)
-        slot_key = quota.in_flight_key(self._namespace, tenant_id)
-        commands: list[tuple[str | int, ...]] = [
-            ("INCR", current),
-            ("PEXPIRE", current, 2 * quota.WINDOW_MS),
-            ("GET", previous),
-        ]
-        if max_in_flight is not None:
-            commands.append(("INCR", slot_key))
+        token = secrets.token_hex(8)
+        keys = [*rate_keys, quota.in_flight_key(self._namespace, tenant_id)]
+        keys.append(quota.admission_key(self._namespace, tenant_id, token))
         try:
-            counted, _, before, *slots = await self._redis.pipeline(*commands)
-            decision = quota.rate_decision(limit, int(counted), int(before or 0), now_ms)
-            slot = None
-            if max_in_flight is not None:
-                held = int(slots[0]) - 1
-                slot = Slot(self, tenant_id, held, max_in_flight, granted=decision.allowed and held < max_in_flight)
-            # Until this undo lands (one round trip), a refused request still counts against the window and the
-            # tenant's slots, as the INCR-then-DECR slot always did past its cap: a concurrent submit of the same
-            # tenant at its cap may be refused 429 (Retry-After: 1) for a slot that is about to be free.
-            undo = [] if decision.allowed else [("DECR", current)]
-            if slot is not None and not slot.granted:
-                undo.append(("DECR", slot_key))
-            if undo:
-                await self._redis.pipeline(*undo)
+            reply = await self._redis.run(self._ADMIT, keys, [*limits, quota.ADMISSION_TOKEN_TTL_MS])
         except RedisError as exc:
+            if limits[2]:  # it may yet run, or have run, and taken a slot nobody will give back
+                self._undo_later(tenant_id, token)
             raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
+        decision = quota.RateDecision.from_script(reply, limits[0], limits[1])
+        held, granted = reply[6:8]
+        slot = Slot(self, tenant_id, held, limits[2], granted=bool(granted)) if limits[2] else None
         return decision, slot
+
+    def _undo_later(self, tenant_id: str, token: str) -> None:
+        """Give back the slot of an admission whose answer was lost, once Redis answers again (bounded)."""
+        keys = [quota.in_flight_key(self._namespace, tenant_id), quota.admission_key(self._namespace, tenant_id, token)]
+
+        async def undo() -> None:
+            for _ in range(UNDO_ATTEMPTS):
+                try:
+                    await self._redis.run(self._FORGET, keys, [quota.ADMISSION_TOKEN_TTL_MS])
+                    return
+                except RedisError:
+                    await asyncio.sleep(UNDO_EVERY_S)
+            log.warning("could not undo a lost admission of tenant %s; the sweeper will reconcile it", tenant_id)
+
+        task = asyncio.create_task(undo())
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
 
     async def release_slot(self, tenant_id: str) -> None:
         await self._redis.run(self._RELEASE, [quota.in_flight_key(self._namespace, tenant_id)], [])

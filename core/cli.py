@@ -12,6 +12,7 @@
     klein build-tiny DIR                     save the tiny random-weights Klein pipeline to DIR
 
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
+--tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
 --max-in-flight N (queued + processing) and --price P (USD per image); "default" resets one.
 """
 
@@ -46,6 +47,9 @@ def _limit(value: str) -> int | float | None:
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit", dest="rate_limit_per_minute", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tenant-rate-limit", dest="tenant_rate_limit_per_minute", type=_limit, default=argparse.SUPPRESS
+    )
     parser.add_argument("--max-in-flight", dest="max_in_flight", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
 

@@ -9,7 +9,8 @@ Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker proc
    worker has taken its message (core.queue.queued_key), so for a `created` row "not in the set" means
    "not in the broker". A pass checks the rows that
    came due since the previous one; every `FULL_CHECK_EVERY_S`, and after Redis lost its data, all.
-3. If Redis lost its data, the per-tenant in-flight counters are rebuilt from PostgreSQL.
+3. Each tenant's in-flight counter is reconciled with its rows in PostgreSQL (after a stalled or lost
+   Redis answer, or data Redis lost).
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
 """
 
@@ -31,6 +32,7 @@ from core.lifecycle import Status
 from core.queue import enqueue, queued_key
 from core.settings import Settings
 from core.tables import predictions as p
+from core.tables import tenants
 
 log = logging.getLogger(__name__)
 LOST_CHECK_PAGE = 1000  # ids asked of Redis at a time
@@ -42,7 +44,7 @@ class SweepReport:
     requeued_lapsed: int = 0
     failed_lapsed: int = 0
     requeued_lost: int = 0
-    counters_rebuilt: bool = False
+    counters_reconciled: int = 0
     seconds: float = 0.0
 
 
@@ -63,7 +65,7 @@ class Sweeper:
         started = time.perf_counter()
         try:
             report = SweepReport()
-            self._rebuild_counters_if_lost(report)
+            self._reconcile_counters(report)
             self._lapsed(report)
             self._lost(report)
             report.seconds = time.perf_counter() - started
@@ -121,22 +123,33 @@ class Sweeper:
         if full:
             self.redis.hset(state, "full", due.timestamp())
 
-    def _rebuild_counters_if_lost(self, report: SweepReport) -> None:
-        epoch = f"{self.settings.queue_name}:epoch"
-        if self.redis.exists(epoch):
-            return
+    def _reconcile_counters(self, report: SweepReport) -> None:
+        """Set each tenant's in-flight counter to its `created` + `processing` rows where the two disagree: a
+        submit whose answer Redis never sent (a stall, a dropped connection) or data Redis lost. The counter is
+        read before the rows are counted and set only if it is still what was read, so a slot taken or given
+        back meanwhile is not overwritten; a submit between its slot and its insert at that instant can put it
+        one off until the next pass."""
+        namespace = self.settings.queue_name
         with self.engine.connect() as conn:
-            counts = conn.execute(
-                select(p.c.tenant_id, func.count())
-                .where(p.c.status.in_([Status.CREATED, Status.PROCESSING]))
-                .group_by(p.c.tenant_id)
-            ).all()
-        pipe = self.redis.pipeline()
-        for tenant_id, count in counts:
-            pipe.set(quota.in_flight_key(self.settings.queue_name, tenant_id), count)
-        pipe.set(epoch, self.token)
-        pipe.execute()
-        report.counters_rebuilt = True
+            tenant_ids = conn.execute(select(tenants.c.id)).scalars().all()
+            if not tenant_ids:
+                return
+            keys = [quota.in_flight_key(namespace, tenant_id) for tenant_id in tenant_ids]
+            before = cast(list[bytes | None], self.redis.mget(keys))
+            counts: dict[str, int] = dict(
+                conn.execute(
+                    select(p.c.tenant_id, func.count())
+                    .where(p.c.status.in_([Status.CREATED, Status.PROCESSING]))
+                    .group_by(p.c.tenant_id)
+                ).all()
+            )
+        for tenant_id, key, held in zip(tenant_ids, keys, before, strict=True):
+            read, count = int(held or 0), counts.get(tenant_id, 0)
+            if read != count and self.redis.eval(quota.RECONCILE_SLOTS_LUA, 1, key, str(read), count):
+                log.warning(
+                    "in-flight counter of tenant %s was %d, its rows say %d: reconciled", tenant_id, read, count
+                )
+                report.counters_reconciled += 1
 
     def _enqueue(self, prediction_id: str) -> None:
         enqueue(self.redis, self.settings, prediction_id, priority=0)  # it has waited longest: first in line
@@ -154,6 +167,6 @@ def run_forever(sweeper: Sweeper, stop: threading.Event) -> None:
             log.warning("sweep failed; retrying in %.0f s", sweeper.settings.sweep_interval_s, exc_info=True)
             continue
         if report and (
-            report.requeued_lapsed or report.failed_lapsed or report.requeued_lost or report.counters_rebuilt
+            report.requeued_lapsed or report.failed_lapsed or report.requeued_lost or report.counters_reconciled
         ):
             log.info("sweep: %s", report)

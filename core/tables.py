@@ -28,9 +28,10 @@ tenants = Table(
     Column("name", Text, nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Limits and price plan; NULL means the platform default from core.settings.
-    Column("rate_limit_per_minute", Integer),
+    Column("rate_limit_per_minute", Integer),  # per key
     Column("max_in_flight", Integer),
     Column("price_per_image", Numeric(12, 6)),
+    Column("tenant_rate_limit_per_minute", Integer),  # all keys together; NULL: the per-key limit
 )
 
 api_keys = Table(

@@ -15,7 +15,7 @@ from sqlalchemy import Insert, Select, Update, func, insert, select, update
 from core.ids import display_prefix, hash_api_key, new_api_key, new_id
 from core.tables import api_keys, tenants
 
-LIMIT_FIELDS = ("rate_limit_per_minute", "max_in_flight", "price_per_image")
+LIMIT_FIELDS = ("rate_limit_per_minute", "tenant_rate_limit_per_minute", "max_in_flight", "price_per_image")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,20 @@ def issue_key(tenant_id: str, name: str = "", expires_at: datetime | None = None
         expires_at=expires_at,
     )
     return IssuedKey(tenant_id, key_id, key, name, expires_at), statement
+
+
+def lock_tenant(tenant_id: str) -> Select[Any]:
+    """The tenant's row, locked until the transaction ends: concurrent key creations take turns at the cap."""
+    return select(tenants.c.id).where(tenants.c.id == tenant_id).with_for_update()
+
+
+def active_keys(tenant_id: str) -> Select[Any]:
+    """How many of the tenant's keys still work."""
+    return select(func.count()).where(
+        api_keys.c.tenant_id == tenant_id,
+        api_keys.c.revoked_at.is_(None),
+        (api_keys.c.expires_at.is_(None)) | (api_keys.c.expires_at > func.now()),
+    )
 
 
 def list_keys(tenant_id: str) -> Select[Any]:
