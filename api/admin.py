@@ -18,6 +18,7 @@ from api.context import AppContext, get_ctx
 from api.errors import ApiError
 from api.responses import errors
 from core import tenants
+from models.registry import MODELS
 
 ADMIN_FAILURE_WINDOW_MS = 60_000
 
@@ -134,6 +135,12 @@ async def tenant_keys(tenant_id: str, ctx: Ctx) -> dict[str, Any]:
 @router.delete("/keys/{key_id}", responses=errors(422))
 async def revoke(key_id: str, ctx: Ctx) -> dict[str, Any]:
     return await revoke_key(ctx, key_id, None)
+
+
+@router.get("/models")
+async def served_models(ctx: Ctx) -> dict[str, Any]:
+    """Which weights the workers are configured to load, for operators only."""
+    return {"data": [{"id": spec.id, "model_path": ctx.settings.model_path} for spec in MODELS]}
 
 
 @router.get("/usage", responses=errors(422))

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api import account, admin, delivery, files, meta
 from api.body_limit import BodySizeLimit
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
         rows = Rows(pg, concurrency=settings.db_batches)
-        app.state.ctx = AppContext(settings, engine, pg, rows, redis, s3, waiter, limiter, keys)
+        decodes = asyncio.Semaphore(settings.max_concurrent_decodes)
+        app.state.ctx = AppContext(settings, engine, pg, rows, redis, s3, waiter, limiter, keys, decodes)
         # Everything allocated so far lives as long as the process. Left to the collector, its full
         # collections walk all of it again and again: under load they took a fifth of the API's CPU and
         # most of its p99 latency (docs/performance.md). Frozen, they only walk what requests allocate;
@@ -69,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # The Host header decides the URLs we hand out (api/context.py): only hosts we were told about.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts, www_redirect=False)
     for module in (pruna, klein, wavespeed, features, openai, delivery, files, account, admin, meta):
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ class AppContext:
     waiter: CompletionWaiter
     limiter: Limiter
     keys: KeyCache
+    decodes: asyncio.Semaphore  # input images decoded at once (api/references.py)
 
 
 def context(request: Request) -> AppContext:

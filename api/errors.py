@@ -60,8 +60,7 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
                 except RequestValidationError as exc:
                     error = validation_error(exc.errors())
                 except StarletteHTTPException as exc:  # e.g. a malformed multipart body (400)
-                    error = ApiError(exc.status_code, str(exc.detail))
-                    error.headers = dict(exc.headers) if exc.headers else None
+                    error = http_error(exc)
                 except DATABASE_ERRORS as exc:
                     if (unstorable := unstorable_value(exc)) is None:
                         raise
@@ -73,6 +72,19 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
             return route
 
     return DialectRoute
+
+
+TOO_DEEP = "invalid request: body: JSON nested too deeply"
+
+
+def http_error(exc: StarletteHTTPException) -> ApiError:
+    """Starlette's and FastAPI's own errors as ours. A body FastAPI could not parse because it nests deeper
+    than Python's recursion limit is the client's invalid JSON (422), not a parse failure of ours (400)."""
+    if isinstance(exc.__cause__, RecursionError):
+        return ApiError(422, TOO_DEEP)
+    error = ApiError(exc.status_code, str(exc.detail))
+    error.headers = dict(exc.headers) if exc.headers else None
+    return error
 
 
 def unstorable_value(exc: Exception) -> ApiError | None:
@@ -99,7 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        error = http_error(exc)
+        return JSONResponse(_body(error.message), status_code=error.status, headers=error.headers)
 
     async def _database_down(_: Request, exc: Exception) -> JSONResponse:
         if (unstorable := unstorable_value(exc)) is not None:

@@ -92,8 +92,10 @@ async def fetch(url: str, max_bytes: int, timeout_s: float, allowlist: list[str]
                 url = urljoin(url, location)
     except (TimeoutError, httpx.TimeoutException):  # httpx's timeout too means timeout_s has run out
         raise FetchError(f"fetching the URL took longer than {timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
-        raise FetchError(f"could not fetch the URL: {type(exc).__name__}") from None
+    except httpx.ConnectError:
+        raise FetchError("could not connect to the URL's host") from None
+    except httpx.HTTPError:
+        raise FetchError("the URL's server broke off the transfer or answered something that is not HTTP") from None
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
 

@@ -6,11 +6,12 @@ import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
 from api.dialects.features import PromptObject
 from api.dialects.klein import GenerateRequest
@@ -26,43 +27,55 @@ router = APIRouter(tags=["meta"])
 
 
 def _weights(settings: Settings) -> dict[str, Any]:
-    """What the workers are configured to load; says plainly when it is the tiny random-weights pipeline."""
+    """Whether the workers serve real weights; says plainly when it is the tiny random-weights pipeline. Where
+    the weights lie on the server (model_path) is the operators' business: /admin/v1/models shows it."""
     tiny = (Path(settings.model_path) / TINY_MARKER).exists()
     return {
-        "model_path": settings.model_path,
         "random_weights": tiny,
         **({"warning": "tiny random-weights test pipeline: outputs are noise"} if tiny else {}),
     }
 
 
-def _describe(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
-    """The model as every dialect's clients expect it: OpenAI's model object plus each request schema."""
-    return spec.describe() | {
-        "object": "model",
-        "created": 0,
-        "owned_by": "black-forest-labs",
-        "weights": _weights(settings),
-        "schemas": {
-            "POST /v1/predictions (input)": spec.input_schema(),
-            "POST /v1/images/generations": ImagesRequest.model_json_schema(),
-            "POST /v1/generate": GenerateRequest.model_json_schema(),
-            "POST /api/v3/wavespeed-ai/flux-2-klein-4b/{text-to-image,edit}": WaveSpeedRequest.model_json_schema(),
-            "POST /api/features (promptObject)": PromptObject.model_json_schema(),
-        },
-    }
+def _describe(spec: ModelSpec, settings: Settings, signed_in: bool) -> dict[str, Any]:
+    """The model as every dialect's clients expect it: OpenAI's model object plus each request schema; the
+    weights only for a caller with a key."""
+    return (
+        spec.describe()
+        | {"object": "model", "created": 0, "owned_by": "black-forest-labs"}
+        | ({"weights": _weights(settings)} if signed_in else {})
+        | {
+            "schemas": {
+                "POST /v1/predictions (input)": spec.input_schema(),
+                "POST /v1/images/generations": ImagesRequest.model_json_schema(),
+                "POST /v1/generate": GenerateRequest.model_json_schema(),
+                "POST /api/v3/wavespeed-ai/flux-2-klein-4b/{text-to-image,edit}": WaveSpeedRequest.model_json_schema(),
+                "POST /api/features (promptObject)": PromptObject.model_json_schema(),
+            },
+        }
+    )
 
 
-@router.get("/v1/models")
-async def list_models(ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
-    return {"object": "list", "data": [_describe(spec, ctx.settings) for spec in MODELS]}
+async def _signed_in(request: Request) -> bool:
+    """No key: anyone may read the catalogue. A key: it must be valid (401 otherwise) and counts as a request."""
+    if presented_key(request) is None:
+        return False
+    await authenticate(request)
+    return True
 
 
-@router.get("/v1/models/{model_id:path}", responses=errors(404, 422))
-async def get_model(model_id: str, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
+@router.get("/v1/models", responses=errors(401, 429))
+async def list_models(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
+    signed_in = await _signed_in(request)
+    return {"object": "list", "data": [_describe(spec, ctx.settings, signed_in) for spec in MODELS]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=errors(401, 404, 422, 429))
+async def get_model(model_id: str, request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
+    signed_in = await _signed_in(request)
     spec = resolve(model_id)
     if spec is None:
         raise ApiError(404, f"unknown model {model_id!r}", known_models=known_ids())
-    return _describe(spec, ctx.settings)
+    return _describe(spec, ctx.settings, signed_in)
 
 
 @router.get("/healthz")

@@ -21,7 +21,7 @@ from api.auth import Principal
 from api.context import AppContext, public_base_url
 from api.errors import ApiError
 from api.fetch import FetchError, fetch
-from api.files import stored_file
+from api.files import inspect_image, stored_file
 from api.objects import read_object
 from core import images
 from models.klein import MAX_REFERENCES
@@ -48,7 +48,7 @@ async def resolve(
     async def one(index: int, source: str | bytes) -> Reference:
         try:
             data = source if isinstance(source, bytes) else await _load(ctx, principal, source, ours)
-            info = images.inspect(data, ctx.settings.max_image_bytes, ctx.settings.max_image_pixels)
+            info = await inspect_image(ctx, data)
         except (images.BadImage, FetchError) as exc:
             raise ApiError(422, f"invalid request: {field}[{index}]: {exc}") from None
         return Reference(data, info)

@@ -10,7 +10,10 @@ from PIL import Image, UnidentifiedImageError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-MIN_SIDE = 64  # the Klein pipeline's smallest reference side
+# The Klein pipeline's limits on a reference (diffusers' Flux2ImageProcessor.check_image_input defaults;
+# tests/test_models.py checks them against the installed diffusers).
+MIN_SIDE = 64
+MAX_ASPECT_RATIO = 8
 
 
 class BadImage(ValueError):
@@ -39,10 +42,14 @@ def inspect(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     image = _open(data, max_pixels)
     try:
         image.load()  # decode fully: truncated or corrupt files fail here, not in the worker
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImage(f"image could not be decoded: {exc}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise BadImage("image is truncated or corrupt: it could not be decoded") from None
     if min(image.size) < MIN_SIDE:
         raise BadImage(f"image is {image.width}×{image.height}; each side must be at least {MIN_SIDE} px")
+    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+        raise BadImage(
+            f"image is {image.width}×{image.height}; its longer side may be at most {MAX_ASPECT_RATIO}× the shorter"
+        )
     return ImageInfo(str(image.format), image.width, image.height)
 
 

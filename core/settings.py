@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
 
     # API
     public_base_url: str | None = None  # e.g. https://images.example.com; else the request's own
+    # Host headers answered (others get 400): our URLs are built from the Host when public_base_url is unset.
+    # public_base_url's host is always allowed; "*.example.com" matches subdomains, "*" any host.
+    allowed_hosts: list[str] = ["localhost", "127.0.0.1"]
     try_sync_timeout_s: float = Field(60.0, ge=0, le=600)
     max_sync_waits_per_tenant: int = Field(200, ge=0)  # per API process; beyond it Try-Sync answers at once
     max_body_bytes: int = Field(32 << 20, ge=1024)  # room for 4 base64 reference images
@@ -60,6 +64,7 @@ class Settings(BaseSettings):
     # Input images (uploads, URLs, data URIs): limits before and after decoding.
     max_image_bytes: int = Field(10 << 20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # decompression bombs stop here
+    max_concurrent_decodes: int = Field(2, ge=1)  # per API process, in threads off the event loop
     fetch_timeout_s: float = Field(10.0, gt=0, le=120)
     # Hosts or networks (CIDR) whose URLs may be fetched although they are private (private deployments, tests).
     fetch_allowlist: list[str] = []
@@ -89,6 +94,12 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        """allowed_hosts, and the host of public_base_url."""
+        public = urlsplit(self.public_base_url).hostname if self.public_base_url else None
+        return [*self.allowed_hosts, *([public] if public else [])]
 
     @property
     def async_database_url(self) -> str:

@@ -10,10 +10,12 @@ stops everything.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -85,6 +87,17 @@ def supervise(
             restart_at[name] = now + delay
         time.sleep(policy.poll_s)
     return None
+
+
+def _allowed_hosts(bind: str) -> list[str]:
+    """The Host headers the API answers: localhost and the address it binds; on every interface, this machine's
+    name too (set KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL for other names clients use)."""
+    hosts = ["localhost", "127.0.0.1"]
+    if bind in ("0.0.0.0", "::", ""):
+        hosts.append(socket.gethostname())
+    elif bind not in hosts:
+        hosts.append(bind)
+    return hosts
 
 
 def _choose_model(requested: str | None, data_dir: Path) -> tuple[str, bool]:
@@ -177,6 +190,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
             "KLEIN_MODEL_PATH": model_path,
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
+            "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
         }
         os.environ.update(env)
         from core.cli import migrate

@@ -163,8 +163,9 @@ def test_wavespeed_client_run_async_and_sync(stack: Stack, tenant: IssuedKey) ->
     for sync in (False, True):
         result = client.run(model, {"prompt": "a cat", "size": "512*768"}, enable_sync_mode=sync, poll_interval=0.1)
         (url,) = result["outputs"]
-        image = httpx.get(url, headers={"Authorization": f"Bearer {tenant.key}"})
-        assert size_of(image.content) == (512, 768)
+        image = httpx.get(url)  # the SDK hands plain URLs to the caller: signed, no key needed
+        assert image.status_code == 200 and size_of(image.content) == (512, 768)
+        assert httpx.get(url.replace("signature=", "signature=0")).status_code == 403
 
 
 def test_wavespeed_envelope_base64_edit_and_errors(stack: Stack, tenant: IssuedKey, images_url: str) -> None:

@@ -6,6 +6,7 @@ never billed twice.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from core import tenants
+from core import quota, tenants
 from core.lifecycle import Status
 from core.sweeper import Sweeper
 from core.tables import predictions, usage_records
@@ -233,3 +234,54 @@ def test_a_prediction_whose_workers_keep_dying_fails_after_the_attempt_limit(
     assert failed["status"] == "failed" and "lost 3 times" in failed["error"]
     status = httpx.get(f"{api}/v1/predictions/status/{pid}", headers={"apikey": key}).json()
     assert status["status"] == "failed" and status["error"] == failed["error"]
+
+
+def test_a_redis_stall_leaks_no_in_flight_slot(faults: PrivateStack, api: str) -> None:
+    """Redis frozen for 8 s (SIGSTOP) during submits: those answered 503 may still take their slots when it
+    resumes. The API gives back what it could not prove it kept, and the sweeper sets any counter that still
+    disagrees to the tenant's rows within one pass."""
+    tenant_id, create = tenants.create_tenant(f"stall-{time.time_ns()}")
+    issued, issue = tenants.issue_key(tenant_id)
+    with faults.engine.begin() as conn:
+        conn.execute(create)
+        conn.execute(issue)
+    broker = redis.Redis.from_url(faults.settings.redis_url)
+    counter = quota.in_flight_key(faults.settings.queue_name, tenant_id)
+
+    def in_flight_rows() -> int:
+        with faults.engine.connect() as conn:
+            query = select(func.count()).where(
+                predictions.c.tenant_id == tenant_id, predictions.c.status.in_([Status.CREATED, Status.PROCESSING])
+            )
+            return int(conn.execute(query).scalar_one())
+
+    redis_pid = int(broker.info("server")["process_id"])
+    answers: list[httpx.Response] = []
+    submitters = [
+        threading.Thread(target=lambda i=i: answers.append(submit(api, issued.key, {"prompt": f"stall {i}"})))
+        for i in range(6)
+    ]
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        for thread in submitters:
+            thread.start()
+        time.sleep(8)
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    for thread in submitters:
+        thread.join(60)
+    assert sorted({a.status_code for a in answers}) == [503] and len(answers) == 6
+    assert in_flight_rows() == 0  # a 503 stored nothing
+
+    worker = faults.worker("after-stall")  # its sweeper reconciles every 0.5 s
+    try:
+        deadline = time.monotonic() + 10
+        while int(broker.get(counter) or 0) != in_flight_rows():
+            assert time.monotonic() < deadline, f"counter {broker.get(counter)!r}, rows {in_flight_rows()}"
+            time.sleep(0.1)
+        broker.incrby(counter, 6)  # drift the API could not have undone (e.g. a crash between the two)
+        time.sleep(faults.settings.sweep_interval_s * 3)  # a pass, and the lock's turn
+        assert int(broker.get(counter) or 0) == in_flight_rows() == 0
+        assert submit(api, issued.key, {"prompt": "after the stall"}, sync=True).json()["status"] == "succeeded"
+    finally:
+        worker.stop()

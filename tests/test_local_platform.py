@@ -42,7 +42,7 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert body["status"] == "succeeded", body
         image = httpx.get(body["generation_url"], headers={"apikey": key})
         assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
-        models = httpx.get(f"{url}/v1/models").json()
+        models = httpx.get(f"{url}/v1/models", headers={"apikey": key}).json()
         assert models["data"][0]["weights"]["random_weights"] is True
     finally:
         up.send_signal(signal.SIGINT)

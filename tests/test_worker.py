@@ -78,7 +78,8 @@ def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
     pid = poison_prediction(stack, tenant)
     failed = wait_for(stack, pid)
     assert failed["status"] == "failed"
-    assert failed["error"].startswith("RuntimeError: ")
+    assert failed["error"].startswith("the worker could not generate this image") and "Error" not in failed["error"]
+    assert pid in (stack.logs / "worker.log").read_text()  # what went wrong is in the operators' log
     assert failed["outputs"] == []
 
     status = client.get(f"/v1/predictions/status/{pid}").json()

@@ -68,8 +68,8 @@ class WorkerRuntime:
         self.claim = sql.Statement(
             lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts), self.leases
         )
-        self.attempts_if_created = select(predictions.c.attempts).where(
-            predictions.c.id == bindparam("prediction_id"), predictions.c.status == lifecycle.Status.CREATED
+        self.state_now = select(predictions.c.status, predictions.c.attempts).where(
+            predictions.c.id == bindparam("prediction_id")
         )
         timings: BindParameter[Any] = bindparam("final_timings")
         completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
@@ -140,18 +140,21 @@ class WorkerRuntime:
         finished = self._db(lambda conn: finish.first(conn, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
-            self._requeue_if_claim_lost(prediction_id, row["attempts"])
+            self._after_a_lost_finish(prediction_id, row["attempts"], outputs)
         self._release_and_announce(prediction_id, finished)
 
-    def _requeue_if_claim_lost(self, prediction_id: str, claimed_attempts: int) -> None:
-        """A database crash can take back the claim (it commits asynchronously, _db): the row is `created`
-        again, as before it, while its message is gone and its id still marked queued, so the sweeper
-        would leave it. Queue it again. A lapsed lease requeued by the sweeper is `created` too, but keeps
-        the claim's attempt count (and has its message)."""
-        current = self._db(
-            lambda conn: conn.execute(self.attempts_if_created, {"prediction_id": prediction_id}).first()
-        )
-        if current is not None and current.attempts < claimed_attempts:
+    def _after_a_lost_finish(self, prediction_id: str, claimed_attempts: int, outputs: list[dict[str, Any]]) -> None:
+        """The finish found the prediction no longer ours. Canceled (or given up): nothing may stay stored, so
+        delete what was uploaded. `created` with fewer attempts than the claim: a database crash took back the
+        claim (it commits asynchronously, _db) while its message is gone and its id still marked queued, so the
+        sweeper would leave it: queue it again. Otherwise another worker holds or finished it (a lapsed lease),
+        under the same object keys: leave them."""
+        current = self._db(lambda conn: conn.execute(self.state_now, {"prediction_id": prediction_id}).first())
+        if current is None:
+            return
+        if current.status in (lifecycle.Status.CANCELED, lifecycle.Status.FAILED):
+            self._delete(outputs)
+        elif current.status == lifecycle.Status.CREATED and current.attempts < claimed_attempts:
             log.warning("the claim of %s was lost (database restart?); queueing it again", prediction_id)
             enqueue(self.redis, self.settings, prediction_id)
 
@@ -303,7 +306,9 @@ class _Lease:
 
 
 def _readable(exc: BaseException) -> str:
+    """The reason a client reads: ours where we wrote one, never an exception's own text (the log has it)."""
     if isinstance(exc, Stop | StorageUnavailable):  # written for the client already
         return str(exc)
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}"[:500] if message else type(exc).__name__
+    if "out of memory" in str(exc).lower():
+        return "the GPU ran out of memory for this request; try a smaller size or fewer images"
+    return "the worker could not generate this image: an internal error, logged with this prediction's id"

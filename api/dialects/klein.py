@@ -1,8 +1,9 @@
 """The Klein generate dialect (shared/seeds/001_*): `POST /v1/generate`, synchronous, raw PNG bytes back.
 
 The workflow follows the reference-image count: 0 text-to-image, 1 edit, 2–4 multi-reference.
-Images come as multipart files `images` (these win) or `image_uris` (a JSON array of URLs or
-base64 data URIs). Errors are `{"detail": "..."}`: 401, 422, 504 past the time limit, 500.
+The body is JSON, multipart or urlencoded, with the same fields. Images come as multipart files
+`images` (these win) or `image_uris` (a JSON array of URLs or base64 data URIs).
+Errors are `{"detail": "..."}`: 401, 422, 504 past the time limit, 500.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx
-from api.errors import ApiError, dialect_route, validation_error
+from api.errors import TOO_DEEP, ApiError, dialect_route, validation_error
 from api.files import read_upload
 from api.objects import read_object
 from api.responses import KleinError, errors, image
@@ -34,6 +35,7 @@ def _detail(error: ApiError) -> Response:
 router = APIRouter(
     tags=["klein"], route_class=dialect_route(_detail), responses=errors(401, 429, 503, shape=KleinError)
 )
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 NamedRatio = Literal["square", "landscape", "portrait", "photo", "photo_v", "standard", "standard_v", "wide"]
 
 
@@ -48,12 +50,14 @@ class GenerateRequest(BaseModel):
 
 
 async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], list[bytes]]:
-    """The fields and the uploaded files of a multipart or JSON request."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    """The fields and the uploaded files of a JSON, multipart or urlencoded request."""
+    if not request.headers.get("content-type", "").startswith(FORMS):
         try:
             body = await request.json()
         except ValueError:
-            raise ApiError(422, "body must be JSON or multipart/form-data") from None
+            raise ApiError(422, f"body must be JSON, {' or '.join(FORMS)}") from None
+        except RecursionError:
+            raise ApiError(422, TOO_DEEP) from None
         if not isinstance(body, dict):
             raise ApiError(422, "body must be a JSON object")
         return body, []
@@ -68,7 +72,7 @@ async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any]
         elif name == "image_uris":
             try:
                 fields[name] = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ApiError(422, "image_uris: must be a JSON array of URLs or data URIs") from None
         else:
             fields[name] = value
@@ -80,23 +84,24 @@ async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any]
     return fields, uploads
 
 
-_MULTIPART = {
-    "type": "object",
-    "required": ["prompt"],
-    "properties": {
-        "prompt": {"type": "string"},
-        "model": {"type": "string"},
-        "aspect_ratio": {"type": "string", "enum": list(NAMED_SIZES)},
-        "seed": {"type": "integer"},
-        "image_uris": {"type": "string", "description": "a JSON array of URLs or base64 data URIs"},
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 4},
-    },
+_FORM_FIELDS: dict[str, Any] = {
+    "prompt": {"type": "string"},
+    "model": {"type": "string"},
+    "aspect_ratio": {"type": "string", "enum": list(NAMED_SIZES)},
+    "seed": {"type": "integer"},
+    "image_uris": {"type": "string", "description": "a JSON array of URLs or base64 data URIs"},
 }
+_IMAGES = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 4}}
 _REQUEST_BODY = {
     "required": True,
     "content": {
         "application/json": {"schema": GenerateRequest.model_json_schema()},
-        "multipart/form-data": {"schema": _MULTIPART},
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["prompt"], "properties": _FORM_FIELDS | _IMAGES}
+        },
+        "application/x-www-form-urlencoded": {
+            "schema": {"type": "object", "required": ["prompt"], "properties": _FORM_FIELDS}
+        },
     },
 }
 

@@ -16,7 +16,7 @@ from api import predictions, references
 from api.auth import Authenticated, authenticate, authenticate_submit
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.delivery import output_urls
-from api.errors import ApiError, validation_error
+from api.errors import TOO_DEEP, ApiError, validation_error
 from api.jsonresponse import JSON
 from api.principals import Principal
 from api.rate_limit import Slot
@@ -163,7 +163,9 @@ async def cancel_prediction(
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson parses at most 1,024 levels deep
+            raise ApiError(422, TOO_DEEP) from None
         raise ApiError(422, "invalid request: body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, 'invalid request: body must be a JSON object like {"input": {...}}')

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
-from api.delivery import output_urls, outputs_base64
+from api.delivery import outputs_base64, signed_output_urls
 from api.errors import ApiError, dialect_route
 from api.responses import WaveSpeedError, errors
 from core.ids import random_seed
@@ -72,13 +72,14 @@ class WaveSpeedRequest(BaseModel):
         return width, height
 
 
-def view(row: predictions.Row, base_url: str, outputs: list[str] | None = None) -> dict[str, Any]:
+def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, Any]:
+    """`outputs`: what the client downloads as is, once completed (signed links or data URIs)."""
     status = Status(row["status"])
     done = status is Status.COMPLETED
     return {
         "id": row["id"],
         "model": row["input"]["model"],
-        "outputs": (outputs if outputs is not None else output_urls(base_url, row)) if done else [],
+        "outputs": outputs if done else [],
         "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
         "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
         "status": STATUS_WORDS[status],
@@ -95,7 +96,8 @@ def _iso_z(moment: datetime) -> str:
 
 async def _answer(ctx: AppContext, request: Request, row: predictions.Row) -> JSONResponse:
     base_url = public_base_url(request, ctx.settings)
-    outputs = None
+    # WaveSpeed's outputs are plain URLs its SDK hands the caller to fetch with any HTTP client: signed links.
+    outputs = signed_output_urls(ctx, base_url, row)
     if row["input"].get("enable_base64_output") and row["status"] == Status.COMPLETED:
         types = [CONTENT_TYPES[row["params"]["output_format"]]] * len(row["outputs"])
         outputs = [f"data:{t};base64,{b}" for t, b in zip(types, await outputs_base64(ctx, row), strict=True)]
