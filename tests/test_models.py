@@ -73,3 +73,16 @@ def test_the_api_process_never_imports_torch() -> None:
     code = "import sys, api.app; api.app.create_app(); print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_apis_reference_limits_are_the_pipelines() -> None:
+    """core.images checks references at submit with the limits diffusers' Klein pipeline applies in the worker."""
+    import inspect
+
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    from core import images
+
+    defaults = inspect.signature(Flux2ImageProcessor.check_image_input).parameters
+    assert defaults["max_aspect_ratio"].default == images.MAX_ASPECT_RATIO
+    assert defaults["min_side_length"].default == images.MIN_SIDE
