@@ -31,7 +31,10 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
         raise ApiError(404, "the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
     address = request.client.host if request.client else "unknown"
     failures = f"{ctx.settings.queue_name}:admin-failures:{address}"
-    count, wait_ms = await ctx.redis.pipeline(("GET", failures), ("PTTL", failures))
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.get(failures)
+        pipe.pttl(failures)
+        count, wait_ms = await pipe.execute()
     if int(count or 0) >= ctx.settings.admin_failures_per_minute:
         retry_after = max(1, -(-int(wait_ms) // 1000))
         raise ApiError(429, "too many wrong admin keys from this address; try again later", retry_after=retry_after)
@@ -39,7 +42,10 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
     # Compare digests so the comparison's time depends on neither key's length nor content.
     expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
     if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
-        await ctx.redis.pipeline(("SET", failures, 0, "NX", "PX", ADMIN_FAILURE_WINDOW_MS), ("INCR", failures))
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
+            pipe.incr(failures)
+            await pipe.execute()
         raise ApiError(401, "invalid admin key")
 
 

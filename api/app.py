@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api import account, admin, delivery, files, meta
@@ -20,10 +19,10 @@ from api.errors import install_error_handlers
 from api.pg import make_pool
 from api.principals import KeyCache
 from api.rate_limit import Limiter, RateLimitHeaders
-from api.redis_mux import RedisMux
 from api.rows import Rows
 from api.waiter import CompletionWaiter
 from core.db import make_async_engine
+from core.redis_connection import aclose_async_client, async_client
 from core.settings import Settings, get_settings
 from core.storage import make_s3_client
 
@@ -37,11 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
         pg = await make_pool(settings)
-        redis = RedisMux(settings.redis_url)  # every request's commands, on one pipelined connection
-        subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=5)  # the waiter's one subscription
+        # Every request's commands, and the waiter's one subscription, on a pool of connections to the primary.
+        redis = async_client(settings)
         s3 = await asyncio.to_thread(make_s3_client, settings)
         keys = KeyCache(settings.key_cache_ttl_s)
-        waiter = CompletionWaiter(subscriber, settings.events_channel, also={settings.keys_channel: keys.clear})
+        waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
         rows = Rows(pg, concurrency=settings.db_batches)
@@ -57,8 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await waiter.stop()
-            await subscriber.aclose()
-            await redis.aclose()
+            await aclose_async_client(redis)
             await pg.close()
             await engine.dispose()
 

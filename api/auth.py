@@ -116,7 +116,7 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
 async def keys_changed(ctx: AppContext) -> None:
     """After a revocation or a limits change: drop cached principals here at once, and on every replica."""
     ctx.keys.clear()
-    await ctx.redis.execute("PUBLISH", ctx.settings.keys_channel, "changed")
+    await ctx.redis.publish(ctx.settings.keys_channel, "changed")
 
 
 _last_touch: dict[str, float] = {}

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from fastapi import Request
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.principals import KeyCache
 from api.rate_limit import Limiter
-from api.redis_mux import RedisMux
 from api.rows import Rows
 from api.waiter import CompletionWaiter
 from core.settings import Settings
@@ -27,7 +27,7 @@ class AppContext:
     engine: AsyncEngine  # SQLAlchemy: transactions and everything off the hot path
     pg: asyncpg.Pool  # the hot single statements (api/pg.py)
     rows: Rows  # the predictions' insert and read, on `pg`
-    redis: RedisMux
+    redis: Redis  # core.redis_connection.async_client
     s3: S3Client
     waiter: CompletionWaiter
     limiter: Limiter

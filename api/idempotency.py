@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.exceptions import RedisError
@@ -41,9 +41,9 @@ async def reserve(
     value = f"{request_fingerprint}:{prediction_id}"
     try:
         for _ in range(3):  # the holder may expire between our SET and GET
-            if await ctx.redis.execute("SET", key, value, "NX", "EX", ctx.settings.idempotency_ttl_s):
+            if await ctx.redis.set(key, value, nx=True, ex=ctx.settings.idempotency_ttl_s):
                 return None
-            existing = await ctx.redis.execute("GET", key)
+            existing = cast(bytes | None, await ctx.redis.get(key))  # bytes: the client does not decode
             if existing is not None:
                 break
         else:
@@ -59,6 +59,6 @@ async def reserve(
 async def forget(ctx: AppContext, principal: Principal, idempotency_key: str) -> None:
     """Release a reservation whose request was not accepted, so that a retry can go through."""
     try:
-        await ctx.redis.execute("DEL", _redis_key(ctx, principal, idempotency_key))
+        await ctx.redis.delete(_redis_key(ctx, principal, idempotency_key))
     except RedisError:
         await asyncio.sleep(0)  # the reservation expires on its own

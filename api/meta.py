@@ -104,7 +104,7 @@ async def readyz(ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
             await conn.execute(text("SELECT 1"))
 
     async def redis() -> None:
-        await ctx.redis.execute("PING")
+        await ctx.redis.ping()
 
     async def storage() -> None:
         await asyncio.to_thread(ctx.s3.head_bucket, Bucket=ctx.settings.s3_bucket)

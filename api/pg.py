@@ -2,7 +2,8 @@
 asyncpg pool.
 
 SQLAlchemy still builds each statement, once at import, so the tables and the state machine keep
-one definition; asyncpg then runs it as a prepared statement (cached per connection). Profiling
+one definition; asyncpg then runs it as a prepared statement (cached per connection), or, with
+`db_prepared_statements` off (a PgBouncer in transaction mode, docs/scaling.md), as an unnamed one. Profiling
 showed SQLAlchemy's per-request execution layer costing as much CPU as the rest of a submit
 (docs/performance.md). Everything else, transactions included, stays on the SQLAlchemy engine.
 """
@@ -52,6 +53,8 @@ async def make_pool(settings: Settings) -> asyncpg.Pool:
         settings.libpq_database_url,
         min_size=0,  # connect on first use: an API started while PostgreSQL is down answers 503, not fails to start
         max_size=settings.db_pool_size,
+        # 0: no named statement is prepared or cached; asyncpg parses each one unnamed, right before running it.
+        statement_cache_size=100 if settings.db_prepared_statements else 0,
         init=_json_codecs,
         # Only single autocommit statements run here, so a returned connection carries no session state
         # to reset (asyncpg still rolls back a transaction left open): no reset round trip per request.

@@ -99,7 +99,10 @@ async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id:
 async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
     """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task, one round trip."""
     key, message = task_message(ctx.settings.queue_name, prediction_id, priority)
-    await ctx.redis.pipeline(("SADD", queued_key(ctx.settings), prediction_id), ("LPUSH", key, message))
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.sadd(queued_key(ctx.settings), prediction_id)
+        pipe.lpush(key, message)
+        await pipe.execute()
 
 
 async def _store_references(
@@ -194,8 +197,9 @@ async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> R
     if canceled is not None:
         await ctx.limiter.release_slot(principal.tenant_id)
         # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
-        await ctx.redis.pipeline(
-            ("SREM", queued_key(ctx.settings), prediction_id), ("PUBLISH", ctx.settings.events_channel, prediction_id)
-        )
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.srem(queued_key(ctx.settings), prediction_id)
+            pipe.publish(ctx.settings.events_channel, prediction_id)
+            await pipe.execute()
         return dict(canceled)
     return await fetch_or_404(ctx, principal, prediction_id)

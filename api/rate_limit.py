@@ -7,12 +7,12 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiError
 from api.principals import Principal
-from api.redis_mux import RedisMux, Script
 from core import quota
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ class Slot:
 
 
 class Limiter:
-    _ADMIT = Script(quota.ADMIT_LUA)
-    _FORGET = Script(quota.FORGET_ADMISSION_LUA)
-    _RELEASE = Script(quota.RELEASE_SLOT_LUA)
-
-    def __init__(self, redis: RedisMux, namespace: str) -> None:
-        self._redis = redis
+    def __init__(self, redis: Redis, namespace: str) -> None:
+        # Each script runs by its SHA1 (EVALSHA), loaded by redis-py when the server lacks it (a fresh or restarted
+        # Redis, a promoted replica): one round trip per call, and never retried (a retry could count twice).
+        self._admit_script = redis.register_script(quota.ADMIT_LUA)
+        self._forget_script = redis.register_script(quota.FORGET_ADMISSION_LUA)
+        self._release_script = redis.register_script(quota.RELEASE_SLOT_LUA)
         self._namespace = namespace
         self._undoing: set[asyncio.Task[None]] = set()
 
@@ -89,7 +89,7 @@ class Limiter:
         keys = [*rate_keys, quota.in_flight_key(self._namespace, tenant_id)]
         keys.append(quota.admission_key(self._namespace, tenant_id, token))
         try:
-            reply = await self._redis.run(self._ADMIT, keys, [*limits, quota.ADMISSION_TOKEN_TTL_MS])
+            reply = await self._admit_script(keys, [*limits, quota.ADMISSION_TOKEN_TTL_MS])
         except RedisError as exc:
             if limits[2]:  # it may yet run, or have run, and taken a slot nobody will give back
                 self._undo_later(tenant_id, token)
@@ -106,7 +106,7 @@ class Limiter:
         async def undo() -> None:
             for _ in range(UNDO_ATTEMPTS):
                 try:
-                    await self._redis.run(self._FORGET, keys, [quota.ADMISSION_TOKEN_TTL_MS])
+                    await self._forget_script(keys, [quota.ADMISSION_TOKEN_TTL_MS])
                     return
                 except RedisError:
                     await asyncio.sleep(UNDO_EVERY_S)
@@ -117,7 +117,7 @@ class Limiter:
         task.add_done_callback(self._undoing.discard)
 
     async def release_slot(self, tenant_id: str) -> None:
-        await self._redis.run(self._RELEASE, [quota.in_flight_key(self._namespace, tenant_id)], [])
+        await self._release_script([quota.in_flight_key(self._namespace, tenant_id)], [])
 
 
 class RateLimitHeaders:

@@ -1,7 +1,8 @@
 """The HTTP floor the API is measured against, started by `bench.platform` beside the real stack.
 
 `uvicorn bench.floors:create_app --factory` runs under the API's uvicorn settings (one worker), with the
-API's clients (api/pg.py's asyncpg pool, api/redis_mux.py, core.ids's ids) and runtime (the heap frozen after start-up).
+API's clients (api/pg.py's asyncpg pool, core/redis_connection.py's async client, core.ids's ids) and runtime
+(the heap frozen after start-up).
 `POST /floor/predictions` parses the same JSON body, inserts one row into the same `predictions` table
 and pushes one Redis message; `GET /floor/status/{id}` does the same primary-key read (id and tenant)
 and answers the row as JSON. No framework features beyond routing: what any implementation of these
@@ -24,8 +25,8 @@ import orjson
 from fastapi import FastAPI, Request, Response
 
 from api.pg import make_pool
-from api.redis_mux import RedisMux
 from core.ids import new_id
+from core.redis_connection import aclose_async_client, async_client
 from core.settings import Settings
 
 INSERT = """
@@ -49,13 +50,13 @@ def create_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await make_pool(settings)
-        app.state.redis = RedisMux(settings.redis_url)
+        app.state.redis = async_client(settings)
         gc.collect()
         gc.freeze()
         try:
             yield
         finally:
-            await app.state.redis.aclose()
+            await aclose_async_client(app.state.redis)
             await app.state.pool.close()
 
     app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -68,7 +69,7 @@ def create_app() -> FastAPI:
         prediction_id = new_id()  # the API's ids: the same work for the same id
         pool: asyncpg.Pool = request.app.state.pool
         await pool.execute(INSERT, prediction_id, tenant_id, model, request_input, request_input)
-        await request.app.state.redis.execute("LPUSH", floor_list, prediction_id)
+        await request.app.state.redis.lpush(floor_list, prediction_id)
         return Response(orjson.dumps({"id": prediction_id, "status": "starting"}), 201, media_type="application/json")
 
     @app.get("/floor/status/{prediction_id}")

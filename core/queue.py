@@ -18,6 +18,7 @@ import orjson
 import redis
 from celery import Celery
 
+from core import redis_connection
 from core.settings import Settings
 
 PREDICT_TASK = "klein.predict"
@@ -28,8 +29,10 @@ _REPLY_TO = str(uuid.uuid4())  # Celery's producer sends one id per app and thre
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("klein", broker=settings.redis_url, set_as_current=False)
+    url, transport_options, use_ssl = redis_connection.broker(settings)  # TLS, ACL user, Sentinel as the settings say
+    app = Celery("klein", broker=url, set_as_current=False)
     app.conf.update(
+        broker_use_ssl=use_ssl,
         task_default_queue=settings.queue_name,
         task_serializer="json",
         accept_content=["json"],
@@ -50,6 +53,7 @@ def make_celery(settings: Settings) -> Celery:
             "priority_steps": list(PRIORITY_STEPS),
             "queue_order_strategy": "priority",
             "socket_connect_timeout": 5,
+            **transport_options,
         },
         broker_pool_limit=10,
     )

@@ -15,10 +15,27 @@ class Settings(BaseSettings):
     # PostgreSQL; the driver suffix is added per tier (asyncpg in the API, psycopg in workers).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/klein"
     db_pool_size: int = Field(20, ge=1)  # per API pool, two per process (api/pg.py, core/db.py); see docs/scaling.md
+    # False behind a PgBouncer in transaction pooling mode that does not keep prepared statements (before 1.21):
+    # no driver prepares or caches a named statement (api/pg.py, core/db.py; docs/scaling.md).
+    db_prepared_statements: bool = True
     # Batches of concurrent submits' inserts (and of status reads) under way at once, per API process (api/rows.py).
     db_batches: int = Field(2, ge=1)
-    # Redis: Celery broker and completion events.
+    # Redis: Celery broker and completion events. Every client is built from these (core/redis_connection.py).
+    # redis:// or rediss:// (TLS), with the database and optionally credentials; with Sentinels, its host is unused.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # TLS (rediss://): the server is verified against this CA (else the system's); a client certificate if asked.
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
+    # ACL user and password; they take precedence over the URL's.
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    # Sentinel: "host:port" of each Sentinel (empty: no Sentinel) and the service whose primary to use. Sentinels
+    # are reached with the same TLS settings, and with their own credentials if they require any.
+    redis_sentinels: list[str] = []
+    redis_sentinel_service: str = "mymaster"
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
     # Celery queue name; also namespaces the Redis event channel.
     queue_name: str = "klein"
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's commands, on a fresh machine with Python 3.11+:
 #   bash deploy/local.sh up      install, then start the whole platform on embedded services (Ctrl-C stops it)
-#   bash deploy/local.sh test    install, then lint, type-check and run the test suite on real services
+#   bash deploy/local.sh test    install, then lint, type-check and run the test suite on real services; without
+#                                arguments, the end-to-end tests once more through PgBouncer (tests/pgbouncer.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,12 @@ ensure_services() {
     echo "starting Redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   fi
+  # The second test pass runs through PgBouncer (a subprocess per session); Debian's is 1.18.
+  if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ] && command -v apt-get >/dev/null; then
+    echo "installing pgbouncer"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1
@@ -50,7 +57,11 @@ case "${1:-}" in
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/mypy
-    exec .venv/bin/pytest "$@"
+    .venv/bin/pytest "$@"
+    if [ $# -eq 0 ]; then  # the whole suite: then the end-to-end tier through PgBouncer, transaction pooling
+      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/test_predictions.py tests/test_worker.py tests/test_tenancy.py \
+        tests/test_pg.py
+    fi
     ;;
   *)
     echo "usage: bash deploy/local.sh up|test" >&2

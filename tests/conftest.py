@@ -19,7 +19,8 @@ from core.db import make_sync_engine
 from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
 from core.tenants import IssuedKey
-from tests.stack import REDIS_URL, create_database, drop_database
+from tests.pgbouncer import THROUGH_PGBOUNCER, PgBouncer
+from tests.stack import PG_ADMIN_URL, REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,14 +46,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[dict[str, str]]:
-    """Environment naming a fresh database, a dedicated Redis db, a unique queue and a live S3 server."""
+    """Environment naming a fresh database, a dedicated Redis db, a unique queue and a live S3 server; with
+    KLEIN_TEST_PGBOUNCER=1 the database is reached through PgBouncer in transaction mode (tests/pgbouncer.py)."""
     run = secrets.token_hex(4)
     database = f"klein_test_{run}"
     database_url = create_database(database)
     redis.Redis.from_url(REDIS_URL).flushdb()
     s3 = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    bouncer = PgBouncer(tmp_path_factory.mktemp("pgbouncer"), PG_ADMIN_URL).start() if THROUGH_PGBOUNCER else None
     env = os.environ | {
-        "KLEIN_DATABASE_URL": database_url,
+        "KLEIN_DATABASE_URL": bouncer.url(database) if bouncer else database_url,
         "KLEIN_REDIS_URL": REDIS_URL,
         "KLEIN_QUEUE_NAME": f"klein-test-{run}",
         "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
@@ -71,11 +74,15 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    migrate(Settings(database_url=database_url).sync_database_url)
+    if bouncer:  # KLEIN_DB_PREPARED_STATEMENTS=true here shows what goes wrong without the setting
+        env["KLEIN_DB_PREPARED_STATEMENTS"] = os.environ.get("KLEIN_DB_PREPARED_STATEMENTS", "false")
+    migrate(Settings(database_url=database_url).sync_database_url)  # direct
     try:
         yield env
     finally:
         s3.stop()
+        if bouncer:
+            bouncer.stop()
         drop_database(database)
 
 

@@ -19,8 +19,9 @@ from sqlalchemy import func, select, update
 from api.errors import ApiError
 from api.principals import Principal
 from api.rate_limit import Limiter
-from api.redis_mux import RedisMux
 from core import quota, tenants
+from core.redis_connection import async_client
+from core.settings import Settings
 from core.tables import api_keys, predictions, usage_records
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
@@ -76,7 +77,7 @@ def test_the_limits_refill_at_the_rate_and_a_refusal_costs_nothing() -> None:
     """The limiter on real Redis: a burst of exactly the limit, then one request per 60 s / limit."""
 
     async def scenario() -> None:
-        redis = RedisMux(REDIS_URL)
+        redis = async_client(Settings(redis_url=REDIS_URL))
         limiter = Limiter(redis, f"rate-test-{secrets.token_hex(4)}")
         principal = Principal("t", "k", 600, 600, 1)  # one every 100 ms
 
@@ -148,7 +149,7 @@ def test_wrong_admin_keys_are_throttled_per_address(stack: Stack) -> None:
 
 def test_a_limit_check_without_redis_fails_closed() -> None:
     async def scenario() -> None:
-        limiter = Limiter(RedisMux("redis://127.0.0.1:1", connect_timeout_s=0.5), "klein")
+        limiter = Limiter(async_client(Settings(redis_url="redis://127.0.0.1:1")), "klein")
         with pytest.raises(ApiError) as raised:
             await limiter.hit(Principal("t", "k", 10, 10, 10))
         assert raised.value.status == 503
@@ -162,9 +163,9 @@ def test_a_limit_check_without_redis_fails_closed() -> None:
 def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> None:
     async def scenario() -> None:
         namespace = f"slots-test-{secrets.token_hex(4)}"
-        redis = RedisMux(REDIS_URL)
+        redis = async_client(Settings(redis_url=REDIS_URL))
         limiter = Limiter(redis, namespace)
-        await redis.execute("SET", quota.in_flight_key(namespace, "t"), 3)
+        await redis.execute_command("SET", quota.in_flight_key(namespace, "t"), 3)
         slots = await asyncio.gather(*(limiter.take_slot("t", 8) for _ in range(40)))
         assert sorted(s.held for s in slots if s.granted) == [3, 4, 5, 6, 7]  # slots held before each
         refused = [s for s in slots if not s.granted]
@@ -172,8 +173,8 @@ def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> Non
         with pytest.raises(ApiError) as raised:
             refused[0].require()
         assert raised.value.status == 429
-        assert await redis.execute("GET", quota.in_flight_key(namespace, "t")) == b"8"
-        await redis.execute("DEL", quota.in_flight_key(namespace, "t"))
+        assert await redis.execute_command("GET", quota.in_flight_key(namespace, "t")) == b"8"
+        await redis.execute_command("DEL", quota.in_flight_key(namespace, "t"))
         await redis.aclose()
 
     asyncio.run(scenario())
@@ -182,12 +183,12 @@ def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> Non
 def test_a_submit_takes_its_slot_in_the_rate_limit_round_trip_and_gives_it_back_once() -> None:
     async def scenario() -> None:
         namespace = f"admit-test-{secrets.token_hex(4)}"
-        redis = RedisMux(REDIS_URL)
+        redis = async_client(Settings(redis_url=REDIS_URL))
         limiter = Limiter(redis, namespace)
         slots = quota.in_flight_key(namespace, "t")
 
         async def held() -> int:
-            return int(await redis.execute("GET", slots) or 0)
+            return int(await redis.execute_command("GET", slots) or 0)
 
         decision, first = await limiter.hit_and_take_slot(Principal("t", "k", 2, 100, 1))
         assert decision.allowed and first.granted and first.held == 0 and await held() == 1
@@ -207,7 +208,7 @@ def test_a_submit_takes_its_slot_in_the_rate_limit_round_trip_and_gives_it_back_
         kept.keep()  # its prediction holds it now
         await kept.give_back()
         assert await held() == 1
-        await redis.execute("DEL", slots)
+        await redis.execute_command("DEL", slots)
         await redis.aclose()
 
     asyncio.run(scenario())

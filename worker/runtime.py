@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-from sqlalchemy import BindParameter, Connection, Engine, bindparam, select
+from sqlalchemy import BindParameter, Connection, Engine, Executable, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core import events, images, lifecycle, quota, usage
+from core import events, images, lifecycle, quota, redis_connection, usage
 from core.db import make_sync_engine
 from core.queue import enqueue, queued_key
 from core.settings import Settings
@@ -29,7 +27,6 @@ from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
-from worker import sql
 from worker.encode import encode
 
 if TYPE_CHECKING:
@@ -37,7 +34,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-DB_ERRORS = (OperationalError, InterfaceError, *sql.ERRORS)  # SQLAlchemy's, and psycopg's from worker.sql
+DB_ERRORS = (OperationalError, InterfaceError)  # what a lost connection raises (SQLAlchemy drops it from the pool)
+
+
+def first(conn: Connection, statement: Executable, values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The statement's first row by column name, or None. A lost connection raises one of DB_ERRORS and is
+    invalidated, so that the pool drops it."""
+    row = conn.execute(statement, values).mappings().first()
+    return None if row is None else dict(row)
 
 
 def _ms(seconds: float) -> int:
@@ -63,19 +67,17 @@ class WorkerRuntime:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.lease_autocommit = self.leases.execution_options(isolation_level="AUTOCOMMIT")
         # The task's statements, built once and compiled once (SQLAlchemy caches them); values bound per run
-        # (bound names may not be column names in an UPDATE).
+        # (bound names may not be column names in an UPDATE), JSON ones as JSONB by their columns' types.
         s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
-        self.claim = sql.Statement(
-            lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts), self.leases
-        )
+        self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
         self.state_now = select(predictions.c.status, predictions.c.attempts).where(
             predictions.c.id == bindparam("prediction_id")
         )
         timings: BindParameter[Any] = bindparam("final_timings")
         completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
         failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings)
-        self.complete = sql.Statement(usage.finish_and_bill(completed, price), self.engine)
-        self.fail = sql.Statement(usage.finish_and_bill(failed, price), self.engine)
+        self.complete = usage.finish_and_bill(completed, price)
+        self.fail = usage.finish_and_bill(failed, price)
         self.heartbeat = _Heartbeat(self)
 
     @classmethod
@@ -91,12 +93,7 @@ class WorkerRuntime:
             engine=make_sync_engine(settings, pool_size=2, pre_ping=False),
             leases=make_sync_engine(settings, pool_size=2, pre_ping=False, durable=False),
             s3=s3,
-            redis=redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=5,
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            ),
+            redis=redis_connection.sync_client(settings),  # TLS, ACL user, Sentinel; commands not retried
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis)
@@ -110,7 +107,7 @@ class WorkerRuntime:
         settings = self.settings
         try:
             row = self._db(
-                lambda conn: self.claim.first(conn, {"prediction_id": prediction_id}),
+                lambda conn: first(conn, self.claim, {"prediction_id": prediction_id}),
                 durable=False,
             )
         except DB_ERRORS:
@@ -137,7 +134,7 @@ class WorkerRuntime:
                 finish, values = self.complete, {"final_outputs": outputs}
         values |= {"prediction_id": prediction_id, "final_timings": timings}
         values |= usage.charges(row["params"], len(outputs))
-        finished = self._db(lambda conn: finish.first(conn, values))
+        finished = self._db(lambda conn: first(conn, finish, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
             self._after_a_lost_finish(prediction_id, row["attempts"], outputs)
