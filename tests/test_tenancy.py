@@ -16,7 +16,7 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from api.errors import ApiError
+from api.errors import OverCapacity, Unavailable
 from api.principals import Principal
 from api.rate_limit import Limiter
 from api.redis_mux import RedisMux
@@ -149,12 +149,10 @@ def test_wrong_admin_keys_are_throttled_per_address(stack: Stack) -> None:
 def test_a_limit_check_without_redis_fails_closed() -> None:
     async def scenario() -> None:
         limiter = Limiter(RedisMux("redis://127.0.0.1:1", connect_timeout_s=0.5), "klein")
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(Unavailable):
             await limiter.hit(Principal("t", "k", 10, 10, 10))
-        assert raised.value.status == 503
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(Unavailable):
             await limiter.take_slot("t", 10)
-        assert raised.value.status == 503
 
     asyncio.run(scenario())
 
@@ -169,9 +167,8 @@ def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> Non
         assert sorted(s.held for s in slots if s.granted) == [3, 4, 5, 6, 7]  # slots held before each
         refused = [s for s in slots if not s.granted]
         assert len(refused) == 35 and all(s.held >= 8 for s in refused)
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(OverCapacity):
             refused[0].require()
-        assert raised.value.status == 429
         assert await redis.execute("GET", quota.in_flight_key(namespace, "t")) == b"8"
         await redis.execute("DEL", quota.in_flight_key(namespace, "t"))
         await redis.aclose()
@@ -193,9 +190,9 @@ def test_a_submit_takes_its_slot_in_the_rate_limit_round_trip_and_gives_it_back_
         assert decision.allowed and first.granted and first.held == 0 and await held() == 1
         decision, second = await limiter.hit_and_take_slot(Principal("t", "k", 2, 100, 1))  # the cap is reached
         assert decision.allowed and not second.granted and second.held == 1 and await held() == 1
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(OverCapacity) as raised:
             second.require()
-        assert raised.value.status == 429 and "in flight" in raised.value.message
+        assert "in flight" in raised.value.message
         await second.give_back()  # it holds nothing
         assert await held() == 1
         decision, third = await limiter.hit_and_take_slot(Principal("t", "k", 2, 100, 5))  # the rate limit refuses it
