@@ -24,7 +24,9 @@ from typing import Any
 import orjson
 import uvloop
 
-from bench.platform import SUBMIT_BODY, Plan, Stack, parse_args
+from bench.common import SUBMIT_BODY, Plan
+from bench.platform import parse_args
+from bench.stack import Stack
 
 Scope = dict[str, Any]
 App = Callable[..., Any]
