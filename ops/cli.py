@@ -1,6 +1,6 @@
 """`klein`: operator commands.
 
-    klein up [--model PATH]                  start the whole platform on embedded services (core/up.py)
+    klein up [--model PATH]                  start the whole platform on embedded services (ops/up.py)
     klein migrate                            apply database migrations (alembic upgrade head)
     klein create-tenant NAME [limits]        create a tenant and print its first API key (shown once)
     klein set-limits TENANT [limits]         change a tenant's limits or price plan
@@ -26,19 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def migrate(sync_database_url: str | None = None) -> None:
-    """alembic upgrade head, on the configured database or the one given."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    if sync_database_url:
-        config.set_main_option("sqlalchemy.url", sync_database_url)
-    command.upgrade(config, "head")
+from ops.migrate import migrate
 
 
 def _limit(value: str) -> int | float | None:
@@ -151,7 +139,7 @@ def _admin(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["up"]:
-        from core.up import up
+        from ops.up import up
 
         return up(argv[1:])
     args = _parser().parse_args(argv)

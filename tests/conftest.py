@@ -14,11 +14,11 @@ import redis
 from sqlalchemy import Engine
 
 from core import tenants
-from core.cli import migrate
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
 from core.tenants import IssuedKey
+from ops.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.migrate import migrate
 from tests.stack import REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ from PIL import Image
 from pruna_client import PrunaClient
 from pruna_client.models import PredictionStatus
 
-from core.embedded import start_api
 from core.tenants import IssuedKey
 from models.klein import NAMED_SIZES, size_for_aspect_ratio, size_for_ratio
+from ops.embedded import start_api
 from tests.conftest import Stack, make_tenant
 from tests.images import data_uri, image_server, picture
 

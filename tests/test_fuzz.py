@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from core.embedded import start_api
+from ops.embedded import start_api
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
 
 SEED = int(os.environ.get("KLEIN_FUZZ_SEED", "20260101"))

@@ -385,7 +385,7 @@ def test_cli_manages_tenants_and_keys(stack: Stack) -> None:
     env = os.environ | {k: v for k, v in stack.env.items() if k.startswith("KLEIN_")}
 
     def klein(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
