@@ -179,7 +179,7 @@ class StackState(StackFields):
         rows_s = time.perf_counter() - started
 
         # Messages exactly as the API pushes them (core.queue.task_message, checked against Celery's own
-        # producer by tests/test_queue.py), in the list of the priority a deep backlog gets.
+        # producer by tests/integration/test_queue.py), in the list of the priority a deep backlog gets.
         started = time.perf_counter()
         priority = queue_priority(16)
         pipe = r.pipeline(transaction=False)

@@ -2,7 +2,7 @@
 
 Publishing does not go through Celery's producer: `task_message` builds the exact message Celery
 (protocol 2) and kombu's Redis transport would write, so the API can add the id to the sweeper's set
-and push the message in one pipelined round trip, without a thread hop. tests/test_queue.py checks
+and push the message in one pipelined round trip, without a thread hop. tests/integration/test_queue.py checks
 the message against one published by Celery itself, and every end-to-end test has the real worker
 consume it.
 """

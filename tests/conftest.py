@@ -26,6 +26,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ADMIN_KEY = "test-admin-" + secrets.token_hex(8)  # nothing in the tests may reach a model hub
 
 
+TIERS = ("unit", "integration", "e2e", "faults", "fuzz", "deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, the folder it lives in (tests/<tier>/…)."""
+    for item in items:
+        tier = item.path.relative_to(ROOT / "tests").parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 @dataclass
 class Stack:
     env: dict[str, str]

@@ -14,8 +14,8 @@ from PIL import Image
 from core.storage import make_s3_client
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_predictions import PROMPT, submit
 from tests.images import data_uri, picture
-from tests.test_predictions import PROMPT, submit
 
 NESTED = "[" * 2000 + "]" * 2000  # deeper than Python's recursion limit
 

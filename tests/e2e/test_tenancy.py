@@ -24,8 +24,8 @@ from core import quota, tenants
 from core.tables import api_keys, predictions, usage_records
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_predictions import PROMPT, poll, submit
 from tests.stack import REDIS_URL
-from tests.test_predictions import PROMPT, poll, submit
 
 
 def burst(url: str, headers: dict[str, str], n: int, method: str = "GET", json: Any = None) -> list[httpx.Response]:
@@ -344,7 +344,7 @@ def test_usage_is_metered_per_completed_image_at_the_tenant_price(stack: Stack) 
 
 
 def test_failed_predictions_are_not_billed(stack: Stack, tenant: IssuedKey) -> None:
-    from tests.test_worker import poison_prediction, wait_for
+    from tests.e2e.test_worker import poison_prediction, wait_for
 
     pid = poison_prediction(stack, tenant)
     assert wait_for(stack, pid)["status"] == "failed"
