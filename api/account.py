@@ -12,7 +12,7 @@ from sqlalchemy import RowMapping
 
 from api.auth import Authenticated, keys_changed
 from api.context import AppContext, get_ctx
-from api.errors import ApiError
+from api.errors import Conflict, Invalid, NotFound
 from api.responses import errors
 from core import tenants, usage
 
@@ -29,9 +29,9 @@ class KeyRequest(BaseModel):
         if self.expires_at is None:
             return None
         if self.expires_at.tzinfo is None:
-            raise ApiError(422, "invalid request: expires_at: must include a time zone, e.g. 2027-01-01T00:00:00Z")
+            raise Invalid("invalid request: expires_at: must include a time zone, e.g. 2027-01-01T00:00:00Z")
         if self.expires_at <= datetime.now(UTC):
-            raise ApiError(422, "invalid request: expires_at: must be in the future")
+            raise Invalid("invalid request: expires_at: must be in the future")
         return self.expires_at
 
 
@@ -45,7 +45,7 @@ async def issue_key(ctx: AppContext, tenant_id: str, request: KeyRequest) -> JSO
     async with ctx.engine.begin() as conn:
         await conn.execute(tenants.lock_tenant(tenant_id))
         if (await conn.execute(tenants.active_keys(tenant_id))).scalar_one() >= cap:
-            raise ApiError(409, f"this tenant has {cap} active API keys, the limit: revoke one before creating another")
+            raise Conflict(f"this tenant has {cap} active API keys, the limit: revoke one before creating another")
         await conn.execute(statement)
     return JSONResponse(issued.public() | {"note": "store this key now: it is shown only once"}, status_code=201)
 
@@ -60,7 +60,7 @@ async def revoke_key(ctx: AppContext, key_id: str, tenant_id: str | None) -> dic
     async with ctx.engine.begin() as conn:
         revoked = (await conn.execute(tenants.revoke_key(key_id, tenant_id))).first()
     if revoked is None:
-        raise ApiError(404, f"no active key {key_id!r}")
+        raise NotFound(f"no active key {key_id!r}")
     await keys_changed(ctx)
     return {"id": key_id, "revoked": True}
 
@@ -69,7 +69,7 @@ async def usage_report(ctx: AppContext, tenant_id: str | None, start: date | Non
     end = end or (datetime.now(UTC).date() + timedelta(days=1))
     start = start or max(end, date.min + timedelta(days=31)) - timedelta(days=31)  # no underflow before year 1
     if start >= end:
-        raise ApiError(422, "invalid request: start must be before end")
+        raise Invalid("invalid request: start must be before end")
     async with ctx.engine.connect() as conn:
         rows = (await conn.execute(usage.totals(tenant_id, start, end))).mappings().all()
     days = [

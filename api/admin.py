@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from api.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
 from api.auth import keys_changed, presented_key
 from api.context import AppContext, get_ctx
-from api.errors import ApiError
+from api.errors import Conflict, NotFound, RateLimited, Unauthenticated
 from api.responses import errors
 from core import tenants
 from models.registry import MODELS
@@ -28,7 +28,7 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
     refused (429) until the minute since its first failure is over, whatever key it sends."""
     configured = ctx.settings.admin_api_key
     if configured is None:
-        raise ApiError(404, "the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
+        raise NotFound("the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
     address = request.client.host if request.client else "unknown"
     failures = f"{ctx.settings.queue_name}:admin-failures:{address}"
     async with ctx.redis.pipeline(transaction=False) as pipe:
@@ -37,7 +37,7 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
         count, wait_ms = await pipe.execute()
     if int(count or 0) >= ctx.settings.admin_failures_per_minute:
         retry_after = max(1, -(-int(wait_ms) // 1000))
-        raise ApiError(429, "too many wrong admin keys from this address; try again later", retry_after=retry_after)
+        raise RateLimited("too many wrong admin keys from this address; try again later", retry_after=retry_after)
     given = request.headers.get("x-admin-key") or presented_key(request) or ""
     # Compare digests so the comparison's time depends on neither key's length nor content.
     expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
@@ -46,7 +46,7 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
             pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
             pipe.incr(failures)
             await pipe.execute()
-        raise ApiError(401, "invalid admin key")
+        raise Unauthenticated("invalid admin key")
 
 
 # 404 also when the admin API is disabled (KLEIN_ADMIN_API_KEY unset).
@@ -82,7 +82,7 @@ async def _tenant(ctx: AppContext, tenant_id: str) -> RowMapping:
     async with ctx.engine.connect() as conn:
         row = (await conn.execute(tenants.find_tenant(tenant_id))).mappings().first()
     if row is None:
-        raise ApiError(404, f"tenant {tenant_id!r} not found")
+        raise NotFound(f"tenant {tenant_id!r} not found")
     return row
 
 
@@ -95,7 +95,7 @@ async def create_tenant(request: TenantRequest, ctx: Ctx) -> JSONResponse:
             await conn.execute(create)
             await conn.execute(issue)
     except IntegrityError:
-        raise ApiError(409, f"a tenant named {request.name!r} exists already") from None
+        raise Conflict(f"a tenant named {request.name!r} exists already") from None
     tenant = tenant_view(await _tenant(ctx, tenant_id))
     return JSONResponse({"tenant": tenant, "key": issued.public()}, status_code=201)
 
@@ -121,7 +121,7 @@ async def update_limits(tenant_id: str, limits: Limits, ctx: Ctx) -> dict[str, A
         async with ctx.engine.begin() as conn:
             row = (await conn.execute(tenants.set_limits(tenant["id"], **changes))).first()
         if row is None:
-            raise ApiError(404, f"tenant {tenant_id!r} not found")
+            raise NotFound(f"tenant {tenant_id!r} not found")
         await keys_changed(ctx)  # cached principals carry the old limits
     return tenant_view(await _tenant(ctx, tenant["id"]))
 

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import bindparam, func, or_, select, update
 
 from api.context import AppContext, context
-from api.errors import ApiError
+from api.errors import RateLimited, Unauthenticated
 from api.pg import Statement
 from api.principals import Principal
 from api.rate_limit import Slot
@@ -57,11 +57,11 @@ async def _identify(request: Request) -> tuple[AppContext, Principal]:
     ctx = context(request)
     key = presented_key(request)
     if not key:
-        raise ApiError(401, MISSING)
+        raise Unauthenticated(MISSING)
     key_hash = hash_api_key(key)
     principal = ctx.keys.get(key_hash) or await _lookup(ctx, key_hash)
     if principal is None:
-        raise ApiError(401, INVALID)
+        raise Unauthenticated(INVALID)
     _touch_later(ctx, principal.api_key_id)
     return ctx, principal
 
@@ -74,7 +74,7 @@ def _admit(request: Request, decision: RateDecision) -> None:
             if decision.refused_by == "key"
             else f"{decision.tenant_limit} requests per minute for this tenant's keys together"
         )
-        raise ApiError(429, f"rate limit exceeded: {whose}", retry_after=decision.retry_after_s)
+        raise RateLimited(f"rate limit exceeded: {whose}", retry_after=decision.retry_after_s)
 
 
 _LOOKUP = Statement(

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, select
 from api import signing
 from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
-from api.errors import ApiError
+from api.errors import Forbidden, NotFound
 from api.objects import file_response, read_object
 from api.pg import Statement
 from api.predictions import Row, fetch_or_404
@@ -62,13 +62,13 @@ async def deliver(
     row: Row | None
     if presented_key(request) is None and expires is not None and signature is not None:
         if not signing.verify(ctx.settings, prediction_id, filename, expires, signature):
-            raise ApiError(403, "delivery link invalid or expired")
+            raise Forbidden("delivery link invalid or expired")
         row = await _READ_SIGNED.one(ctx.pg, id=prediction_id)  # the signature stands for the tenant
         if row is None:
-            raise ApiError(404, f"prediction {prediction_id!r} not found")
+            raise NotFound(f"prediction {prediction_id!r} not found")
     else:
         row = await fetch_or_404(ctx, await authenticate(request), prediction_id)
     output = next((o for o in row["outputs"] if o["filename"] == filename), None)
     if output is None:
-        raise ApiError(404, f"output {filename!r} not found for prediction {prediction_id!r}")
+        raise NotFound(f"output {filename!r} not found for prediction {prediction_id!r}")
     return file_response(await read_object(ctx, output["key"]), output["content_type"], max_age_s=3600)

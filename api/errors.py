@@ -1,12 +1,18 @@
-"""Errors: one exception type for the API, one JSON shape, never a traceback in a response."""
+"""Errors, decided in one place: services raise what went wrong, `ANSWERS` says what status and headers that
+is, and each dialect only renders the answer in its own shape (`dialect_route`; the platform's own shape,
+`{"error": ...}`, everywhere else). Never a traceback or an exception's own text in a response.
+"""
 
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -16,37 +22,178 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
-# From SQLAlchemy, and from the hot statements run on asyncpg directly (api/pg.py).
-DATABASE_ERRORS = (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-class ApiError(Exception):
-    """An answer to the client: status, a readable message, extra JSON fields; `retry_after` sets the header."""
+class ServiceError(Exception):
+    """A request the platform cannot serve; the subclass says why, the message what, in the client's terms.
+    `retry_after` sets the header; `extra` adds JSON fields (e.g. `detail`, `known_models`, `id`)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None, **extra: Any) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
+        self.retry_after = retry_after
         self.extra = extra
-        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
 
 
-def validation_error(errors: Sequence[Any], prefix: tuple[str | int, ...] = ()) -> ApiError:
+class BadRequest(ServiceError):
+    """The body cannot be parsed at all (not UTF-8, multipart without a boundary)."""
+
+
+class Invalid(ServiceError):
+    """The request's own values are wrong; the message names the field."""
+
+
+class Unauthenticated(ServiceError):
+    pass
+
+
+class Forbidden(ServiceError):
+    pass
+
+
+class NotFound(ServiceError):
+    """Absent, or another tenant's."""
+
+
+class Conflict(ServiceError):
+    pass
+
+
+class TooLarge(ServiceError):
+    pass
+
+
+class RateLimited(ServiceError):
+    pass
+
+
+class OverCapacity(ServiceError):
+    """A tenant's in-flight cap, or a limit of the platform's own capacity."""
+
+
+class Unavailable(ServiceError):
+    """A dependency (database, queue, storage) does not answer; the client should retry."""
+
+    def __init__(self, message: str, *, retry_after: int | None = 1, **extra: Any) -> None:
+        super().__init__(message, retry_after=retry_after, **extra)
+
+
+class GenerationFailed(ServiceError):
+    """A synchronous dialect's prediction failed or was canceled."""
+
+
+class TimedOut(ServiceError):
+    """A synchronous dialect's prediction outlasted the wait."""
+
+
+# The one table: what each kind of error answers.
+ANSWERS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    Invalid: 422,
+    RateLimited: 429,
+    OverCapacity: 429,
+    GenerationFailed: 500,
+    Unavailable: 503,
+    TimedOut: 504,
+}
+DATABASE_ERRORS = (DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Exceptions from outside our code that still have an answer: a dependency that failed, a malformed request.
+EXTERNAL_ERRORS = (
+    RequestValidationError,
+    StarletteHTTPException,
+    *DATABASE_ERRORS,
+    RedisError,
+    BotoCoreError,
+    ClientError,
+    OSError,
+    RecursionError,
+)
+ANSWERABLE = (ServiceError, *EXTERNAL_ERRORS)
+TOO_DEEP = "invalid request: body: JSON nested too deeply"
+_DEPENDENCIES = {"asyncpg": "database", "sqlalchemy": "database", "redis": "queue", "botocore": "storage"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    message: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def answer(exc: BaseException) -> Answer | None:
+    """What `exc` answers, or None for a fault of ours (a 500 whose details stay in the log)."""
+    if isinstance(exc, ServiceError):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+        return Answer(ANSWERS[type(exc)], exc.message, exc.extra, headers)
+    if isinstance(exc, RequestValidationError):
+        return answer(validation_error(exc.errors()))
+    if isinstance(exc, StarletteHTTPException):
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI could not parse a body this deep
+            return answer(Invalid(TOO_DEEP))
+        return Answer(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    if isinstance(exc, RecursionError):
+        return answer(Invalid(TOO_DEEP)) if _from_json(exc) else None
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if str(sqlstate or "").startswith("22"):  # PostgreSQL's data exceptions: the request's own values
+        return answer(Invalid("invalid request: a value cannot be stored, e.g. text with a NUL character"))
+    dependency = _dependency(exc)
+    if dependency is None:
+        return None
+    log.warning("%s error: %s", dependency, exc)
+    return answer(Unavailable(f"{dependency} unavailable, try again shortly"))
+
+
+def _dependency(exc: BaseException) -> str | None:
+    """Which dependency failed, from the innermost of our clients' frames the exception passed through (an
+    OSError says nothing of where it came from: a refused connection to PostgreSQL is one)."""
+    if isinstance(exc, DATABASE_ERRORS):
+        return "database"
+    if isinstance(exc, RedisError):
+        return "queue"
+    if isinstance(exc, BotoCoreError | ClientError):
+        return "storage"
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        found = _DEPENDENCIES.get(str(frame.f_globals.get("__name__", "")).partition(".")[0], found)
+    return found
+
+
+def _from_json(exc: RecursionError) -> bool:
+    return any(
+        str(frame.f_globals.get("__name__", "")).startswith("json") for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
+def validation_error(errors: Sequence[Any], prefix: tuple[str | int, ...] = ()) -> Invalid:
     """422 naming every offending field, e.g. `input.num_inference_steps: ...`."""
     detail = [
         {"loc": [*prefix, *_located(e["loc"])], "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]}
         for e in errors
     ]
     summary = "; ".join(f"{'.'.join(str(part) for part in d['loc']) or 'body'}: {d['msg']}" for d in detail)
-    return ApiError(422, f"invalid request: {summary}", detail=detail)
+    return Invalid(f"invalid request: {summary}", detail=detail)
 
 
 def _located(loc: Sequence[str | int]) -> list[str | int]:
     return list(loc[1:]) if loc[:1] == ("body",) or loc[:1] == ["body"] else list(loc)
 
 
-def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
-    """A route class answering ApiError and request validation errors in a dialect's own error shape."""
+Renderer = Callable[[Answer], Response]
+
+
+def platform_error(error: Answer) -> Response:
+    """The platform's own shape: `{"error": "<what is wrong>", ...}`."""
+    return JSONResponse({"error": error.message, **error.extra}, status_code=error.status, headers=error.headers)
+
+
+def dialect_route(render: Renderer) -> type[APIRoute]:
+    """A route class answering every error with an answer (`ANSWERS`, `answer`) in a dialect's own shape."""
 
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -55,18 +202,12 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
             async def route(request: Request) -> Response:
                 try:
                     return await handler(request)
-                except ApiError as exc:
-                    error = exc
-                except RequestValidationError as exc:
-                    error = validation_error(exc.errors())
-                except StarletteHTTPException as exc:  # e.g. a malformed multipart body (400)
-                    error = http_error(exc)
-                except DATABASE_ERRORS as exc:
-                    if (unstorable := unstorable_value(exc)) is None:
+                except ANSWERABLE as exc:
+                    error = answer(exc)
+                    if error is None:
                         raise
-                    error = unstorable
                 response = render(error)
-                response.headers.update(error.headers or {})
+                response.headers.update(error.headers)
                 return response
 
             return route
@@ -74,65 +215,20 @@ def dialect_route(render: Callable[[ApiError], Response]) -> type[APIRoute]:
     return DialectRoute
 
 
-TOO_DEEP = "invalid request: body: JSON nested too deeply"
-
-
-def http_error(exc: StarletteHTTPException) -> ApiError:
-    """Starlette's and FastAPI's own errors as ours. A body FastAPI could not parse because it nests deeper
-    than Python's recursion limit is the client's invalid JSON (422), not a parse failure of ours (400)."""
-    if isinstance(exc.__cause__, RecursionError):
-        return ApiError(422, TOO_DEEP)
-    error = ApiError(exc.status_code, str(exc.detail))
-    error.headers = dict(exc.headers) if exc.headers else None
-    return error
-
-
-def unstorable_value(exc: Exception) -> ApiError | None:
-    """422 for PostgreSQL's data exceptions (SQLSTATE class 22): the request's own values, e.g. a NUL character."""
-    sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
-    if str(sqlstate or "").startswith("22"):
-        return ApiError(422, "invalid request: a value cannot be stored, e.g. text with a NUL character")
-    return None
-
-
-def _body(message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": message, **extra}
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.message, **exc.extra), status_code=exc.status, headers=exc.headers)
+    """Everything outside a dialect route: the platform's shape, by the same table."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        error = validation_error(exc.errors())
-        return JSONResponse(_body(error.message, **error.extra), status_code=422)
+    async def handle(_: Request, exc: Exception) -> Response:
+        error = answer(exc)
+        if error is None:
+            log.error("unhandled error", exc_info=exc)
+            return platform_error(Answer(500, "internal server error"))
+        return platform_error(error)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = http_error(exc)
-        return JSONResponse(_body(error.message), status_code=error.status, headers=error.headers)
-
-    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
-        if (unstorable := unstorable_value(exc)) is not None:
-            return JSONResponse(_body(unstorable.message), status_code=unstorable.status)
-        log.warning("database error: %s", exc)
-        return JSONResponse(
-            _body("database unavailable, try again shortly"), status_code=503, headers={"Retry-After": "1"}
-        )
-
-    for database_error in (*DATABASE_ERRORS, OSError):  # asyncpg raises a failed connect as OSError (refused)
-        app.add_exception_handler(database_error, _database_down)
-
-    @app.exception_handler(RedisError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis error: %s", exc)
-        return JSONResponse(
-            _body("queue unavailable, try again shortly"), status_code=503, headers={"Retry-After": "1"}
-        )
+    for kind in ANSWERABLE:
+        app.add_exception_handler(kind, handle)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(_body("internal server error"), status_code=500)
+        return JSONResponse({"error": "internal server error"}, status_code=500)

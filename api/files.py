@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from api.auth import Authenticated, Principal
 from api.context import AppContext, get_ctx, public_base_url
-from api.errors import ApiError
+from api.errors import Invalid, NotFound, TooLarge
 from api.objects import file_response, put_object, read_object
 from api.responses import errors, image
 from core import images
@@ -39,7 +39,7 @@ async def inspect_image(ctx: AppContext, data: bytes) -> images.ImageInfo:
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ApiError(413, f"file larger than {max_bytes} bytes")
+        raise TooLarge(f"file larger than {max_bytes} bytes")
     return data
 
 
@@ -51,7 +51,7 @@ async def stored_file(ctx: AppContext, principal: Principal, file_id: str) -> Ro
     async with ctx.engine.connect() as conn:
         row = (await conn.execute(statement)).mappings().first()
     if row is None:
-        raise ApiError(404, f"file {file_id!r} not found or expired")
+        raise NotFound(f"file {file_id!r} not found or expired")
     return row
 
 
@@ -74,12 +74,12 @@ async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> J
     form = await request.form(max_files=1, max_fields=10)
     upload = form.get("content") or form.get("file")
     if not isinstance(upload, UploadFile):
-        raise ApiError(422, "invalid request: content: send the image as multipart form field `content`")
+        raise Invalid("invalid request: content: send the image as multipart form field `content`")
     data = await read_upload(upload, ctx.settings.max_image_bytes)
     try:
         info = await inspect_image(ctx, data)
     except images.BadImage as exc:
-        raise ApiError(422, f"invalid request: content: {exc}") from None
+        raise Invalid(f"invalid request: content: {exc}") from None
     file_id = new_id()
     key = f"{principal.tenant_id}/files/{file_id}.{info.extension}"
     await put_object(ctx, key, data, info.content_type)

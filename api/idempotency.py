@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from api.auth import Principal
 from api.context import AppContext
-from api.errors import ApiError
+from api.errors import Conflict, Invalid, Unavailable
 
 MAX_KEY_LENGTH = 255
 
@@ -36,7 +36,7 @@ async def reserve(
 ) -> str | None:
     """None if this request is the first with the key; else the id of the prediction it created."""
     if not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
-        raise ApiError(422, f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} characters")
+        raise Invalid(f"Idempotency-Key must be 1–{MAX_KEY_LENGTH} characters")
     key = _redis_key(ctx, principal, idempotency_key)
     value = f"{request_fingerprint}:{prediction_id}"
     try:
@@ -47,12 +47,12 @@ async def reserve(
             if existing is not None:
                 break
         else:
-            raise ApiError(409, "Idempotency-Key is contended; retry the request")
+            raise Conflict("Idempotency-Key is contended; retry the request")
     except RedisError as exc:
-        raise ApiError(503, "idempotency store unavailable, try again shortly", retry_after=1) from exc
+        raise Unavailable("idempotency store unavailable, try again shortly", retry_after=1) from exc
     stored_fingerprint, _, stored_id = existing.decode().partition(":")
     if stored_fingerprint != request_fingerprint:
-        raise ApiError(422, "Idempotency-Key was already used with a different request body")
+        raise Invalid("Idempotency-Key was already used with a different request body")
     return stored_id
 
 

@@ -13,14 +13,14 @@ from sqlalchemy import text
 
 from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
+from api.dialects.common import lookup_model
 from api.dialects.features import PromptObject
 from api.dialects.klein import GenerateRequest
 from api.dialects.openai import ImagesRequest
 from api.dialects.wavespeed import WaveSpeedRequest
-from api.errors import ApiError
 from api.responses import errors
 from core.settings import Settings
-from models.registry import MODELS, ModelSpec, known_ids, resolve
+from models.registry import MODELS, ModelSpec
 from models.tiny import MARKER as TINY_MARKER
 
 router = APIRouter(tags=["meta"])
@@ -72,9 +72,7 @@ async def list_models(request: Request, ctx: Annotated[AppContext, Depends(get_c
 @router.get("/v1/models/{model_id:path}", responses=errors(401, 404, 422, 429))
 async def get_model(model_id: str, request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
     signed_in = await _signed_in(request)
-    spec = resolve(model_id)
-    if spec is None:
-        raise ApiError(404, f"unknown model {model_id!r}", known_models=known_ids())
+    spec = lookup_model(model_id)
     return _describe(spec, ctx.settings, signed_in)
 
 

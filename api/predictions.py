@@ -16,7 +16,7 @@ import orjson
 from api import idempotency
 from api.auth import Principal
 from api.context import AppContext
-from api.errors import ApiError
+from api.errors import Conflict, NotFound, Unavailable
 from api.objects import put_object
 from api.rate_limit import Slot
 from api.references import Reference
@@ -93,7 +93,7 @@ async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id:
             failed = await conn.execute(lifecycle.fail_unclaimed(prediction_id, "could not be queued"))
         if failed.first() is not None:
             await ctx.limiter.release_slot(principal.tenant_id)
-        raise ApiError(503, "queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
+        raise Unavailable("queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
 
 
 async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
@@ -144,7 +144,7 @@ async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wai
     deadline = time.monotonic() + 5
     while (row := await fetch(ctx, principal, prediction_id)) is None:
         if time.monotonic() > deadline:
-            raise ApiError(409, "a request with this Idempotency-Key is still being accepted; retry shortly")
+            raise Conflict("a request with this Idempotency-Key is still being accepted; retry shortly")
         await asyncio.sleep(0.05)
     if wait_s > 0 and not lifecycle.Status(row["status"]).terminal:
         with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:
@@ -186,7 +186,7 @@ async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Ro
 async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
     row = await fetch(ctx, principal, prediction_id)
     if row is None:
-        raise ApiError(404, f"prediction {prediction_id!r} not found")
+        raise NotFound(f"prediction {prediction_id!r} not found")
     return row
 
 

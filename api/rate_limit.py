@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import OverCapacity, Unavailable
 from api.principals import Principal
 from core import quota
 
@@ -33,8 +33,7 @@ class Slot:
 
     def require(self) -> None:
         if not self.granted:
-            raise ApiError(
-                429,
+            raise OverCapacity(
                 f"too many predictions in flight: this tenant's limit of {self.cap} queued or processing is reached",
                 retry_after=1,
             )
@@ -93,7 +92,7 @@ class Limiter:
         except RedisError as exc:
             if limits[2]:  # it may yet run, or have run, and taken a slot nobody will give back
                 self._undo_later(tenant_id, token)
-            raise ApiError(503, "rate limiter unavailable, try again shortly", retry_after=1) from exc
+            raise Unavailable("rate limiter unavailable, try again shortly", retry_after=1) from exc
         decision = quota.RateDecision.from_script(reply, limits[0], limits[1])
         held, granted = reply[6:8]
         slot = Slot(self, tenant_id, held, limits[2], granted=bool(granted)) if limits[2] else None

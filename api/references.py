@@ -19,7 +19,7 @@ from fastapi import Request
 
 from api.auth import Principal
 from api.context import AppContext, public_base_url
-from api.errors import ApiError
+from api.errors import Invalid, ServiceError
 from api.fetch import FetchError, fetch
 from api.files import inspect_image, stored_file
 from api.objects import read_object
@@ -42,7 +42,7 @@ async def resolve(
     if not sources:
         return []
     if len(sources) > MAX_REFERENCES:
-        raise ApiError(422, f"invalid request: {field}: at most {MAX_REFERENCES} reference images, got {len(sources)}")
+        raise Invalid(f"invalid request: {field}: at most {MAX_REFERENCES} reference images, got {len(sources)}")
     ours = {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}
 
     async def one(index: int, source: str | bytes) -> Reference:
@@ -50,7 +50,7 @@ async def resolve(
             data = source if isinstance(source, bytes) else await _load(ctx, principal, source, ours)
             info = await inspect_image(ctx, data)
         except (images.BadImage, FetchError) as exc:
-            raise ApiError(422, f"invalid request: {field}[{index}]: {exc}") from None
+            raise Invalid(f"invalid request: {field}[{index}]: {exc}") from None
         return Reference(data, info)
 
     return list(await asyncio.gather(*(one(i, source) for i, source in enumerate(sources))))
@@ -65,7 +65,7 @@ async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[st
     if own and parts.netloc in ours:
         try:
             row = await stored_file(ctx, principal, own.group(1))
-        except ApiError as exc:
+        except ServiceError as exc:
             raise images.BadImage(exc.message) from None
         return await read_object(ctx, row["key"])
     if parts.scheme not in ("http", "https"):

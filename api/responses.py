@@ -1,6 +1,6 @@
 """What the OpenAPI schema says each operation answers: our real error shapes and statuses.
 
-Routers pass `responses=errors(...)`. An ApiError raised in a dialect route is answered in the
+Routers pass `responses=errors(...)`. An error raised in a dialect route is answered in the
 dialect's shape (api/errors.py: `dialect_route`); a body over the limit (413, api/body_limit.py)
 and an unreachable database or Redis (503, the app's handlers) are answered in the platform's
 `{"error": ...}` shape on every route, so a dialect documents both for those statuses.

@@ -5,7 +5,7 @@ share the machine with what is measured. This drives the API's ASGI app and the 
 directly, in one process, from `--concurrency` callers at once, on a fresh database of the machine's
 PostgreSQL and its Redis, alternating the two, and prints the process CPU time per request of each.
 What neither side pays (HTTP parsing, socket writes) is left out, so the difference is the apps' own.
-Nothing is asserted; tests/test_bench_platform.py runs it for a second so it never rots.
+Nothing is asserted; tests/e2e/test_bench_platform.py runs it for a second so it never rots.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Any
 import orjson
 import uvloop
 
-from bench.platform import SUBMIT_BODY, Plan, Stack, parse_args
+from bench.common import SUBMIT_BODY, Plan
+from bench.platform import parse_args
+from bench.stack import Stack
 
 Scope = dict[str, Any]
 App = Callable[..., Any]

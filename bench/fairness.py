@@ -22,10 +22,10 @@ import psycopg
 import redis
 
 from core import tenants
-from core.cli import migrate
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3, start_api, start_worker
 from core.settings import Settings
+from ops.embedded import SeaweedS3, start_api, start_worker
+from ops.migrate import migrate
 
 PG_ADMIN_URL = os.environ.get("KLEIN_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = "redis://127.0.0.1:6379/12"

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 # The Klein pipeline's limits on a reference (diffusers' Flux2ImageProcessor.check_image_input defaults;
-# tests/test_models.py checks them against the installed diffusers).
+# tests/unit/test_models.py checks them against the installed diffusers).
 MIN_SIDE = 64
 MAX_ASPECT_RATIO = 8
 

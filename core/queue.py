@@ -1,8 +1,9 @@
 """The queue contract between API and workers: one Celery app config, one task, an id as payload.
 
-Publishing does not go through Celery's producer: `task_message` builds the exact message Celery
+The API's submit does not go through Celery's producer: `task_message` builds the exact message Celery
 (protocol 2) and kombu's Redis transport would write, so the API can add the id to the sweeper's set
-and push the message in one pipelined round trip, without a thread hop. tests/test_queue.py checks
+and push the message in one pipelined round trip, without a thread hop (docs/performance.md says what
+that is worth). Everything else publishes with Celery's `send_task` (`enqueue`). tests/integration/test_queue.py checks
 the message against one published by Celery itself, and every end-to-end test has the real worker
 consume it.
 """
@@ -122,9 +123,16 @@ def _uuid4() -> str:
 
 
 def enqueue(client: redis.Redis, settings: Settings, prediction_id: str, priority: int = 0) -> None:
-    """Mark the id as in the broker (for the sweeper) and publish its task, in one round trip."""
-    key, message = task_message(settings.queue_name, prediction_id, priority)
-    pipe = client.pipeline(transaction=False)
-    pipe.sadd(queued_key(settings), prediction_id)
-    pipe.lpush(key, message)
-    pipe.execute()
+    """Mark the id as in the broker (for the sweeper), then publish its task with Celery's own producer: the
+    sweeper's and the worker's requeues. Only the API's submit builds the message itself (task_message)."""
+    client.sadd(queued_key(settings), prediction_id)
+    _publisher(settings).send_task(PREDICT_TASK, args=[prediction_id], queue=settings.queue_name, priority=priority)
+
+
+_publishers: dict[int, tuple[Settings, Celery]] = {}  # by the settings' identity, which the entry keeps alive
+
+
+def _publisher(settings: Settings) -> Celery:
+    if id(settings) not in _publishers:
+        _publishers[id(settings)] = (settings, make_celery(settings))
+    return _publishers[id(settings)][1]

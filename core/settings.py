@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # Input images (uploads, URLs, data URIs): limits before and after decoding.
     max_image_bytes: int = Field(10 << 20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # decompression bombs stop here
-    max_concurrent_decodes: int = Field(2, ge=1)  # per API process, in threads off the event loop
+    max_concurrent_decodes: int = Field(1, ge=1)  # per API process, in a thread off the event loop
     fetch_timeout_s: float = Field(10.0, gt=0, le=120)
     # Hosts or networks (CIDR) whose URLs may be fetched although they are private (private deployments, tests).
     fetch_allowlist: list[str] = []

@@ -3,6 +3,7 @@
 #   bash deploy/local.sh up      install, then start the whole platform on embedded services (Ctrl-C stops it)
 #   bash deploy/local.sh test    install, then lint, type-check and run the test suite on real services; without
 #                                arguments, the end-to-end tests once more through PgBouncer (tests/pgbouncer.py)
+#   bash deploy/local.sh quick   install, then the unit tier only (tests/unit: no services)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,12 +60,19 @@ case "${1:-}" in
     .venv/bin/mypy
     .venv/bin/pytest "$@"
     if [ $# -eq 0 ]; then  # the whole suite: then the end-to-end tier through PgBouncer, transaction pooling
-      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/test_predictions.py tests/test_worker.py tests/test_tenancy.py \
-        tests/test_pg.py
+      # (the end-to-end tests that start stacks of their own need no second pass)
+      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/e2e tests/integration/test_pg.py \
+        --ignore tests/e2e/test_redis_deployments.py --ignore tests/e2e/test_local_platform.py \
+        --ignore tests/e2e/test_bench_platform.py
     fi
     ;;
+  quick)  # the unit tier alone: no services, about half a minute
+    shift
+    setup
+    .venv/bin/pytest -m unit -q "$@"
+    ;;
   *)
-    echo "usage: bash deploy/local.sh up|test" >&2
+    echo "usage: bash deploy/local.sh up|test|quick" >&2
     exit 2
     ;;
 esac

@@ -14,17 +14,28 @@ import redis
 from sqlalchemy import Engine
 
 from core import tenants
-from core.cli import migrate
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
 from core.tenants import IssuedKey
+from ops.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.migrate import migrate
 from tests.pgbouncer import THROUGH_PGBOUNCER, PgBouncer
 from tests.stack import PG_ADMIN_URL, REDIS_URL, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ADMIN_KEY = "test-admin-" + secrets.token_hex(8)  # nothing in the tests may reach a model hub
+
+
+TIERS = ("unit", "integration", "e2e", "faults", "fuzz", "deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, the folder it lives in (tests/<tier>/…)."""
+    for item in items:
+        tier = item.path.relative_to(ROOT / "tests").parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @dataclass

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 from sqlalchemy import Engine
 
-from core.cli import migrate
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3, Service, start_api, start_worker
 from core.settings import Settings
+from ops.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.migrate import migrate
 
 
 @dataclass

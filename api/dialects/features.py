@@ -11,12 +11,10 @@ from api import predictions
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import output_urls, signed_output_urls
-from api.errors import ApiError
+from api.dialects.common import iso_z, lookup_model, seed_or_random
 from api.responses import errors
-from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import MAX_SEED, GenerationParams, Prompt, size_for_aspect_ratio
-from models.registry import resolve
 
 router = APIRouter(tags=["1min"], responses=errors(401, 429, 503))
 RECORD_STATUS = {Status.COMPLETED: "SUCCESS", Status.FAILED: "FAILED", Status.CANCELED: "FAILED"}
@@ -43,28 +41,28 @@ class FeatureRequest(BaseModel):
     model: str
     promptObject: PromptObject
 
+    def to_params(self) -> GenerationParams:
+        prompt = self.promptObject
+        width, height = size_for_aspect_ratio(prompt.aspect_ratio, float(prompt.megapixels))
+        return GenerationParams(
+            prompt=prompt.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=prompt.num_inference_steps,
+            guidance_scale=1.0,
+            seed=seed_or_random(prompt.seed),
+            output_format=prompt.output_format,
+            output_quality=prompt.output_quality,
+        )
+
 
 @router.post("/api/features", responses=errors(400, 413, 422))
 async def features(
     body: FeatureRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
-    spec = resolve(body.model)
-    if spec is None:
-        raise ApiError(422, f"invalid request: model: must be black-forest-labs/flux-2-klein-4b, not {body.model!r}")
-    prompt = body.promptObject
-    width, height = size_for_aspect_ratio(prompt.aspect_ratio, float(prompt.megapixels))
-    params = GenerationParams(
-        prompt=prompt.prompt,
-        width=width,
-        height=height,
-        num_inference_steps=prompt.num_inference_steps,
-        guidance_scale=1.0,
-        seed=prompt.seed if prompt.seed is not None else random_seed(),
-        output_format=prompt.output_format,
-        output_quality=prompt.output_quality,
-    )
+    spec = lookup_model(body.model, body_field="model")
     row = await predictions.submit(
-        ctx, principal, spec, body.model_dump(), params, wait_s=ctx.settings.try_sync_timeout_s
+        ctx, principal, spec, body.model_dump(), body.to_params(), wait_s=ctx.settings.try_sync_timeout_s
     )
     status = Status(row["status"])
     base_url = public_base_url(request, ctx.settings)
@@ -75,9 +73,9 @@ async def features(
             "model": body.model,
             "type": body.type,
             "status": RECORD_STATUS.get(status, "PROCESSING"),
-            "createdAt": row["created_at"].isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "createdAt": iso_z(row["created_at"]),
             "aiRecordDetail": {
-                "promptObject": prompt.model_dump(exclude_none=True),
+                "promptObject": body.promptObject.model_dump(exclude_none=True),
                 "resultObject": [url.removeprefix(base_url).lstrip("/") for url in output_urls(base_url, row)]
                 if done
                 else [],

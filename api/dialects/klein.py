@@ -18,17 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx
-from api.errors import TOO_DEEP, ApiError, dialect_route, validation_error
+from api.dialects.common import completed, lookup_model, seed_or_random
+from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
 from api.files import read_upload
 from api.objects import read_object
 from api.responses import KleinError, errors, image
-from core.ids import random_seed
-from core.lifecycle import Status
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
-from models.registry import known_ids, resolve
 
 
-def _detail(error: ApiError) -> Response:
+def _detail(error: Answer) -> Response:
     return JSONResponse({"detail": error.message}, status_code=error.status)
 
 
@@ -48,6 +46,20 @@ class GenerateRequest(BaseModel):
     image_uris: list[str] = []
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
 
+    def to_params(self) -> GenerationParams:
+        """Klein's generate endpoint: a named size, the distilled model's 4 steps, a PNG."""
+        width, height = NAMED_SIZES[self.aspect_ratio]
+        return GenerationParams(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            seed=seed_or_random(self.seed),
+            output_format="png",
+            output_quality=100,
+        )
+
 
 async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], list[bytes]]:
     """The fields and the uploaded files of a JSON, multipart or urlencoded request."""
@@ -55,11 +67,11 @@ async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any]
         try:
             body = await request.json()
         except ValueError:
-            raise ApiError(422, f"body must be JSON, {' or '.join(FORMS)}") from None
+            raise Invalid(f"body must be JSON, {' or '.join(FORMS)}") from None
         except RecursionError:
-            raise ApiError(422, TOO_DEEP) from None
+            raise Invalid(TOO_DEEP) from None
         if not isinstance(body, dict):
-            raise ApiError(422, "body must be a JSON object")
+            raise Invalid("body must be a JSON object")
         return body, []
     form = await request.form(max_files=16, max_fields=16)
     fields: dict[str, Any] = {}
@@ -67,20 +79,20 @@ async def _parse(request: Request, max_image_bytes: int) -> tuple[dict[str, Any]
     for name, value in form.multi_items():
         if not isinstance(value, str):
             if name != "images":
-                raise ApiError(422, f"unexpected file field {name!r}: send reference images as `images`")
+                raise Invalid(f"unexpected file field {name!r}: send reference images as `images`")
             uploads.append(await read_upload(value, max_image_bytes))
         elif name == "image_uris":
             try:
                 fields[name] = json.loads(value)
             except (ValueError, RecursionError):
-                raise ApiError(422, "image_uris: must be a JSON array of URLs or data URIs") from None
+                raise Invalid("image_uris: must be a JSON array of URLs or data URIs") from None
         else:
             fields[name] = value
     if "seed" in fields:
         try:
             fields["seed"] = int(fields["seed"])
         except ValueError:
-            raise ApiError(422, "seed: must be an integer") from None
+            raise Invalid("seed: must be an integer") from None
     return fields, uploads
 
 
@@ -120,31 +132,14 @@ async def generate(
         body = GenerateRequest.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    spec = resolve(body.model)
-    if spec is None:
-        raise ApiError(422, f"model: unknown model {body.model!r}; known: {', '.join(known_ids())}")
+    spec = lookup_model(body.model, body_field="model")
     sources: list[str | bytes] = list(uploads) if uploads else list(body.image_uris)
     field = "images" if uploads else "image_uris"
     refs = await references.resolve(ctx, principal, request, sources, field)
-    width, height = NAMED_SIZES[body.aspect_ratio]
-    seed = body.seed if body.seed >= 0 else random_seed()
-    params = GenerationParams(
-        prompt=body.prompt,
-        width=width,
-        height=height,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        seed=seed,
-        output_format="png",
-        output_quality=100,
-    )
+    params = body.to_params()
     echo = body.model_dump() | {"images": len(uploads)}
-    row = await predictions.submit(ctx, principal, spec, echo, params, refs, ctx.settings.try_sync_timeout_s)
-    status = Status(row["status"])
-    if status is Status.COMPLETED:
-        png = await read_object(ctx, row["outputs"][0]["key"])
-        headers = {"X-Prediction-Id": row["id"], "X-Seed": str(seed), "X-Content-Type-Options": "nosniff"}
-        return Response(png, media_type="image/png", headers=headers)
-    if status.terminal:
-        raise ApiError(500, f"generation {status.value}: {row['error'] or 'no reason recorded'}")
-    raise ApiError(504, f"generation exceeded the {ctx.settings.try_sync_timeout_s:g} s time limit (id {row['id']})")
+    wait_s = ctx.settings.try_sync_timeout_s
+    row = completed(await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s), wait_s)
+    png = await read_object(ctx, row["outputs"][0]["key"])
+    headers = {"X-Prediction-Id": row["id"], "X-Seed": str(params.seed), "X-Content-Type-Options": "nosniff"}
+    return Response(png, media_type="image/png", headers=headers)

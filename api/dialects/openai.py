@@ -6,7 +6,6 @@ Works with the official `openai` client (`images.generate`, url or b64_json). Er
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -18,10 +17,9 @@ from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import outputs_base64, signed_output_urls
-from api.errors import ApiError, dialect_route
+from api.dialects.common import completed, lookup_model, parse_size, seed_or_random
+from api.errors import Answer, dialect_route
 from api.responses import OpenAIError, errors
-from core.ids import random_seed
-from core.lifecycle import Status
 from models.klein import (
     MAX_OUTPUTS,
     MAX_REFERENCES,
@@ -31,13 +29,12 @@ from models.klein import (
     floor16,
     size_for_aspect_ratio,
 )
-from models.registry import known_ids, resolve
 
 MIN_SIDE, MAX_SIDE, MAX_PIXELS = 256, 2048, 1_048_576
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
-def _openai_error(error: ApiError) -> Response:
+def _openai_error(error: Answer) -> Response:
     kind = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
     detail = error.extra.get("detail") or [{}]
     param = ".".join(str(p) for p in detail[0].get("loc", [])) or None
@@ -92,10 +89,10 @@ class ImagesRequest(BaseModel):
         if self.width is not None and self.height is not None:
             return floor16(self.width), floor16(self.height)
         if self.size not in (None, "auto"):
-            match = re.fullmatch(r"\s*(\d+)\s*[x*×]\s*(\d+)\s*", self.size)
-            if not match or not all(MIN_SIDE <= int(side) <= MAX_SIDE for side in match.groups()):
-                raise ValueError(f"size must be WIDTHxHEIGHT with each side {MIN_SIDE}–{MAX_SIDE}, e.g. 1024x1024")
-            return floor16(int(match.group(1))), floor16(int(match.group(2)))
+            try:
+                return parse_size(self.size, MIN_SIDE, MAX_SIDE, "1024x1024")
+            except ValueError as exc:
+                raise ValueError(f"size {exc}") from None
         return size_for_aspect_ratio(self.aspect_ratio)
 
     def reference_urls(self) -> list[str]:
@@ -107,38 +104,32 @@ class ImagesRequest(BaseModel):
         chosen = self.format or self.output_format or "webp"
         return "jpg" if chosen == "jpeg" else chosen
 
+    def to_params(self) -> GenerationParams:
+        width, height = self.dimensions()
+        return GenerationParams(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=seed_or_random(self.seed),
+            output_format=self.file_format(),
+            output_quality=90,
+            num_outputs=self.num_images or self.n or 1,
+            max_sequence_length=self.max_sequence_length,
+        )
+
 
 @router.post("/v1/images/generations", responses=errors(400, 404, 413, 422, 500, 504, shape=OpenAIError))
 async def generate(
     body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
-    spec = resolve(body.model)
-    if spec is None:
-        raise ApiError(404, f"unknown model {body.model!r}; known: {', '.join(known_ids())}")
+    spec = lookup_model(body.model)  # OpenAI answers an unknown model 404
     refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
-    width, height = body.dimensions()
-    seed = body.seed if body.seed is not None else random_seed()
-    params = GenerationParams(
-        prompt=body.prompt,
-        width=width,
-        height=height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        seed=seed,
-        output_format=body.file_format(),
-        output_quality=90,
-        num_outputs=body.num_images or body.n or 1,
-        max_sequence_length=body.max_sequence_length,
-    )
+    params = body.to_params()
     echo = body.model_dump(exclude_none=True)
-    row = await predictions.submit(ctx, principal, spec, echo, params, refs, ctx.settings.try_sync_timeout_s)
-    status = Status(row["status"])
-    if status is not Status.COMPLETED:
-        if status.terminal:
-            raise ApiError(500, f"generation {status.value}: {row['error'] or 'no reason recorded'}")
-        raise ApiError(
-            504, f"generation exceeded the {ctx.settings.try_sync_timeout_s:g} s time limit (id {row['id']})"
-        )
+    wait_s = ctx.settings.try_sync_timeout_s
+    row = completed(await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s), wait_s)
     if body.response_format == "b64_json" or body.return_base64:
         data = [{"b64_json": b64, "revised_prompt": None} for b64 in await outputs_base64(ctx, row)]
     else:
@@ -150,7 +141,7 @@ async def generate(
         "output_format": "jpeg" if params.output_format == "jpg" else params.output_format,
         "id": row["id"],
         "model": spec.id,
-        "seed": seed,
-        "size": f"{width}x{height}",
+        "seed": params.seed,
+        "size": f"{params.width}x{params.height}",
         "timings": row["timings"],
     }

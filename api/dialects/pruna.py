@@ -16,15 +16,15 @@ from api import predictions, references
 from api.auth import Authenticated, authenticate, authenticate_submit
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.delivery import output_urls
-from api.errors import TOO_DEEP, ApiError, validation_error
+from api.dialects.common import lookup_model, seed_or_random
+from api.errors import TOO_DEEP, Invalid, validation_error
 from api.jsonresponse import JSON
 from api.principals import Principal
 from api.rate_limit import Slot
 from api.responses import errors
-from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import KleinInput
-from models.registry import known_ids, resolve
+from models.registry import known_ids
 
 router = APIRouter(tags=["pruna"], responses=errors(401, 429, 503))
 
@@ -105,17 +105,12 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> JSONRes
     ctx = context(request)
     model = request.headers.get("model")
     if not model:
-        raise ApiError(
-            422, "missing `Model` header naming the model, e.g. `Model: flux-klein-4b`", known_models=known_ids()
-        )
-    spec = resolve(model)
-    if spec is None:
-        raise ApiError(404, f"unknown model {model!r}", known_models=known_ids())
+        raise Invalid("missing `Model` header naming the model, e.g. `Model: flux-klein-4b`", known_models=known_ids())
+    spec = lookup_model(model)
     body = await _json_object(request)
     raw_input = body.get("input")
     if not isinstance(raw_input, dict):
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid request: input: must be a JSON object with the model's parameters",
             detail=[{"loc": ["input"], "msg": "must be an object", "type": "object_type"}],
         )
@@ -124,8 +119,9 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> JSONRes
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix=("input",)) from None
     refs = await references.resolve(ctx, principal, request, validated.images, "input.images")
-    seed = validated.seed if validated.seed >= 0 else random_seed()
-    params = validated.to_params(seed, (refs[0].info.width, refs[0].info.height) if refs else None)
+    params = validated.to_params(
+        seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
+    )
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
     idempotency_key = request.headers.get("idempotency-key")
     row = await predictions.submit(
@@ -165,10 +161,10 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):  # orjson parses at most 1,024 levels deep
-            raise ApiError(422, TOO_DEEP) from None
-        raise ApiError(422, "invalid request: body is not valid JSON") from None
+            raise Invalid(TOO_DEEP) from None
+        raise Invalid("invalid request: body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(422, 'invalid request: body must be a JSON object like {"input": {...}}')
+        raise Invalid('invalid request: body must be a JSON object like {"input": {...}}')
     return body
 
 

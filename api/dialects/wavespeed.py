@@ -8,8 +8,6 @@ Every answer is the `{code, message, data}` envelope; statuses created/processin
 
 from __future__ import annotations
 
-import re
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -20,12 +18,11 @@ from api import predictions, references
 from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
 from api.delivery import outputs_base64, signed_output_urls
-from api.errors import ApiError, dialect_route
+from api.dialects.common import iso_z, lookup_model, parse_size, seed_or_random
+from api.errors import Answer, Invalid, NotFound, dialect_route
 from api.responses import WaveSpeedError, errors
-from core.ids import random_seed
 from core.lifecycle import Status
-from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt, floor16
-from models.registry import known_ids, resolve
+from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt
 
 MIN_SIDE, MAX_SIDE = 256, 1536
 TASKS = ("text-to-image", "edit")
@@ -38,7 +35,7 @@ STATUS_WORDS = {
 }
 
 
-def _envelope(error: ApiError) -> Response:
+def _envelope(error: Answer) -> Response:
     return JSONResponse({"code": error.status, "message": error.message, "data": None}, status_code=error.status)
 
 
@@ -62,14 +59,21 @@ class WaveSpeedRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, size: str) -> str:
-        match = re.fullmatch(r"\s*(\d+)\s*[*x]\s*(\d+)\s*", size)
-        if not match or not all(MIN_SIDE <= int(side) <= MAX_SIDE for side in match.groups()):
-            raise ValueError(f"must be WIDTH*HEIGHT with each side {MIN_SIDE}–{MAX_SIDE}, e.g. 1024*1024")
-        return f"{match.group(1)}*{match.group(2)}"
+        parse_size(size, MIN_SIDE, MAX_SIDE, "1024*1024")
+        return size
 
-    def dimensions(self) -> tuple[int, int]:
-        width, height = (floor16(int(side)) for side in self.size.split("*"))
-        return width, height
+    def to_params(self) -> GenerationParams:
+        width, height = parse_size(self.size, MIN_SIDE, MAX_SIDE, "1024*1024")
+        return GenerationParams(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            seed=seed_or_random(self.seed),
+            output_format="jpg" if self.output_format == "jpeg" else self.output_format,
+            output_quality=90,
+        )
 
 
 def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, Any]:
@@ -83,15 +87,11 @@ def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, A
         "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
         "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
         "status": STATUS_WORDS[status],
-        "created_at": _iso_z(row["created_at"]),
+        "created_at": iso_z(row["created_at"]),
         "error": row["error"] or ("canceled" if status is Status.CANCELED else ""),
         "timings": {"inference": row["timings"].get("inference_ms", 0)},
         "seed": row["params"]["seed"],
     }
-
-
-def _iso_z(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _answer(ctx: AppContext, request: Request, row: predictions.Row) -> JSONResponse:
@@ -112,27 +112,15 @@ async def submit(
     model_path: str, body: WaveSpeedRequest, request: Request, principal: Authenticated, ctx: Ctx
 ) -> Response:
     model_name, _, task = model_path.rpartition("/")
-    spec = resolve(model_name)
-    if spec is None or task not in TASKS:
-        known = [f"{name}/{t}" for name in known_ids() if name.startswith("wavespeed-ai/") for t in TASKS]
-        raise ApiError(404, f"unknown model {model_path!r}; known: {', '.join(known)}")
+    if task not in TASKS:
+        raise NotFound(f"unknown task {task!r} of {model_name!r}; known: {', '.join(TASKS)}")
+    spec = lookup_model(model_name)
     if task == "edit" and not body.images:
-        raise ApiError(422, "images: edit needs 1–4 reference images")
+        raise Invalid("images: edit needs 1–4 reference images")
     if task == "text-to-image" and body.images:
-        raise ApiError(422, "images: text-to-image takes no images; use the edit endpoint")
+        raise Invalid("images: text-to-image takes no images; use the edit endpoint")
     refs = await references.resolve(ctx, principal, request, body.images, "images")
-    width, height = body.dimensions()
-    output_format = "jpg" if body.output_format == "jpeg" else body.output_format
-    params = GenerationParams(
-        prompt=body.prompt,
-        width=width,
-        height=height,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        seed=body.seed if body.seed >= 0 else random_seed(),
-        output_format=output_format,
-        output_quality=90,
-    )
+    params = body.to_params()
     echo = body.model_dump() | {"model": model_path}
     wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
     row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s)

@@ -1,6 +1,7 @@
 """api/coalesce.py: concurrent callers share batches, bounded in number and size; failures reach the right callers.
 
-The batch function here is a plain coroutine that records its calls (tests/test_pg.py runs the real statements).
+The batch function here is a plain coroutine that records its calls (tests/integration/test_pg.py runs the real
+statements).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from api.errors import ApiError
+from api.errors import OverCapacity, Unavailable
 from api.principals import Principal
 from api.rate_limit import Limiter
 from core import quota, tenants
@@ -25,8 +25,8 @@ from core.settings import Settings
 from core.tables import api_keys, predictions, usage_records
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_predictions import PROMPT, poll, submit
 from tests.stack import REDIS_URL
-from tests.test_predictions import PROMPT, poll, submit
 
 
 def burst(url: str, headers: dict[str, str], n: int, method: str = "GET", json: Any = None) -> list[httpx.Response]:
@@ -150,12 +150,10 @@ def test_wrong_admin_keys_are_throttled_per_address(stack: Stack) -> None:
 def test_a_limit_check_without_redis_fails_closed() -> None:
     async def scenario() -> None:
         limiter = Limiter(async_client(Settings(redis_url="redis://127.0.0.1:1")), "klein")
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(Unavailable):
             await limiter.hit(Principal("t", "k", 10, 10, 10))
-        assert raised.value.status == 503
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(Unavailable):
             await limiter.take_slot("t", 10)
-        assert raised.value.status == 503
 
     asyncio.run(scenario())
 
@@ -170,9 +168,8 @@ def test_concurrent_requests_for_the_last_slots_get_exactly_those_slots() -> Non
         assert sorted(s.held for s in slots if s.granted) == [3, 4, 5, 6, 7]  # slots held before each
         refused = [s for s in slots if not s.granted]
         assert len(refused) == 35 and all(s.held >= 8 for s in refused)
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(OverCapacity):
             refused[0].require()
-        assert raised.value.status == 429
         assert await redis.execute_command("GET", quota.in_flight_key(namespace, "t")) == b"8"
         await redis.execute_command("DEL", quota.in_flight_key(namespace, "t"))
         await redis.aclose()
@@ -194,9 +191,9 @@ def test_a_submit_takes_its_slot_in_the_rate_limit_round_trip_and_gives_it_back_
         assert decision.allowed and first.granted and first.held == 0 and await held() == 1
         decision, second = await limiter.hit_and_take_slot(Principal("t", "k", 2, 100, 1))  # the cap is reached
         assert decision.allowed and not second.granted and second.held == 1 and await held() == 1
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(OverCapacity) as raised:
             second.require()
-        assert raised.value.status == 429 and "in flight" in raised.value.message
+        assert "in flight" in raised.value.message
         await second.give_back()  # it holds nothing
         assert await held() == 1
         decision, third = await limiter.hit_and_take_slot(Principal("t", "k", 2, 100, 5))  # the rate limit refuses it
@@ -348,7 +345,7 @@ def test_usage_is_metered_per_completed_image_at_the_tenant_price(stack: Stack) 
 
 
 def test_failed_predictions_are_not_billed(stack: Stack, tenant: IssuedKey) -> None:
-    from tests.test_worker import poison_prediction, wait_for
+    from tests.e2e.test_worker import poison_prediction, wait_for
 
     pid = poison_prediction(stack, tenant)
     assert wait_for(stack, pid)["status"] == "failed"
@@ -389,7 +386,7 @@ def test_cli_manages_tenants_and_keys(stack: Stack) -> None:
     env = os.environ | {k: v for k, v in stack.env.items() if k.startswith("KLEIN_")}
 
     def klein(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -21,7 +21,7 @@ import pytest
 
 from models.klein import GenerationParams
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 TOKENS = 64  # text tokens in these tests (the worker's 512 only makes the tiny text encoder slower)
 BASELINE: dict[str, Any] = {

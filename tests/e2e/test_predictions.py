@@ -98,7 +98,7 @@ def test_random_seed_is_recorded_and_reported(client: httpx.Client) -> None:
 
 def test_try_sync_times_out_into_the_async_answer(stack: Stack, tenant: IssuedKey) -> None:
     """With a zero wait the POST answers at once with get_url; the prediction still completes."""
-    from core.embedded import start_api
+    from ops.embedded import start_api
 
     env = stack.env | {"KLEIN_TRY_SYNC_TIMEOUT_S": "0"}
     api, url = start_api(env, stack.logs / "api-nowait.log")

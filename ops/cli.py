@@ -1,6 +1,6 @@
 """`klein`: operator commands.
 
-    klein up [--model PATH]                  start the whole platform on embedded services (core/up.py)
+    klein up [--model PATH]                  start the whole platform on embedded services (ops/up.py)
     klein migrate                            apply database migrations (alembic upgrade head)
     klein create-tenant NAME [limits]        create a tenant and print its first API key (shown once)
     klein set-limits TENANT [limits]         change a tenant's limits or price plan
@@ -26,19 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def migrate(sync_database_url: str | None = None) -> None:
-    """alembic upgrade head, on the configured database or the one given."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(toml_file=str(ROOT / "pyproject.toml"))
-    if sync_database_url:
-        config.set_main_option("sqlalchemy.url", sync_database_url)
-    command.upgrade(config, "head")
+from ops.migrate import migrate
 
 
 def _limit(value: str) -> int | float | None:
@@ -91,9 +79,11 @@ def _keys_changed() -> None:
     """Tell every API replica to drop its cached key lookups (see api/principals.py)."""
     import redis
 
+    from core.redis_connection import sync_client
+
     settings = get_settings()
     try:
-        redis.Redis.from_url(settings.redis_url, socket_timeout=5).publish(settings.keys_channel, "changed")
+        sync_client(settings).publish(settings.keys_channel, "changed")
     except redis.RedisError:
         print(f"note: Redis unreachable; API replicas notice within {settings.key_cache_ttl_s:g} s", file=sys.stderr)
 
@@ -151,7 +141,7 @@ def _admin(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["up"]:
-        from core.up import up
+        from ops.up import up
 
         return up(argv[1:])
     args = _parser().parse_args(argv)

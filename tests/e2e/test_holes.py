@@ -14,8 +14,8 @@ from PIL import Image
 from core.storage import make_s3_client
 from core.tenants import IssuedKey
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_predictions import PROMPT, submit
 from tests.images import data_uri, picture
-from tests.test_predictions import PROMPT, submit
 
 NESTED = "[" * 2000 + "]" * 2000  # deeper than Python's recursion limit
 
@@ -82,7 +82,7 @@ def test_references_wider_than_the_pipeline_takes_are_refused_at_submit(client: 
 
 
 def test_health_answers_while_big_images_are_decoded(stack: Stack, tenant: IssuedKey) -> None:
-    """Eight submits with three 4096² all-zero PNGs each: decoding runs off the event loop, two at a time."""
+    """Eight submits with three 4096² all-zero PNGs each: decoding runs off the event loop, one at a time."""
     buffer = io.BytesIO()
     Image.new("RGB", (4096, 4096)).save(buffer, format="PNG")
     big = data_uri(buffer.getvalue())
@@ -91,7 +91,10 @@ def test_health_answers_while_big_images_are_decoded(stack: Stack, tenant: Issue
     def heavy() -> None:
         body = {"input": {"prompt": PROMPT, "images": [big] * 3}}
         headers = {"apikey": tenant.key, "Model": "flux-klein-4b"}
-        answers.append(httpx.post(f"{stack.api_url}/v1/predictions", headers=headers, json=body, timeout=120))
+        answer = httpx.post(f"{stack.api_url}/v1/predictions", headers=headers, json=body, timeout=120)
+        answers.append(answer)
+        if answer.status_code == 201:  # spare the worker (and the machine's two cores) their generation
+            httpx.post(f"{stack.api_url}/v1/predictions/{answer.json()['id']}/cancel", headers=headers)
 
     threads = [threading.Thread(target=heavy) for _ in range(8)]
     for thread in threads:
@@ -107,9 +110,6 @@ def test_health_answers_while_big_images_are_decoded(stack: Stack, tenant: Issue
         thread.join()
     assert [a.status_code for a in answers] == [201] * 8
     assert len(latencies) >= 5 and max(latencies) < 0.2, sorted(latencies)[-5:]
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}) as client:
-        for answer in answers:  # spare the worker their generation
-            client.post(f"/v1/predictions/{answer.json()['id']}/cancel")
 
 
 def test_only_configured_hosts_decide_our_urls(stack: Stack, client: httpx.Client) -> None:

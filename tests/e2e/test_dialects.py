@@ -15,9 +15,9 @@ from PIL import Image
 from pruna_client import PrunaClient
 from pruna_client.models import PredictionStatus
 
-from core.embedded import start_api
 from core.tenants import IssuedKey
 from models.klein import NAMED_SIZES, size_for_aspect_ratio, size_for_ratio
+from ops.embedded import start_api
 from tests.conftest import Stack, make_tenant
 from tests.images import data_uri, image_server, picture
 
@@ -300,3 +300,27 @@ def test_synchronous_dialects_answer_504_past_the_time_limit(stack: Stack, tenan
         assert images.status_code == 504 and images.json()["error"]["type"] == "server_error"
     finally:
         api.stop()
+
+
+def test_an_unknown_model_is_answered_as_each_provider_documents_it(stack: Stack, tenant: IssuedKey) -> None:
+    """404 where the request addresses the model as a resource (Pruna's `Model` header, WaveSpeed's path, OpenAI's
+    `model_not_found`, the catalogue); 422 naming the field where the provider lists the model among the body's
+    parameters (Klein generate, 1min)."""
+    bearer, url = {"Authorization": f"Bearer {tenant.key}"}, stack.api_url
+    pruna = httpx.post(
+        f"{url}/v1/predictions", headers={"apikey": tenant.key, "Model": "flux-pro"}, json={"input": {"prompt": "x"}}
+    )
+    assert pruna.status_code == 404 and "flux-klein-4b" in pruna.json()["known_models"]
+    wavespeed = httpx.post(f"{url}/api/v3/wavespeed-ai/flux-pro/text-to-image", headers=bearer, json={"prompt": "x"})
+    assert wavespeed.status_code == 404 and wavespeed.json()["code"] == 404
+    openai = httpx.post(f"{url}/v1/images/generations", headers=bearer, json={"prompt": "x", "model": "flux-pro"})
+    assert openai.status_code == 404 and openai.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{url}/v1/models/flux-pro").status_code == 404
+    klein = httpx.post(f"{url}/v1/generate", headers=bearer, json={"prompt": "x", "model": "flux-pro"})
+    assert klein.status_code == 422 and klein.json()["detail"].startswith("invalid request: model: unknown model")
+    features = httpx.post(
+        f"{url}/api/features",
+        headers={"API-KEY": tenant.key},
+        json={"type": "IMAGE_GENERATOR", "model": "flux-pro", "promptObject": {"prompt": "x"}},
+    )
+    assert features.status_code == 422 and "model: unknown model" in features.json()["error"]

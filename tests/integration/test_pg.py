@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
-from api.errors import unstorable_value
+from api.errors import answer
 from api.pg import make_pool
 from api.rows import NewPrediction, Row, Rows
 from core import lifecycle
@@ -95,7 +95,7 @@ def test_concurrent_inserts_and_reads_share_statements_and_a_bad_row_fails_alone
     inserted, failed = [*created[:20], *created[22:]], created[20:22]
     assert [row["id"] for row in inserted] == [new.id for new in news]
     assert isinstance(failed[0], asyncpg.exceptions.UntranslatableCharacterError)
-    assert unstorable_value(failed[0]) is not None  # answered 422, as without batches
+    assert (error := answer(failed[0])) is not None and error.status == 422  # as without batches
     assert isinstance(failed[1], asyncpg.exceptions.ForeignKeyViolationError)
     # All 42 rows in one statement, refused; then each row alone.
     assert batches == [42, *[1] * 42]
@@ -112,9 +112,11 @@ def test_a_missing_value_is_an_error_not_a_null() -> None:
 
 def test_asyncpg_errors_map_like_sqlalchemys() -> None:
     """The hot statements raise asyncpg's own exceptions: data errors are the client's (422), others 503."""
-    assert unstorable_value(asyncpg.exceptions.UntranslatableCharacterError("\\u0000 cannot be converted")) is not None
-    assert unstorable_value(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")) is None
-    assert unstorable_value(OSError("refused")) is None
+    nul = asyncpg.exceptions.UntranslatableCharacterError("\\u0000 cannot be converted")
+    assert (error := answer(nul)) is not None and error.status == 422
+    closed = asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")
+    assert (error := answer(closed)) is not None and error.status == 503
+    assert answer(OSError("refused")) is None  # not from a client of ours: a fault, 500, not "database unavailable"
 
 
 def test_the_migrations_build_exactly_the_schema_of_core_tables(engine: Engine) -> None:

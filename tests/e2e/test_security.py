@@ -9,10 +9,10 @@ from collections import Counter
 import httpx
 
 from api import signing
-from core.embedded import start_api
 from core.ids import new_id
 from core.settings import Settings
 from core.tenants import IssuedKey
+from ops.embedded import start_api
 from tests.conftest import Stack, make_tenant
 from tests.images import picture
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from core.embedded import Service
-from core.up import RestartPolicy, supervise
+from ops.embedded import Service
+from ops.up import RestartPolicy, supervise
 
 FAST = RestartPolicy(max_crashes=3, window_s=10, backoff_base_s=0.1, backoff_cap_s=0.4, poll_s=0.05)
 

@@ -30,7 +30,7 @@ import yaml
 from core.queue import make_celery
 from core.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S_DIR = ROOT / "deploy" / "k8s"
 DOCKERFILE_API = ROOT / "deploy" / "Dockerfile.api"

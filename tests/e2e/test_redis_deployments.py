@@ -30,17 +30,17 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from api.errors import ApiError
+from api.errors import Unavailable
 from api.principals import Principal
 from api.rate_limit import Limiter
 from core import quota, redis_connection, tenants
-from core.cli import migrate
 from core.db import make_sync_engine
-from core.embedded import SeaweedS3, Service, free_port, start_api, wait_until
 from core.queue import PREDICT_TASK, enqueue, make_celery, queued_key
 from core.redis_connection import aclose_async_client, async_client, sync_client
 from core.settings import Settings
 from core.tables import predictions
+from ops.embedded import SeaweedS3, Service, free_port, start_api, wait_until
+from ops.migrate import migrate
 from tests.stack import create_database, drop_database
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -262,9 +262,8 @@ def test_a_stalled_server_times_out_and_the_limiter_answers_503(
             server.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
             started = time.monotonic()
             try:
-                with pytest.raises(ApiError) as raised:
+                with pytest.raises(Unavailable):
                     await limiter.hit(Principal("t", "k", 100, 100, 5))
-                assert raised.value.status == 503
                 with pytest.raises(redis.TimeoutError):
                     await client.ping()  # a new connection too: its handshake times out
                 assert time.monotonic() - started < 3

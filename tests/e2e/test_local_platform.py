@@ -13,7 +13,7 @@ import httpx
 import psutil
 from PIL import Image
 
-from core.embedded import free_port, wait_until
+from ops.embedded import free_port, wait_until
 
 
 def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIN_")}
     with open(log, "wb") as out:
         up = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "up", "--data-dir", str(data), "--port", str(port)],
+            [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(data), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 
-from core.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.embedded import SeaweedS3, Service, start_api, start_worker
 
 log = logging.getLogger("klein.up")
 
@@ -193,7 +193,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
         }
         os.environ.update(env)
-        from core.cli import migrate
+        from ops.migrate import migrate
 
         migrate()
         key = _first_key(data_dir)

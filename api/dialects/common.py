@@ -1,0 +1,59 @@
+"""What every dialect shares, written once: model lookup, seeds, sizes, the synchronous wait's answers, timestamps.
+
+A dialect module is its request model (with `to_params`), its status words and its renderer; it calls these.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from api.errors import GenerationFailed, Invalid, NotFound, TimedOut
+from api.rows import Row
+from core.ids import random_seed
+from core.lifecycle import Status
+from models.klein import floor16
+from models.registry import ModelSpec, known_ids, resolve
+
+
+def lookup_model(name: str | None, body_field: str | None = None) -> ModelSpec:
+    """The model `name` names. Unknown: 404 where the request addresses the model as a resource (a path, a
+    header; OpenAI answers `model_not_found` with 404), 422 naming `body_field` where the provider documents
+    the model as one of the body's parameters (Klein generate, 1min)."""
+    spec = resolve(name) if name else None
+    if spec is not None:
+        return spec
+    known = known_ids()
+    if body_field is not None:
+        raise Invalid(f"invalid request: {body_field}: unknown model {name!r}; known: {', '.join(known)}")
+    raise NotFound(f"unknown model {name!r}", known_models=known)
+
+
+def seed_or_random(seed: int | None) -> int:
+    """A seed as the client gave it, or a random one (None or -1) that is then recorded and reported."""
+    return seed if seed is not None and seed >= 0 else random_seed()
+
+
+def parse_size(size: str, low: int, high: int, example: str) -> tuple[int, int]:
+    """`W*H` or `WxH` (each side low–high) as multiples of 16, rounded down; ValueError says what is wrong."""
+    match = re.fullmatch(r"\s*(\d+)\s*[*x×]\s*(\d+)\s*", size)
+    if not match or not all(low <= int(side) <= high for side in match.groups()):
+        separator = example.strip("0123456789")
+        raise ValueError(f"must be WIDTH{separator}HEIGHT with each side {low}–{high}, e.g. {example}")
+    return floor16(int(match.group(1))), floor16(int(match.group(2)))
+
+
+def completed(row: Row, wait_s: float) -> Row:
+    """The synchronous dialects' answer to a prediction after its wait: the row when it completed, else 500
+    (failed or canceled, with the reason) or 504 (still running; it carries on, and its id is given)."""
+    status = Status(row["status"])
+    if status is Status.COMPLETED:
+        return row
+    if status.terminal:
+        raise GenerationFailed(f"generation {status.value}: {row['error'] or 'no reason recorded'}")
+    raise TimedOut(f"generation exceeded the {wait_s:g} s time limit (id {row['id']})")
+
+
+def iso_z(moment: datetime) -> str:
+    """UTC with milliseconds and a Z, as WaveSpeed and 1min write their timestamps."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
