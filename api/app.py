@@ -11,16 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from api import account, admin, delivery, files, meta
-from api.body_limit import BodySizeLimit
 from api.context import AppContext
-from api.dialects import features, klein, openai, pruna, wavespeed
 from api.errors import install_error_handlers
-from api.pg import make_pool
-from api.principals import KeyCache
-from api.rate_limit import Limiter, RateLimitHeaders
-from api.rows import Rows
-from api.waiter import CompletionWaiter
+from api.infra.body_limit import BodySizeLimit
+from api.infra.pg import make_pool
+from api.infra.rows import Rows
+from api.infra.waiter import CompletionWaiter
+from api.routes import account, admin, delivery, files, meta
+from api.routes.dialects import generate, oneminute, openai, pruna, wavespeed
+from api.services.principals import KeyCache
+from api.services.rate_limit import Limiter, RateLimitHeaders
 from core.db import make_async_engine
 from core.redis_connection import aclose_async_client, async_client
 from core.settings import Settings, get_settings
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # The Host header decides the URLs we hand out (api/context.py): only hosts we were told about.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts, www_redirect=False)
-    for module in (pruna, klein, wavespeed, features, openai, delivery, files, account, admin, meta):
+    for module in (pruna, generate, wavespeed, oneminute, openai, delivery, files, account, admin, meta):
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,
         # docs/performance.md). The OpenAPI document comes out the same.

@@ -11,10 +11,10 @@ from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.principals import KeyCache
-from api.rate_limit import Limiter
-from api.rows import Rows
-from api.waiter import CompletionWaiter
+from api.infra.rows import Rows
+from api.infra.waiter import CompletionWaiter
+from api.services.principals import KeyCache
+from api.services.rate_limit import Limiter
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 class AppContext:
     settings: Settings
     engine: AsyncEngine  # SQLAlchemy: transactions and everything off the hot path
-    pg: asyncpg.Pool  # the hot single statements (api/pg.py)
+    pg: asyncpg.Pool  # the hot single statements (api/infra/pg.py)
     rows: Rows  # the predictions' insert and read, on `pg`
     redis: Redis  # core.redis_connection.async_client
     s3: S3Client
     waiter: CompletionWaiter
     limiter: Limiter
     keys: KeyCache
-    decodes: asyncio.Semaphore  # input images decoded at once (api/references.py)
+    decodes: asyncio.Semaphore  # input images decoded at once (api/services/references.py)
 
 
 def context(request: Request) -> AppContext:

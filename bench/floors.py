@@ -1,7 +1,7 @@
 """The HTTP floor the API is measured against, started by `bench.platform` beside the real stack.
 
 `uvicorn bench.floors:create_app --factory` runs under the API's uvicorn settings (one worker), with the
-API's clients (api/pg.py's asyncpg pool, core/redis_connection.py's async client, core.ids's ids) and runtime
+API's clients (api/infra/pg.py's asyncpg pool, core/redis_connection.py's async client, core.ids's ids) and runtime
 (the heap frozen after start-up).
 `POST /floor/predictions` parses the same JSON body, inserts one row into the same `predictions` table
 and pushes one Redis message; `GET /floor/status/{id}` does the same primary-key read (id and tenant)
@@ -24,7 +24,7 @@ import asyncpg
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from api.pg import make_pool
+from api.infra.pg import make_pool
 from core.ids import new_id
 from core.redis_connection import aclose_async_client, async_client
 from core.settings import Settings

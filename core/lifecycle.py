@@ -63,7 +63,7 @@ def create(
     input: dict[str, Any] | BindParameter[Any],
     params: dict[str, Any] | BindParameter[Any],
 ) -> Insert:
-    """A new prediction, `created`. Values may be `bindparam()`s for a statement compiled once (api/pg.py)."""
+    """A new prediction, `created`. Values may be `bindparam()`s for a statement compiled once (api/infra/pg.py)."""
     return insert(p).values(
         id=prediction_id,
         tenant_id=tenant_id,
@@ -80,7 +80,7 @@ _NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params")
 
 def create_many() -> Insert:
     """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
-    `model`, and `input` and `params` as JSON text. One statement for a batch of submits (api/coalesce.py)."""
+    `model`, and `input` and `params` as JSON text. One statement for a batch of submits (api/infra/coalesce.py)."""
     rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in _NEW_COLUMNS))
     new = rows.table_valued(*_NEW_COLUMNS).render_derived()
     values = select(

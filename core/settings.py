@@ -14,11 +14,13 @@ class Settings(BaseSettings):
 
     # PostgreSQL; the driver suffix is added per tier (asyncpg in the API, psycopg in workers).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/klein"
-    db_pool_size: int = Field(20, ge=1)  # per API pool, two per process (api/pg.py, core/db.py); see docs/scaling.md
+    db_pool_size: int = Field(
+        20, ge=1
+    )  # per API pool, two per process (api/infra/pg.py, core/db.py); see docs/scaling.md
     # False behind a PgBouncer in transaction pooling mode that does not keep prepared statements (before 1.21):
-    # no driver prepares or caches a named statement (api/pg.py, core/db.py; docs/scaling.md).
+    # no driver prepares or caches a named statement (api/infra/pg.py, core/db.py; docs/scaling.md).
     db_prepared_statements: bool = True
-    # Batches of concurrent submits' inserts (and of status reads) under way at once, per API process (api/rows.py).
+    # Batches of concurrent submits' inserts (and of status reads) at once, per API process (api/infra/rows.py).
     db_batches: int = Field(2, ge=1)
     # Redis: Celery broker and completion events. Every client is built from these (core/redis_connection.py).
     # redis:// or rediss:// (TLS), with the database and optionally credentials; with Sentinels, its host is unused.

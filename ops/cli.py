@@ -76,7 +76,7 @@ def _print(rows: Any) -> None:
 
 
 def _keys_changed() -> None:
-    """Tell every API replica to drop its cached key lookups (see api/principals.py)."""
+    """Tell every API replica to drop its cached key lookups (see api/services/principals.py)."""
     import redis
 
     from core.redis_connection import sync_client

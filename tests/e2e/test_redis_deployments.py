@@ -31,8 +31,8 @@ import redis
 from sqlalchemy import select
 
 from api.errors import Unavailable
-from api.principals import Principal
-from api.rate_limit import Limiter
+from api.services.principals import Principal
+from api.services.rate_limit import Limiter
 from core import quota, redis_connection, tenants
 from core.db import make_sync_engine
 from core.queue import PREDICT_TASK, enqueue, make_celery, queued_key

@@ -8,7 +8,7 @@ from collections import Counter
 
 import httpx
 
-from api import signing
+from api.services import signing
 from core.ids import new_id
 from core.settings import Settings
 from core.tenants import IssuedKey

@@ -17,8 +17,8 @@ import redis
 from sqlalchemy import func, select, update
 
 from api.errors import OverCapacity, Unavailable
-from api.principals import Principal
-from api.rate_limit import Limiter
+from api.services.principals import Principal
+from api.services.rate_limit import Limiter
 from core import quota, tenants
 from core.redis_connection import async_client
 from core.settings import Settings
@@ -294,7 +294,7 @@ def test_key_lifecycle_for_a_tenant(stack: Stack, tenant: IssuedKey) -> None:
         assert set(listed) == {tenant.key_id, new["id"]}
         assert listed[new["id"]]["name"] == "ci" and listed[new["id"]]["expires_at"] is not None
         assert not any("key" in k or "key_hash" in k for k in listed.values())
-        # Last use is recorded off the request path (api/auth.py, _touch_later): soon after the first request.
+        # Last use is recorded off the request path (api/services/auth.py, _touch_later): soon after the first request.
         deadline = time.monotonic() + 10
         while listed[tenant.key_id]["last_used_at"] is None:
             assert time.monotonic() < deadline, "the key's last use was never recorded"

@@ -96,7 +96,7 @@ def test_a_pipeline_error_fails_the_prediction_and_the_worker_keeps_serving(
 def test_the_finish_is_announced_with_the_final_row_and_clears_the_slot_and_the_queued_mark(
     stack: Stack, tenant: IssuedKey, client: httpx.Client
 ) -> None:
-    """Try-Sync answers from this event (api/predictions.py), so it must be the row as stored."""
+    """Try-Sync answers from this event (api/services/predictions.py), so it must be the row as stored."""
     subscription = broker(stack).pubsub(ignore_subscribe_messages=True)
     subscription.subscribe(stack.settings.events_channel)
     answer = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": {"prompt": "news"}})

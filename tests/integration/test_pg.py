@@ -1,4 +1,4 @@
-"""api/pg.py and api/rows.py: statements compiled once by SQLAlchemy, run by asyncpg on the real schema."""
+"""api/infra/pg.py and api/infra/rows.py: statements compiled once by SQLAlchemy, run by asyncpg on the real schema."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine
 
 from api.errors import answer
-from api.pg import make_pool
-from api.rows import NewPrediction, Row, Rows
+from api.infra.pg import make_pool
+from api.infra.rows import NewPrediction, Row, Rows
 from core import lifecycle
 from core.ids import new_id
 from core.settings import Settings

@@ -9,7 +9,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis
 
-from api.waiter import CompletionWaiter
+from api.infra.waiter import CompletionWaiter
 from core import events
 from tests.stack import REDIS_URL
 

@@ -1,4 +1,4 @@
-"""api/coalesce.py: concurrent callers share batches, bounded in number and size; failures reach the right callers.
+"""api/infra/coalesce.py: concurrent callers share batches, bounded in number and size; failures reach their callers.
 
 The batch function here is a plain coroutine that records its calls (tests/integration/test_pg.py runs the real
 statements).
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from api.coalesce import Coalescer
+from api.infra.coalesce import Coalescer
 
 
 class Refused(Exception):

@@ -47,7 +47,7 @@ def test_a_dependency_that_fails_is_a_503_naming_it() -> None:
 
 
 def test_an_os_error_of_our_own_is_a_fault_not_a_database_outage() -> None:
-    assert answer(raised_in("api.objects", FileNotFoundError("/tmp/x"))) is None  # a 500, logged
+    assert answer(raised_in("api.infra.objects", FileNotFoundError("/tmp/x"))) is None  # a 500, logged
     assert answer(asyncpg.exceptions.UntranslatableCharacterError("\\u0000")) == Answer(
         422, "invalid request: a value cannot be stored, e.g. text with a NUL character"
     )
@@ -58,4 +58,4 @@ def test_json_nested_too_deeply_is_invalid_and_other_recursion_is_a_fault() -> N
         json.loads("[" * 100_000 + "]" * 100_000)
     except RecursionError as exc:
         assert (got := answer(exc)) is not None and (got.status, got.message) == (422, errors.TOO_DEEP)
-    assert answer(raised_in("api.predictions", RecursionError())) is None
+    assert answer(raised_in("api.services.predictions", RecursionError())) is None

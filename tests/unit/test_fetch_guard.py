@@ -1,4 +1,4 @@
-"""api/fetch.py: the SSRF guard on IPv6 forms that embed an IPv4 address, and the fetch timeout.
+"""api/infra/fetch.py: the SSRF guard on IPv6 forms that embed an IPv4 address, and the fetch timeout.
 
 No PostgreSQL or Redis needed: fetch() is called directly, against real HTTP servers on 127.0.0.2.
 """
@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from api.fetch import FetchError, _public, fetch
+from api.infra.fetch import FetchError, _public, fetch
 
 LOOPBACK = "127.0.0.2"
 ALLOW_LOOPBACK = [f"{LOOPBACK}/32"]

@@ -1,7 +1,7 @@
 """What the OpenAPI schema says each operation answers: our real error shapes and statuses.
 
 Routers pass `responses=errors(...)`. An error raised in a dialect route is answered in the
-dialect's shape (api/errors.py: `dialect_route`); a body over the limit (413, api/body_limit.py)
+dialect's shape (api/errors.py: `dialect_route`); a body over the limit (413, api/infra/body_limit.py)
 and an unreachable database or Redis (503, the app's handlers) are answered in the platform's
 `{"error": ...}` shape on every route, so a dialect documents both for those statuses.
 """
@@ -70,7 +70,7 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorInfo
 
 
-# A dialect answers these in the platform's shape as well: 413 always (api/body_limit.py); 500 and 503
+# A dialect answers these in the platform's shape as well: 413 always (api/infra/body_limit.py); 500 and 503
 # when the app's handlers answer (an unexpected error, an unreachable database).
 PLATFORM_ONLY = frozenset({413})
 EITHER = frozenset({500, 503})

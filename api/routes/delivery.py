@@ -1,7 +1,7 @@
 """Delivery of output files: `GET /v1/predictions/delivery/{id}/{filename}`.
 
 With an API key: served when the caller's tenant owns the prediction (others get 404).
-Without one: served only on a valid, unexpired signature (see api/signing.py).
+Without one: served only on a valid, unexpired signature (see api/services/signing.py).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import bindparam, select
 
-from api import signing
-from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
 from api.errors import Forbidden, NotFound
-from api.objects import file_response, read_object
-from api.pg import Statement
-from api.predictions import Row, fetch_or_404
-from api.responses import errors, image
+from api.infra.objects import file_response, read_object
+from api.infra.pg import Statement
+from api.routes.openapi_errors import errors, image
+from api.services import signing
+from api.services.auth import authenticate, presented_key
+from api.services.predictions import Row, fetch_or_404
 from core.tables import predictions
 
 router = APIRouter()

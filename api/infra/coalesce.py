@@ -3,7 +3,7 @@
 Each request's own statement costs the API a round trip on a pooled connection (a write, a read, the
 task's wake-up and asyncpg's protocol work) and PostgreSQL a statement, and for an insert a commit that
 waits for the disk. Under load many requests wait on such a statement at once: a `Coalescer` runs what
-accumulated while its previous batches were under way as one statement over arrays (api/pg.py), so
+accumulated while its previous batches were under way as one statement over arrays (api/infra/pg.py), so
 those costs are paid once per batch (docs/performance.md). An item that finds a batch free starts one
 in the same event-loop pass: no timer, nothing added to a request's latency at low load.
 """

@@ -11,14 +11,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from api.auth import authenticate, presented_key
 from api.context import AppContext, get_ctx
-from api.dialects.common import lookup_model
-from api.dialects.features import PromptObject
-from api.dialects.klein import GenerateRequest
-from api.dialects.openai import ImagesRequest
-from api.dialects.wavespeed import WaveSpeedRequest
-from api.responses import errors
+from api.routes.dialects.common import lookup_model
+from api.routes.dialects.generate import GenerateRequest
+from api.routes.dialects.oneminute import PromptObject
+from api.routes.dialects.openai import ImagesRequest
+from api.routes.dialects.wavespeed import WaveSpeedRequest
+from api.routes.openapi_errors import errors
+from api.services.auth import authenticate, presented_key
 from core.settings import Settings
 from models.registry import MODELS, ModelSpec
 from models.tiny import MARKER as TINY_MARKER

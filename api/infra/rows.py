@@ -1,7 +1,7 @@
 """The predictions table's two hot statements: a submit's insert and the read by id and tenant.
 
-Both run on the raw asyncpg pool (api/pg.py), and concurrent requests' ones run together, one statement
-a batch (api/coalesce.py): under submit load that is the difference between a round trip and a commit
+Both run on the raw asyncpg pool (api/infra/pg.py), and concurrent requests' ones run together, one statement
+a batch (api/infra/coalesce.py): under submit load that is the difference between a round trip and a commit
 per prediction and one per batch (docs/performance.md).
 """
 
@@ -14,8 +14,8 @@ import asyncpg
 from sqlalchemy import Text, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from api.coalesce import Coalescer
-from api.pg import Statement
+from api.infra.coalesce import Coalescer
+from api.infra.pg import Statement
 from core import lifecycle
 from core.tables import predictions
 

@@ -11,11 +11,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import RowMapping, func, insert, select
 from starlette.datastructures import UploadFile
 
-from api.auth import Authenticated, Principal
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Invalid, NotFound, TooLarge
-from api.objects import file_response, put_object, read_object
-from api.responses import errors, image
+from api.infra.objects import file_response, put_object, read_object
+from api.routes.openapi_errors import errors, image
+from api.services.auth import Authenticated, Principal
 from core import images
 from core.ids import new_id
 from core.tables import files

@@ -15,14 +15,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api import predictions, references
-from api.auth import Authenticated
 from api.context import AppContext, get_ctx
-from api.dialects.common import completed, lookup_model, seed_or_random
 from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
-from api.files import read_upload
-from api.objects import read_object
-from api.responses import KleinError, errors, image
+from api.infra.objects import read_object
+from api.routes.dialects.common import completed, lookup_model, seed_or_random
+from api.routes.files import read_upload
+from api.routes.openapi_errors import KleinError, errors, image
+from api.services import predictions, references
+from api.services.auth import Authenticated
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
 
 

@@ -12,16 +12,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api import predictions, references
-from api.auth import Authenticated, authenticate, authenticate_submit
 from api.context import AppContext, context, get_ctx, public_base_url
-from api.delivery import output_urls
-from api.dialects.common import lookup_model, seed_or_random
 from api.errors import TOO_DEEP, Invalid, validation_error
-from api.jsonresponse import JSON
-from api.principals import Principal
-from api.rate_limit import Slot
-from api.responses import errors
+from api.infra.jsonresponse import JSON
+from api.routes.delivery import output_urls
+from api.routes.dialects.common import lookup_model, seed_or_random
+from api.routes.openapi_errors import errors
+from api.services import predictions, references
+from api.services.auth import Authenticated, authenticate, authenticate_submit
+from api.services.principals import Principal
+from api.services.rate_limit import Slot
 from core.lifecycle import Status
 from models.klein import KleinInput
 from models.registry import known_ids

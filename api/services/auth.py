@@ -12,9 +12,9 @@ from sqlalchemy import bindparam, func, or_, select, update
 
 from api.context import AppContext, context
 from api.errors import RateLimited, Unauthenticated
-from api.pg import Statement
-from api.principals import Principal
-from api.rate_limit import Slot
+from api.infra.pg import Statement
+from api.services.principals import Principal
+from api.services.rate_limit import Slot
 from core.ids import hash_api_key
 from core.quota import RateDecision
 from core.tables import api_keys, tenants

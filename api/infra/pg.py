@@ -1,4 +1,4 @@
-"""The API's hot single statements (key lookup; prediction insert and read, batched in api/rows.py) on a raw
+"""The API's hot single statements (key lookup; prediction insert and read, batched in api/infra/rows.py) on a raw
 asyncpg pool.
 
 SQLAlchemy still builds each statement, once at import, so the tables and the state machine keep

@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from api.auth import Principal
 from api.context import AppContext, public_base_url
 from api.errors import Invalid, ServiceError
-from api.fetch import FetchError, fetch
-from api.files import inspect_image, stored_file
-from api.objects import read_object
+from api.infra.fetch import FetchError, fetch
+from api.infra.objects import read_object
+from api.routes.files import inspect_image, stored_file
+from api.services.auth import Principal
 from core import images
 from models.klein import MAX_REFERENCES
 

@@ -14,13 +14,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api import predictions, references
-from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
-from api.delivery import outputs_base64, signed_output_urls
-from api.dialects.common import iso_z, lookup_model, parse_size, seed_or_random
 from api.errors import Answer, Invalid, NotFound, dialect_route
-from api.responses import WaveSpeedError, errors
+from api.routes.delivery import outputs_base64, signed_output_urls
+from api.routes.dialects.common import iso_z, lookup_model, parse_size, seed_or_random
+from api.routes.openapi_errors import WaveSpeedError, errors
+from api.services import predictions, references
+from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt
 

@@ -10,10 +10,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import RowMapping
 
-from api.auth import Authenticated, keys_changed
 from api.context import AppContext, get_ctx
 from api.errors import Conflict, Invalid, NotFound
-from api.responses import errors
+from api.routes.openapi_errors import errors
+from api.services.auth import Authenticated, keys_changed
 from core import tenants, usage
 
 router = APIRouter(tags=["account"], responses=errors(401, 429, 503))

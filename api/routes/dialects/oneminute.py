@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import predictions
-from api.auth import Authenticated
 from api.context import AppContext, get_ctx, public_base_url
-from api.delivery import output_urls, signed_output_urls
-from api.dialects.common import iso_z, lookup_model, seed_or_random
-from api.responses import errors
+from api.routes.delivery import output_urls, signed_output_urls
+from api.routes.dialects.common import iso_z, lookup_model, seed_or_random
+from api.routes.openapi_errors import errors
+from api.services import predictions
+from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import MAX_SEED, GenerationParams, Prompt, size_for_aspect_ratio
 

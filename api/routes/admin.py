@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from api.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
-from api.auth import keys_changed, presented_key
 from api.context import AppContext, get_ctx
 from api.errors import Conflict, NotFound, RateLimited, Unauthenticated
-from api.responses import errors
+from api.routes.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
+from api.routes.openapi_errors import errors
+from api.services.auth import keys_changed, presented_key
 from core import tenants
 from models.registry import MODELS
 

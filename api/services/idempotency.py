@@ -13,9 +13,9 @@ from typing import Any, cast
 import orjson
 from redis.exceptions import RedisError
 
-from api.auth import Principal
 from api.context import AppContext
 from api.errors import Conflict, Invalid, Unavailable
+from api.services.auth import Principal
 
 MAX_KEY_LENGTH = 255
 

@@ -9,7 +9,7 @@ import re
 from datetime import datetime
 
 from api.errors import GenerationFailed, Invalid, NotFound, TimedOut
-from api.rows import Row
+from api.infra.rows import Row
 from core.ids import random_seed
 from core.lifecycle import Status
 from models.klein import floor16

@@ -13,15 +13,15 @@ from typing import Any
 
 import orjson
 
-from api import idempotency
-from api.auth import Principal
 from api.context import AppContext
 from api.errors import Conflict, NotFound, Unavailable
-from api.objects import put_object
-from api.rate_limit import Slot
-from api.references import Reference
-from api.rows import NewPrediction, Row
-from api.waiter import Completion
+from api.infra.objects import put_object
+from api.infra.rows import NewPrediction, Row
+from api.infra.waiter import Completion
+from api.services import idempotency
+from api.services.auth import Principal
+from api.services.rate_limit import Slot
+from api.services.references import Reference
 from core import lifecycle
 from core.ids import new_id
 from core.queue import queued_key, task_message

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import OverCapacity, Unavailable
-from api.principals import Principal
+from api.services.principals import Principal
 from core import quota
 
 log = logging.getLogger(__name__)

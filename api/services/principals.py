@@ -21,7 +21,7 @@ class KeyCache:
     """Principals by key hash, for `ttl_s` at most (and never past the key's expiry).
 
     Saves a database read per request. Every replica clears it the moment a key is revoked or a
-    tenant's limits change (Redis pub/sub, `settings.keys_channel`, see api/waiter.py) and whenever
+    tenant's limits change (Redis pub/sub, `settings.keys_channel`, see api/infra/waiter.py) and whenever
     its subscription was interrupted; `ttl_s` bounds staleness should an invalidation be lost.
     """
 

@@ -1,0 +1,1 @@
+"""The API's clients and plumbing: PostgreSQL, storage, URL fetching, the completion waiter, middleware."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: every provider's dialect, uploads, delivery, accounts, operators, health."""

@@ -1,0 +1,1 @@
+"""What the routes call: predictions, references, authentication, limits, idempotency."""
