@@ -60,10 +60,9 @@ case "${1:-}" in
     .venv/bin/mypy
     .venv/bin/pytest "$@"
     if [ $# -eq 0 ]; then  # the whole suite: then the end-to-end tier through PgBouncer, transaction pooling
-      # (the end-to-end tests that start stacks of their own need no second pass)
-      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/e2e tests/integration/test_pg.py \
-        --ignore tests/e2e/test_redis_deployments.py --ignore tests/e2e/test_local_platform.py \
-        --ignore tests/e2e/test_bench_platform.py
+      # (submit, status, cancel, the worker, keys, admin, usage and the batched statements; not every e2e file)
+      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/e2e/test_predictions.py tests/e2e/test_worker.py \
+        tests/e2e/test_tenancy.py tests/integration/test_pg.py
     fi
     ;;
   quick)  # the unit tier alone: no services, about half a minute

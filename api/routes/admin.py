@@ -42,16 +42,17 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
     # Compare digests so the comparison's time depends on neither key's length nor content.
     expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
     if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
-        async with ctx.redis.pipeline(transaction=False) as pipe:
-            pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
-            pipe.incr(failures)
-            await pipe.execute()
+        if given:  # a guess: counted (a request without any key guesses nothing)
+            async with ctx.redis.pipeline(transaction=False) as pipe:
+                pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
+                pipe.incr(failures)
+                await pipe.execute()
         raise Unauthenticated("invalid admin key")
 
 
 # 404 also when the admin API is disabled (KLEIN_ADMIN_API_KEY unset).
 router = APIRouter(
-    prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)], responses=errors(401, 404, 503)
+    prefix="/admin/v1", tags=["admin"], dependencies=[Depends(require_admin)], responses=errors(401, 404, 429, 503)
 )
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
