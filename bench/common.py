@@ -16,7 +16,7 @@ import psutil
 import psycopg
 
 from bench.loadgen import percentile
-from ops.embedded import Service, start_api, wait_until
+from ops.embedded import Service, start_api, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "flux-klein-4b"
@@ -101,17 +101,8 @@ def fmt(value: float, digits: int = 1) -> str:
 
 
 def start_celery(app: str, env: dict[str, str], log_path: Path, name: str, queue: str) -> Service:
-    """A Celery worker like ops.embedded.start_worker, for another app module."""
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue, "-n", f"{name}@%h"]
-    args += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
-    worker = Service(args, env, log_path).start()
-
-    def ready() -> bool:
-        worker.ensure_alive(name)
-        return log_path.exists() and " ready." in log_path.read_text()
-
-    wait_until(ready, 300, name, log_path)
-    return worker
+    """A Celery worker of another app module (ops.embedded.start_worker)."""
+    return start_worker(env, log_path, name, app=app, queue=queue)
 
 
 def connect_retrying(url: str, timeout: float = 120.0) -> psycopg.Connection[Any]:

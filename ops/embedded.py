@@ -167,8 +167,11 @@ def start_api(
     return api, url
 
 
-def start_worker(env: dict[str, str], log: Path, name: str = "worker") -> Service:
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", env["KLEIN_QUEUE_NAME"]]
+def start_worker(
+    env: dict[str, str], log: Path, name: str = "worker", app: str = "worker.app", queue: str | None = None
+) -> Service:
+    """A Celery worker of `app` (the GPU worker unless told otherwise) on `queue` (KLEIN_QUEUE_NAME), once ready."""
+    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue or env["KLEIN_QUEUE_NAME"]]
     args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
     worker = Service(args, env, log).start()
 

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from core.queue import PREDICT_TASK, enqueue, make_celery, queued_key
 from core.redis_connection import aclose_async_client, async_client, sync_client
 from core.settings import Settings
 from core.tables import predictions
-from ops.embedded import SeaweedS3, Service, free_port, start_api, wait_until
+from ops.embedded import SeaweedS3, Service, free_port, start_api, start_worker, wait_until
 from ops.migrate import migrate
 from tests.stack import create_database, drop_database
 
@@ -342,7 +341,7 @@ def start_platform(platform_env: dict[str, str], tmp_path: Path) -> Iterator[Any
         env = platform_env | {"KLEIN_QUEUE_NAME": f"q-{secrets.token_hex(3)}"} | redis_env
         with mock.patch.dict(os.environ, env):  # read as the API and the worker read it
             settings = Settings()
-        services.append(start_stub_worker(env, tmp_path / "worker.log"))
+        services.append(start_worker(env, tmp_path / "worker.log", "stub", app="bench.stub_worker"))
         api, api_url = start_api(env, tmp_path / "api.log")
         services.append(api)
         tenant_id, create = tenants.create_tenant(f"redis-{secrets.token_hex(4)}")
@@ -357,19 +356,6 @@ def start_platform(platform_env: dict[str, str], tmp_path: Path) -> Iterator[Any
     yield start
     for service in reversed(services):
         service.stop(timeout=10)
-
-
-def start_stub_worker(env: dict[str, str], log: Path) -> Service:
-    args = [sys.executable, "-m", "celery", "-A", "bench.stub_worker", "worker", "-Q", env["KLEIN_QUEUE_NAME"]]
-    args += ["-n", "stub@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
-    worker = Service(args, env, log).start()
-
-    def ready() -> bool:
-        worker.ensure_alive("worker")
-        return log.exists() and " ready." in log.read_text()
-
-    wait_until(ready, 120, "worker", log)
-    return worker
 
 
 def wait_finished(platform: Platform, ids: list[str], timeout: float) -> dict[str, str]:
