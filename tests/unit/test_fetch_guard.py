@@ -17,7 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from api.infra.fetch import FetchError, _public, fetch
+from api.infra.fetch import FetchError, fetch
+from core.netguard import public as _public
 
 LOOPBACK = "127.0.0.2"
 ALLOW_LOOPBACK = [f"{LOOPBACK}/32"]
