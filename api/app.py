@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -13,14 +13,17 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api.context import AppContext
 from api.errors import install_error_handlers
+from api.infra import metrics
 from api.infra.body_limit import BodySizeLimit
+from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
-from api.infra.waiter import CompletionWaiter
-from api.routes import account, admin, delivery, files, meta
+from api.infra.waiter import CompletionWaiter, Notices
+from api.routes import account, admin, delivery, files, meta, stream, webhooks
 from api.routes.dialects import generate, oneminute, openai, pruna, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
+from core import logs, tracing
 from core.db import make_async_engine
 from core.redis_connection import aclose_async_client, async_client
 from core.settings import Settings, get_settings
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.configure(settings.log_format, settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,12 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = async_client(settings)
         s3 = await asyncio.to_thread(make_s3_client, settings)
         keys = KeyCache(settings.key_cache_ttl_s)
-        waiter = CompletionWaiter(redis, settings.events_channel, also={settings.keys_channel: keys.clear})
+        progress = Notices()  # the event streams' (api/routes/stream.py)
+        also: dict[str, Callable[[str], None]] = {
+            settings.keys_channel: keys.clear,
+            settings.progress_channel: progress.notify,
+        }
+        waiter = CompletionWaiter(redis, settings.events_channel, also=also)
         await waiter.start()
         limiter = Limiter(redis, settings.queue_name)
         rows = Rows(pg, concurrency=settings.db_batches)
         decodes = asyncio.Semaphore(settings.max_concurrent_decodes)
-        app.state.ctx = AppContext(settings, engine, pg, rows, redis, s3, waiter, limiter, keys, decodes)
+        app.state.ctx = AppContext(settings, engine, pg, rows, redis, s3, waiter, limiter, keys, decodes, progress)
         # Everything allocated so far lives as long as the process. Left to the collector, its full
         # collections walk all of it again and again: under load they took a fifth of the API's CPU and
         # most of its p99 latency (docs/performance.md). Frozen, they only walk what requests allocate;
@@ -71,9 +80,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # The Host header decides the URLs we hand out (api/context.py): only hosts we were told about.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts, www_redirect=False)
-    for module in (pruna, generate, wavespeed, oneminute, openai, delivery, files, account, admin, meta):
+    app.add_middleware(
+        Observe, access_log=settings.access_log
+    )  # outermost: every answer gets its request id, log context and metrics
+    app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
+    routers = (pruna, generate, wavespeed, oneminute, openai, stream, delivery, files, webhooks, account, admin, meta)
+    for module in routers:
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,
         # docs/performance.md). The OpenAPI document comes out the same.
         app.router.routes.extend(module.router.routes)
+    tracing.configure("klein-api", app=app, s3=True)  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     return app

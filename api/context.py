@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.infra.rows import Rows
-from api.infra.waiter import CompletionWaiter
+from api.infra.waiter import CompletionWaiter, Notices
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter
 from core.settings import Settings
@@ -33,6 +33,7 @@ class AppContext:
     limiter: Limiter
     keys: KeyCache
     decodes: asyncio.Semaphore  # input images decoded at once (api/services/references.py)
+    progress: Notices  # woken by workers' progress entries, for the event streams
 
 
 def context(request: Request) -> AppContext:

@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.infra import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +61,10 @@ class Conflict(ServiceError):
     pass
 
 
+class Gone(ServiceError):
+    """Existed, but is no longer stored (an expired or deleted prediction's outputs)."""
+
+
 class TooLarge(ServiceError):
     pass
 
@@ -93,6 +99,7 @@ ANSWERS: dict[type[ServiceError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    Gone: 410,
     TooLarge: 413,
     Invalid: 422,
     RateLimited: 429,
@@ -203,6 +210,7 @@ def dialect_route(render: Renderer) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except ANSWERABLE as exc:
+                    metrics.refused(request, exc)
                     error = answer(exc)
                     if error is None:
                         raise
@@ -218,7 +226,8 @@ def dialect_route(render: Renderer) -> type[APIRoute]:
 def install_error_handlers(app: FastAPI) -> None:
     """Everything outside a dialect route: the platform's shape, by the same table."""
 
-    async def handle(_: Request, exc: Exception) -> Response:
+    async def handle(request: Request, exc: Exception) -> Response:
+        metrics.refused(request, exc)
         error = answer(exc)
         if error is None:
             log.error("unhandled error", exc_info=exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -27,6 +28,7 @@ class StubPipeline:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.parameters = 0
+        self.startup = SimpleNamespace(load_s=0.0, warmup_s=0.0)  # models.klein_pipeline.StartupTimes' read ones
         self._gate = os.environ.get("BENCH_STUB_GATE")
         self._redis = redis.Redis.from_url(os.environ["KLEIN_REDIS_URL"]) if self._gate else None
 

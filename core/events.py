@@ -17,7 +17,8 @@ from sqlalchemy import DateTime
 
 from core.tables import predictions
 
-FINAL_COLUMNS = tuple(column for column in predictions.c if column.name not in ("input", "params"))
+# Never `webhook`: it may hold the client's own signing secret, and this row is published on Redis.
+FINAL_COLUMNS = tuple(column for column in predictions.c if column.name not in ("input", "params", "webhook"))
 _TIMES = tuple(column.name for column in FINAL_COLUMNS if isinstance(column.type, DateTime))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     BindParameter,
     Insert,
+    SmallInteger,
     String,
     Text,
     Update,
@@ -75,12 +76,13 @@ def create(
     )
 
 
-_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params")
+_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority")
 
 
 def create_many() -> Insert:
     """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
-    `model`, and `input` and `params` as JSON text. One statement for a batch of submits (api/infra/coalesce.py)."""
+    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null) and `priority` as text.
+    One statement for a batch of submits (api/infra/coalesce.py)."""
     rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in _NEW_COLUMNS))
     new = rows.table_valued(*_NEW_COLUMNS).render_derived()
     values = select(
@@ -90,6 +92,8 @@ def create_many() -> Insert:
         new.c.model,
         cast(new.c.input, JSONB),
         cast(new.c.params, JSONB),
+        cast(new.c.webhook, JSONB),
+        cast(new.c.priority, SmallInteger),
         literal(Status.CREATED.value, String),
     )
     return insert(p).from_select([*_NEW_COLUMNS, "status"], values)
@@ -153,8 +157,11 @@ def complete(
     worker_id: str,
     outputs: list[dict[str, Any]] | BindParameter[Any],
     timings: dict[str, int] | BindParameter[Any],
+    logs: list[dict[str, str]] | BindParameter[Any] | None = None,
 ) -> Update:
-    return _finish(prediction_id, worker_id, Status.COMPLETED, outputs=outputs, timings=timings)
+    return _finish(
+        prediction_id, worker_id, Status.COMPLETED, outputs=outputs, timings=timings, logs=[] if logs is None else logs
+    )
 
 
 def fail(
@@ -162,8 +169,11 @@ def fail(
     worker_id: str,
     error: str | BindParameter[Any],
     timings: dict[str, int] | BindParameter[Any],
+    logs: list[dict[str, str]] | BindParameter[Any] | None = None,
 ) -> Update:
-    return _finish(prediction_id, worker_id, Status.FAILED, error=error, timings=timings)
+    return _finish(
+        prediction_id, worker_id, Status.FAILED, error=error, timings=timings, logs=[] if logs is None else logs
+    )
 
 
 def fail_unclaimed(prediction_id: str, error: str) -> Update:

@@ -14,15 +14,17 @@ import base64
 import os
 import socket
 import uuid
+from typing import Any
 
 import orjson
 import redis
 from celery import Celery
 
-from core import redis_connection
+from core import redis_connection, tracing
 from core.settings import Settings
 
 PREDICT_TASK = "klein.predict"
+DELIVER_TASK = "klein.webhooks.deliver"  # worker/webhooks.py, on `webhooks_queue(settings)`
 PRIORITY_STEPS = (0, 3, 6, 9)
 _KOMBU_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue><sep><priority>" for priorities > 0
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
@@ -68,23 +70,37 @@ def queued_key(settings: Settings) -> str:
     return f"{settings.queue_name}:queued"
 
 
+def webhooks_queue(settings: Settings) -> str:
+    """The webhook worker's queue: CPU only, so that no GPU worker ever waits on a receiver."""
+    return f"{settings.queue_name}.webhooks"
+
+
+def kick_webhooks(pipe: Any, settings: Settings, prediction_id: str) -> None:
+    """Queue the sending of the prediction's due webhook deliveries (the rows are the truth; this is the
+    prompt; the webhook worker's poller catches any kick that is lost). `pipe`: a redis-py pipeline, sync or
+    async, that the caller executes."""
+    key, message = task_message(webhooks_queue(settings), prediction_id, 0, DELIVER_TASK)
+    pipe.lpush(key, message)
+
+
 def list_key(queue: str, priority: int) -> str:
     return queue if priority == 0 else f"{queue}{_KOMBU_SEPARATOR}{priority}"
 
 
-def task_message(queue: str, prediction_id: str, priority: int) -> tuple[str, bytes]:
-    """(Redis list, message) of a `klein.predict` task, as Celery's producer would LPUSH it."""
+def task_message(queue: str, prediction_id: str, priority: int, task: str = PREDICT_TASK) -> tuple[str, bytes]:
+    """(Redis list, message) of a task taking a prediction's id (`klein.predict` unless told otherwise), as
+    Celery's producer would LPUSH it."""
     if priority not in PRIORITY_STEPS:
         raise ValueError(f"priority must be one of {PRIORITY_STEPS}")
     task_id = _uuid4()
     body = [[prediction_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    message = {
+    message: dict[str, Any] = {
         "body": base64.b64encode(orjson.dumps(body)).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
             "lang": "py",
-            "task": PREDICT_TASK,
+            "task": task,
             "id": task_id,
             "shadow": None,
             "eta": None,
@@ -113,6 +129,8 @@ def task_message(queue: str, prediction_id: str, priority: int) -> tuple[str, by
             "delivery_tag": _uuid4(),
         },
     }
+    if tracing.enabled:  # the trace goes on in the worker, whose Celery instrumentation reads these headers
+        tracing.inject(message["headers"])
     return list_key(queue, priority), orjson.dumps(message)
 
 

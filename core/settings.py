@@ -88,10 +88,34 @@ class Settings(BaseSettings):
     # Hosts or networks (CIDR) whose URLs may be fetched although they are private (private deployments, tests).
     fetch_allowlist: list[str] = []
     upload_ttl_s: int = Field(24 * 3600, ge=60)  # how long an uploaded file stays referenceable
+    # How long a finished prediction's outputs and references are kept, unless its tenant sets its own
+    # (core/retention.py; 0: nothing after a synchronous answer delivered them).
+    default_retention_s: int = Field(7 * 24 * 3600, ge=0)
     # Signed delivery URLs (OpenAI `url`, 1min `temporaryUrl`) open without an API key until they expire.
     # Set the same key on every API replica; unset, each process makes its own (links then break on restart).
     url_signing_key: SecretStr | None = None
     signed_url_ttl_s: int = Field(3600, ge=60)
+
+    # Events out (docs/events.md): webhooks, sent by the webhook worker (worker/webhooks.py), and progress.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)  # a receiver answering later counts as a failure
+    webhook_retry_base_s: float = Field(5.0, gt=0)  # the first retry's delay; each next one three times longer…
+    webhook_retry_max_s: float = Field(4 * 3600.0, gt=0)  # …up to this, with ±20 % jitter…
+    webhook_retry_window_s: float = Field(24 * 3600.0, ge=0)  # …until an attempt fails this long after the event
+    webhook_concurrency: int = Field(32, ge=1)  # sends at once per webhook worker (threads: they wait on sockets)
+    webhook_poll_interval_s: float = Field(1.0, gt=0)  # how often due retries and lost sends are looked for
+    webhook_secret_overlap_s: int = Field(24 * 3600, ge=0)  # a rotated secret keeps signing this long
+    progress_interval_s: float = Field(0.25, ge=0)  # a worker reports denoising steps at most this often
+    stream_refresh_s: float = Field(5.0, gt=0)  # event streams re-send a queued prediction's position this often
+    max_streams_per_tenant: int = Field(1000, ge=1)  # open event streams per tenant and API process, then 429
+
+    # Operating it (docs/operations.md): logs, metrics.
+    log_format: str = Field("json", pattern="^(json|console)$")  # console: readable lines (`klein up`)
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")  # DEBUG also logs prompts
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)  # a GPU worker's /metrics; 0: none
+    webhook_metrics_port: int = Field(9102, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
+    access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)
+    metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
+    metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
 
     # Worker speed switches (see models/optimize.py); all off means the plain diffusers pipeline.
     dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")  # auto: bf16 on CUDA, fp32 on CPU
@@ -108,7 +132,7 @@ class Settings(BaseSettings):
     # Run at start: "WxH", or "WxH+WxH…" with reference sizes. Unset: every aspect-ratio size if compiling.
     warmup_sizes: list[str] | None = None
 
-    @field_validator("admin_api_key", "url_signing_key", mode="before")
+    @field_validator("admin_api_key", "url_signing_key", "metrics_token", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
@@ -136,6 +160,11 @@ class Settings(BaseSettings):
     @property
     def events_channel(self) -> str:
         return f"{self.queue_name}:done"
+
+    @property
+    def progress_channel(self) -> str:
+        """A prediction's id, published when its event stream (core/progress.py) has a new entry."""
+        return f"{self.queue_name}:progress"
 
     @property
     def keys_channel(self) -> str:

@@ -11,6 +11,8 @@ Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker proc
    came due since the previous one; every `FULL_CHECK_EVERY_S`, and after Redis lost its data, all.
 3. Each tenant's in-flight counter is reconciled with its rows in PostgreSQL (after a stalled or lost
    Redis answer, or data Redis lost).
+4. With storage given, every `REAP_EVERY_S` the retention reaper runs (core/retention.py): expired
+   predictions' objects and expired uploads are deleted.
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
 """
 
@@ -22,21 +24,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 from sqlalchemy import Engine, func, select
 
-from core import lifecycle, quota
+from core import lifecycle, quota, retention
 from core.lifecycle import Status
 from core.queue import enqueue, queued_key
 from core.settings import Settings
 from core.tables import predictions as p
 from core.tables import tenants
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
 log = logging.getLogger(__name__)
 LOST_CHECK_PAGE = 1000  # ids asked of Redis at a time
 FULL_CHECK_EVERY_S = 300.0  # between full checks, a pass looks only at what came due since the last one
+REAP_EVERY_S = 60.0  # between retention passes of one sweeper
 
 
 @dataclass
@@ -45,6 +51,8 @@ class SweepReport:
     failed_lapsed: int = 0
     requeued_lost: int = 0
     counters_reconciled: int = 0
+    expired_predictions: int = 0
+    deleted_files: int = 0
     seconds: float = 0.0
 
 
@@ -53,7 +61,9 @@ class Sweeper:
     settings: Settings
     engine: Engine
     redis: redis.Redis
+    s3: S3Client | None = None  # without it, no retention passes
     token: str = field(default_factory=lambda: secrets.token_hex(8))
+    reaped_at: float = float("-inf")  # time.monotonic() of the last retention pass
 
     def sweep(self) -> SweepReport | None:
         """One pass, if no other sweeper holds the lock; None when another one does."""
@@ -68,11 +78,24 @@ class Sweeper:
             self._reconcile_counters(report)
             self._lapsed(report)
             self._lost(report)
+            self._reap(report)
             report.seconds = time.perf_counter() - started
             return report
         finally:
             if self.redis.get(lock) == self.token.encode():
                 self.redis.delete(lock)
+
+    def _reap(self, report: SweepReport) -> None:
+        """A retention pass, at most every REAP_EVERY_S; its failure (storage down) fails nothing else."""
+        if self.s3 is None or time.monotonic() - self.reaped_at < REAP_EVERY_S:
+            return
+        self.reaped_at = time.monotonic()
+        try:
+            reaped = retention.reap(self.settings, self.engine, self.s3)
+        except Exception:
+            log.warning("retention pass failed; retrying in %.0f s", REAP_EVERY_S, exc_info=True)
+            return
+        report.expired_predictions, report.deleted_files = reaped.predictions, reaped.files
 
     def _lapsed(self, report: SweepReport) -> None:
         with self.engine.connect() as conn:
@@ -166,7 +189,14 @@ def run_forever(sweeper: Sweeper, stop: threading.Event) -> None:
         except Exception:
             log.warning("sweep failed; retrying in %.0f s", sweeper.settings.sweep_interval_s, exc_info=True)
             continue
-        if report and (
-            report.requeued_lapsed or report.failed_lapsed or report.requeued_lost or report.counters_reconciled
+        if report and any(
+            (
+                report.requeued_lapsed,
+                report.failed_lapsed,
+                report.requeued_lost,
+                report.counters_reconciled,
+                report.expired_predictions,
+                report.deleted_files,
+            )
         ):
             log.info("sweep: %s", report)

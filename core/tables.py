@@ -11,6 +11,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -32,6 +33,7 @@ tenants = Table(
     Column("max_in_flight", Integer),
     Column("price_per_image", Numeric(12, 6)),
     Column("tenant_rate_limit_per_minute", Integer),  # all keys together; NULL: the per-key limit
+    Column("retention_s", Integer),  # outputs and references kept after a prediction finishes (core/retention.py)
 )
 
 api_keys = Table(
@@ -69,6 +71,12 @@ predictions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("started_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
+    # Where to send events (api/services/webhooks.py): {"url", "events", "dialect"[, "secret"]}; a trigger
+    # (migrations/versions/0007) writes a webhook_deliveries row in the transaction of each transition it names.
+    Column("webhook", JSONB),
+    Column("priority", SmallInteger, nullable=False, server_default="0"),  # the queue's (core.quota.queue_priority)
+    Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
+    Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -76,6 +84,13 @@ predictions = Table(
     # The sweeper's scans (core/sweeper.py): only the rows in each state, not the whole history.
     Index("predictions_waiting", "created_at", postgresql_where=text("status = 'created'")),
     Index("predictions_leased", "lease_expires_at", postgresql_where=text("status = 'processing'")),
+    # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.
+    Index(
+        "predictions_unexpired",
+        "tenant_id",
+        "completed_at",
+        postgresql_where=text("expired_at IS NULL AND status IN ('completed', 'failed', 'canceled')"),
+    ),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.
@@ -108,4 +123,58 @@ files = Table(
     Column("height", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)
+)
+
+
+# Standard Webhooks signing secrets (`whsec_…`), per tenant. The current one has no `retires_at`; after a
+# rotation the previous one keeps signing beside it until then. Readable by the tenant, so stored as is.
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("retires_at", DateTime(timezone=True)),
+    Index("webhook_secrets_current", "tenant_id", unique=True, postgresql_where=text("retires_at IS NULL")),
+)
+
+# One row per event to send: written by the trigger on predictions, sent by the webhook worker
+# (worker/webhooks.py). Its id is the `webhook-id` of every attempt.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("prediction_id", String(32), ForeignKey("predictions.id", ondelete="CASCADE"), nullable=False),
+    Column("event", String(16), nullable=False),  # start, output, completed
+    Column("url", Text, nullable=False),
+    Column("snapshot", JSONB, nullable=False),  # the prediction's row at the event, less input, params, webhook
+    Column("status", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("lease_expires_at", DateTime(timezone=True)),  # while `sending`
+    Column("kicked_at", DateTime(timezone=True), server_default=func.now()),  # a task was last queued for it
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('pending', 'sending', 'delivered', 'failed', 'gone')", name="webhook_deliveries_status_valid"
+    ),
+    Index("webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status IN ('pending', 'sending')")),
+    Index("webhook_deliveries_tenant_created", "tenant_id", "created_at"),
+    Index("webhook_deliveries_prediction", "prediction_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(40), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("status_code", Integer),  # None: no answer (timeout, refused, connection error)
+    Column("latency_ms", Integer, nullable=False),
+    Column("response_head", Text, nullable=False, server_default=""),  # the answer's first bytes
+    Column("error", Text),
+    Index("webhook_attempts_delivery", "delivery_id"),
 )

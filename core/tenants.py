@@ -15,7 +15,14 @@ from sqlalchemy import Insert, Select, Update, func, insert, select, update
 from core.ids import display_prefix, hash_api_key, new_api_key, new_id
 from core.tables import api_keys, tenants
 
-LIMIT_FIELDS = ("rate_limit_per_minute", "tenant_rate_limit_per_minute", "max_in_flight", "price_per_image")
+LIMIT_FIELDS = (
+    "rate_limit_per_minute",
+    "tenant_rate_limit_per_minute",
+    "max_in_flight",
+    "price_per_image",
+    "retention_s",  # seconds a finished prediction's objects are kept (core/retention.py)
+)
+MAX_RETENTION_S = 3650 * 86400  # ten years
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class KleinPipeline:
 
     `settings` carries the speed switches (models/optimize.py); by default the process's settings.
     `pipe` hands over an already built Flux2KleinPipeline instead of loading `model_path` (benchmarks,
-    tests); it goes through the same dtype, device, speed-up and warm-up steps.
+    tests); it goes through the same dtype, device, speed-up and warm-up steps. `on_warm_up` is called
+    when the weights are loaded and warming up begins.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class KleinPipeline:
         settings: Settings | None = None,
         *,
         pipe: Flux2KleinPipeline | None = None,
+        on_warm_up: Callable[[], None] = lambda: None,
     ) -> None:
         started = time.perf_counter()
         self.settings = settings if settings is not None else get_settings()
@@ -88,6 +90,7 @@ class KleinPipeline:
         sped_up = time.perf_counter()
 
         shapes = warmup_shapes(self.settings)
+        on_warm_up()
         for shape in shapes:
             self.warm_up(shape)
         if shapes and (self.settings.compile_transformer or self.settings.compile_vae):
@@ -140,13 +143,16 @@ class KleinPipeline:
         params: GenerationParams,
         references: Sequence[Image] = (),
         stop_reason: Callable[[], str | None] = lambda: None,
+        on_step: Callable[[int, int], None] = lambda step, total: None,
     ) -> list[Image]:
         """Text-to-image, or an edit of one reference, or generation from 2–4 references.
 
-        `stop_reason` is asked after every denoising step; a reason (time limit, canceled) raises Stop.
+        After every denoising step, `on_step(steps done, steps in all)` is called and `stop_reason` asked;
+        a reason (time limit, canceled) raises Stop.
         """
 
-        def check(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def check(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(step + 1, params.num_inference_steps)
             reason = stop_reason()
             if reason is not None:
                 raise Stop(reason)

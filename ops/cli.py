@@ -13,7 +13,9 @@
 
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
 --tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
---max-in-flight N (queued + processing) and --price P (USD per image); "default" resets one.
+--max-in-flight N (queued + processing), --price P (USD per image) and --retention-days D (how long
+outputs and references are kept after a prediction finishes, e.g. 30 or 0.5; 0 keeps nothing after a
+synchronous answer delivered them; docs/retention.md); "default" resets one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ def _limit(value: str) -> int | float | None:
     return None if value == "default" else (float(value) if "." in value else int(value))
 
 
+def _retention_days(value: str) -> int | None:
+    """Days as seconds, the column's unit."""
+    from core.tenants import MAX_RETENTION_S
+
+    if value == "default":
+        return None
+    try:
+        seconds = round(float(value) * 86400)
+    except (ValueError, OverflowError):  # not a number, nan, inf
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if not 0 <= seconds <= MAX_RETENTION_S:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_RETENTION_S // 86400} days")
+    return seconds
+
+
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit", dest="rate_limit_per_minute", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument(
@@ -40,6 +57,9 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-in-flight", dest="max_in_flight", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument(
+        "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

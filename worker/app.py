@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
+from core import logs, tracing
 from core.queue import PREDICT_TASK, make_celery
 from core.settings import get_settings
+from worker import metrics
 from worker.runtime import WorkerRuntime
 
 settings = get_settings()
@@ -19,9 +21,29 @@ app = make_celery(settings)
 _runtime: WorkerRuntime | None = None
 
 
+@setup_logging.connect
+def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging setup to us
+    logs.configure(settings.log_format, settings.log_level)
+
+
+@task_prerun.connect
+def _bind_task(args: Any = (), **_: Any) -> None:  # every line of a task names its prediction
+    logs.clear()
+    if args:
+        logs.bind(prediction_id=args[0])
+
+
+@task_postrun.connect
+def _unbind_task(**_: Any) -> None:
+    logs.clear()
+
+
 @worker_process_init.connect
 def _start_runtime(**_: Any) -> None:
     global _runtime
+    tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
+    metrics.serve(settings.worker_metrics_port)  # the pipeline's state is readable while it loads
+    metrics.register_gpu_collector()
     _runtime = WorkerRuntime.start(settings)
 
 

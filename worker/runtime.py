@@ -18,16 +18,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import BindParameter, Connection, Engine, Executable, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core import events, images, lifecycle, quota, redis_connection, usage
+from core import events, images, lifecycle, logs, progress, quota, redis_connection, tracing, usage
 from core.db import make_sync_engine
-from core.queue import enqueue, queued_key
+from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client, output_key
 from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
+from worker import metrics
 from worker.encode import encode
+from worker.report import Report
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -74,8 +76,9 @@ class WorkerRuntime:
             predictions.c.id == bindparam("prediction_id")
         )
         timings: BindParameter[Any] = bindparam("final_timings")
-        completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings)
-        failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings)
+        logs: BindParameter[Any] = bindparam("final_logs")
+        completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings, logs)
+        failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings, logs)
         self.complete = usage.finish_and_bill(completed, price)
         self.fail = usage.finish_and_bill(failed, price)
         self.heartbeat = _Heartbeat(self)
@@ -85,9 +88,16 @@ class WorkerRuntime:
         started = time.perf_counter()
         s3 = make_s3_client(settings)
         ensure_bucket(s3, settings.s3_bucket)
+        metrics.PIPELINE_STATE.state("loading")
+        pipeline = KleinPipeline(
+            settings.model_path, settings.device, settings, on_warm_up=lambda: metrics.PIPELINE_STATE.state("warming")
+        )
+        metrics.MODEL_LOAD_SECONDS.set(pipeline.startup.load_s)
+        metrics.MODEL_WARMUP_SECONDS.set(pipeline.startup.warmup_s)
+        metrics.PIPELINE_STATE.state("ready")
         runtime = cls(
             settings=settings,
-            pipeline=KleinPipeline(settings.model_path, settings.device, settings),
+            pipeline=pipeline,
             # No ping per checkout: _db retries a dead connection's failure anyway. Task and sweeper here,
             # task and heartbeat in leases.
             engine=make_sync_engine(settings, pool_size=2, pre_ping=False),
@@ -96,7 +106,7 @@ class WorkerRuntime:
             redis=redis_connection.sync_client(settings),  # TLS, ACL user, Sentinel; commands not retried
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         )
-        sweeper = Sweeper(settings, runtime.engine, runtime.redis)
+        sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper
         threading.Thread(target=run_forever, args=(sweeper, runtime.stopping), name="sweeper", daemon=True).start()
         log.info("worker %s ready in %.2f s", runtime.worker_id, time.perf_counter() - started)
         return runtime
@@ -106,10 +116,11 @@ class WorkerRuntime:
         claimed_at = time.perf_counter()
         settings = self.settings
         try:
-            row = self._db(
-                lambda conn: first(conn, self.claim, {"prediction_id": prediction_id}),
-                durable=False,
-            )
+            with tracing.span("claim", prediction_id=prediction_id):
+                row = self._db(
+                    lambda conn: first(conn, self.claim, {"prediction_id": prediction_id}),
+                    durable=False,
+                )
         except DB_ERRORS:
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
@@ -118,27 +129,39 @@ class WorkerRuntime:
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
             self.redis.srem(queued_key(settings), prediction_id)
             return
+        logs.bind(prediction_id=prediction_id, tenant_id=row["tenant_id"])
         timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
+        report = Report(self.redis, settings, prediction_id, row["created_at"])
+        report.claimed(self.worker_id, row["attempts"], has_webhook=row["webhook"] is not None)
         outputs: list[dict[str, Any]] = []
         values: dict[str, Any]
         with self.heartbeat.hold(prediction_id) as lease:
             try:
-                outputs = self._generate(prediction_id, row, timings, lease.stop_reason)
+                outputs = self._generate(prediction_id, row, timings, lease.stop_reason, report)
             except Exception as exc:  # the prediction fails; the worker keeps serving
                 log.exception("prediction %s failed", prediction_id)
                 self.pipeline.release_memory()
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
                 finish, values = self.fail, {"final_error": _readable(exc)}
+                report.note(f"failed: {values['final_error']}")
+                outcome, reason = "failed", _reason(exc)
             else:
                 timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
                 finish, values = self.complete, {"final_outputs": outputs}
-        values |= {"prediction_id": prediction_id, "final_timings": timings}
+                report.note("completed")
+                outcome, reason = "completed", ""
+        values |= {"prediction_id": prediction_id, "final_timings": timings, "final_logs": report.logs}
         values |= usage.charges(row["params"], len(outputs))
-        finished = self._db(lambda conn: first(conn, finish, values))
+        with tracing.span("finish", prediction_id=prediction_id, failed="final_error" in values):
+            finished = self._db(lambda conn: first(conn, finish, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
             self._after_a_lost_finish(prediction_id, row["attempts"], outputs)
-        self._release_and_announce(prediction_id, finished)
+            outcome, reason = "dropped", "canceled or taken over"
+        elif outcome == "completed":
+            metrics.record_run(timings, row["params"]["width"], row["params"]["height"])
+        metrics.PREDICTIONS.labels(outcome, reason).inc()
+        self._release_and_announce(prediction_id, finished, has_webhook=row["webhook"] is not None)
 
     def _after_a_lost_finish(self, prediction_id: str, claimed_attempts: int, outputs: list[dict[str, Any]]) -> None:
         """The finish found the prediction no longer ours. Canceled (or given up): nothing may stay stored, so
@@ -156,32 +179,46 @@ class WorkerRuntime:
             enqueue(self.redis, self.settings, prediction_id)
 
     def _generate(
-        self, prediction_id: str, row: Any, timings: dict[str, int], stop_reason: Callable[[], str | None]
+        self,
+        prediction_id: str,
+        row: Any,
+        timings: dict[str, int],
+        stop_reason: Callable[[], str | None],
+        report: Report,
     ) -> list[dict[str, Any]]:
         params = GenerationParams.model_validate(row["params"])
-        references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in params.reference_keys]
+        keys = params.reference_keys
+        with tracing.span("load references", prediction_id=prediction_id, references=len(keys)):
+            references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in keys]
         started = time.perf_counter()
-        outputs = self.pipeline.generate(params, references, stop_reason)
+        traced: dict[str, str | int] = {"prediction_id": prediction_id, "images": params.num_outputs}
+        size = {"width": params.width, "height": params.height, "steps": params.num_inference_steps}
+        with tracing.span("inference", **traced, **size):
+            outputs = self.pipeline.generate(params, references, stop_reason, report.step)
         timings["inference_ms"] = _ms(time.perf_counter() - started)
 
         started = time.perf_counter()
-        encoded = [encode(image, params.output_format, params.output_quality) for image in outputs]
+        with tracing.span("encode", **traced, format=params.output_format):
+            encoded = [encode(image, params.output_format, params.output_quality) for image in outputs]
         timings["encode_ms"] = _ms(time.perf_counter() - started)
+        report.note(f"encoded {len(encoded)} {params.output_format} in {timings['encode_ms']} ms")
 
         started = time.perf_counter()
         stored: list[dict[str, Any]] = []
         try:
-            for index, (data, content_type) in enumerate(encoded):
-                name = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
-                key = output_key(row["tenant_id"], prediction_id, name)
-                self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
-                stored.append({"filename": name, "key": key, "content_type": content_type, "bytes": len(data)})
+            with tracing.span("upload", **traced, bytes=sum(len(data) for data, _ in encoded)):
+                for index, (data, content_type) in enumerate(encoded):
+                    name = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
+                    key = output_key(row["tenant_id"], prediction_id, name)
+                    self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
+                    stored.append({"filename": name, "key": key, "content_type": content_type, "bytes": len(data)})
         except (BotoCoreError, ClientError) as exc:
             log.error("upload of %s failed: %s", prediction_id, exc)
             self._delete(stored)  # never leave half a result behind
             attempts = self.settings.s3_max_attempts
             raise StorageUnavailable(f"storage unavailable after {attempts} attempts ({type(exc).__name__})") from exc
         timings["upload_ms"] = _ms(time.perf_counter() - started)
+        report.note(f"uploaded {sum(o['bytes'] for o in stored)} bytes in {timings['upload_ms']} ms")
         return stored
 
     def _read(self, key: str) -> bytes:
@@ -215,12 +252,15 @@ class WorkerRuntime:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _release_and_announce(self, prediction_id: str, finished: Mapping[str, Any] | None) -> None:
+    def _release_and_announce(
+        self, prediction_id: str, finished: Mapping[str, Any] | None, has_webhook: bool = False
+    ) -> None:
         """When this worker finished the prediction, take its id out of the sweeper's queued set (here rather
         than after the claim: a round trip less on the prediction's path), give back the tenant's slot and
-        publish the final row; else publish only that the row changed (a cancel cleared the rest; after a
-        takeover the id marks the prediction's new message). One round trip. Waiters that miss the event
-        fall back to their timeout."""
+        publish the final row, note the run's time for queue ETAs and queue the webhooks' sending; else
+        publish only that the row changed (a cancel cleared the rest; after a takeover the id marks the
+        prediction's new message). One round trip. Waiters that miss the event fall back to their timeout,
+        webhooks to their poller."""
         try:
             message = events.completion(prediction_id, finished)
         except TypeError:  # a value JSON cannot hold: waiters read the row instead, and the slot still goes back
@@ -230,6 +270,11 @@ class WorkerRuntime:
         if finished is not None:
             pipe.srem(queued_key(self.settings), prediction_id)
             pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, finished["tenant_id"]))
+            if finished["outputs"]:
+                run_ms = finished["timings"]["total_ms"] - finished["timings"]["queue_ms"]
+                progress.record_run(pipe, self.settings, run_ms, len(finished["outputs"]))
+            if has_webhook:
+                kick_webhooks(pipe, self.settings, prediction_id)
         pipe.publish(self.settings.events_channel, message)
         try:
             pipe.execute()
@@ -266,7 +311,14 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         runtime = self.runtime
+        announced_at = 0.0
         while not runtime.stopping.is_set():
+            if time.monotonic() - announced_at >= self.every_s:  # alive, for the queue's ETA (core/progress.py)
+                announced_at = time.monotonic()
+                try:
+                    progress.heartbeat(runtime.redis, runtime.settings, runtime.worker_id)
+                except redis.RedisError:
+                    log.warning("could not announce worker %s as live", runtime.worker_id)
             with self._changed:
                 lease = self._current
                 if lease is None:
@@ -300,6 +352,17 @@ class _Lease:
         if time.monotonic() - self.started_at > self.time_limit_s:
             return f"timed out after {self.time_limit_s:g} s"
         return None
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure's kind, for the metrics' `reason` label (a few fixed values)."""
+    if isinstance(exc, Stop):
+        return "timeout" if "timed out" in str(exc) else "canceled"
+    if isinstance(exc, StorageUnavailable):
+        return "storage"
+    if "out of memory" in str(exc).lower():
+        return "out_of_memory"
+    return "internal"
 
 
 def _readable(exc: BaseException) -> str:

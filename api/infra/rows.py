@@ -29,14 +29,16 @@ class NewPrediction(NamedTuple):
     model: str
     input: str  # JSON
     params: str  # JSON
+    webhook: str | None = None  # JSON (api/services/webhooks.py)
+    priority: str = "0"  # the queue's (core.quota.queue_priority), as text like every column of the batch
 
 
 class Rows:
-    """`await rows.insert(NewPrediction(...))` → the stored row but `input` and `params`;
+    """`await rows.insert(NewPrediction(...))` → the stored row but `input`, `params` and `webhook`;
     `await rows.read((id, tenant_id))` → the row, or None (also for another tenant's id)."""
 
     _CREATE = Statement(
-        lifecycle.create_many().returning(*(c for c in predictions.c if c.name not in ("input", "params")))
+        lifecycle.create_many().returning(*(c for c in predictions.c if c.name not in ("input", "params", "webhook")))
     )
     _READ = Statement(select(predictions).where(predictions.c.id == func.any(bindparam("ids", type_=ARRAY(Text)))))
 

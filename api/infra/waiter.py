@@ -128,3 +128,32 @@ class CompletionWaiter:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Notices:
+    """Events by key, set by a notice naming the key (or, with "", all of them: a resubscription may have
+    missed some). The event streams' wake-ups: a worker's progress entries (core/progress.py)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    @property
+    def watching(self) -> int:
+        return sum(len(events) for events in self._events.values())
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._events[key].add(event)
+        try:
+            yield event
+        finally:
+            watching = self._events.get(key)
+            if watching is not None:
+                watching.discard(event)
+                if not watching:
+                    del self._events[key]
+
+    def notify(self, key: str) -> None:
+        for event in self._events.get(key, ()) if key else (e for es in self._events.values() for e in es):
+            event.set()

@@ -66,6 +66,13 @@ class Limits(BaseModel):
     )
     max_in_flight: int | None = Field(None, ge=1, le=1_000_000, description="queued + processing; null: default")
     price_per_image: float | None = Field(None, ge=0, le=1000, description="USD; null: platform default")
+    retention_s: int | None = Field(
+        None,
+        ge=0,
+        le=tenants.MAX_RETENTION_S,
+        description="seconds outputs and references are kept after a prediction finishes; 0: none after a "
+        "synchronous answer delivered them; null: platform default (docs/retention.md)",
+    )
 
 
 class TenantRequest(Limits):

@@ -2,24 +2,28 @@
 
 With an API key: served when the caller's tenant owns the prediction (others get 404).
 Without one: served only on a valid, unexpired signature (see api/services/signing.py).
+Either way, an expired or deleted prediction's outputs answer 410 (api/services/retention.py).
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Any
 
+from botocore.exceptions import ClientError
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel
 from sqlalchemy import bindparam, select
 
 from api.context import AppContext, get_ctx
 from api.errors import Forbidden, NotFound
 from api.infra.objects import file_response, read_object
 from api.infra.pg import Statement
-from api.routes.openapi_errors import errors, image
-from api.services import signing
+from api.routes.openapi_errors import Error, errors, image
+from api.services import retention, signing
 from api.services.auth import authenticate, presented_key
 from api.services.predictions import Row, fetch_or_404
+from core.settings import Settings
 from core.tables import predictions
 
 router = APIRouter()
@@ -34,22 +38,39 @@ def output_urls(base_url: str, row: Row) -> list[str]:
     return [delivery_url(base_url, row["id"], output["filename"]) for output in row["outputs"]]
 
 
-def signed_output_urls(ctx: AppContext, base_url: str, row: Row) -> list[str]:
+def signed_output_urls(settings: Settings, base_url: str, row: Row) -> list[str]:
     return [
-        signing.sign(ctx.settings, delivery_url(base_url, row["id"], o["filename"]), row["id"], o["filename"])
+        signing.sign(settings, delivery_url(base_url, row["id"], o["filename"]), row["id"], o["filename"])
         for o in row["outputs"]
     ]
 
 
 async def outputs_base64(ctx: AppContext, row: Row) -> list[str]:
     """The outputs inline, for dialects that ask for base64 instead of URLs."""
-    return [base64.b64encode(await read_object(ctx, output["key"])).decode() for output in row["outputs"]]
+    return [base64.b64encode(await read_output(ctx, row, output)).decode() for output in row["outputs"]]
+
+
+async def read_output(ctx: AppContext, row: Row, output: dict[str, Any]) -> bytes:
+    """An output's bytes, or 410 when the prediction expired or the object is gone from storage."""
+    if row.get("expired_at") is not None:
+        raise await retention.gone(ctx, row)
+    try:
+        return await read_object(ctx, output["key"])
+    except ClientError as exc:
+        if retention.is_missing(exc):
+            raise await retention.gone(ctx, row) from None
+        raise
+
+
+def gone(shape: type[BaseModel] = Error) -> dict[int | str, dict[str, Any]]:
+    """The documented 410 (api/routes/openapi_errors.py documents the other statuses)."""
+    return {410: {"model": shape, "description": "The prediction's outputs expired or were deleted (data retention)"}}
 
 
 @router.get(
     "/v1/predictions/delivery/{prediction_id}/{filename}",
     response_class=Response,
-    responses={**image("The output file"), **errors(401, 403, 404, 422, 429, 503)},
+    responses={**image("The output file"), **errors(401, 403, 404, 422, 429, 503), **gone()},
 )
 async def deliver(
     prediction_id: str,
@@ -71,4 +92,4 @@ async def deliver(
     output = next((o for o in row["outputs"] if o["filename"] == filename), None)
     if output is None:
         raise NotFound(f"output {filename!r} not found for prediction {prediction_id!r}")
-    return file_response(await read_object(ctx, output["key"]), output["content_type"], max_age_s=3600)
+    return file_response(await read_output(ctx, row, output), output["content_type"], max_age_s=3600)

@@ -15,6 +15,7 @@ from api.errors import RateLimited, Unauthenticated
 from api.infra.pg import Statement
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
+from core import logs
 from core.ids import hash_api_key
 from core.quota import RateDecision
 from core.tables import api_keys, tenants
@@ -63,6 +64,7 @@ async def _identify(request: Request) -> tuple[AppContext, Principal]:
     if principal is None:
         raise Unauthenticated(INVALID)
     _touch_later(ctx, principal.api_key_id)
+    logs.bind(tenant_id=principal.tenant_id)
     return ctx, principal
 
 
@@ -87,6 +89,7 @@ _LOOKUP = Statement(
             tenants.c.tenant_rate_limit_per_minute, tenants.c.rate_limit_per_minute, bindparam("default_rate")
         ).label("tenant_rate"),
         func.coalesce(tenants.c.max_in_flight, bindparam("default_in_flight")).label("in_flight"),
+        func.coalesce(tenants.c.retention_s, bindparam("default_retention")).label("retention"),
     )
     .join(tenants, tenants.c.id == api_keys.c.tenant_id)
     .where(
@@ -103,11 +106,18 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
         key_hash=key_hash,
         default_rate=ctx.settings.default_rate_limit_per_minute,
         default_in_flight=ctx.settings.default_max_in_flight,
+        default_retention=ctx.settings.default_retention_s,
     )
     if row is None:
         return None
     principal = Principal(
-        row["tenant_id"], row["id"], row["rate"], row["tenant_rate"], row["in_flight"], row["expires_at"]
+        row["tenant_id"],
+        row["id"],
+        row["rate"],
+        row["tenant_rate"],
+        row["in_flight"],
+        row["expires_at"],
+        row["retention"],
     )
     ctx.keys.put(key_hash, principal)
     return principal

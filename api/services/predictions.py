@@ -15,6 +15,7 @@ import orjson
 
 from api.context import AppContext
 from api.errors import Conflict, NotFound, Unavailable
+from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
@@ -22,9 +23,9 @@ from api.services import idempotency
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
-from core import lifecycle
+from core import lifecycle, logs
 from core.ids import new_id
-from core.queue import queued_key, task_message
+from core.queue import kick_webhooks, queued_key, task_message
 from core.quota import queue_priority
 from core.storage import output_key
 from models.klein import GenerationParams
@@ -43,12 +44,15 @@ async def submit(
     wait_s: float = 0.0,
     idempotency_key: str | None = None,
     slot: Slot | None = None,
+    webhook: dict[str, Any] | None = None,
 ) -> Row:
     """Store the prediction (and its reference images), enqueue it after the commit, optionally wait.
 
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
-    the prediction keeps once stored; without one, a slot is taken here."""
+    the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
+    api.services.webhooks.accept."""
     prediction_id = new_id()
+    logs.bind(prediction_id=prediction_id)
     if idempotency_key is not None:
         fingerprint = idempotency.fingerprint(spec.id, request_input)
         original = await idempotency.reserve(ctx, principal, idempotency_key, fingerprint, prediction_id)
@@ -63,7 +67,8 @@ async def submit(
             if references:
                 keys = await _store_references(ctx, principal, prediction_id, references)
                 params = params.model_copy(update={"reference_keys": keys})
-            row = await _insert(ctx, principal, spec, prediction_id, request_input, params)
+            priority = queue_priority(slot.held)
+            row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
         except Exception:
             await slot.give_back()
             raise
@@ -79,7 +84,8 @@ async def submit(
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
         await _enqueue_or_fail(ctx, principal, prediction_id, slot.held)
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
-            return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
+            with metrics.SYNC_WAITERS.track_inprogress():
+                return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
     return row
 
 
@@ -126,6 +132,8 @@ async def _insert(
     prediction_id: str,
     request_input: dict[str, Any],
     params: GenerationParams,
+    webhook: dict[str, Any] | None,
+    priority: int,
 ) -> Row:
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
     new = NewPrediction(
@@ -135,6 +143,8 @@ async def _insert(
         spec.id,
         orjson.dumps(request_input).decode(),
         orjson.dumps(stored["params"]).decode(),
+        None if webhook is None else orjson.dumps(webhook).decode(),
+        str(priority),
     )
     return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 
@@ -147,7 +157,7 @@ async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wai
             raise Conflict("a request with this Idempotency-Key is still being accepted; retry shortly")
         await asyncio.sleep(0.05)
     if wait_s > 0 and not lifecycle.Status(row["status"]).terminal:
-        with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:
+        with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished, metrics.SYNC_WAITERS.track_inprogress():
             return await _wait(ctx, principal, prediction_id, finished, wait_s) or row
     return row
 
@@ -184,6 +194,7 @@ async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Ro
 
 
 async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
+    logs.bind(prediction_id=prediction_id)
     row = await fetch(ctx, principal, prediction_id)
     if row is None:
         raise NotFound(f"prediction {prediction_id!r} not found")
@@ -200,6 +211,8 @@ async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> R
         async with ctx.redis.pipeline(transaction=False) as pipe:
             pipe.srem(queued_key(ctx.settings), prediction_id)
             pipe.publish(ctx.settings.events_channel, prediction_id)
+            if canceled["webhook"] is not None:  # its `completed` event was written with the cancel
+                kick_webhooks(pipe, ctx.settings, prediction_id)
             await pipe.execute()
         return dict(canceled)
     return await fetch_or_404(ctx, principal, prediction_id)

@@ -15,6 +15,7 @@ class Principal:
     tenant_rate_limit_per_minute: int  # all the tenant's keys together
     max_in_flight: int
     key_expires_at: datetime | None = None
+    retention_s: int | None = None  # the tenant's, default applied (core/retention.py); None: not looked up
 
 
 class KeyCache:

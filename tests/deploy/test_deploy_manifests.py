@@ -224,12 +224,15 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
 
 def test_compose_services_come_up_in_order() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker"}
+    core = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "webhooks"}
+    assert set(services) == core | {"prometheus", "grafana"}  # those two: the `observability` profile
     conditions = {
         name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in services.items()
     }
     assert conditions["minio-init"] == {"minio": "service_healthy"}
     assert conditions["migrate"] == {"postgres": "service_healthy"}
+    assert conditions["webhooks"] == {"redis": "service_healthy", "migrate": "service_completed_successfully"}
+    assert services["webhooks"]["image"] == services["api"]["image"], "CPU only: the API's image, no torch"
     for tier in ("api", "worker"):
         assert conditions[tier]["migrate"] == "service_completed_successfully"
         assert conditions[tier]["minio-init"] == "service_completed_successfully"

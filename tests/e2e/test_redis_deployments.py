@@ -53,10 +53,11 @@ pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server
 ACL_COMMANDS = (
     "+hello +ping +select"
     " +get +set +del +incr +incrby +decr +exists +pexpire +pttl +time +mget"
-    " +lpush +rpush +rpop +brpop +llen"
+    " +lpush +rpush +rpop +brpop +llen +lrange +ltrim +expire"
     " +sadd +srem +smembers +smismember"
     " +hget +hset +hdel +hgetall +hlen"
-    " +zadd +zrem +zrange +zrangebyscore"
+    " +zadd +zrem +zrange +zrangebyscore +zcount +zremrangebyscore"
+    " +xadd +xrange"
     " +publish +subscribe +unsubscribe +psubscribe +punsubscribe"
     " +eval +evalsha +script|load +script|exists +multi +exec +discard +watch +unwatch"
 )
@@ -407,6 +408,10 @@ def test_an_acl_user_allowed_only_the_platforms_commands(
     time.sleep(1.5)  # a few of the sweeper's passes
     platform.services[0].stop()  # the worker (Celery's shutdown included): what is submitted now stays queued
     waiting = platform.submit("acl cancel").json()["id"]
+    queued_view = httpx.get(f"{api}/v1/predictions/status/{waiting}", headers=key).json()  # the fleet's pace
+    assert queued_view["queue_position"] >= 0 and "eta_s" in queued_view
+    with httpx.stream("GET", f"{api}/v1/predictions/{queued[0]}/stream", headers=key) as events:  # XRANGE
+        assert b"event: done" in events.read()
     canceled = httpx.post(f"{api}/v1/predictions/{waiting}/cancel", headers=key)  # SREM and PUBLISH
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled", canceled.text
 

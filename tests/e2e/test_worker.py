@@ -110,7 +110,7 @@ def test_the_finish_is_announced_with_the_final_row_and_clears_the_slot_and_the_
             announced = events.parse(message["data"])[1]
     stored = dict(row(stack, pid))
     assert stored["status"] == "completed"
-    assert events.final_row(announced) == {k: v for k, v in stored.items() if k not in ("input", "params")}
+    assert events.final_row(announced) == {k: v for k, v in stored.items() if k not in ("input", "params", "webhook")}
     in_flight = broker(stack).get(quota.in_flight_key(stack.settings.queue_name, tenant.tenant_id))
     assert int(in_flight or 0) == 0
     assert not broker(stack).sismember(queued_key(stack.settings), pid)  # nothing left for the sweeper

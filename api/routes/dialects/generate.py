@@ -15,13 +15,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.context import AppContext, get_ctx
+from api.context import AppContext, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
-from api.infra.objects import read_object
+from api.routes.delivery import read_output
 from api.routes.dialects.common import completed, lookup_model, seed_or_random
 from api.routes.files import read_upload
 from api.routes.openapi_errors import KleinError, errors, image
-from api.services import predictions, references
+from api.services import predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
 
@@ -45,6 +45,8 @@ class GenerateRequest(BaseModel):
     aspect_ratio: NamedRatio = "landscape"
     image_uris: list[str] = []
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    webhook_url: str | None = Field(None, description="also POST the result here (Standard Webhooks signed)")
+    webhook_secret: str | None = Field(None, description="sign the webhook with this instead of the tenant's")
 
     def to_params(self) -> GenerationParams:
         """Klein's generate endpoint: a named size, the distilled model's 4 steps, a PNG."""
@@ -102,6 +104,8 @@ _FORM_FIELDS: dict[str, Any] = {
     "aspect_ratio": {"type": "string", "enum": list(NAMED_SIZES)},
     "seed": {"type": "integer"},
     "image_uris": {"type": "string", "description": "a JSON array of URLs or base64 data URIs"},
+    "webhook_url": {"type": "string"},
+    "webhook_secret": {"type": "string"},
 }
 _IMAGES = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 4}}
 _REQUEST_BODY = {
@@ -136,10 +140,20 @@ async def generate(
     sources: list[str | bytes] = list(uploads) if uploads else list(body.image_uris)
     field = "images" if uploads else "image_uris"
     refs = await references.resolve(ctx, principal, request, sources, field)
+    webhook = await webhooks.accept(
+        ctx,
+        "generate",
+        public_base_url(request, ctx.settings),
+        body.webhook_url,
+        "webhook_url",
+        secret=body.webhook_secret,
+    )
     params = body.to_params()
-    echo = body.model_dump() | {"images": len(uploads)}
+    echo = body.model_dump(exclude={"webhook_url", "webhook_secret"}) | {"images": len(uploads)}
     wait_s = ctx.settings.try_sync_timeout_s
-    row = completed(await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s), wait_s)
-    png = await read_object(ctx, row["outputs"][0]["key"])
+    submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)
+    row = completed(submitted, wait_s)
+    png = await read_output(ctx, row, row["outputs"][0])
+    await retention.after_sync_delivery(ctx, principal, row)
     headers = {"X-Prediction-Id": row["id"], "X-Seed": str(params.seed), "X-Content-Type-Options": "nosniff"}
     return Response(png, media_type="image/png", headers=headers)

@@ -82,6 +82,6 @@ async def features(
                 "error": row["error"],
                 "statusUrl": f"{base_url}/v1/predictions/status/{row['id']}",
             },
-            "temporaryUrl": signed_output_urls(ctx, base_url, row)[0] if done else None,
+            "temporaryUrl": signed_output_urls(ctx.settings, base_url, row)[0] if done else None,
         }
     }

@@ -18,7 +18,7 @@ from api.errors import Answer, dialect_route
 from api.routes.delivery import outputs_base64, signed_output_urls
 from api.routes.dialects.common import completed, lookup_model, parse_size, seed_or_random
 from api.routes.openapi_errors import OpenAIError, errors
-from api.services import predictions, references
+from api.services import predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from models.klein import (
     MAX_OUTPUTS,
@@ -66,6 +66,8 @@ class ImagesRequest(BaseModel):
     output_format: Literal["webp", "png", "jpeg"] | None = None  # the openai client's name for `format`
     response_format: Literal["url", "b64_json"] = "url"
     return_base64: bool = False
+    webhook_url: str | None = Field(None, description="also POST the result here (Standard Webhooks signed)")
+    webhook_secret: str | None = Field(None, description="sign the webhook with this instead of the tenant's")
     max_sequence_length: int = Field(512, ge=64, le=512)
     images: list[str] | str = Field([], description="reference image URLs (a list, or comma-separated)")
     # Accepted from OpenAI clients, without effect here.
@@ -126,14 +128,24 @@ async def generate(
 ) -> dict[str, Any]:
     spec = lookup_model(body.model)  # OpenAI answers an unknown model 404
     refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
+    webhook = await webhooks.accept(
+        ctx,
+        "openai",
+        public_base_url(request, ctx.settings),
+        body.webhook_url,
+        "webhook_url",
+        secret=body.webhook_secret,
+    )
     params = body.to_params()
-    echo = body.model_dump(exclude_none=True)
+    echo = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_secret"})
     wait_s = ctx.settings.try_sync_timeout_s
-    row = completed(await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s), wait_s)
+    submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)
+    row = completed(submitted, wait_s)
     if body.response_format == "b64_json" or body.return_base64:
         data = [{"b64_json": b64, "revised_prompt": None} for b64 in await outputs_base64(ctx, row)]
+        await retention.after_sync_delivery(ctx, principal, row)
     else:
-        urls = signed_output_urls(ctx, public_base_url(request, ctx.settings), row)
+        urls = signed_output_urls(ctx.settings, public_base_url(request, ctx.settings), row)
         data = [{"url": url, "revised_prompt": None} for url in urls]
     return {
         "created": int(time.time()),

@@ -1,4 +1,4 @@
-"""The Pruna predictions dialect (shared/seeds/000_*): submit, poll, Try-Sync.
+"""The Pruna predictions dialect (shared/seeds/000_*): submit, poll, Try-Sync, cancel, delete.
 
 Status words follow the official `pruna-client`: starting, processing, succeeded, failed, canceled.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -18,7 +18,7 @@ from api.infra.jsonresponse import JSON
 from api.routes.delivery import output_urls
 from api.routes.dialects.common import lookup_model, seed_or_random
 from api.routes.openapi_errors import errors
-from api.services import predictions, references
+from api.services import live, predictions, references, retention, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -43,15 +43,24 @@ _REQUEST_SCHEMA = {
             "schema": {
                 "type": "object",
                 "required": ["input"],
-                "properties": {"input": KleinInput.model_json_schema()},
+                "properties": {
+                    "input": KleinInput.model_json_schema(),
+                    "webhook": {"type": "string", "format": "uri", "description": "POST events here (docs/events.md)"},
+                    "webhook_events_filter": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": ["start", "output", "completed"]},
+                        "default": ["completed"],
+                    },
+                },
             }
         }
     },
 }
 
 
-def view(row: predictions.Row, base_url: str) -> dict[str, Any]:
-    """The Pruna prediction body. Timestamps stay datetimes: orjson writes them as `isoformat()` does, in C."""
+def view(row: predictions.Row, base_url: str, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Pruna prediction body, with `live` (api/services/live.py) where the status is asked for. Timestamps
+    stay datetimes: orjson writes them as `isoformat()` does, in C."""
     status = row["status"]  # a Status is its str, so the str looks it up
     body: dict[str, Any] = {
         "id": row["id"],
@@ -70,7 +79,9 @@ def view(row: predictions.Row, base_url: str) -> dict[str, Any]:
         urls = output_urls(base_url, row)
         body["generation_url"] = urls[0]
         body["generation_urls"] = urls
-    return body
+    if row.get("expired_at") is not None:  # its outputs are gone: the URLs answer 410 (docs/retention.md)
+        body["expired_at"] = row["expired_at"]
+    return body | live if live else body
 
 
 _PREDICTION = {"application/json": {"schema": {"type": "object"}}}
@@ -122,13 +133,18 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> JSONRes
     params = validated.to_params(
         seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
     )
+    base_url = public_base_url(request, ctx.settings)
+    webhook = await webhooks.accept(
+        ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")
+    )
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
     idempotency_key = request.headers.get("idempotency-key")
     row = await predictions.submit(
-        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot
+        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot, webhook
     )
-    finished = Status(row["status"]).terminal
-    return JSON(view(row, public_base_url(request, ctx.settings)), status_code=200 if finished else 201)
+    if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
+        return JSON(view(row, base_url, live.of_final(row)), status_code=200)
+    return JSON(view(row, base_url), status_code=201)
 
 
 @router.get(
@@ -139,7 +155,7 @@ async def prediction_status(prediction_id: str, request: Request) -> JSONRespons
     principal = await authenticate(request)
     ctx = context(request)
     row = await predictions.fetch_or_404(ctx, principal, prediction_id)
-    return JSON(view(row, public_base_url(request, ctx.settings)))
+    return JSON(view(row, public_base_url(request, ctx.settings), await live.extras(ctx, row)))
 
 
 @router.post(
@@ -153,7 +169,24 @@ async def cancel_prediction(
     prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> JSONResponse:
     row = await predictions.cancel(ctx, principal, prediction_id)
-    return JSON(view(row, public_base_url(request, ctx.settings)))
+    return JSON(view(row, public_base_url(request, ctx.settings), await live.extras(ctx, row)))
+
+
+@router.delete(
+    "/v1/predictions/{prediction_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: {"description": "Its outputs and references are deleted (canceled first if unfinished); usage stays"},
+        **errors(404, 422),
+    },
+)
+async def delete_prediction(
+    prediction_id: str, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
+) -> Response:
+    await predictions.cancel(ctx, principal, prediction_id)  # a queued or running one first; another tenant's: 404
+    await retention.expire(ctx, principal.tenant_id, prediction_id)
+    return Response(status_code=204)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

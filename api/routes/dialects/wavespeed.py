@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
-from api.routes.delivery import outputs_base64, signed_output_urls
+from api.routes.delivery import gone, outputs_base64, signed_output_urls
 from api.routes.dialects.common import iso_z, lookup_model, parse_size, seed_or_random
 from api.routes.openapi_errors import WaveSpeedError, errors
-from api.services import predictions, references
+from api.services import live, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt
@@ -94,14 +94,16 @@ def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, A
     }
 
 
-async def _answer(ctx: AppContext, request: Request, row: predictions.Row) -> JSONResponse:
+async def _answer(
+    ctx: AppContext, request: Request, row: predictions.Row, extras: dict[str, Any] | None = None
+) -> JSONResponse:
     base_url = public_base_url(request, ctx.settings)
     # WaveSpeed's outputs are plain URLs its SDK hands the caller to fetch with any HTTP client: signed links.
-    outputs = signed_output_urls(ctx, base_url, row)
+    outputs = signed_output_urls(ctx.settings, base_url, row)
     if row["input"].get("enable_base64_output") and row["status"] == Status.COMPLETED:
         types = [CONTENT_TYPES[row["params"]["output_format"]]] * len(row["outputs"])
         outputs = [f"data:{t};base64,{b}" for t, b in zip(types, await outputs_base64(ctx, row), strict=True)]
-    data = view(row, base_url, outputs)
+    data = view(row, base_url, outputs) | (extras or {})
     if row["input"].get("enable_sync_mode") and not Status(row["status"]).terminal:
         data["error"] = "Sync mode timed out; query the result at urls.get"
     return JSONResponse({"code": 200, "message": "success", "data": data})
@@ -109,7 +111,12 @@ async def _answer(ctx: AppContext, request: Request, row: predictions.Row) -> JS
 
 @router.post("/api/v3/{model_path:path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
 async def submit(
-    model_path: str, body: WaveSpeedRequest, request: Request, principal: Authenticated, ctx: Ctx
+    model_path: str,
+    body: WaveSpeedRequest,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+    webhook: Annotated[str | None, Query(description="a URL that receives the result (WaveSpeed's way)")] = None,
 ) -> Response:
     model_name, _, task = model_path.rpartition("/")
     if task not in TASKS:
@@ -120,13 +127,22 @@ async def submit(
     if task == "text-to-image" and body.images:
         raise Invalid("images: text-to-image takes no images; use the edit endpoint")
     refs = await references.resolve(ctx, principal, request, body.images, "images")
+    base_url = public_base_url(request, ctx.settings)
+    accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
     params = body.to_params()
     echo = body.model_dump() | {"model": model_path}
     wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
-    row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s)
-    return await _answer(ctx, request, row)
+    row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=accepted)
+    answer = await _answer(ctx, request, row, live.of_final(row) if Status(row["status"]).terminal else None)
+    if body.enable_sync_mode and body.enable_base64_output and row["status"] == Status.COMPLETED:
+        await retention.after_sync_delivery(ctx, principal, row)  # the answer carries the bytes
+    return answer
 
 
-@router.get("/api/v3/predictions/{prediction_id}/result", responses=errors(404, 422, shape=WaveSpeedError))
+@router.get(
+    "/api/v3/predictions/{prediction_id}/result",
+    responses={**errors(404, 422, shape=WaveSpeedError), **gone(WaveSpeedError)},  # 410: base64 of expired outputs
+)
 async def result(prediction_id: str, request: Request, principal: Authenticated, ctx: Ctx) -> Response:
-    return await _answer(ctx, request, await predictions.fetch_or_404(ctx, principal, prediction_id))
+    row = await predictions.fetch_or_404(ctx, principal, prediction_id)
+    return await _answer(ctx, request, row, await live.extras(ctx, row))

@@ -1,0 +1,165 @@
+"""The API's Prometheus metrics: `GET /metrics` in the text format (prometheus-client).
+
+With several API processes on one host (uvicorn --workers, gunicorn), set `PROMETHEUS_MULTIPROC_DIR` to an
+empty directory shared by them: every process then writes its samples there and any of them answers a
+scrape with the sum (prometheus-client's multiprocess mode). Without it, each process answers for itself.
+
+Requests are counted by route template (never the raw path: ids would make a series each), method,
+dialect and status. Queue depth and age, webhook backlog, live workers and (behind
+`KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from sqlalchemy import func, select, text
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+from core import progress
+from core.lifecycle import Status
+from core.queue import PRIORITY_STEPS, list_key
+from core.tables import predictions, usage_records, webhook_deliveries
+
+if TYPE_CHECKING:
+    from api.context import AppContext
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+# The routes that accept work: their refusals are counted by reason.
+SUBMITS = {"/v1/predictions", "/v1/generate", "/api/v3/{model_path:path}", "/v1/images/generations", "/api/features"}
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+LAST: Final = "mostrecent"  # multiprocess mode: the value last written, by whichever process read it
+REQUESTS = Counter("klein_http_requests", "HTTP requests answered", ["route", "method", "dialect", "status"])
+LATENCY = Histogram(
+    "klein_http_request_seconds", "Time to the response's end", ["route", "method", "dialect"], buckets=LATENCY_BUCKETS
+)
+SUBMITTED = Counter(
+    "klein_submits", "Submits by outcome (accepted, refused) and refusal reason", ["dialect", "outcome", "reason"]
+)
+SYNC_WAITERS = Gauge("klein_sync_waiters", "Requests waiting for a prediction (Try-Sync)", multiprocess_mode="livesum")
+STREAMS = Gauge(
+    "klein_event_streams", "Open event streams (GET /v1/predictions/{id}/stream)", multiprocess_mode="livesum"
+)
+QUEUE_DEPTH = Gauge("klein_queue_depth", "Messages in the broker, by priority", ["priority"], multiprocess_mode=LAST)
+QUEUE_AGE = Gauge(
+    "klein_queue_oldest_age_seconds",
+    "Age of the oldest queued prediction, by priority (0: none queued)",
+    ["priority"],
+    multiprocess_mode=LAST,
+)
+LIVE_WORKERS = Gauge("klein_live_workers", "GPU workers that announced themselves lately", multiprocess_mode=LAST)
+WEBHOOK_BACKLOG = Gauge("klein_webhook_backlog", "Webhook deliveries pending or being sent", multiprocess_mode=LAST)
+WEBHOOK_AGE = Gauge(
+    "klein_webhook_oldest_pending_age_seconds",
+    "Age of the oldest webhook event not yet delivered (0: none)",
+    multiprocess_mode=LAST,
+)
+TENANT_IMAGES = Gauge(
+    "klein_tenant_images_24h", "Images billed in the last 24 hours, per tenant", ["tenant"], multiprocess_mode=LAST
+)
+TENANT_IN_FLIGHT = Gauge(
+    "klein_tenant_in_flight", "Queued + processing, per tenant", ["tenant"], multiprocess_mode=LAST
+)
+
+
+def record(scope: Scope, status: int, seconds: float) -> None:
+    """Count one answered request by its route template, the route's dialect (its tag) and status."""
+    route = scope.get("route")
+    template = getattr(route, "path", "unmatched")
+    dialect = (getattr(route, "tags", None) or ["none"])[0]
+    method = scope["method"]
+    REQUESTS.labels(template, method, dialect, str(status)).inc()
+    LATENCY.labels(template, method, dialect).observe(seconds)
+    if method == "POST" and template in SUBMITS:
+        reason = scope.get("state", {}).get("refusal") or ("" if status < 400 else f"http_{status}")
+        SUBMITTED.labels(dialect, "accepted" if status < 400 else "refused", reason).inc()
+
+
+def refused(request: Request, exc: BaseException) -> None:
+    """Remember why a request was refused, for the submit counter (RateLimited → rate_limited, …)."""
+    name = "Invalid" if isinstance(exc, RequestValidationError) else type(exc).__name__
+    request.state.refusal = "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+async def endpoint(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    token = ctx.settings.metrics_token
+    if token is not None and request.headers.get("authorization") != f"Bearer {token.get_secret_value()}":
+        return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
+    await _read_gauges(ctx)
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_gauges(ctx: AppContext) -> None:
+    settings = ctx.settings
+    queue = settings.queue_name
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        for priority in PRIORITY_STEPS:
+            pipe.llen(list_key(queue, priority))
+        pipe.zcount(progress.workers_key(settings), time.time() - progress.LIVE_WORKER_S, "+inf")
+        *depths, workers = await pipe.execute()
+    for priority, depth in zip(PRIORITY_STEPS, depths, strict=True):
+        QUEUE_DEPTH.labels(str(priority)).set(depth)
+    LIVE_WORKERS.set(workers)
+    p, d = predictions, webhook_deliveries
+    oldest_queued = (
+        select(p.c.priority, func.extract("epoch", func.now() - func.min(p.c.created_at)))
+        .where(p.c.status == Status.CREATED)
+        .group_by(p.c.priority)
+    )
+    backlog = select(func.count(), func.extract("epoch", func.now() - func.min(d.c.created_at))).where(
+        d.c.status.in_(("pending", "sending"))
+    )
+    async with ctx.engine.connect() as conn:
+        ages = {int(priority): float(age) for priority, age in await conn.execute(oldest_queued)}
+        waiting, age = (await conn.execute(backlog)).one()
+        in_flight: list[Any] = []
+        images: list[Any] = []
+        if settings.metrics_per_tenant:
+            in_flight = list(
+                await conn.execute(
+                    select(p.c.tenant_id, func.count())
+                    .where(p.c.status.in_((Status.CREATED, Status.PROCESSING)))
+                    .group_by(p.c.tenant_id)
+                )
+            )
+            u = usage_records
+            images = list(
+                await conn.execute(
+                    select(u.c.tenant_id, func.sum(u.c.images))
+                    .where(u.c.created_at > func.now() - text("interval '24 hours'"))
+                    .group_by(u.c.tenant_id)
+                )
+            )
+    for priority in PRIORITY_STEPS:
+        QUEUE_AGE.labels(str(priority)).set(ages.get(priority, 0.0))
+    WEBHOOK_BACKLOG.set(waiting)
+    WEBHOOK_AGE.set(float(age or 0.0))
+    if settings.metrics_per_tenant:
+        TENANT_IN_FLIGHT.clear()
+        TENANT_IMAGES.clear()
+        for tenant_id, count in in_flight:
+            TENANT_IN_FLIGHT.labels(tenant_id).set(count)
+        for tenant_id, total in images:
+            TENANT_IMAGES.labels(tenant_id).set(float(total))

@@ -1,0 +1,37 @@
+"""Webhook payloads, rendered by the webhook worker at each attempt (so links are freshly signed).
+
+Pruna and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks carry it).
+Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
+with the prediction's id and status beside it, and links instead of bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.infra.rows import Row
+from api.routes.delivery import signed_output_urls
+from api.routes.dialects import pruna, wavespeed
+from core.lifecycle import Status
+from core.settings import Settings
+
+
+def render(dialect: str, row: Row, base_url: str, settings: Settings) -> dict[str, Any]:
+    status = Status(row["status"])
+    urls = signed_output_urls(settings, base_url, row) if status is Status.COMPLETED else []
+    logs = {"logs": row["logs"]}  # as the status endpoints add it (api/services/live.py)
+    if dialect == "wavespeed":
+        return wavespeed.view(row, base_url, urls) | logs
+    if dialect == "pruna":
+        return pruna.view(row, base_url, logs)
+    common = {"id": row["id"], "status": pruna.STATUS_WORDS[status], "error": row["error"], "timings": row["timings"]}
+    if dialect == "openai":
+        params = row["params"]
+        return common | {
+            "created": int(row["created_at"].timestamp()),
+            "data": [{"url": url, "revised_prompt": None} for url in urls],
+            "model": row["model"],
+            "seed": params["seed"],
+            "size": f"{params['width']}x{params['height']}",
+        }
+    return common | {"seed": row["params"]["seed"], "images": urls}  # generate

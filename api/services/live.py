@@ -1,0 +1,81 @@
+"""What a status view adds to a prediction's row: `queue_position` and `eta_s` while it waits, `progress`,
+`eta_s` and `logs` while it runs (from its worker's stream, core/progress.py), `logs` once it is done (kept
+with the result).
+
+The queue position counts the predictions that run first: those queued at a better priority, and those at
+its own queued before it (Celery takes its priority lists in order, each first in, first out). The ETA is
+that work spread over the live workers at the recent time per image.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from sqlalchemy import SmallInteger, and_, bindparam, func, or_, select
+
+from api.context import AppContext
+from api.infra.pg import Statement
+from api.infra.rows import Row
+from core import progress
+from core.lifecycle import Status
+from core.tables import predictions as p
+
+_AHEAD = Statement(
+    select(func.count().label("ahead")).where(
+        p.c.status == Status.CREATED,
+        or_(
+            p.c.priority < bindparam("priority", type_=SmallInteger),
+            and_(p.c.priority == bindparam("priority", type_=SmallInteger), p.c.created_at < bindparam("created_at")),
+        ),
+    )
+)
+PACE_TTL_S = 2.0
+_pace: dict[str, tuple[float, int, float | None]] = {}  # queue → (read at, live workers, ms per image)
+
+
+async def pace(ctx: AppContext) -> tuple[int, float | None]:
+    """(live workers, median ms per image of the last runs), read at most every PACE_TTL_S per process."""
+    cached = _pace.get(ctx.settings.queue_name)
+    if cached is not None and time.monotonic() - cached[0] < PACE_TTL_S:
+        return cached[1], cached[2]
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(progress.workers_key(ctx.settings), time.time() - progress.LIVE_WORKER_S, "+inf")
+        pipe.lrange(progress.recent_key(ctx.settings), 0, -1)
+        workers, recent = await pipe.execute()
+    per_image = statistics.median(int(ms) for ms in recent) if recent else None
+    _pace[ctx.settings.queue_name] = (time.monotonic(), int(workers), per_image)
+    return int(workers), per_image
+
+
+def of_final(row: Row) -> dict[str, Any]:
+    """A finished prediction's: no reading needed."""
+    return {"logs": row["logs"]}
+
+
+async def extras(ctx: AppContext, row: Row) -> dict[str, Any]:
+    status = Status(row["status"])
+    if status.terminal:
+        return of_final(row)
+    queued = progress.log_line("queued", row["created_at"])
+    images = row["params"].get("num_outputs", 1)
+    workers, per_image_ms = await pace(ctx)
+    if status is Status.CREATED:
+        found = await _AHEAD.one(ctx.pg, priority=row["priority"], created_at=row["created_at"])
+        ahead = found["ahead"] if found else 0
+        eta = None
+        if workers and per_image_ms is not None:
+            eta = round((ahead // workers + 1) * per_image_ms * images / 1000, 1)
+        return {"queue_position": ahead, "eta_s": eta, "logs": [queued]}
+    entries = progress.entries(await ctx.redis.xrange(progress.stream_key(ctx.settings, row["id"])))
+    steps = row["params"]["num_inference_steps"]
+    done = {"step": 0, "total": steps, "percent": 0}
+    logs = [queued]
+    for _, kind, data in entries:
+        if kind == "progress":
+            done = data
+        elif kind == "log":
+            logs.append(data)
+    eta = None if per_image_ms is None else round(per_image_ms * images * (1 - done["percent"] / 100) / 1000, 1)
+    return {"progress": done, "eta_s": eta, "logs": logs}

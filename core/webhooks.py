@@ -1,0 +1,185 @@
+"""Webhook deliveries as rows: their statements, retry schedule and Standard Webhooks signatures.
+
+A delivery is `pending` (due at `next_attempt_at`), `sending` (held by one webhook worker thread until
+`lease_expires_at`), then `delivered` (2xx), `gone` (410: the receiver asked us to stop) or `failed` (no
+2xx before the retry window closed). The trigger of migrations/versions/0007 writes them; the webhook
+worker (worker/webhooks.py) claims and sends them; every attempt leaves a webhook_attempts row.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, Update, and_, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from standardwebhooks import Webhook
+
+from core.ids import new_id
+from core.settings import Settings
+from core.tables import webhook_attempts as attempts
+from core.tables import webhook_deliveries as deliveries
+from core.tables import webhook_secrets
+
+EVENTS = ("start", "output", "completed")
+DEFAULT_EVENTS = ("completed",)
+STATUSES = ("pending", "sending", "delivered", "failed", "gone")
+RESPONSE_HEAD_BYTES = 256  # of each answer, kept in the delivery log
+KICK_AGAIN_S = 10  # a due delivery whose kick has not been taken up this long is kicked again
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def signature(signing_secrets: list[str], msg_id: str, timestamp: datetime, body: str) -> str:
+    """The `webhook-signature` header: one `v1,…` per secret, space-separated (both during a rotation)."""
+    return " ".join(Webhook(_as_key(secret)).sign(msg_id, timestamp, body) for secret in signing_secrets)
+
+
+def _as_key(secret: str) -> str | bytes:
+    # Ours are `whsec_` + base64; a client's own secret (BFL's `webhook_secret`) is used as its bytes.
+    return secret if secret.startswith("whsec_") else secret.encode()
+
+
+def retry_delay(attempt: int, settings: Settings) -> float:
+    """Seconds before the retry after failed attempt number `attempt` (1, 2, …): 5 s, 15 s, 45 s, … × 3 each,
+    capped at `webhook_retry_max_s`, each ±20 % at random so that receivers coming back are not stampeded."""
+    delay = min(settings.webhook_retry_base_s * 3 ** (attempt - 1), settings.webhook_retry_max_s)
+    return delay * random.uniform(0.8, 1.2)
+
+
+def active_secrets(tenant_id: str) -> Select[Any]:
+    """The tenant's signing secrets, newest first: the current one, and a rotated one until it retires."""
+    return (
+        select(webhook_secrets.c.secret, webhook_secrets.c.retires_at)
+        .where(
+            webhook_secrets.c.tenant_id == tenant_id,
+            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > func.now()),
+        )
+        .order_by(webhook_secrets.c.created_at.desc())
+    )
+
+
+def claim_next(prediction_id: str, lease_s: float) -> Update:
+    """The prediction's oldest due delivery, pending → sending under a lease; no row: nothing due."""
+    due = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.prediction_id == prediction_id,
+            deliveries.c.status == "pending",
+            deliveries.c.next_attempt_at <= func.now(),
+        )
+        .order_by(deliveries.c.created_at)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return (
+        update(deliveries)
+        .where(deliveries.c.id == due)
+        .values(
+            status="sending",
+            attempts=deliveries.c.attempts + 1,
+            lease_expires_at=func.now() + text(f"interval '{float(lease_s)} seconds'"),
+        )
+        .returning(deliveries)
+    )
+
+
+def record(delivery_id: str, attempt: int, outcome: str, next_attempt_at: datetime | None) -> Update:
+    """The claimed attempt's end: delivered, gone, failed, or pending again at `next_attempt_at`. Applies only
+    while this attempt still holds the delivery (a lapsed lease may have passed it to another worker)."""
+    final = outcome != "pending"
+    return (
+        update(deliveries)
+        .where(deliveries.c.id == delivery_id, deliveries.c.status == "sending", deliveries.c.attempts == attempt)
+        .values(
+            status=outcome,
+            lease_expires_at=None,
+            next_attempt_at=next_attempt_at or func.now(),
+            kicked_at=None,
+            finished_at=func.now() if final else None,
+        )
+        .returning(deliveries.c.id)
+    )
+
+
+def log_attempt(
+    delivery_id: str, at: datetime, status_code: int | None, latency_ms: int, head: bytes, error: str | None
+) -> Any:
+    return attempts.insert().values(
+        delivery_id=delivery_id,
+        attempted_at=at,
+        status_code=status_code,
+        latency_ms=latency_ms,
+        response_head=head[:RESPONSE_HEAD_BYTES].decode("utf-8", "replace").replace("\x00", ""),
+        error=error,
+    )
+
+
+def kick_due(limit: int = 1000) -> Update:
+    """Due deliveries (and ones whose sender died: lease lapsed) that no queued task covers: marked kicked
+    and returned, so the poller queues a task for each prediction."""
+    lapsed = and_(deliveries.c.status == "sending", deliveries.c.lease_expires_at < func.now())
+    due = and_(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= func.now())
+    unkicked = or_(
+        deliveries.c.kicked_at.is_(None), deliveries.c.kicked_at < func.now() - text(f"interval '{KICK_AGAIN_S} s'")
+    )
+    ids = (
+        select(deliveries.c.id)
+        .where(or_(due, lapsed), unkicked)
+        .order_by(deliveries.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(deliveries)
+        .where(deliveries.c.id.in_(ids.scalar_subquery()))
+        .values(status="pending", kicked_at=func.now(), lease_expires_at=None)
+        .returning(deliveries.c.prediction_id)
+    )
+
+
+def replay(delivery_id: str, tenant_id: str) -> Update:
+    """Send a delivery again now, under the same `webhook-id` (a finished one, or a pending one early)."""
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.id == delivery_id,
+            deliveries.c.tenant_id == tenant_id,
+            deliveries.c.status != "sending",
+        )
+        .values(status="pending", next_attempt_at=func.now(), kicked_at=func.now(), finished_at=None)
+        .returning(deliveries.c.id, deliveries.c.prediction_id)
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ensure_secret(tenant_id: str) -> Any:
+    """The tenant's first secret, unless it has a current one (the partial unique index decides a race)."""
+    return (
+        insert(webhook_secrets)
+        .values(id=new_id(), tenant_id=tenant_id, secret=new_secret())
+        .on_conflict_do_nothing(index_elements=["tenant_id"], index_where=webhook_secrets.c.retires_at.is_(None))
+    )
+
+
+def retire_current(tenant_id: str, overlap_s: int) -> Update:
+    """Every secret that signs now stops within `overlap_s` (one rotated earlier keeps an earlier end)."""
+    retires_at = func.now() + text(f"interval '{int(overlap_s)} seconds'")
+    return (
+        update(webhook_secrets)
+        .where(
+            webhook_secrets.c.tenant_id == tenant_id,
+            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > retires_at),
+        )
+        .values(retires_at=retires_at)
+        .returning(webhook_secrets.c.retires_at)
+    )

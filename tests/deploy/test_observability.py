@@ -1,0 +1,163 @@
+"""Monitoring files: every metric the dashboard and the alert rules name is one our processes export, the
+Operator's copies match their schemas (`cloudcoil-models-prometheus-operator`, made strict) and the rules,
+and every scrape target is where the processes listen."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from functools import cache
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
+
+from core.settings import Settings
+from tests.deploy.test_deploy_manifests import ROOT, _errors, _strict, compose, container, k8s, keda_validator
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "klein-serve.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+MONITORING = ROOT / "deploy" / "k8s" / "monitoring"
+PROMETHEUS_MADE = {"up"}  # series Prometheus makes itself
+GPU_SERIES = {  # worker.metrics.GpuCollector's, present only where NVML answers
+    "klein_gpu_memory_used_bytes",
+    "klein_gpu_memory_total_bytes",
+    "klein_gpu_utilization_ratio",
+    "klein_gpu_temperature_celsius",
+}
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"), "gauge": ("",)}
+
+
+def exported() -> set[str]:
+    """The sample names of every metric the API, the workers and the webhook worker register."""
+    importlib.import_module("api.infra.metrics")
+    importlib.import_module("worker.metrics")
+    names = set(GPU_SERIES)
+    family: Metric
+    for family in REGISTRY.collect():
+        names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
+    return {name for name in names if name.startswith("klein_")}
+
+
+def named_in(expressions: list[str]) -> set[str]:
+    return {name for expr in expressions for name in re.findall(r"\b(klein_[a-z0-9_]+|up)\b(?!\s*[=!~]~?\s*\")", expr)}
+
+
+def dashboard_expressions() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def rule_expressions() -> list[str]:
+    return [rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_every_metric_on_the_dashboard_and_in_the_rules_is_exported() -> None:
+    ours = exported()
+    assert {"klein_http_requests_total", "klein_worker_stage_seconds_bucket", "klein_queue_oldest_age_seconds"} <= ours
+    for source, expressions in (("dashboard", dashboard_expressions()), ("rules", rule_expressions())):
+        used = named_in(expressions) - PROMETHEUS_MADE
+        assert used, source
+        assert used <= ours, f"{source} names metrics nobody exports: {sorted(used - ours)}"
+
+
+def test_the_checker_catches_a_misspelt_metric() -> None:
+    assert named_in(["sum(rate(klein_worker_predictions_totl[5m]))"]) - exported() == {"klein_worker_predictions_totl"}
+
+
+def test_the_dashboard_covers_what_operators_watch() -> None:
+    text = " ".join(dashboard_expressions())
+    for metric in (
+        "klein_worker_predictions_total",  # throughput, failures by reason
+        "klein_queue_depth",
+        "klein_queue_oldest_age_seconds",
+        "klein_worker_stage_seconds_bucket",  # latency percentiles by stage
+        "klein_gpu_memory_used_bytes",
+        "klein_gpu_utilization_ratio",
+        "klein_tenant_images_24h",  # per-tenant usage
+    ):
+        assert metric in text, metric
+    datasources = {t["datasource"]["uid"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]}
+    provisioned = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasources == {source["uid"] for source in provisioned["datasources"]}
+
+
+def test_the_alerts_cover_the_failures_the_issue_names() -> None:
+    alerts = {
+        rule["alert"]: rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    }
+    assert "klein_live_workers" in alerts["KleinNoLiveWorker"]
+    assert "klein_queue_oldest_age_seconds" in alerts["KleinQueueTooOld"]
+    assert "klein_gpu_memory_used_bytes" in alerts["KleinGpuMemoryNearFull"]
+    assert "klein_webhook_oldest_pending_age_seconds" in alerts["KleinWebhookBacklog"]
+    assert 'status=~"5.."' in alerts["KleinApiErrors"] and "failed" in alerts["KleinPredictionsFailing"]
+
+
+@cache
+def operator_validator(kind: str) -> jsonschema.protocols.Validator:
+    models = importlib.import_module("cloudcoil.models.prometheus_operator.v1")
+    schema = _strict(getattr(models, kind).model_json_schema(by_alias=True))
+    # Not check_schema(): the CRD's Go patterns (`(?i)` mid-pattern) are no Python regex; none applies here.
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def monitoring(name: str) -> dict[str, Any]:
+    doc = yaml.safe_load((MONITORING / name).read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.mark.parametrize("name", ["servicemonitor.yaml", "podmonitor.yaml", "prometheusrule.yaml"])
+def test_operator_resources_match_their_crd_schemas(name: str) -> None:
+    doc = monitoring(name)
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    assert _errors(operator_validator(doc["kind"]), doc) == []
+    broken = doc | {"spec": {**doc["spec"], "bogus": 1}}
+    assert _errors(operator_validator(doc["kind"]), broken), "the strict schema refuses unknown fields"
+
+
+def test_the_operator_rules_are_the_compose_rules() -> None:
+    assert monitoring("prometheusrule.yaml")["spec"] == yaml.safe_load(ALERTS.read_text())
+    kustomization = monitoring("kustomization.yaml")
+    assert sorted(kustomization["resources"]) == ["podmonitor.yaml", "prometheusrule.yaml", "servicemonitor.yaml"]
+
+
+def test_the_queue_age_scaled_object_matches_the_keda_schema_and_queries_our_metric() -> None:
+    scaled = monitoring("worker-scaledobject-queue-age.yaml")
+    assert _errors(keda_validator(), scaled) == []
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and named_in([trigger["metadata"]["query"]]) <= exported()
+
+
+def test_scrape_targets_are_where_the_processes_listen() -> None:
+    defaults = Settings()
+    services = compose()["services"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert targets == {
+        "klein-api": ["api:8000"],
+        "klein-worker": [f"worker:{defaults.worker_metrics_port}"],
+        "klein-webhooks": [f"webhooks:{defaults.webhook_metrics_port}"],
+    }
+    mounted = {volume.split(":")[1] for volume in services["prometheus"]["volumes"] if volume.startswith("./")}
+    assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    for service in ("prometheus", "grafana"):
+        assert services[service]["profiles"] == ["observability"]
+    ports = {
+        name: {p["name"]: p["containerPort"] for p in container(k8s("Deployment", name)).get("ports", [])}
+        for name in ("klein-worker", "klein-webhooks")
+    }
+    assert ports == {
+        "klein-worker": {"metrics": defaults.worker_metrics_port},
+        "klein-webhooks": {"metrics": defaults.webhook_metrics_port},
+    }
+    selected = monitoring("podmonitor.yaml")["spec"]["selector"]["matchExpressions"][0]["values"]
+    components = {
+        k8s("Deployment", n)["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for n in ports
+    }
+    assert set(selected) == components

@@ -1,0 +1,194 @@
+"""What an operator sees, on the real stack: the API's and a worker's /metrics (parsed as Prometheus parses
+them) moving as predictions run and fail, multiprocess mode, and the JSON log lines with their bound fields."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from core.tenants import IssuedKey
+from ops.embedded import Service, free_port, start_api, wait_until
+from tests.conftest import Stack, make_tenant
+from tests.e2e.test_worker import poison_prediction, wait_for
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    answer = httpx.get(url, timeout=10)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def names(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}
+
+
+@pytest.fixture(scope="module")
+def logged_api(stack: Stack) -> Iterator[str]:
+    """An API of its own with the access log on, so each request leaves a line."""
+    api, url = start_api(stack.env | {"KLEIN_ACCESS_LOG": "true"}, stack.logs / "api-access.log")
+    yield url
+    api.stop()
+
+
+def test_api_metrics_move_as_predictions_run_and_are_refused(stack: Stack, client: httpx.Client) -> None:
+    before = scrape(f"{stack.api_url}/metrics")
+    accepted = client.post(
+        "/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json={"input": {"prompt": "m"}}
+    )
+    assert accepted.status_code == 200
+    invalid = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": {"prompt": ""}})
+    assert invalid.status_code == 422
+    limited = make_tenant(stack.engine, rate_limit_per_minute=1)
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": limited.key, "Model": "flux-klein-4b"}) as other:
+        answers = [other.post("/v1/predictions", json={"input": {"prompt": "r"}}).status_code for _ in range(2)]
+    assert answers == [201, 429]
+    client.get(f"/v1/predictions/status/{accepted.json()['id']}")
+    after = scrape(f"{stack.api_url}/metrics")
+
+    route = {"route": "/v1/predictions", "method": "POST", "dialect": "pruna"}
+    assert value(after, "klein_http_requests_total", **route, status="200") == (
+        value(before, "klein_http_requests_total", **route, status="200") + 1
+    )
+    moved = {
+        reason: value(after, "klein_submits_total", dialect="pruna", outcome="refused", reason=reason)
+        - value(before, "klein_submits_total", dialect="pruna", outcome="refused", reason=reason)
+        for reason in ("invalid", "rate_limited")
+    }
+    assert moved == {"invalid": 1, "rate_limited": 1}
+    assert value(after, "klein_submits_total", dialect="pruna", outcome="accepted", reason="") >= 2
+    latency = "klein_http_request_seconds_count"
+    assert value(after, latency, **route) >= value(before, latency, **route) + 3
+    status_route = {"route": "/v1/predictions/status/{prediction_id}", "method": "GET", "dialect": "pruna"}
+    assert value(after, "klein_http_requests_total", **status_route, status="200") >= 1, "templates, not raw paths"
+    assert not any(accepted.json()["id"] in str(labels) for _, labels in after)
+    for priority in ("0", "3", "6", "9"):
+        assert ("klein_queue_depth", (("priority", priority),)) in after
+        assert ("klein_queue_oldest_age_seconds", (("priority", priority),)) in after
+    assert value(after, "klein_live_workers") >= 1
+    assert {"klein_sync_waiters", "klein_event_streams", "klein_webhook_backlog"} <= names(after)
+    assert not any(name.startswith("klein_tenant_in_flight") for name in names(after)), "per tenant: off"
+
+
+def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client
+) -> None:
+    worker = f"http://127.0.0.1:{stack.env['KLEIN_WORKER_METRICS_PORT']}/metrics"
+    before = scrape(worker)
+    done = client.post(
+        "/v1/predictions",
+        headers={"Model": "flux-klein-4b", "Try-Sync": "true"},
+        json={"input": {"prompt": "stages", "aspect_ratio": "16:9"}},
+    )
+    assert done.json()["status"] == "succeeded"
+    assert wait_for(stack, poison_prediction(stack, tenant))["status"] == "failed"
+    after = scrape(worker)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 1
+    assert moved("klein_worker_predictions_total", outcome="failed", reason="internal") == 1
+    for stage in ("queue", "inference", "encode", "upload", "total"):
+        assert moved("klein_worker_stage_seconds_count", stage=stage, resolution="1360x768") >= 1, stage
+    assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready") == 1
+    assert value(after, "klein_worker_model_load_seconds") > 0
+    assert not any(name.startswith("klein_gpu_") for name in names(after)), "no GPU here: absent, not zero"
+
+
+def test_several_api_processes_answer_one_sum(stack: Stack, tenant: IssuedKey, tmp_path: Path) -> None:
+    """prometheus-client's multiprocess mode: whichever process answers the scrape counts them all."""
+    port = free_port()
+    env = stack.env | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port), "--workers", "2"]
+    api = Service(args, env, stack.logs / "api-multiprocess.log").start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url), 60, "API", stack.logs / "api-multiprocess.log")
+        with httpx.Client(base_url=url, headers={"apikey": tenant.key}) as http:
+            for _ in range(40):  # new connections: the kernel spreads them over both processes
+                http.get("/v1/keys", headers={"connection": "close"})
+        route = {"route": "/v1/keys", "method": "GET", "dialect": "account", "status": "200"}
+        counts = {value(scrape(f"{url}/metrics"), "klein_http_requests_total", **route) for _ in range(6)}
+    finally:
+        api.stop()
+    assert counts == {40.0}, counts
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_log_lines_are_json_with_the_bound_fields_and_no_secrets(
+    stack: Stack, tenant: IssuedKey, logged_api: str
+) -> None:
+    prompt = "a secret prompt about a lighthouse"
+    with httpx.Client(base_url=logged_api, headers={"apikey": tenant.key}, timeout=60) as http:
+        answer = http.post(
+            "/v1/predictions",
+            headers={"Model": "flux-klein-4b", "Try-Sync": "true", "X-Request-ID": "req-ops-1"},
+            json={"input": {"prompt": prompt}},
+        )
+        assert answer.headers["x-request-id"] == "req-ops-1"
+        made = http.get("/healthz").headers["x-request-id"]
+        assert len(made) == 32, "one is made when none is given"
+        bad = http.get("/healthz", headers={"X-Request-ID": "a b;c"}).headers["x-request-id"]
+        assert bad != "a b;c" and len(bad) == 32
+        signed = answer.json()["generation_url"]
+        http.get(signed)
+    prediction_id = answer.json()["id"]
+    api_lines = _json_lines(stack.logs / "api-access.log")
+    request = next(line for line in api_lines if line.get("request_id") == "req-ops-1")
+    assert request["tenant_id"] == tenant.tenant_id and request["prediction_id"] == prediction_id
+    assert request["dialect"] == "pruna" and request["route"] == "/v1/predictions" and request["status"] == 200
+    deadline = time.monotonic() + 10
+    while not any(line.get("prediction_id") == prediction_id for line in _json_lines(stack.logs / "worker.log")):
+        assert time.monotonic() < deadline, "no worker line names the prediction"
+        time.sleep(0.2)
+    worker_line = next(line for line in _json_lines(stack.logs / "worker.log") if line.get("tenant_id"))
+    assert {"event", "level", "logger", "timestamp", "prediction_id"} <= set(worker_line)
+    everything = (stack.logs / "api-access.log").read_text() + (stack.logs / "worker.log").read_text()
+    assert tenant.key not in everything and tenant.key[:12] not in everything
+    assert prompt not in everything, "prompts only at debug level"
+
+
+def test_secrets_are_masked_whoever_logs_them(tmp_path: Path) -> None:
+    """core/logs.py's redaction on a real configured logger, in a process of its own."""
+    script = tmp_path / "log.py"
+    script.write_text(
+        "import logging\nfrom core import logs\nlogs.configure('json')\n"
+        "logging.getLogger('uvicorn.access').info('GET /x?expires=1&signature=%s 200', 'ab' * 32)\n"
+        "logging.getLogger('x').warning('key kl_%s and secret whsec_%s', 'Q' * 40, 'Zm9v' * 10)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=Path.cwd(), check=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert "ab" * 32 not in done.stderr and "Q" * 40 not in done.stderr and "Zm9v" * 10 not in done.stderr
+    assert lines[0]["logger"] == "uvicorn.access" and "signature=…" in lines[0]["event"]
+
+
+def _json_lines(path: Path) -> list[dict[str, object]]:
+    lines = []
+    for text in path.read_text().splitlines():
+        if text.startswith("{"):
+            lines.append(json.loads(text))
+    return lines

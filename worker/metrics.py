@@ -1,0 +1,109 @@
+"""A worker's Prometheus metrics, on a port of its own (`KLEIN_WORKER_METRICS_PORT`, the webhook worker's
+`KLEIN_WEBHOOK_METRICS_PORT`; 0: none). Each Celery worker here is one process (solo or threads pool), so
+the default registry is the process's, without multiprocess mode.
+
+GPU memory, utilisation and temperature come from NVML (`nvidia-ml-py`) at each scrape; where no NVIDIA GPU
+or driver is, those series are absent rather than zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, get_args
+
+from prometheus_client import REGISTRY, Counter, Enum, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from models.klein import NAMED_SIZES, AspectRatio, size_for_aspect_ratio
+
+log = logging.getLogger(__name__)
+
+STAGES = ("queue", "inference", "encode", "upload", "total")
+# Seconds: from a tiny pipeline's milliseconds to a 4-megapixel image on a slow GPU.
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+
+PREDICTIONS = Counter(
+    "klein_worker_predictions", "Predictions this worker ended, by outcome and failure reason", ["outcome", "reason"]
+)
+STAGE_SECONDS = Histogram(
+    "klein_worker_stage_seconds",
+    "Time per stage of a prediction (queue: created to claimed; total: created to stored), by output size",
+    ["stage", "resolution"],
+    buckets=STAGE_BUCKETS,
+)
+MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipeline's weights at start")
+MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
+PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])
+
+WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
+WEBHOOK_SECONDS = Histogram(
+    "klein_webhook_attempt_seconds",
+    "A webhook send, from connecting to the answer's first bytes",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+
+# The sizes clients pick by name (aspect ratios) are labels; any other is "other", so the labels stay few.
+_KNOWN_SIZES = {f"{w}x{h}" for w, h in NAMED_SIZES.values()} | {
+    "{}x{}".format(*size_for_aspect_ratio(ratio)) for ratio in get_args(AspectRatio)
+}
+
+
+def resolution(width: int, height: int) -> str:
+    size = f"{width}x{height}"
+    return size if size in _KNOWN_SIZES else "other"
+
+
+def record_run(timings: dict[str, int], width: int, height: int) -> None:
+    label = resolution(width, height)
+    for stage in STAGES:
+        if f"{stage}_ms" in timings:
+            STAGE_SECONDS.labels(stage, label).observe(timings[f"{stage}_ms"] / 1000)
+
+
+def serve(port: int) -> None:
+    """Expose the default registry on `port` (0: not at all). A port taken is logged, not fatal: the worker
+    still serves predictions, and an operator sees the missing target in Prometheus."""
+    if not port:
+        return
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        log.error("metrics not served: port %d: %s", port, exc)
+
+
+class GpuCollector(Collector):
+    """NVML's figures for every GPU, read at scrape time; nothing where NVML cannot start."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self.nvml: Any = pynvml
+        pynvml.nvmlInit()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nvml = self.nvml
+        used = GaugeMetricFamily("klein_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("klein_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
+        busy = GaugeMetricFamily("klein_gpu_utilization_ratio", "GPU busy time, last sample period", labels=["gpu"])
+        heat = GaugeMetricFamily("klein_gpu_temperature_celsius", "GPU temperature", labels=["gpu"])
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            gpu = str(index)
+            used.add_metric([gpu], memory.used)
+            total.add_metric([gpu], memory.total)
+            busy.add_metric([gpu], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+            heat.add_metric([gpu], nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        yield from (used, total, busy, heat)
+
+
+def register_gpu_collector() -> bool:
+    """Whether NVML answered (an NVIDIA driver is present); the GPU series exist only then."""
+    try:
+        REGISTRY.register(GpuCollector())
+    except Exception as exc:  # pynvml raises NVMLError_* (LibraryNotFound, DriverNotLoaded, ...) without a GPU
+        log.info("no GPU metrics: NVML unavailable (%s)", type(exc).__name__)
+        return False
+    return True
