@@ -19,7 +19,7 @@ from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
-from api.routes import account, admin, delivery, files, meta, stream, webhooks
+from api.routes import account, admin, delivery, files, listing, meta, stream, web, webhooks
 from api.routes.dialects import generate, oneminute, openai, pruna, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
@@ -84,7 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Observe, access_log=settings.access_log
     )  # outermost: every answer gets its request id, log context and metrics
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
-    routers = (pruna, generate, wavespeed, oneminute, openai, stream, delivery, files, webhooks, account, admin, meta)
+    app.mount("/static", web.assets, name="static")
+    routers = (
+        *(pruna, generate, wavespeed, oneminute, openai, listing, stream, delivery, files, webhooks),
+        *(account, admin, meta, web),
+    )
     for module in routers:
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,

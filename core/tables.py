@@ -84,6 +84,7 @@ predictions = Table(
     # The sweeper's scans (core/sweeper.py): only the rows in each state, not the whole history.
     Index("predictions_waiting", "created_at", postgresql_where=text("status = 'created'")),
     Index("predictions_leased", "lease_expires_at", postgresql_where=text("status = 'processing'")),
+    Index("predictions_failed", "completed_at", postgresql_where=text("status = 'failed'")),  # the console's
     # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.
     Index(
         "predictions_unexpired",

@@ -40,6 +40,12 @@ ensure_services() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
   fi
+  # tests/e2e/test_web.py drives the web pages in Debian's headless Chromium (Playwright cannot download its own).
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    echo "installing chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium chromium-driver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1

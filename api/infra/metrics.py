@@ -12,8 +12,7 @@ dialect and status. Queue depth and age, webhook backlog, live workers and (behi
 from __future__ import annotations
 
 import os
-import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import (
@@ -26,15 +25,11 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from sqlalchemy import func, select, text
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from core import progress
-from core.lifecycle import Status
-from core.queue import PRIORITY_STEPS, list_key
-from core.tables import predictions, usage_records, webhook_deliveries
+from api.services import fleet
 
 if TYPE_CHECKING:
     from api.context import AppContext
@@ -112,54 +107,18 @@ async def endpoint(request: Request) -> Response:
 
 
 async def _read_gauges(ctx: AppContext) -> None:
-    settings = ctx.settings
-    queue = settings.queue_name
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        for priority in PRIORITY_STEPS:
-            pipe.llen(list_key(queue, priority))
-        pipe.zcount(progress.workers_key(settings), time.time() - progress.LIVE_WORKER_S, "+inf")
-        *depths, workers = await pipe.execute()
-    for priority, depth in zip(PRIORITY_STEPS, depths, strict=True):
+    per_tenant = ctx.settings.metrics_per_tenant
+    state = await fleet.read(ctx, per_tenant)
+    for priority, depth in state.depth.items():
         QUEUE_DEPTH.labels(str(priority)).set(depth)
-    LIVE_WORKERS.set(workers)
-    p, d = predictions, webhook_deliveries
-    oldest_queued = (
-        select(p.c.priority, func.extract("epoch", func.now() - func.min(p.c.created_at)))
-        .where(p.c.status == Status.CREATED)
-        .group_by(p.c.priority)
-    )
-    backlog = select(func.count(), func.extract("epoch", func.now() - func.min(d.c.created_at))).where(
-        d.c.status.in_(("pending", "sending"))
-    )
-    async with ctx.engine.connect() as conn:
-        ages = {int(priority): float(age) for priority, age in await conn.execute(oldest_queued)}
-        waiting, age = (await conn.execute(backlog)).one()
-        in_flight: list[Any] = []
-        images: list[Any] = []
-        if settings.metrics_per_tenant:
-            in_flight = list(
-                await conn.execute(
-                    select(p.c.tenant_id, func.count())
-                    .where(p.c.status.in_((Status.CREATED, Status.PROCESSING)))
-                    .group_by(p.c.tenant_id)
-                )
-            )
-            u = usage_records
-            images = list(
-                await conn.execute(
-                    select(u.c.tenant_id, func.sum(u.c.images))
-                    .where(u.c.created_at > func.now() - text("interval '24 hours'"))
-                    .group_by(u.c.tenant_id)
-                )
-            )
-    for priority in PRIORITY_STEPS:
-        QUEUE_AGE.labels(str(priority)).set(ages.get(priority, 0.0))
-    WEBHOOK_BACKLOG.set(waiting)
-    WEBHOOK_AGE.set(float(age or 0.0))
-    if settings.metrics_per_tenant:
+        QUEUE_AGE.labels(str(priority)).set(state.oldest_age_s[priority])
+    LIVE_WORKERS.set(state.live_workers)
+    WEBHOOK_BACKLOG.set(state.webhook_backlog)
+    WEBHOOK_AGE.set(state.webhook_oldest_age_s)
+    if per_tenant:
         TENANT_IN_FLIGHT.clear()
         TENANT_IMAGES.clear()
-        for tenant_id, count in in_flight:
+        for tenant_id, count in state.in_flight.items():
             TENANT_IN_FLIGHT.labels(tenant_id).set(count)
-        for tenant_id, total in images:
-            TENANT_IMAGES.labels(tenant_id).set(float(total))
+        for tenant_id, total in state.images_24h.items():
+            TENANT_IMAGES.labels(tenant_id).set(total)

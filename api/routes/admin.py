@@ -6,18 +6,21 @@ import hashlib
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import RowMapping
+from sqlalchemy import RowMapping, select
 from sqlalchemy.exc import IntegrityError
 
 from api.context import AppContext, get_ctx
 from api.errors import Conflict, NotFound, RateLimited, Unauthenticated
 from api.routes.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
 from api.routes.openapi_errors import errors
+from api.services import fleet
 from api.services.auth import keys_changed, presented_key
 from core import tenants
+from core.lifecycle import Status
+from core.tables import predictions
 from models.registry import MODELS
 
 ADMIN_FAILURE_WINDOW_MS = 60_000
@@ -161,3 +164,23 @@ async def served_models(ctx: Ctx) -> dict[str, Any]:
 async def all_usage(ctx: Ctx, tenant_id: str | None = None, start: Start = None, end: End = None) -> dict[str, Any]:
     report = await usage_report(ctx, tenant_id, start, end)
     return report if tenant_id is None else report | {"tenant_id": tenant_id}
+
+
+@router.get("/queue")
+async def queue_state(ctx: Ctx) -> dict[str, Any]:
+    """Depth and oldest wait per priority, live GPU workers, the webhook backlog (as /metrics reads them)."""
+    return (await fleet.read(ctx)).view()
+
+
+@router.get("/failures", responses=errors(422))
+async def recent_failures(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
+    """The latest failed predictions across tenants, with the reason each client was given."""
+    p = predictions
+    query = (
+        select(p.c.id, p.c.tenant_id, p.c.model, p.c.error, p.c.created_at, p.c.completed_at)
+        .where(p.c.status == Status.FAILED)
+        .order_by(p.c.completed_at.desc().nulls_last())
+        .limit(limit)
+    )
+    async with ctx.engine.connect() as conn:
+        return {"data": [dict(row) for row in (await conn.execute(query)).mappings()]}

@@ -1,0 +1,369 @@
+// The generation form: references uploaded through POST /v1/files, submit, live progress from the event
+// stream, the image with its timings, and the request as code.
+
+import { byId, clear, h, say, show, timingItems } from "./dom.js";
+import { MODEL, openaiBody, prunaInput, renderSnippets } from "./snippets.js";
+
+const MAX_REFERENCES = 4;
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export function setupGenerate(api) {
+  const form = byId("generate-form");
+  const prompt = byId("prompt");
+  const sizeMode = byId("size-mode");
+  const ratio = byId("aspect-ratio");
+  const width = byId("width");
+  const height = byId("height");
+  const seed = byId("seed");
+  const seedLock = byId("seed-lock");
+  const steps = byId("steps");
+  const guidance = byId("guidance");
+  const format = byId("format");
+  const fileInput = byId("references");
+  const dropzone = byId("dropzone");
+  const refList = byId("reference-list");
+  const submit = byId("generate-button");
+  const cancel = byId("cancel-button");
+  const formMessage = byId("form-message");
+  const progressBox = byId("progress-box");
+  const progress = byId("progress");
+  const progressLabel = byId("progress-label");
+  const resultEmpty = byId("result-empty");
+  const result = byId("result");
+  const image = byId("result-image");
+  const resultPrompt = byId("result-prompt");
+  const resultTimings = byId("result-timings");
+  const download = byId("download-link");
+  const resultError = byId("result-error");
+  const resultCode = byId("result-code");
+
+  /** @type {{name: string, status: string, url?: string, width?: number, height?: number, preview?: string, upload?: Promise<void>, message?: string}[]} */
+  let references = [];
+  let running = null; // {controller, id}
+  let lastSeed = null;
+
+  // --- size mode: aspect ratios on the predictions API, exact sizes on the OpenAI-style endpoint ---------
+  function applySizeMode() {
+    const exact = sizeMode.value === "exact";
+    show(byId("ratio-field"), !exact);
+    show(byId("exact-fields"), exact);
+    show(byId("exact-hint"), exact);
+    steps.max = exact ? "12" : "50";
+    guidance.max = exact ? "8" : "20";
+  }
+  sizeMode.addEventListener("change", applySizeMode);
+
+  // --- keyboard: Enter (or Ctrl/Cmd+Enter) submits from the prompt; Shift+Enter is a new line ------------
+  prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+
+  seedLock.addEventListener("change", () => {
+    if (seedLock.checked && seed.value === "" && lastSeed !== null) seed.value = String(lastSeed);
+  });
+  byId("reuse-seed").addEventListener("click", () => {
+    if (lastSeed === null) return;
+    seed.value = String(lastSeed);
+    seedLock.checked = true;
+    seed.focus();
+  });
+
+  // --- reference images -------------------------------------------------------------------------------
+  function renderReferences() {
+    clear(refList);
+    references.forEach((ref, index) => {
+      const remove = h("button", { type: "button", class: "small", "aria-label": `Remove ${ref.name}` }, "×");
+      remove.addEventListener("click", () => {
+        if (ref.preview) URL.revokeObjectURL(ref.preview);
+        references.splice(index, 1);
+        renderReferences();
+      });
+      let thumb = null;
+      if (ref.preview) {
+        thumb = h("img", { src: ref.preview, alt: "" });
+        thumb.addEventListener("error", () => thumb.remove()); // a policy without blob: images: the name is enough
+      }
+      const state = ref.status === "ready" ? "" : ref.status === "error" ? `failed: ${ref.message}` : "uploading…";
+      refList.append(
+        h("li", { "data-status": ref.status }, thumb, h("span", { text: ref.name }), state && h("em", { text: state }), remove),
+      );
+    });
+  }
+
+  function addFiles(files) {
+    say(formMessage, "");
+    for (const file of files) {
+      if (references.length >= MAX_REFERENCES) {
+        say(formMessage, `At most ${MAX_REFERENCES} reference images.`, "error");
+        break;
+      }
+      if (!/^image\/(png|jpeg|webp)$/.test(file.type)) {
+        say(formMessage, `${file.name}: not a PNG, JPEG or WebP image.`, "error");
+        continue;
+      }
+      const ref = { name: file.name, status: "uploading", preview: URL.createObjectURL(file) };
+      const body = new FormData();
+      body.append("file", file, file.name);
+      ref.upload = api
+        .post("/v1/files", { form: body })
+        .then((uploaded) => Object.assign(ref, { status: "ready", url: uploaded.url, width: uploaded.width, height: uploaded.height }))
+        .catch((error) => Object.assign(ref, { status: "error", message: error.message }))
+        .finally(renderReferences);
+      references.push(ref);
+    }
+    renderReferences();
+  }
+
+  fileInput.addEventListener("change", () => {
+    addFiles([...fileInput.files]);
+    fileInput.value = "";
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    dropzone.addEventListener(name, (event) => {
+      event.preventDefault();
+      dropzone.classList.add("over");
+    });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    dropzone.addEventListener(name, () => dropzone.classList.remove("over"));
+  }
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    addFiles([...(event.dataTransfer?.files || [])]);
+  });
+
+  // --- reading and filling the form -------------------------------------------------------------------
+  function invalid(input, text) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    say(formMessage, text, "error");
+    return null;
+  }
+
+  function labelOf(input) {
+    return document.querySelector(`label[for="${input.id}"]`)?.textContent.trim() || input.id;
+  }
+
+  async function readForm() {
+    for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+    say(formMessage, "");
+    if (!prompt.value.trim()) return invalid(prompt, "Write a prompt first.");
+    const exact = sizeMode.value === "exact";
+    const checked = exact ? [width, height, seed, steps, guidance] : [seed, steps, guidance];
+    for (const input of checked) {
+      if (!input.checkValidity()) return invalid(input, `${labelOf(input)}: ${input.validationMessage}`);
+    }
+    if (exact && Number(width.value) * Number(height.value) > 1_048_576) {
+      return invalid(width, "Width × height must be at most 1,048,576 pixels.");
+    }
+    if (seedLock.checked && seed.value === "") return invalid(seed, "Seed: enter the seed to lock.");
+    if (references.some((ref) => ref.status === "uploading")) {
+      say(formMessage, "Waiting for the reference uploads…");
+      await Promise.allSettled(references.map((ref) => ref.upload));
+      say(formMessage, "");
+    }
+    const failed = references.find((ref) => ref.status === "error");
+    if (failed) return invalid(fileInput, `${failed.name}: ${failed.message} (remove it to go on)`);
+    const first = references[0];
+    return {
+      prompt: prompt.value,
+      aspectRatio: exact ? null : ratio.value,
+      width: exact ? Number(width.value) : null,
+      height: exact ? Number(height.value) : null,
+      seed: seedLock.checked ? Number(seed.value) : -1,
+      steps: Number(steps.value),
+      guidance: Number(guidance.value),
+      format: format.value,
+      images: references.map((ref) => ref.url),
+      referenceSize: first?.width ? [first.width, first.height] : null,
+    };
+  }
+
+  /** Put a request (from history) into the form, its seed locked. */
+  function fillForm(request) {
+    prompt.value = request.prompt;
+    const exact = Boolean(request.width && request.height);
+    sizeMode.value = exact ? "exact" : "ratio";
+    if (exact) {
+      width.value = String(request.width);
+      height.value = String(request.height);
+    } else {
+      ratio.value = request.aspectRatio || "1:1";
+    }
+    applySizeMode();
+    if (request.seed >= 0) {
+      seed.value = String(request.seed);
+      seedLock.checked = true;
+    }
+    steps.value = String(request.steps);
+    guidance.value = String(request.guidance);
+    format.value = request.format;
+    references = request.images.map((url, i) => ({ name: `reference ${i + 1}`, status: "ready", url }));
+    renderReferences();
+  }
+
+  // --- running ----------------------------------------------------------------------------------------
+  function setProgress(percent, label) {
+    show(progressBox);
+    if (percent === null) progress.removeAttribute("value");
+    else progress.value = Math.max(0, Math.min(100, percent));
+    progressLabel.textContent = label;
+  }
+
+  function queuedLabel(data) {
+    if (typeof data.queue_position !== "number") return "Queued…";
+    const eta = typeof data.eta_s === "number" ? `, about ${Math.ceil(data.eta_s)} s` : "";
+    return data.queue_position === 0 ? `Queued: next${eta}` : `Queued: ${data.queue_position} ahead${eta}`;
+  }
+
+  function onStatus(data) {
+    if (data.status === "starting") setProgress(null, queuedLabel(data));
+    else if (data.status === "processing") setProgress(0, "Processing…");
+  }
+
+  async function poll(id, signal) {
+    for (;;) {
+      const row = await api.get(`/v1/predictions/status/${encodeURIComponent(id)}`, { signal });
+      if (TERMINAL.has(row.status)) return row;
+      if (row.progress) setProgress(row.progress.percent, `Step ${row.progress.step} of ${row.progress.total}`);
+      else onStatus(row);
+      await sleep(700);
+    }
+  }
+
+  async function runPrediction(request, signal) {
+    const created = await api.post("/v1/predictions", {
+      json: { input: prunaInput(request) },
+      headers: { Model: MODEL },
+      signal,
+    });
+    running.id = created.id;
+    setProgress(null, "Queued…");
+    let final = null;
+    let urls = [];
+    try {
+      await api.events(
+        `/v1/predictions/${encodeURIComponent(created.id)}/stream`,
+        (name, data) => {
+          if (name === "status") onStatus(data);
+          else if (name === "progress") setProgress(data.percent, `Step ${data.step} of ${data.total}`);
+          else if (name === "output") urls = data.urls || [];
+          else if (name === "done") final = data;
+        },
+        signal,
+      );
+    } catch (error) {
+      if (signal.aborted) throw error;
+      // The stream is a nicety (a proxy may cut it, or the tenant may have too many open): poll instead.
+    }
+    if (!final) final = await poll(created.id, signal);
+    if (final.status === "succeeded" && !urls.length) urls = await api.blobUrls(final.generation_urls || []);
+    return { ...final, urls };
+  }
+
+  async function runExact(request, signal) {
+    setProgress(null, "Generating (the exact-size endpoint answers when the image is ready)…");
+    const answer = await api.post("/v1/images/generations", { json: openaiBody(request), signal });
+    running.id = answer.id;
+    return {
+      id: answer.id,
+      status: "succeeded",
+      seed: answer.seed,
+      timings: answer.timings,
+      urls: answer.data.map((item) => item.url),
+      error: null,
+    };
+  }
+
+  function showOutcome(request, outcome) {
+    lastSeed = outcome.seed ?? null;
+    if (!seedLock.checked && lastSeed !== null) seed.value = String(lastSeed);
+    const withSeed = { ...request, seed: lastSeed ?? request.seed };
+    renderSnippets(resultCode, withSeed);
+    show(resultCode);
+    if (outcome.status !== "succeeded" || !outcome.urls.length) {
+      show(progressBox, false);
+      say(resultError, `The prediction ${outcome.status}: ${outcome.error || "no image"}`, "error");
+      return;
+    }
+    const total = outcome.timings?.total_ms;
+    setProgress(100, typeof total === "number" ? `Done in ${(total / 1000).toFixed(2)} s` : "Done");
+    const url = outcome.urls[0];
+    result.dataset.predictionId = outcome.id;
+    result.dataset.seed = String(lastSeed);
+    image.alt = `Generated: ${request.prompt}`; // an attribute holds text, never markup
+    image.src = url;
+    resultPrompt.textContent = request.prompt;
+    const size = h("li", {}, "size ", h("strong", { text: "…" }));
+    image.addEventListener("load", () => (size.lastChild.textContent = `${image.naturalWidth}×${image.naturalHeight}`), {
+      once: true,
+    });
+    resultTimings.replaceChildren(h("li", {}, "seed ", h("strong", { text: String(lastSeed) })), size, ...timingItems(outcome.timings));
+    download.href = url;
+    download.download = `klein-${outcome.id}.${request.format}`;
+    show(resultEmpty, false);
+    show(result);
+  }
+
+  async function run(request) {
+    running?.controller.abort();
+    const controller = new AbortController();
+    const current = { controller, id: null };
+    running = current;
+    submit.disabled = true;
+    show(cancel);
+    say(resultError, "");
+    setProgress(null, "Submitting…");
+    try {
+      const exact = Boolean(request.width && request.height);
+      const outcome = await (exact ? runExact(request, controller.signal) : runPrediction(request, controller.signal));
+      if (running === current) showOutcome(request, outcome);
+    } catch (error) {
+      if (controller.signal.aborted) return;
+      show(progressBox, false);
+      say(resultError, error.message, "error");
+    } finally {
+      if (running === current) {
+        running = null;
+        submit.disabled = false;
+        show(cancel, false);
+      }
+    }
+  }
+
+  cancel.addEventListener("click", async () => {
+    const current = running;
+    if (!current) return;
+    current.controller.abort();
+    running = null;
+    submit.disabled = false;
+    show(cancel, false);
+    setProgress(0, "Canceled");
+    if (current.id) {
+      try {
+        await api.post(`/v1/predictions/${encodeURIComponent(current.id)}/cancel`);
+      } catch (error) {
+        say(resultError, error.message, "error");
+      }
+    }
+  });
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (running) return;
+    if (!api.hasKey()) {
+      say(formMessage, "Enter your API key at the top of the page first.", "error");
+      byId("api-key").focus();
+      return;
+    }
+    const request = await readForm();
+    if (request) await run(request);
+  });
+
+  applySizeMode();
+  return { run, fillForm };
+}

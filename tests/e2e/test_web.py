@@ -1,0 +1,532 @@
+"""The playground (`/`) and the console (`/console`) in a real browser, on the real stack: a prompt with live
+progress, its image, history, a re-run to the same bytes, a dropped reference, "copy as code" run for real,
+keys, usage, the console; prompts stay text, the policy holds, the pages work from the keyboard and at 375 px.
+Screenshots of each page land in a temporary folder and in docs/screenshots/ (tests/browser.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from core.tenants import IssuedKey
+from models.klein import size_for_aspect_ratio, size_for_ratio
+from tests.browser import (
+    CHROMIUM,
+    DESKTOP,
+    PHONE,
+    ROOT,
+    Tab,
+    document_width,
+    launch,
+    screenshot,
+    unlabeled_controls,
+    wait_js,
+)
+from tests.conftest import ADMIN_KEY, Stack
+from tests.e2e.test_worker import poison_prediction, start_slow_prediction, wait_for
+from tests.images import picture
+
+STATIC = ROOT / "api" / "static"
+XSS = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+# Quotes, a variable, a command substitution and a backslash: each snippet has to carry them through its own quoting.
+TRICKY = 'a tin robot\'s "$HOME" `id` \\ sonnet'
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (bash deploy/local.sh test does)")
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture
+def desktop(browser: Browser) -> Iterator[Tab]:
+    tab = Tab.open(browser, DESKTOP)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture
+def phone(browser: Browser) -> Iterator[Tab]:
+    tab = Tab.open(browser, PHONE)
+    yield tab
+    tab.close()
+
+
+# --- driving the playground -----------------------------------------------------------------------------
+
+
+@dataclass
+class Shown:
+    """The result panel's image, once loaded."""
+
+    id: str
+    seed: int
+    url: str
+    width: int
+    height: int
+
+
+_RESULT = """(previous) => {
+  const error = document.getElementById("result-error").textContent;
+  if (error) return {error};
+  const figure = document.getElementById("result");
+  const image = document.getElementById("result-image");
+  const id = figure.dataset.predictionId;
+  if (figure.hidden || !id || id === previous || !image.complete || !image.naturalWidth) return null;
+  const seed = Number(figure.dataset.seed);
+  return {id, seed, url: image.src, width: image.naturalWidth, height: image.naturalHeight};
+}"""
+_RECORD_PROGRESS = """() => {
+  window.progressSeen = [];
+  new MutationObserver((records) => {
+    for (const record of records) for (const node of record.addedNodes) window.progressSeen.push(node.textContent);
+  }).observe(document.getElementById("progress-label"), {childList: true});
+}"""
+_STATS = """(selector) => {
+  const boxes = [...document.querySelectorAll(`${selector} div`)];
+  const pairs = boxes.map((box) => [box.firstChild.textContent, box.lastChild.textContent]);
+  return pairs.length ? Object.fromEntries(pairs) : null;
+}"""
+_IMAGE_LOADED = (
+    "(selector) => { const i = document.querySelector(selector); return i?.complete && i.naturalWidth > 0; }"
+)
+
+
+def open_playground(tab: Tab, stack: Stack, key: str, view: str = "generate") -> Page:
+    page = tab.page
+    page.goto(f"{stack.api_url}/#{view}")
+    page.fill("#api-key", key)
+    page.press("#api-key", "Enter")
+    return page
+
+
+def shown_result(page: Page, previous: str | None = None) -> Shown:
+    """Wait for a result other than `previous` with its image loaded (an error shown instead fails the test)."""
+    found = wait_js(page, _RESULT, previous, timeout=60)
+    assert "error" not in found, found["error"]
+    return Shown(**found)
+
+
+def submit_prompt(page: Page, prompt: str) -> Shown:
+    previous = page.evaluate("() => document.getElementById('result').dataset.predictionId || null")
+    page.fill("#prompt", prompt)
+    page.click("#generate-button")
+    return shown_result(page, previous)
+
+
+def download(url: str) -> bytes:
+    answer = httpx.get(url, timeout=30)  # signed links: no key
+    assert answer.status_code == 200, answer.text
+    return answer.content
+
+
+def stats(page: Page, selector: str) -> dict[str, str]:
+    found: dict[str, str] = wait_js(page, _STATS, selector)
+    return found
+
+
+# --- the tests -------------------------------------------------------------------------------------------
+
+
+def test_a_prompt_streams_its_progress_lands_in_history_and_reruns_to_the_same_bytes(
+    stack: Stack, tenant: IssuedKey, desktop: Tab, shots: Path
+) -> None:
+    page = open_playground(desktop, stack, tenant.key)
+    page.evaluate(_RECORD_PROGRESS)
+    first = submit_prompt(page, "a lighthouse on a cliff at dusk")
+    assert (first.width, first.height) == (1024, 1024)
+
+    seen: list[str] = page.evaluate("() => window.progressSeen")
+    steps = [int(m[1]) for text in seen if (m := re.fullmatch(r"Step (\d+) of 4", text))]
+    assert steps and steps == sorted(steps), seen
+    assert seen[0] == "Submitting…" and seen[-1].startswith("Done in"), seen
+    # From the event stream, read with fetch (the key in a header), not by polling the status.
+    urls = [r.url for r in desktop.requests]
+    assert f"{stack.api_url}/v1/predictions/{first.id}/stream" in urls
+    assert not [u for u in urls if "/v1/predictions/status/" in u]
+    timings = page.text_content("#result-timings") or ""
+    assert f"seed {first.seed}" in timings and "inference" in timings and "total" in timings
+
+    # The key lives in this tab's sessionStorage and travels only in the apikey header.
+    api_calls = [r for r in desktop.requests if r.url.startswith(f"{stack.api_url}/v1/") and "/delivery/" not in r.url]
+    assert api_calls and all(r.headers.get("apikey") == tenant.key for r in api_calls)
+    assert not [r.url for r in desktop.requests if tenant.key in r.url]
+    assert desktop.context.cookies() == []
+    assert page.evaluate("() => [sessionStorage.getItem('klein.apiKey'), localStorage.length]") == [tenant.key, 0]
+
+    with page.expect_download() as downloading:
+        page.click("#download-link")
+    assert downloading.value.suggested_filename == f"klein-{first.id}.jpg"
+    assert Path(downloading.value.path()).read_bytes() == download(first.url)
+    screenshot(page, "playground-desktop", shots)
+
+    page.click("a[data-view=history]")
+    item = page.locator(f'.history-item[data-id="{first.id}"]')
+    item.wait_for()
+    wait_js(page, _IMAGE_LOADED, f'.history-item[data-id="{first.id}"] img')  # the thumbnail: a signed link
+    item.click()
+    page.locator(f'#detail[data-id="{first.id}"]').wait_for()
+    shown_input = json.loads(page.text_content("#detail-input") or "")
+    assert shown_input["prompt"] == "a lighthouse on a cliff at dusk" and shown_input["seed"] == -1
+    assert f"seed {first.seed}" in (page.text_content("#detail-meta") or "")
+    wait_js(page, _IMAGE_LOADED, "#detail-image")
+    screenshot(page, "history-desktop", shots)
+
+    page.click("#detail-rerun")  # the same input, with the seed the first run drew
+    again = shown_result(page, first.id)
+    assert page.evaluate("() => location.hash") == "#generate" and page.is_checked("#seed-lock")
+    assert again.id != first.id and again.seed == first.seed
+    assert download(again.url) == download(first.url)
+
+    page.click("a[data-view=history]")
+    expect(page.locator(".history-item")).to_have_count(2)
+    page.select_option("#history-status", "failed")
+    expect(page.locator("#history-message")).to_have_text("No failed predictions.")
+    expect(page.locator(".history-item")).to_have_count(0)
+    page.select_option("#history-status", "succeeded")
+    expect(page.locator(".history-item")).to_have_count(2)
+    assert page.locator(".history-item").first.get_attribute("data-id") == again.id  # newest first
+    desktop.assert_clean()
+
+
+def test_a_dropped_reference_is_uploaded_and_edited(stack: Stack, tenant: IssuedKey, desktop: Tab) -> None:
+    page = open_playground(desktop, stack, tenant.key)
+    png = picture(640, 384)  # a PNG made with Pillow, 5:3
+    transfer = page.evaluate_handle(
+        """([data, name]) => {
+          const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([bytes], name, {type: "image/png"}));
+          return transfer;
+        }""",
+        [base64.b64encode(png).decode(), "reference.png"],
+    )
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    page.locator('#reference-list li[data-status="ready"]').wait_for()
+    page.select_option("#aspect-ratio", "match_input_image")
+    edited = submit_prompt(page, "the same scene as a watercolour")
+    assert (edited.width, edited.height) == size_for_ratio(640 / 384)  # the reference's shape: it was used
+
+    uploads = [r for r in desktop.requests if r.method == "POST" and r.url == f"{stack.api_url}/v1/files"]
+    assert len(uploads) == 1
+    headers = {"apikey": tenant.key}
+    status = httpx.get(f"{stack.api_url}/v1/predictions/status/{edited.id}", headers=headers).json()
+    (reference,) = status["input"]["images"]
+    assert reference.startswith(f"{stack.api_url}/v1/files/")
+    assert httpx.get(reference, headers=headers).content == png
+    desktop.assert_clean()
+
+
+def test_an_exact_size_goes_through_the_openai_style_endpoint(stack: Stack, tenant: IssuedKey, desktop: Tab) -> None:
+    page = open_playground(desktop, stack, tenant.key)
+    page.select_option("#size-mode", "exact")
+    assert page.is_visible("#width") and not page.is_visible("#aspect-ratio")
+    page.fill("#width", "512")
+    page.fill("#height", "384")
+    page.fill("#steps", "13")  # past this endpoint's 12: refused in the page, before any request
+    page.fill("#prompt", "a blue kite")
+    page.click("#generate-button")
+    expect(page.locator("#form-message")).to_contain_text("Steps")
+    assert not [r for r in desktop.requests if r.method == "POST"]
+    page.fill("#steps", "4")
+    shown = submit_prompt(page, "a blue kite")
+    assert (shown.width, shown.height) == (512, 384)
+    assert [r.url for r in desktop.requests if r.method == "POST"] == [f"{stack.api_url}/v1/images/generations"]
+
+    code = page.text_content('#result-code pre[data-dialect="curl"]') or ""
+    env = os.environ | {"KLEIN_API_KEY": tenant.key}
+    ran = subprocess.run(["bash", "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    answer = json.loads(ran.stdout)
+    assert answer["size"] == "512x384" and answer["seed"] == shown.seed
+    assert download(answer["data"][0]["url"]) == download(shown.url)
+    desktop.assert_clean()
+
+
+def test_a_queued_prediction_shows_its_place_then_runs_and_is_canceled(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client, desktop: Tab
+) -> None:
+    blocker = start_slow_prediction(stack, client)  # the one worker is busy: the page's prediction waits
+    page = open_playground(desktop, stack, tenant.key)
+    label = page.locator("#progress-label")
+    page.fill("#steps", "50")  # long enough on the CPU to be caught running
+    page.fill("#prompt", "a slow glacier")
+    page.click("#generate-button")
+    expect(label).to_have_text(re.compile(r"Queued: (next|\d+ ahead)"))  # the stream's queue position
+    assert client.post(f"/v1/predictions/{blocker}/cancel").status_code == 200
+    expect(label).to_have_text(re.compile(r"Step \d+ of 50"), timeout=30_000)
+    page.click("#cancel-button")
+    expect(label).to_have_text("Canceled")
+    (submitted,) = [r for r in desktop.requests if r.method == "POST" and r.url == f"{stack.api_url}/v1/predictions"]
+    response = submitted.response()
+    assert response is not None
+    prediction_id = response.json()["id"]
+    assert wait_for(stack, prediction_id)["status"] == "canceled"
+    assert page.is_enabled("#generate-button") and not page.is_visible("#cancel-button")
+    desktop.assert_clean()
+
+
+def test_the_page_sizes_images_as_the_model_does(stack: Stack, desktop: Tab) -> None:
+    """The snippets for dialects without aspect ratios carry the size the page computes: the model's."""
+    desktop.page.goto(f"{stack.api_url}/")
+    sizes = desktop.page.evaluate(
+        """async () => {
+          const snippets = await import("/static/js/snippets.js");
+          return Object.fromEntries(snippets.RATIOS.map((ratio) => [ratio, snippets.sizeForAspectRatio(ratio)]));
+        }"""
+    )
+    assert len(sizes) == 11
+    assert {ratio: tuple(size) for ratio, size in sizes.items()} == {r: size_for_aspect_ratio(r) for r in sizes}
+    desktop.assert_clean()
+
+
+def test_copy_as_code_runs_in_every_dialect_and_makes_the_same_picture(
+    stack: Stack, tenant: IssuedKey, desktop: Tab, tmp_path: Path
+) -> None:
+    page = open_playground(desktop, stack, tenant.key)
+    page.select_option("#aspect-ratio", "16:9")
+    page.select_option("#format", "png")  # lossless: the dialects' different JPEG qualities cannot differ here
+    page.fill("#seed", "4242")
+    page.check("#seed-lock")
+    shown = submit_prompt(page, TRICKY)
+    assert shown.seed == 4242 and (shown.width, shown.height) == size_for_aspect_ratio("16:9")
+    expected = download(shown.url)
+
+    env = os.environ | {"KLEIN_API_KEY": tenant.key}
+    for dialect in ("curl", "pruna", "wavespeed", "openai"):
+        code = page.text_content(f'#result-code pre[data-dialect="{dialect}"]') or ""
+        assert code and tenant.key not in code, dialect  # the key comes from the environment
+        folder = tmp_path / dialect
+        folder.mkdir()
+        command = ["bash", "-c", code] if dialect == "curl" else [sys.executable, "-c", code]
+        ran = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=90)
+        assert ran.returncode == 0, f"{dialect}:\n{code}\n{ran.stdout}\n{ran.stderr}"
+        if dialect == "curl":
+            answer: dict[str, Any] = json.loads(ran.stdout)
+            assert answer["status"] == "succeeded" and answer["seed"] == 4242, answer
+            assert answer["input"]["prompt"] == TRICKY
+            made = httpx.get(answer["generation_url"], headers={"apikey": tenant.key}).content
+        else:
+            made = (folder / "output.png").read_bytes()
+        assert made == expected, f"{dialect} made another picture:\n{code}"
+
+    desktop.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=stack.api_url)
+    page.click('#result-code button[data-dialect="openai"]')
+    assert page.is_visible('#result-code pre[data-dialect="openai"]')
+    assert not page.is_visible('#result-code pre[data-dialect="curl"]')
+    page.click('#result-code button[data-action="copy"]')
+    expect(page.locator("#result-code [role=status]")).to_have_text("Copied.")
+    copied = page.evaluate("() => navigator.clipboard.readText()")
+    assert copied == page.text_content('#result-code pre[data-dialect="openai"]')
+    desktop.assert_clean()
+
+
+def test_prompts_show_as_text_and_nothing_runs_from_them(stack: Stack, tenant: IssuedKey, desktop: Tab) -> None:
+    page = open_playground(desktop, stack, tenant.key)
+    shown = submit_prompt(page, XSS)
+    assert page.text_content("#result-prompt") == XSS
+    page.click("a[data-view=history]")
+    item = page.locator(f'.history-item[data-id="{shown.id}"]')
+    expect(item.locator(".history-prompt")).to_have_text(XSS)
+    item.click()
+    expect(page.locator("#detail-prompt")).to_have_text(XSS)
+    assert json.loads(page.text_content("#detail-input") or "")["prompt"] == XSS
+    assert page.locator('img[src="x"]').count() == 0
+    scripts = page.evaluate("() => [...document.scripts].map((s) => s.getAttribute('src'))")
+    assert scripts == ["/static/js/playground.js"]
+    assert desktop.dialogs == []
+    desktop.assert_clean()
+
+
+def test_the_pages_carry_their_policy_and_no_inline_code(stack: Stack) -> None:
+    pages = {"/": "index.html", "/console": "console.html"}
+    assets = ["/static/app.css", *(f"/static/js/{script.name}" for script in (STATIC / "js").glob("*.js"))]
+    for path in [*pages, *assets]:
+        answer = httpx.get(f"{stack.api_url}{path}")
+        assert answer.status_code == 200, path
+        policy = answer.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "style-src 'self'" in policy and "unsafe" not in policy, policy
+    for name in pages.values():
+        html = (STATIC / name).read_text()
+        assert not re.search(r"<script(?![^>]*\ssrc=)", html), f"{name}: an inline script"
+        assert not re.search(r"\s(style|on[a-z]+)=", html) and "<style" not in html, f"{name}: inline style or handler"
+        for linked in re.findall(r'(?:src|href)="/static/([^"]+)"', html):
+            assert (STATIC / linked).is_file(), linked
+    for script in (STATIC / "js").glob("*.js"):
+        code = script.read_text()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+            assert sink not in code, f"{script.name}: {sink}"  # data goes in as text
+        for module in re.findall(r'from "\./([^"]+)"', code):
+            assert (STATIC / "js" / module).is_file(), f"{script.name} imports {module}"
+
+
+def test_keys_are_created_with_a_name_and_expiry_and_revoked(
+    stack: Stack, tenant: IssuedKey, desktop: Tab, shots: Path
+) -> None:
+    page = open_playground(desktop, stack, tenant.key, "keys")
+    expect(page.locator(f'#keys-body tr[data-key-id="{tenant.key_id}"]')).to_contain_text("(this tab)")
+    expiry = (datetime.now(UTC) + timedelta(days=400)).date().isoformat()
+    page.fill("#key-name", "ci-bot")
+    page.fill("#key-expiry", expiry)
+    page.press("#key-name", "Enter")
+    expect(page.locator("#new-key-box")).to_be_visible()
+    new_key = page.text_content("#new-key") or ""
+
+    keys = f"{stack.api_url}/v1/keys"
+    listed = httpx.get(keys, headers={"apikey": new_key})
+    assert listed.status_code == 200, "the new key works"
+    (created,) = [key for key in listed.json()["data"] if key["name"] == "ci-bot"]
+    assert created["expires_at"].startswith(expiry) and new_key.startswith(created["prefix"])
+    row = page.locator(f'#keys-body tr[data-key-id="{created["id"]}"]')
+    expect(row).to_contain_text(created["prefix"])
+    screenshot(page, "keys-desktop", shots)
+
+    revoke = row.locator("button")
+    revoke.click()
+    expect(revoke).to_have_text("Confirm revoke")  # two clicks, no confirm() dialog
+    revoke.click()
+    expect(page.locator(f'#keys-body tr[data-key-id="{created["id"]}"]')).to_have_class("revoked")
+    assert httpx.get(keys, headers={"apikey": new_key}).status_code == 401
+    assert httpx.get(keys, headers={"apikey": tenant.key}).status_code == 200
+    desktop.assert_clean()
+
+
+def test_usage_is_charted_per_day(stack: Stack, tenant: IssuedKey, desktop: Tab, shots: Path) -> None:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=60) as http:
+        for prompt in ("one", "two"):
+            done = http.post(
+                "/v1/predictions",
+                headers={"Model": "flux-klein-4b", "Try-Sync": "true"},
+                json={"input": {"prompt": prompt, "aspect_ratio": "1:1"}},
+            )
+            assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
+        report = http.get("/v1/usage").json()
+    page = open_playground(desktop, stack, tenant.key, "usage")
+    assert stats(page, "#usage-totals")["Images"] == "2"
+    for row in report["days"]:  # both runs, on the day (or days, at midnight) the API counted them
+        bars = page.locator(f'#usage-charts rect[data-day="{row["day"]}"]')
+        expect(bars).to_have_count(2)  # images, cost
+        assert float(bars.nth(0).get_attribute("data-value") or 0) == row["images"]
+        assert float(bars.nth(1).get_attribute("data-value") or 0) == pytest.approx(row["amount"])
+        assert float(bars.nth(0).get_attribute("height") or 0) > 0
+    expect(page.locator("#usage-body tr")).to_have_count(len(report["days"]))
+    screenshot(page, "usage-desktop", shots)
+    desktop.assert_clean()
+
+
+def test_the_console_edits_limits_and_shows_keys_queue_usage_and_failures(
+    stack: Stack, tenant: IssuedKey, desktop: Tab, shots: Path
+) -> None:
+    failed = wait_for(stack, poison_prediction(stack, tenant))
+    assert failed["status"] == "failed"
+    page = desktop.page
+    page.goto(f"{stack.api_url}/console")
+    page.fill("#admin-key", ADMIN_KEY)
+    page.press("#admin-key", "Enter")
+    row = page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"]')
+    row.wait_for()
+    queue = stats(page, "#queue-stats")
+    assert int(queue["Live workers"]) >= 1 and {"Queued", "Priority 0", "Webhook backlog"} <= set(queue), queue
+    failure = page.locator(f'#failures-body tr[data-prediction-id="{failed["id"]}"]')
+    expect(failure.locator("td.error-text")).to_have_text(failed["error"])
+    expect(page.locator("#console-usage-charts svg")).to_have_count(2)
+
+    row.locator("button").click()
+    expect(page.locator(f'#tenant-keys-body tr[data-key-id="{tenant.key_id}"]')).to_be_visible()
+    page.fill("#edit-rate", "77")
+    page.fill("#edit-price", "0.02")
+    page.click("#tenant-editor button[type=submit]")
+    expect(page.locator("#editor-message")).to_have_text("Saved.")
+    expect(row.locator("td").nth(1)).to_have_text("77")
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    limits = httpx.get(f"{stack.api_url}/admin/v1/tenants/{tenant.tenant_id}", headers=admin).json()
+    assert limits["rate_limit_per_minute"] == 77 and limits["price_per_image"] == 0.02
+    page.fill("#edit-rate", "")  # empty: back to the platform default
+    page.click("#tenant-editor button[type=submit]")
+    expect(row.locator("td").nth(1)).to_have_text("default")
+    limits = httpx.get(f"{stack.api_url}/admin/v1/tenants/{tenant.tenant_id}", headers=admin).json()
+    assert limits["rate_limit_per_minute"] is None and limits["price_per_image"] == 0.02
+
+    page.fill("#tenant-key-name", "ops")
+    page.press("#tenant-key-name", "Enter")
+    expect(page.locator("#tenant-new-key-box")).to_be_visible()
+    issued = page.text_content("#tenant-new-key") or ""
+    mine = httpx.get(f"{stack.api_url}/v1/keys", headers={"apikey": issued})
+    assert mine.status_code == 200 and "ops" in [key["name"] for key in mine.json()["data"]]
+    expect(page.locator("#tenant-keys-body tr")).to_have_count(2)
+    screenshot(page, "console-desktop", shots)
+    desktop.assert_clean()
+
+
+def test_keyboard_only_labelled_and_readable_at_375_px(
+    stack: Stack, tenant: IssuedKey, phone: Tab, shots: Path
+) -> None:
+    page = open_playground(phone, stack, tenant.key)
+    page.focus("#prompt")
+    page.keyboard.type("a paper boat")
+    page.keyboard.press("Shift+Enter")  # a new line, not a submit
+    page.keyboard.type("on a puddle")
+    assert page.input_value("#prompt") == "a paper boat\non a puddle"
+    assert not [r for r in phone.requests if r.method == "POST"]
+    page.keyboard.press("Control+Enter")
+    first = shown_result(page)
+    page.focus("#prompt")
+    for _ in range(40):  # Tab through the form to its submit button
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.id") == "generate-button":
+            break
+    else:
+        pytest.fail("Tab never reached the Generate button")
+    page.keyboard.press("Enter")
+    shown_result(page, first.id)
+    assert document_width(page) <= PHONE["width"]
+    screenshot(page, "playground-mobile", shots)
+
+    ready = {
+        "history": ".history-item img",
+        "keys": f'#keys-body tr[data-key-id="{tenant.key_id}"]',
+        "usage": "#usage-charts svg",
+    }
+    for view, selector in ready.items():
+        page.click(f"a[data-view={view}]")
+        page.locator(selector).first.wait_for()
+        if view == "history":
+            page.locator(".history-item").first.click()
+            wait_js(page, _IMAGE_LOADED, "#detail-image")
+        assert document_width(page) <= PHONE["width"], view
+        screenshot(page, f"{view}-mobile", shots)
+    assert unlabeled_controls(page) == []
+
+    page.goto(f"{stack.api_url}/console")
+    page.fill("#admin-key", ADMIN_KEY)
+    page.press("#admin-key", "Enter")
+    page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"] button').click()
+    page.locator(f'#tenant-keys-body tr[data-key-id="{tenant.key_id}"]').wait_for()
+    stats(page, "#queue-stats")
+    expect(page.locator("#console-usage-charts svg")).to_have_count(2)
+    assert document_width(page) <= PHONE["width"], "console"
+    assert unlabeled_controls(page) == []
+    screenshot(page, "console-mobile", shots)
+    phone.assert_clean()
