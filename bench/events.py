@@ -207,6 +207,8 @@ def main() -> None:
         "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
         "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
         "KLEIN_MODEL_PATH": str(tiny),
+        "KLEIN_WORKER_METRICS_PORT": "0",
+        "KLEIN_WEBHOOK_METRICS_PORT": "0",
         "KLEIN_DEVICE": "cpu",
         "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
         "KLEIN_FETCH_ALLOWLIST": f'["{RECEIVER_HOST}/32"]',

@@ -59,6 +59,8 @@ class Stack(StackState):
             "KLEIN_S3_ACCESS_KEY_ID": self.s3.access_key,
             "KLEIN_S3_SECRET_ACCESS_KEY": self.s3.secret_key,
             "KLEIN_MODEL_PATH": str(self.tiny_dir or self.workdir / "no-model"),
+            "KLEIN_WORKER_METRICS_PORT": "0",  # benchmark workers: no metrics port to collide on
+            "KLEIN_WEBHOOK_METRICS_PORT": "0",
             "KLEIN_DEVICE": "cpu",
             "KLEIN_TRY_SYNC_TIMEOUT_S": "120",
             "HF_HUB_OFFLINE": "1",

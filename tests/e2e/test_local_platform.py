@@ -22,7 +22,7 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIN_")}
     with open(log, "wb") as out:
         up = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(data), "--port", str(port)],
+            [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(data), "--port", str(port), "--gpus", "2"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -33,7 +33,12 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert up.poll() is None, log.read_text()
         assert "TINY RANDOM-WEIGHTS" in log.read_text()
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 3  # worker, API, SeaweedFS (PostgreSQL and Valkey run detached)
+        assert len(children) >= 5  # 2 GPU workers, the webhook worker, API, SeaweedFS (PostgreSQL, Valkey detached)
+        workers = [c for c in children if "worker.app" in c.cmdline()]
+        assert sorted(c.environ().get("CUDA_VISIBLE_DEVICES") for c in workers) == ["0", "1"], "one device each"
+        for metrics_port in (9101, 9102):  # each GPU worker's own /metrics, its pipeline loaded
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
 
         key = (data / "api-key").read_text().strip()
         assert key in log.read_text()
