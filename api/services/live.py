@@ -3,17 +3,21 @@
 with the result).
 
 The queue position counts the predictions that run first: those queued at a better priority, and those at
-its own queued before it (Celery takes its priority lists in order, each first in, first out). The ETA is
+its own queued before it (Celery takes its priority lists in order, each first in, first out), from a
+snapshot of the queue's order at most a second old. The ETA is
 that work spread over the live workers at the recent time per image.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import statistics
 import time
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import SmallInteger, and_, bindparam, func, or_, select
+from sqlalchemy import select
 
 from api.context import AppContext
 from api.infra.pg import Statement
@@ -22,15 +26,35 @@ from core import progress
 from core.lifecycle import Status
 from core.tables import predictions as p
 
-_AHEAD = Statement(
-    select(func.count().label("ahead")).where(
-        p.c.status == Status.CREATED,
-        or_(
-            p.c.priority < bindparam("priority", type_=SmallInteger),
-            and_(p.c.priority == bindparam("priority", type_=SmallInteger), p.c.created_at < bindparam("created_at")),
-        ),
-    )
+# The queue's order, read at most every QUEUE_TTL_S per process and at most QUEUE_DEPTH_READ deep: a status
+# read then places its prediction by bisection, without a query of its own (a count per read cost each status
+# of a queued prediction about a millisecond behind a deep queue: docs/performance.md, "Events").
+QUEUE_TTL_S = 1.0
+QUEUE_DEPTH_READ = 5000
+_QUEUED = Statement(
+    select(p.c.priority, p.c.created_at)
+    .where(p.c.status == Status.CREATED)
+    .order_by(p.c.priority, p.c.created_at)
+    .limit(QUEUE_DEPTH_READ)
 )
+_queue: dict[str, tuple[float, list[tuple[int, datetime]]]] = {}  # queue name → (read at, ordered keys)
+_queue_lock = asyncio.Lock()
+
+
+async def queued_ahead(ctx: AppContext, priority: int, created_at: datetime) -> int:
+    """How many queued predictions run before one queued at `priority` and `created_at` (at most the depth
+    read: past it, the position is "at least" that)."""
+    name = ctx.settings.queue_name
+    cached = _queue.get(name)
+    if cached is None or time.monotonic() - cached[0] >= QUEUE_TTL_S:
+        async with _queue_lock:  # one read per process however many ask at once
+            cached = _queue.get(name)
+            if cached is None or time.monotonic() - cached[0] >= QUEUE_TTL_S:
+                rows = await _QUEUED.all(ctx.pg)
+                cached = _queue[name] = (time.monotonic(), [(r["priority"], r["created_at"]) for r in rows])
+    return bisect.bisect_left(cached[1], (priority, created_at))
+
+
 PACE_TTL_S = 2.0
 _pace: dict[str, tuple[float, int, float | None]] = {}  # queue → (read at, live workers, ms per image)
 
@@ -62,8 +86,7 @@ async def extras(ctx: AppContext, row: Row) -> dict[str, Any]:
     images = row["params"].get("num_outputs", 1)
     workers, per_image_ms = await pace(ctx)
     if status is Status.CREATED:
-        found = await _AHEAD.one(ctx.pg, priority=row["priority"], created_at=row["created_at"])
-        ahead = found["ahead"] if found else 0
+        ahead = await queued_ahead(ctx, row["priority"], row["created_at"])
         eta = None
         if workers and per_image_ms is not None:
             eta = round((ahead // workers + 1) * per_image_ms * images / 1000, 1)
