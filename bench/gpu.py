@@ -1,457 +1,113 @@
-"""GPU inference benchmark of the worker's pipeline: `python bench/gpu.py` (CUDA) or `python bench/gpu.py --tiny` (CPU).
+"""GPU inference benchmark of the worker's pipeline: `python bench/gpu.py` (CUDA), `--tiny` or `--cut-depth` (CPU).
 
-On CUDA it builds the real FLUX.2 [klein] 4B architecture (transformer, Qwen3-4B text encoder, VAE, with
-their real configs, bench/flops.py) with random weights directly on the GPU, in the worker's dtype: no
-weights are downloaded. `--model PATH` loads real weights from a local diffusers folder instead. The
-pipeline then goes through the worker's own setup (`models.klein_pipeline.KleinPipeline`: dtype, speed
-switches from KLEIN_* settings, warm-up) and every timing is the worker's own call, `generate(params,
-references)`, PIL images out. `--tiny` runs the same code on the tiny random-weights pipeline on CPU, at
-sizes divided by `--tiny-scale`, so the benchmark never rots; its figures are CPU figures, not GPU ones.
+On CUDA it builds the real FLUX.2 [klein] 4B architecture (bench/real_model.py: the released configs, random
+weights) directly on the GPU, in the worker's dtype: no weights are downloaded. `--model PATH` loads real
+weights from a local diffusers folder instead, as the worker does (straight onto the device). `--cut-depth`
+keeps every real width at 1 double + 1 single block and a 4-layer text encoder (CPU by default); `--tiny` runs
+the tiny random-weights pipeline on CPU. Sides are divided by `--scale` (4 with --tiny, 8 with --cut-depth).
 
-For each scenario (bench/flops.py SCENARIOS): p50/p90 seconds after warm-up, images/s, peak memory, the
-FLOPs counted on the meta device, the compute floor at `--peak-tflops` and the fraction of it reached
-(floor / p50; 1.0 would be every FLOP at peak rate). Prompts differ on every call unless
-`--repeat-prompt`, so the prompt-embedding cache never hides the text encoder.
+Every timing is the worker's own call, `KleinPipeline.generate(params, references)`, PIL images out, after the
+worker's setup (dtype, speed switches from KLEIN_* settings). With compilation on, exactly the measured shapes
+are warmed up, each just before its scenario, and every cell says whether it ran compiled (checked).
 
-`--compare` builds a fresh pipeline per switch and times the baseline (every switch off: the plain
-diffusers pipeline) and each switch on its own, then all of them. `--fp8-error` reports FP8's
-numerical difference to bf16 on the same inputs (transformer output, decoded image).
+For each scenario (bench/flops.py SCENARIOS): p50/p90 seconds, images/s, peak memory, the FLOPs counted on the
+meta device, the compute floor at `--peak-tflops` and the fraction of it reached (floor / p50). Prompts differ
+on every call unless `--repeat-prompt`, so the prompt-embedding cache never hides the text encoder.
+
+`--compare` runs each variant (bench/gpu_variant.py: baseline = every switch off, the worker's defaults, each
+switch on its own, everything on with and without FP8) in its own process under a time limit, inside one budget
+(450 s on CUDA), writing the report after every variant (bench/gpu_compare.py). `--fp8-error` reports FP8's
+numerical difference to bf16 on the same inputs (bench/gpu_fp8.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import tempfile
 from pathlib import Path
 from typing import Any
 
 if not __package__:  # `python bench/gpu.py`: the repository on the path instead of bench/ (its platform.py)
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from bench.flops import (
-    PEAK_TFLOPS,
-    REAL_TEXT_ENCODER,
-    REAL_TRANSFORMER,
-    REAL_VAE,
-    SCENARIOS,
-    FlopCounter,
-    Scenario,
-    ScenarioFlops,
+from bench.flops import PEAK_TFLOPS, SCENARIOS, Scenario, ScenarioFlops
+from bench.gpu_fp8 import emulate_fp8, fp8_difference, numerical_difference, relative_error  # noqa: F401
+from bench.gpu_measure import PROMPT, Result, environment, reference_images, results_table, run_scenario  # noqa: F401
+from bench.gpu_variant import (  # noqa: F401 - the benchmark's pieces, importable from here
+    BASELINE,
+    CORE,
+    ENV,
+    Variant,
+    flop_counter,
+    make_pipeline,
+    release,
+    run_variant,
+    source_name,
+    variants,
 )
+from bench.real_model import build_real_pipeline  # noqa: F401
 
-# Every speed switch off: the plain diffusers pipeline (bf16 on CUDA).
-BASELINE: dict[str, Any] = {
-    "attention_backend": "native",
-    "fuse_qkv": False,
-    "truncate_text_encoder": False,
-    "prompt_cache_size": 0,
-    "vae_channels_last": False,
-    "cudnn_benchmark": False,
-    "compile_transformer": False,
-    "compile_vae": False,
-    "fp8": False,
-}
-PROMPT = "a lighthouse on a cliff at dusk, waves breaking on the rocks, volumetric light"
+COMPARE_SCENARIOS = "t2i-1024,t2i-512,edit-1024,batch4-512"  # --compare's default: 4 shapes fit the budget
 
 
-@dataclass
-class Variant:
-    name: str
-    overrides: dict[str, Any]
-    repeat_prompt: bool = False
-
-
-def variants(cuda: bool) -> list[Variant]:
-    """Baseline, each switch on its own, then everything on."""
-    attention = (
-        ["_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3"] if cuda else ["_native_math"]
-    )
-    out = [Variant("baseline", {})]
-    out += [Variant(f"attention={name}", {"attention_backend": name}) for name in attention]
-    out += [
-        Variant("fuse_qkv", {"fuse_qkv": True}),
-        Variant("truncate_text_encoder", {"truncate_text_encoder": True}),
-        Variant("prompt_cache (same prompt)", {"prompt_cache_size": 32}, repeat_prompt=True),
-        Variant("vae_channels_last", {"vae_channels_last": True}),
-        Variant("cudnn_benchmark", {"cudnn_benchmark": True}),
-        Variant("compile_transformer", {"compile_transformer": True}),
-        Variant("compile_vae", {"compile_vae": True}),
-        Variant("fp8", {"fp8": True}),
-    ]
-    all_on = {
-        "attention_backend": "auto",
-        "fuse_qkv": True,
-        "truncate_text_encoder": True,
-        "prompt_cache_size": 32,
-        "vae_channels_last": True,
-        "cudnn_benchmark": True,
-        "compile_transformer": True,
-        "compile_vae": True,
-    }
-    out += [Variant("all (bf16)", all_on), Variant("all + fp8", all_on | {"fp8": True})]
-    return out
-
-
-@dataclass
-class Result:
-    key: str
-    scenario: str
-    p50_s: float
-    p90_s: float
-    mean_s: float
-    images_per_s: float
-    peak_gb: float
-    tflop: float
-    floor_s: float
-    floor_fraction: float
-    iterations: int
-    times_s: list[float]
-
-
-# Building pipelines ------------------------------------------------------------------------------------------
-
-
-def build_real_pipeline(device: str, dtype: Any, seed: int = 0) -> Any:
-    """The real 4B architecture with random weights, built directly on `device` (CUDA; "meta" for shapes only).
-
-    The tokenizer is the tiny pipeline's byte-level one: the pipeline pads every prompt to 512 tokens, so the
-    text encoder (real config, real 151,936-entry embedding) sees the real sequence length.
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from models.tiny import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    with torch.device(device):  # one module at a time, cast before the next: peak ≈ the largest in float32
-        transformer: Any = Flux2Transformer2DModel(**REAL_TRANSFORMER)
-        transformer = transformer.to(dtype)
-        text_encoder: Any = Qwen3ForCausalLM(Qwen3Config(**REAL_TEXT_ENCODER, pad_token_id=tokenizer.pad_token_id))
-        text_encoder = text_encoder.to(dtype)
-        vae: Any = AutoencoderKLFlux2(**REAL_VAE)
-        vae = vae.to(dtype)
-    if device != "meta":
-        _scale_down_random_weights(transformer)
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=transformer.eval(),
-        is_distilled=True,
-    )
-
-
-def _scale_down_random_weights(transformer: Any) -> None:
-    """Keep 25 random blocks' activations finite in bf16: small random weights (speed does not depend on them)."""
-    import torch
-
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, 0.02)
-            elif name.endswith("bias"):
-                parameter.zero_()
-
-
-def make_pipeline(args: argparse.Namespace, settings: Any) -> Any:
-    """A KleinPipeline through the worker's setup path, from the tiny, the random 4B or real weights."""
-    import torch
-
-    from models.klein_pipeline import KleinPipeline
-    from models.optimize import pick_dtype
-
-    device = torch.device(args.device)
-    if args.model:
-        return KleinPipeline(args.model, args.device, settings)
-    if args.tiny:
-        from models.tiny import build_tiny_pipeline
-
-        return KleinPipeline("tiny random-weights pipeline", args.device, settings, pipe=build_tiny_pipeline())
-    started = time.perf_counter()
-    pipe = build_real_pipeline(args.device, pick_dtype(settings.dtype, device))
-    print(f"built the random-weights 4B pipeline on {device} in {time.perf_counter() - started:.1f} s", flush=True)
-    return KleinPipeline("FLUX.2 [klein] 4B architecture, random weights", args.device, settings, pipe=pipe)
-
-
-def release(klein: Any) -> None:
-    import torch
-
-    del klein
-    gc.collect()
-    torch.compiler.set_stance("default")
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    torch.backends.cudnn.benchmark = False
-
-
-# Running scenarios -------------------------------------------------------------------------------------------
-
-
-def reference_images(scenario: Scenario) -> list[Any]:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in scenario.references]
-
-
-def run_scenario(
-    klein: Any, scenario: Scenario, flops: ScenarioFlops, args: argparse.Namespace, repeat_prompt: bool = False
-) -> Result:
-    import torch
-
-    from models.klein import GenerationParams
-
-    cuda = klein.device.type == "cuda"
-    references = reference_images(scenario)
-
-    def params(i: int) -> GenerationParams:
-        return GenerationParams(
-            prompt=PROMPT if repeat_prompt else f"{PROMPT}, variation {i}",
-            width=scenario.width,
-            height=scenario.height,
-            num_inference_steps=scenario.steps,
-            guidance_scale=1.0,
-            seed=i,
-            output_format="png",
-            output_quality=80,
-            num_outputs=scenario.batch,
-        )
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup):
-        klein.generate(params(10_000 + i), references)
-    times = []
-    for i in range(args.iters):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        images = klein.generate(params(i), references)  # PIL out: the device is done
-        times.append(time.perf_counter() - started)
-        assert len(images) == scenario.batch
-    if cuda:
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-    else:  # the process's peak resident memory so far (Linux reports KiB)
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    p50 = statistics.median(times)
-    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1] if len(times) > 1 else times[0]
-    floor_s = flops.floor_s(args.peak_tflops)
-    return Result(
-        key=scenario.key,
-        scenario=scenario.label,
-        p50_s=p50,
-        p90_s=p90,
-        mean_s=statistics.fmean(times),
-        images_per_s=scenario.batch / p50,
-        peak_gb=peak_gb,
-        tflop=flops.total / 1e12,
-        floor_s=floor_s,
-        floor_fraction=floor_s / p50,
-        iterations=len(times),
-        times_s=times,
-    )
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CPU, the tiny random-weights pipeline (CI mode)")
+    parser.add_argument("--cut-depth", action="store_true", help="the real widths, 1+1 blocks, 4 text layers")
+    parser.add_argument("--model", help="load real weights from this diffusers folder instead of random ones")
+    parser.add_argument("--device", help="default: cuda, or cpu with --tiny / --cut-depth")
+    parser.add_argument("--scenarios", help="comma-separated keys: " + ",".join(s.key for s in SCENARIOS))
+    parser.add_argument("--iters", type=int, help="timed calls per scenario (10; 5 with --compare; 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per scenario first (2; 1 with --compare or CPU)")
+    parser.add_argument("--scale", "--tiny-scale", type=int, help="divide every side by this (4 tiny, 8 cut)")
+    parser.add_argument("--steps", type=int, help="denoising steps instead of the scenarios' 4")
+    parser.add_argument("--repeat-prompt", action="store_true", help="the same prompt every call (cache hits)")
+    parser.add_argument("--compare", action="store_true", help="variants, each in its own process; see --switches")
+    parser.add_argument("--switches", help=f"--compare: these variants ('all': every one; default {','.join(CORE)})")
+    parser.add_argument("--budget", type=float, help="--compare: seconds for all variants (CUDA default 450)")
+    parser.add_argument("--variant-limit", type=float, help="--compare: seconds per variant (CUDA: 90, compiled 180)")
+    parser.add_argument("--limit", action="append", help="--compare: NAME=SECONDS for one variant (repeatable)")
+    parser.add_argument("--work", type=Path, help="--compare: folder of the variants' own records")
+    parser.add_argument("--breakdown", type=int, help="one more call per scenario, timed per part (1 on CUDA)")
+    parser.add_argument("--fp8-error", action="store_true", help="FP8 vs bf16 relative error on the same inputs")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 rate of the floor")
+    parser.add_argument("--json", type=Path, help="also write every figure here (after every variant)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # --compare's child: run this one variant
+    parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--flops-json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cpu_mode = args.tiny or args.cut_depth
+    args.device = args.device or ("cpu" if cpu_mode else "cuda")
+    on_cpu = args.device == "cpu"
+    args.iters = args.iters or (3 if on_cpu else 5 if args.compare else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu or args.compare else 2)
+    args.scale = args.scale or (4 if args.tiny else 8 if args.cut_depth else 1)
+    args.breakdown = args.breakdown if args.breakdown is not None else int(not on_cpu)
+    if args.compare and not args.scenarios:
+        args.scenarios = COMPARE_SCENARIOS
+    return args
 
 
 def scenarios_for(args: argparse.Namespace) -> list[Scenario]:
     chosen = [s for s in SCENARIOS if not args.scenarios or s.key in args.scenarios.split(",")]
     if not chosen:
         raise SystemExit(f"no scenario among {args.scenarios!r}; known: {', '.join(s.key for s in SCENARIOS)}")
-    return [s.scaled(args.tiny_scale) for s in chosen] if args.tiny else chosen
+    if args.scale > 1:
+        chosen = [s.scaled(args.scale) for s in chosen]
+    if args.steps:
+        chosen = [Scenario(s.key, s.label, s.width, s.height, s.references, s.batch, args.steps) for s in chosen]
+    return chosen
 
 
-def results_table(results: list[Result], memory: str) -> str:
-    lines = [
-        f"| scenario | p50 s | p90 s | images/s | {memory} | TFLOP | floor s | floor fraction |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.scenario} | {r.p50_s:.4f} | {r.p90_s:.4f} | {r.images_per_s:.2f} | {r.peak_gb:.2f} "
-            f"| {r.tflop:.4g} | {r.floor_s:.4g} | {r.floor_fraction:.3g} |"
-        )
-    return "\n".join(lines)
-
-
-# Numerical difference (FP8 vs bf16) -------------------------------------------------------------------------
-
-
-def relative_error(value: Any, reference: Any) -> float:
-    return float((value.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12))
-
-
-def numerical_difference(
-    pipe: Any, mutate: Callable[[Any], str], width: int, height: int, seed: int = 0
-) -> dict[str, Any]:
-    """Transformer output and decoded image before and after `mutate(pipe)`, on the same inputs."""
-    import torch
-
-    device = pipe._execution_device
-    with torch.inference_mode():
-        prompt_embeds, text_ids = pipe.encode_prompt(prompt=PROMPT, device=device, max_sequence_length=512)
-        latents, latent_ids = pipe.prepare_latents(
-            batch_size=1,
-            num_latents_channels=pipe.transformer.config.in_channels // 4,
-            height=height,
-            width=width,
-            dtype=prompt_embeds.dtype,
-            device=device,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
-        timestep = torch.full((1,), 0.5, device=device, dtype=latents.dtype)
-
-    def transformer_output() -> Any:
-        with torch.inference_mode():
-            return pipe.transformer(
-                hidden_states=latents,
-                timestep=timestep,
-                guidance=None,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=text_ids,
-                img_ids=latent_ids,
-                return_dict=False,
-            )[0].float()
-
-    def image() -> Any:
-        with torch.inference_mode():
-            return pipe(
-                prompt=PROMPT,
-                height=height,
-                width=width,
-                num_inference_steps=4,
-                guidance_scale=1.0,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="pt",
-            ).images.float()
-
-    reference_out, reference_image = transformer_output(), image()
-    outcome = mutate(pipe)
-    out, img = transformer_output(), image()
-    mse = float(((img - reference_image) ** 2).mean())
-    return {
-        "variant": outcome,
-        "size": f"{width}x{height}",
-        "transformer_relative_error": relative_error(out, reference_out),
-        "image_relative_error": relative_error(img, reference_image),
-        "image_max_abs_error": float((img - reference_image).abs().max()),
-        "image_psnr_db": float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(1.0 / mse))),
-        "finite": bool(torch.isfinite(reference_out).all() and torch.isfinite(out).all()),
-    }
-
-
-FP8_MAX = 448.0  # largest float8_e4m3fn value
-
-
-def _fake_fp8(x: Any) -> Any:
-    """Round to float8 e4m3 with one scale per row (last dim), back in x's dtype: torchao's PerRow numerics."""
-    import torch
-
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
-
-
-def emulate_fp8(transformer: Any) -> str:
-    """FP8 numerics without FP8 hardware: the layers FP8 would quantise get per-row float8-rounded weights and
-    per-token float8-rounded inputs, computed in their own dtype. A CPU stand-in for torchao's kernels."""
-    import torch
-
-    from models.optimize import fp8_filter
-
-    count = 0
-    with torch.no_grad():
-        for name, module in transformer.named_modules():
-            if fp8_filter(module, name):
-                module.weight.copy_(_fake_fp8(module.weight))
-                module.register_forward_pre_hook(lambda _m, args: (_fake_fp8(args[0]), *args[1:]))
-                count += 1
-    return f"emulated: {count} linear layers with float8-rounded weights and inputs (per row)"
-
-
-def fp8_difference(args: argparse.Namespace, settings: Any) -> dict[str, Any]:
-    """FP8 against bf16 on one fresh pipeline (switches off, eager), on the same inputs. With torchao on a
-    GPU of compute capability ≥ 8.9 the real kernels; elsewhere (CPU, --tiny) the emulation above."""
-    from models.optimize import quantize_fp8
-
-    klein = make_pipeline(args, settings.model_copy(update=BASELINE))
-    device = klein.device
-    size = scenarios_for(args)[0]
-
-    def mutate(pipe: Any) -> str:
-        outcome = quantize_fp8(pipe.transformer, device)
-        if outcome.startswith("skipped"):
-            print(f"FP8 {outcome}; measuring its emulation instead", flush=True)
-            return emulate_fp8(pipe.transformer)
-        return outcome
-
-    try:
-        return numerical_difference(klein.pipe, mutate, size.width, size.height)
-    finally:
-        release(klein)
-
-
-# Main ---------------------------------------------------------------------------------------------------
-
-
-def environment(device: Any) -> dict[str, Any]:
-    import diffusers
-    import torch
-    import transformers
-
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        import torchao
-
-        info["torchao"] = torchao.__version__
-    except ImportError:
-        info["torchao"] = None
-    return info
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU, the tiny random-weights pipeline (CI mode)")
-    parser.add_argument("--model", help="load real weights from this diffusers folder instead of random ones")
-    parser.add_argument("--device", help="default: cuda, or cpu with --tiny")
-    parser.add_argument("--scenarios", help="comma-separated keys: " + ",".join(s.key for s in SCENARIOS))
-    parser.add_argument("--iters", type=int, help="timed calls per scenario (default 10; 3 with --tiny)")
-    parser.add_argument("--warmup", type=int, help="untimed calls per scenario first (default 2; 1 with --tiny)")
-    parser.add_argument("--tiny-scale", type=int, default=4, help="--tiny: divide every side by this (default 4)")
-    parser.add_argument("--repeat-prompt", action="store_true", help="the same prompt every call (cache hits)")
-    parser.add_argument("--compare", action="store_true", help="baseline vs each switch on its own, then all")
-    parser.add_argument("--switches", help="--compare: only these variants (comma-separated names)")
-    parser.add_argument("--fp8-error", action="store_true", help="FP8 vs bf16 relative error on the same inputs")
-    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 rate of the floor")
-    parser.add_argument("--json", type=Path, help="also write every figure here")
-    args = parser.parse_args(argv)
-    args.device = args.device or ("cpu" if args.tiny else "cuda")
-    args.iters = args.iters or (3 if args.tiny else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
-    return args
+def flops_for(args: argparse.Namespace, scenarios: list[Scenario]) -> dict[str, ScenarioFlops]:
+    if args.flops_json:  # counted once by the parent of --compare
+        names = set(ScenarioFlops.__dataclass_fields__)
+        saved = json.loads(args.flops_json.read_text())
+        return {k: ScenarioFlops(**{n: v for n, v in saved[k].items() if n in names}) for k in saved}
+    counter = flop_counter(args)
+    return {s.key: counter.scenario(s) for s in scenarios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,122 +118,67 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: run with --tiny for the CPU mode", file=sys.stderr)
+        print("no CUDA device here: run with --tiny or --cut-depth for a CPU mode", file=sys.stderr)
         return 2
-    settings = Settings()  # KLEIN_* from the environment, as the worker reads them
+    env = Settings()  # KLEIN_* from the environment, as the worker reads them
     scenarios = scenarios_for(args)
-    env = environment(device)
-    mode = "CPU, tiny random-weights pipeline (not GPU figures)" if args.tiny else env.get("gpu", str(device))
-    print(f"# klein GPU benchmark: {mode}", flush=True)
-    print(
-        f"torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}, "
-        f"torchao {env['torchao']}"
-    )
-    memory = "peak GB (GPU allocated)" if device.type == "cuda" else "peak GB (process RSS)"
-    report: dict[str, Any] = {"environment": env, "mode": mode, "peak_tflops": args.peak_tflops}
+    flops = flops_for(args, scenarios)
+    if args.child:  # one variant of --compare, in its own process
+        variant = next(v for v in variants(device.type == "cuda") if v.name == args.child)
+        run_variant(args, variant, env, scenarios, flops, path=args.child_json)
+        return 0
 
-    klein = make_pipeline(args, settings)
-    counter = FlopCounter.for_pipeline(klein.pipe)
-    flops = {s.key: counter.scenario(s) for s in scenarios}
-    print(f"speed switches: {klein.speedups.summary()}")
-    startup = klein.startup
+    info = environment(device)
+    mode = source_name(args) + ("" if device.type == "cuda" else " on CPU (not GPU figures)")
+    print(f"# klein GPU benchmark: {mode} | {info.get('gpu', device)}", flush=True)
     print(
-        f"worker start: process start to ready {startup.process_s or float('nan'):.1f} s "
-        f"(load/placement {startup.load_s:.1f} s, speed-ups {startup.speedups_s:.1f} s, "
-        f"warm-up {startup.warmup_s:.1f} s over {startup.warmup_shapes} shapes)",
-        flush=True,
+        f"torch {info['torch']}, diffusers {info['diffusers']}, transformers {info['transformers']}, "
+        f"torchao {info['torchao']}"
     )
-    results = [run_scenario(klein, s, flops[s.key], args, args.repeat_prompt) for s in scenarios]
-    print(results_table(results, memory), flush=True)
-    report |= {
-        "settings": {k: getattr(settings, k) for k in (*BASELINE, "dtype", "compile_mode", "warmup_sizes")},
-        "speedups": klein.speedups.outcomes,
-        "startup": asdict(startup),
-        "flops": {k: v.as_dict(args.peak_tflops) for k, v in flops.items()},
-        "results": [asdict(r) for r in results],
-    }
-    release(klein)
-
+    report: dict[str, Any] = {"environment": info, "mode": mode, "peak_tflops": args.peak_tflops}
+    report["flops"] = {k: v.as_dict(args.peak_tflops) for k, v in flops.items()}
     if args.compare:
-        report["compare"] = compare(args, settings, scenarios, flops, memory)
-    if args.fp8_error:
-        difference = fp8_difference(args, settings)
-        report["fp8_difference"] = difference
-        print("FP8 vs bf16 on the same inputs:", json.dumps(difference, indent=1))
+        from bench.gpu_compare import compare
 
+        default_work = args.json.with_name(args.json.stem + "-variants") if args.json else None
+        work = args.work or default_work or Path(tempfile.mkdtemp(prefix="klein-gpu-"))
+        compare(args, flops, report, work)
+    else:
+        record = run_variant(args, Variant(ENV, {}, args.repeat_prompt), env, scenarios, flops)
+        results = [Result(**{k: v for k, v in r.items() if k != "breakdown"}) for r in record["results"]]
+        memory = "peak GB (GPU allocated)" if device.type == "cuda" else "peak GB (process RSS)"
+        startup = record.get("startup") or {}
+        print(f"speed switches: {'; '.join(f'{k}={v}' for k, v in record.get('outcomes', {}).items())}")
+        nan = float("nan")
+        print(
+            f"worker start: ready in {startup.get('ready_s', nan):.1f} s (load {startup.get('load_s', nan):.1f} s);"
+            f" with the measured shapes warmed: {record.get('start_s', nan):.1f} s",
+            flush=True,
+        )
+        print(results_table(results, memory), flush=True)
+        for r in record["results"]:
+            if r.get("breakdown"):
+                print(f"{r['key']} breakdown of one call (ms): {r['breakdown']}")
+        for error in record["errors"]:
+            print(f"ERROR {error}", file=sys.stderr)
+        report |= {k: record.get(k) for k in ("settings", "outcomes", "startup", "start_s", "status", "errors")}
+        report |= {"speedups": record.get("outcomes"), "results": record["results"]}
+    if args.fp8_error:
+        report["fp8_difference"] = measure_fp8_error(args, env, scenarios[0])
+        print("FP8 vs bf16 on the same inputs:", json.dumps(report["fp8_difference"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0
 
 
-def compare(
-    args: argparse.Namespace,
-    settings: Any,
-    scenarios: list[Scenario],
-    flops: dict[str, ScenarioFlops],
-    memory: str,
-) -> list[dict[str, Any]]:
-    chosen = variants(args.device.startswith("cuda"))
-    if args.switches:
-        names = args.switches.split(",")
-        chosen = [v for v in chosen if v.name in names or v.name == "baseline"]
-    rows: list[dict[str, Any]] = []
-    baseline: dict[str, float] = {}
-    for variant in chosen:
-        # Warm exactly the benchmarked shapes at start when compiling, so the start-up figure covers them.
-        warmup = [f"{s.width}x{s.height}" + "".join(f"+{w}x{h}" for w, h in s.references) for s in scenarios]
-        overrides = BASELINE | variant.overrides
-        compiled = overrides["compile_transformer"] or overrides["compile_vae"]
-        variant_settings = settings.model_copy(update=overrides | {"warmup_sizes": warmup if compiled else []})
-        try:
-            klein = make_pipeline(args, variant_settings)
-        except Exception as exc:  # a backend that is not installed: reported, the comparison goes on
-            print(f"{variant.name}: could not set up: {type(exc).__name__}: {exc}", flush=True)
-            rows.append({"variant": variant.name, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        try:
-            results = [run_scenario(klein, s, flops[s.key], args, variant.repeat_prompt) for s in scenarios]
-        except Exception as exc:
-            print(f"{variant.name}: failed: {type(exc).__name__}: {exc}", flush=True)
-            rows.append({"variant": variant.name, "error": f"{type(exc).__name__}: {exc}"})
-            release(klein)
-            continue
-        outcomes = {k: v for k, v in klein.speedups.outcomes.items() if k in variant.overrides}
-        row = {
-            "variant": variant.name,
-            "outcomes": outcomes,
-            "startup_s": klein.startup.ready_s,
-            "results": [asdict(r) for r in results],
-        }
-        if variant.name == "baseline":
-            baseline = {r.key: r.p50_s for r in results}
-        rows.append(row)
-        release(klein)
-        speedups = ", ".join(
-            f"{r.key} {r.p50_s:.4f} s ({baseline[r.key] / r.p50_s:.2f}×, floor {r.floor_fraction:.3g})"
-            for r in results
-            if r.key in baseline
-        )
-        print(f"{variant.name}: {speedups} | {outcomes or ''}", flush=True)
-
-    keys = [s.key for s in scenarios]
-    lines = [
-        "| variant | " + " | ".join(f"{k} p50 s (× baseline)" for k in keys) + f" | {memory} max | start s | outcome |",
-        "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- |",
-    ]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['variant']} | " + " | ".join("—" for _ in keys) + f" | — | — | {row['error']} |")
-            continue
-        by_key = {r["key"]: r for r in row["results"]}
-        cells = [f"{by_key[k]['p50_s']:.4f} ({baseline.get(k, float('nan')) / by_key[k]['p50_s']:.2f}×)" for k in keys]
-        peak = max(r["peak_gb"] for r in row["results"])
-        outcome = "; ".join(f"{k}: {v}" for k, v in row["outcomes"].items())
-        lines.append(
-            f"| {row['variant']} | " + " | ".join(cells) + f" | {peak:.2f} | {row['startup_s']:.1f} | {outcome} |"
-        )
-    print("\n" + "\n".join(lines), flush=True)
-    return rows
+def measure_fp8_error(args: argparse.Namespace, env: Any, scenario: Scenario) -> dict[str, Any]:
+    """On a fresh eager pipeline (every switch off), released afterwards."""
+    klein = make_pipeline(args, Variant("baseline", {}).settings(env))
+    try:
+        return fp8_difference(klein, scenario.width, scenario.height)
+    finally:
+        klein = None
+        release()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ SIZE_MULTIPLE = 16  # VAE scale 8 × 2×2 latent packing
 # guidance is skipped for distilled models). Pruna's page lists 20 / 3.5, the undistilled defaults.
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0
+# The Qwen3 hidden states the pipeline stacks into the prompt embedding (diffusers' `text_encoder_out_layers`).
+TEXT_ENCODER_OUT_LAYERS: tuple[int, ...] = (9, 18, 27)
+GUIDANCE_IGNORED = (
+    "Accepted for compatibility and ignored: the distilled model runs without classifier-free guidance and has no "
+    "guidance embedding, so every value gives the same image."
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,9 +124,7 @@ class KleinInput(BaseModel):
     num_inference_steps: int = Field(
         DEFAULT_STEPS, ge=1, le=50, description="Denoising steps; the distilled model needs 4."
     )
-    guidance: float = Field(
-        DEFAULT_GUIDANCE, ge=0, le=20, description="Guidance scale; the distilled model ignores values ≤ 1."
-    )
+    guidance: float = Field(DEFAULT_GUIDANCE, ge=0, le=20, description=GUIDANCE_IGNORED)
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,10 +22,13 @@ from models.optimize import (
     SpeedupReport,
     WarmupShape,
     apply_speedups,
+    check_out_layers,
+    fall_back_to_native_attention,
     pick_dtype,
     process_age_s,
     warmup_shapes,
 )
+from models.registry import ModelSpec, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,21 @@ def pick_device(requested: str) -> torch.device:
     if requested != "auto":
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model_path: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """`from_pretrained` with every weight loaded straight onto `device`, never staged in host memory first.
+
+    diffusers 0.42 takes a pipeline-level `device_map` of "cpu", "balanced" or the accelerator's type ("cuda") and
+    hands it to each model's own `from_pretrained`; an index ("cuda:1") is the current CUDA device while loading.
+    Needs accelerate; without it the weights are loaded on the CPU and moved (logged).
+    """
+    if importlib.util.find_spec("accelerate") is None:
+        log.warning("accelerate is not installed: loading %s on the CPU, then moving it to %s", model_path, device)
+        return Flux2KleinPipeline.from_pretrained(model_path, dtype=dtype)
+    current = torch.cuda.device(device.index) if device.type == "cuda" and device.index is not None else None
+    with current or contextlib.nullcontext():
+        return Flux2KleinPipeline.from_pretrained(model_path, dtype=dtype, device_map=device.type)
 
 
 class Stop(RuntimeError):
@@ -55,8 +75,10 @@ class KleinPipeline:
 
     `settings` carries the speed switches (models/optimize.py); by default the process's settings.
     `pipe` hands over an already built Flux2KleinPipeline instead of loading `model_path` (benchmarks,
-    tests); it goes through the same dtype, device, speed-up and warm-up steps. `on_warm_up` is called
-    when the weights are loaded and warming up begins.
+    tests); it goes through the same dtype, device, speed-up and warm-up steps. `spec` is the served model's
+    (models/registry.py): by default the one `model_path`'s folder declares, its text-encoder hidden states
+    checked against the loaded encoder before anything runs. `on_warm_up` is called when the weights are
+    loaded and warming up begins.
     """
 
     def __init__(
@@ -66,15 +88,24 @@ class KleinPipeline:
         settings: Settings | None = None,
         *,
         pipe: Flux2KleinPipeline | None = None,
+        spec: ModelSpec | None = None,
         on_warm_up: Callable[[], None] = lambda: None,
     ) -> None:
         started = time.perf_counter()
         self.settings = settings if settings is not None else get_settings()
         self.model_path = model_path
+        self.spec = spec if spec is not None else spec_for(model_path)
+        self.text_encoder_out_layers = tuple(self.spec.text_encoder_out_layers)
         self.device = pick_device(device)
         # bf16 on GPUs; float32 on CPU, where bf16 matmuls are slow (KLEIN_DTYPE overrides).
         self.dtype = pick_dtype(self.settings.dtype, self.device)
-        built: Any = pipe if pipe is not None else Flux2KleinPipeline.from_pretrained(model_path, dtype=self.dtype)
+        built: Any = pipe if pipe is not None else load_pipeline(model_path, self.dtype, self.device)
+        try:  # a clear error now rather than an IndexError in the first request
+            check_out_layers(
+                built.text_encoder, self.text_encoder_out_layers, built.transformer.config.joint_attention_dim
+            )
+        except ValueError as exc:
+            raise ValueError(f"{model_path}: {exc}") from None
         for module in (built.transformer, built.text_encoder, built.vae):
             if module.dtype != self.dtype:  # a pipeline handed over in another dtype
                 module.to(self.dtype)
@@ -86,14 +117,16 @@ class KleinPipeline:
         log.info("loaded %s on %s (%s, %.3g B parameters)", model_path, self.device, self.dtype, self.parameters / 1e9)
         loaded = time.perf_counter()
 
-        self.speedups: SpeedupReport = apply_speedups(self.pipe, self.settings, self.device)
+        self.speedups: SpeedupReport = apply_speedups(
+            self.pipe, self.settings, self.device, self.text_encoder_out_layers
+        )
         sped_up = time.perf_counter()
 
         shapes = warmup_shapes(self.settings)
         on_warm_up()
-        for shape in shapes:
-            self.warm_up(shape)
-        if shapes and (self.settings.compile_transformer or self.settings.compile_vae):
+        with torch.compiler.set_stance("default"):  # compiles even after another pipeline set eager_on_recompile
+            self.warm_up_all(shapes)
+        if shapes and self.compiled:
             # Warmed shapes run compiled; any other shape runs eagerly instead of compiling inside a request.
             torch.compiler.set_stance("eager_on_recompile")
         ready = time.perf_counter()
@@ -117,6 +150,25 @@ class KleinPipeline:
         )
 
     @property
+    def compiled(self) -> bool:
+        return self.settings.compile_transformer or self.settings.compile_vae
+
+    def warm_up_all(self, shapes: Sequence[WarmupShape]) -> None:
+        """Warm up every shape. When the attention backend chosen automatically fails to compile (a graph break
+        under fullgraph=True, a kernel refusing a shape), start over with native SDPA instead of failing to start."""
+        try:
+            for shape in shapes:
+                self.warm_up(shape)
+        except Exception as exc:
+            if not (self.compiled and self.speedups.auto_attention):
+                raise
+            log.exception("compiled warm-up failed with the %s attention backend", self.speedups.auto_attention)
+            fall_back_to_native_attention(self.pipe.transformer, self.speedups, exc)
+            self.release_memory()
+            for shape in shapes:
+                self.warm_up(shape)
+
+    @property
     def prompt_cache(self) -> PromptCache | None:
         cache = self.pipe.encode_prompt
         return cache if isinstance(cache, PromptCache) else None
@@ -134,6 +186,7 @@ class KleinPipeline:
             seed=0,
             output_format="png",
             output_quality=100,
+            num_outputs=shape.batch,
         )
         self.generate(params, references)
         log.info("warm-up %s: %.2f s", shape, time.perf_counter() - started)
@@ -171,6 +224,7 @@ class KleinPipeline:
                 num_images_per_prompt=params.num_outputs,
                 generator=generator,
                 max_sequence_length=params.max_sequence_length,
+                text_encoder_out_layers=self.text_encoder_out_layers,
                 callback_on_step_end=check,
             )
         return list(result.images)

@@ -7,35 +7,45 @@ an error; everything that can run on CPU does, so the tiny pipeline exercises th
 
 Order matters where switches touch the same modules: the text encoder is truncated before anything is
 compiled, QKV projections are fused before FP8 quantises the (fused) linear layers, and compilation
-comes last, over the final modules.
+comes last, over the final modules. FP8 runs only inside compiled blocks, and an automatically chosen
+attention backend that fails in the compiled warm-up is replaced by native SDPA (`fall_back_to_native_attention`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from models.klein import MAX_OUTPUTS, TEXT_ENCODER_OUT_LAYERS
+from models.text_encoder import (  # noqa: F401 - re-exported: the switches' one module
+    PromptCache,
+    SkippedLogits,
+    check_out_layers,
+    install_prompt_cache,
+    truncate_text_encoder,
+)
+
 if TYPE_CHECKING:
     from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The text-encoder hidden states Flux2KleinPipeline stacks into the prompt embedding (`text_encoder_out_layers`).
-TEXT_ENCODER_OUT_LAYERS: tuple[int, ...] = (9, 18, 27)
 # Attention backends worth trying on CUDA, fastest first; "auto" takes the first that is installed and works.
 CUDA_ATTENTION_CANDIDATES: tuple[str, ...] = ("_flash_3", "flash", "_native_cudnn")
 # Backends that run on a CPU; any other named backend is skipped there.
 CPU_ATTENTION_BACKENDS = frozenset({"native", "_native_math"})
 # One compiled graph per shape (static shapes): allow as many shapes as a worker plausibly serves.
 RECOMPILE_LIMIT = 64
+# torch.compile's backend for both compile switches; tests trace the same full graphs with "eager" in seconds.
+COMPILE_BACKEND = "inductor"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -51,6 +61,8 @@ class SpeedupReport:
     """What each switch did: "on …", "off", or "skipped: why"."""
 
     outcomes: dict[str, str] = field(default_factory=dict)
+    # The backend "auto" chose when it is not native SDPA: the one a failing compiled warm-up falls back from.
+    auto_attention: str | None = None
 
     def note(self, switch: str, outcome: str, *, warn: bool = False) -> None:
         self.outcomes[switch] = outcome
@@ -60,19 +72,31 @@ class SpeedupReport:
         return "; ".join(f"{k}={v}" for k, v in self.outcomes.items())
 
 
-def apply_speedups(pipe: Any, settings: Settings, device: torch.device) -> SpeedupReport:
-    """Apply every switch in `settings` to `pipe` (a Flux2KleinPipeline already on `device`)."""
+def apply_speedups(
+    pipe: Any,
+    settings: Settings,
+    device: torch.device,
+    text_encoder_out_layers: Sequence[int] = TEXT_ENCODER_OUT_LAYERS,
+) -> SpeedupReport:
+    """Apply every switch in `settings` to `pipe` (a Flux2KleinPipeline already on `device`) whose text encoder
+    provides `text_encoder_out_layers` (the model spec's)."""
     report = SpeedupReport()
     cuda = device.type == "cuda"
 
     if settings.truncate_text_encoder:
-        report.note("truncate_text_encoder", truncate_text_encoder(pipe.text_encoder))
+        report.note("truncate_text_encoder", truncate_text_encoder(pipe.text_encoder, text_encoder_out_layers))
     if settings.fuse_qkv:
         report.note("fuse_qkv", fuse_qkv(pipe.transformer))
     if settings.fp8:
-        outcome = quantize_fp8(pipe.transformer, device)
-        report.note("fp8", outcome, warn=outcome.startswith("skipped") and cuda)
-    report.note("attention_backend", set_attention_backend(pipe.transformer, settings.attention_backend, device))
+        eager = not settings.compile_transformer
+        # Eagerly, every FP8 layer adds unfused activation-quantisation kernels around its GEMM.
+        reason = "skipped: FP8 runs only in compiled transformer blocks (compile_transformer is off)"
+        outcome = reason if eager else quantize_fp8(pipe.transformer, device)
+        report.note("fp8", outcome, warn=outcome.startswith("skipped") and (cuda or eager))
+    outcome = set_attention_backend(pipe.transformer, settings.attention_backend, device)
+    report.note("attention_backend", outcome)
+    if outcome.endswith("(auto)"):
+        report.auto_attention = outcome.split()[0]
     if settings.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
         report.note("vae_channels_last", "on")
@@ -83,126 +107,14 @@ def apply_speedups(pipe: Any, settings: Settings, device: torch.device) -> Speed
         else:
             report.note("cudnn_benchmark", "skipped: CUDA only")
     if settings.compile_transformer:
-        report.note("compile_transformer", compile_transformer(pipe.transformer, device, settings.compile_mode))
+        compiled = compile_transformer(pipe.transformer, device, settings.compile_mode, COMPILE_BACKEND)
+        report.note("compile_transformer", compiled)
     if settings.compile_vae:
-        report.note("compile_vae", compile_vae(pipe.vae, device, settings.compile_mode))
+        report.note("compile_vae", compile_vae(pipe.vae, device, settings.compile_mode, COMPILE_BACKEND))
     if settings.prompt_cache_size > 0:
         install_prompt_cache(pipe, settings.prompt_cache_size)
         report.note("prompt_cache_size", f"on: LRU of {settings.prompt_cache_size} prompts")
     return report
-
-
-# Text encoder ------------------------------------------------------------------------------------------------
-
-
-class SkippedLogits(nn.Module):
-    """Stands in for the LM head: the pipeline reads hidden states only, so no logits are computed."""
-
-    def __init__(self, original_layers: int) -> None:
-        super().__init__()
-        self.original_layers = original_layers  # before truncation (FLOP counts of the untruncated model)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states[..., :0]
-
-
-def truncate_text_encoder(text_encoder: Any, out_layers: Sequence[int] = TEXT_ENCODER_OUT_LAYERS) -> str:
-    """Keep only the decoder layers whose hidden states the pipeline reads, and skip the logits.
-
-    `output.hidden_states[k]` is the output of layer k-1 (index 0 is the embeddings); the last entry is
-    replaced by the final-norm output. Keeping max(out_layers) + 1 layers leaves every index read
-    un-normalised and computed by exactly the same ops: bit-identical prompt embeddings.
-    """
-    if min(out_layers) < 0:
-        raise ValueError("text encoder out layers must be non-negative to truncate")
-    model = text_encoder.model
-    keep = max(out_layers) + 1
-    total = len(model.layers)
-    if keep < total:
-        model.layers = nn.ModuleList(list(model.layers)[:keep])
-        for config in {id(c): c for c in (text_encoder.config, model.config)}.values():
-            config.num_hidden_layers = keep
-            if getattr(config, "layer_types", None) is not None:
-                config.layer_types = list(config.layer_types)[:keep]
-    if not isinstance(text_encoder.lm_head, SkippedLogits):
-        text_encoder.lm_head = SkippedLogits(total)
-    return f"on: {min(keep, total)} of {total} layers, no logits"
-
-
-class PromptCache:
-    """An LRU of prompt embeddings in front of `Flux2KleinPipeline.encode_prompt` (same signature).
-
-    The key is everything that determines the text encoder's output: the prompts, the sequence length,
-    the hidden-state layers, the device and the dtype. The cached value is the embedding for one image per
-    prompt; `num_images_per_prompt` is applied by the pipeline's own `encode_prompt` on every call, so
-    the result is identical to an uncached call.
-    """
-
-    def __init__(self, pipe: Any, size: int) -> None:
-        self.pipe = pipe
-        self.size = size
-        self.encode: Any = pipe.encode_prompt  # the pipeline's bound method
-        self.entries: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __call__(
-        self,
-        prompt: str | list[str] | None,
-        device: torch.device | None = None,
-        num_images_per_prompt: int = 1,
-        prompt_embeds: torch.Tensor | None = None,
-        max_sequence_length: int = 512,
-        text_encoder_out_layers: tuple[int, ...] = TEXT_ENCODER_OUT_LAYERS,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt_embeds is None:
-            prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-            device = device or self.pipe._execution_device
-            key = (
-                tuple(prompts),
-                max_sequence_length,
-                tuple(text_encoder_out_layers),
-                str(device),
-                str(self.pipe.text_encoder.dtype),
-            )
-            prompt_embeds = self.entries.get(key)
-            if prompt_embeds is not None:
-                self.hits += 1
-                self.entries.move_to_end(key)
-            else:
-                self.misses += 1
-                prompt_embeds, _ = self.encode(
-                    prompt=prompts,
-                    device=device,
-                    num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length,
-                    text_encoder_out_layers=text_encoder_out_layers,
-                )
-                self.entries[key] = prompt_embeds
-                while len(self.entries) > self.size:
-                    self.entries.popitem(last=False)
-            prompt = prompts
-        return self.encode(
-            prompt=prompt,
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            prompt_embeds=prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            text_encoder_out_layers=text_encoder_out_layers,
-        )
-
-
-def install_prompt_cache(pipe: Any, size: int) -> PromptCache:
-    current = pipe.encode_prompt
-    if isinstance(current, PromptCache):
-        current.size = size
-        return current
-    cache = PromptCache(pipe, size)
-    pipe.encode_prompt = cache
-    return cache
 
 
 # Transformer ---------------------------------------------------------------------------------------------
@@ -240,19 +152,62 @@ def fp8_filter(module: nn.Module, fqn: str) -> bool:
     )
 
 
-def quantize_fp8(transformer: Any, device: torch.device) -> str:
-    """torchao float8 dynamic activation + float8 weight, per-row scales (CUDA compute capability ≥ 8.9)."""
+def fp8_config() -> Any:
+    """torchao's float8 config: dynamic activations, per-row scales, and hands off the process's inductor config
+    (by default torchao turns on coordinate-descent tuning for every later compilation: much slower compiles)."""
+    import dataclasses
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    names = {f.name for f in dataclasses.fields(Float8DynamicActivationFloat8WeightConfig)}
+    extra = {"set_inductor_config": False} if "set_inductor_config" in names else {}
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **extra)
+
+
+@contextlib.contextmanager
+def inductor_config_kept() -> Iterator[None]:
+    """Whatever runs inside may change torch._inductor.config; every value it changed is put back afterwards, also
+    when it raises (torchao's quantize_ sets its recommended options before checking the hardware)."""
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
+    try:
+        yield
+    finally:
+        after = inductor_config.get_config_copy()
+        changed = {k: v for k, v in before.items() if after.get(k) != v}
+        if changed:
+            log.info("restoring inductor options changed in passing: %s", sorted(changed))
+            inductor_config.load_config(changed)
+
+
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why FP8 cannot run on `device`, or None."""
     if device.type != "cuda":
-        return "skipped: FP8 needs CUDA (compute capability ≥ 8.9)"
+        return "FP8 needs CUDA (compute capability ≥ 8.9)"
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
-        return f"skipped: FP8 needs compute capability ≥ 8.9, this GPU has {capability[0]}.{capability[1]}"
+        return f"FP8 needs compute capability ≥ 8.9, this GPU has {capability[0]}.{capability[1]}"
+    import importlib.util
+
+    return None if importlib.util.find_spec("torchao") else "torchao is not installed"
+
+
+def quantize_fp8(transformer: Any, device: torch.device) -> str:
+    """torchao float8 dynamic activation + float8 weight, per-row scales (CUDA compute capability ≥ 8.9); the
+    process's inductor config is the same before and after."""
+    unavailable = fp8_unavailable(device)
+    if unavailable:
+        return f"skipped: {unavailable}"
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import quantize_
+
+        config = fp8_config()
     except ImportError:
         return "skipped: torchao is not installed"
     count = sum(1 for name, module in transformer.named_modules() if fp8_filter(module, name))
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter)
+    with inductor_config_kept():
+        quantize_(transformer, config, filter_fn=fp8_filter)
     return f"on: {count} linear layers in float8 (torchao, per-row)"
 
 
@@ -279,28 +234,49 @@ def attention_backend_works(backend: str, device: torch.device, dtype: torch.dty
         return False
 
 
+def attention_candidates(device: torch.device) -> tuple[str, ...]:
+    """What "auto" tries on `device`, fastest first; nothing but native SDPA off CUDA."""
+    return CUDA_ATTENTION_CANDIDATES if device.type == "cuda" else ()
+
+
 def set_attention_backend(transformer: Any, requested: str, device: torch.device) -> str:
     """Auto: the first of FA3, flash-attn 2, cuDNN SDPA that works here (CUDA); native SDPA on CPU.
 
     The backend is always set explicitly, "native" included: diffusers also makes the last backend set the
-    process-wide default, which would otherwise leak into another pipeline in the same process.
+    process-wide default, which would otherwise leak into another pipeline in the same process. The probe runs
+    eagerly; whether the backend also compiles in a full graph shows only in the warm-up
+    (fall_back_to_native_attention).
     """
     if requested == "auto":
-        chosen, outcome = "native", "native (auto on CPU)"
-        if device.type == "cuda":
-            dtype = next(transformer.parameters()).dtype
-            probe_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
-            outcome = "native (auto: no faster backend works here)"
-            for candidate in CUDA_ATTENTION_CANDIDATES:
-                if attention_backend_works(candidate, device, probe_dtype):
-                    chosen, outcome = candidate, f"{candidate} (auto)"
-                    break
+        candidates = attention_candidates(device)
+        chosen = "native"
+        outcome = "native (auto: no faster backend works here)" if candidates else "native (auto on CPU)"
+        dtype = next(transformer.parameters()).dtype
+        probe_dtype = torch.bfloat16 if dtype == torch.float32 else dtype
+        for candidate in candidates:
+            if attention_backend_works(candidate, device, probe_dtype):
+                chosen, outcome = candidate, f"{candidate} (auto)"
+                break
     elif device.type != "cuda" and requested not in CPU_ATTENTION_BACKENDS:
         chosen, outcome = "native", f"skipped: {requested} needs CUDA; native on CPU"
     else:
         chosen = outcome = requested
     transformer.set_attention_backend(chosen)
     return outcome
+
+
+def fall_back_to_native_attention(transformer: Any, report: SpeedupReport, error: BaseException) -> None:
+    """The automatically chosen backend failed in the compiled warm-up: forget the compiled graphs and use native
+    SDPA, and say so in the report (the caller warms up again, compiling with native attention)."""
+    import torch._dynamo
+
+    failed = report.auto_attention
+    torch._dynamo.reset()
+    transformer.set_attention_backend("native")
+    report.auto_attention = None
+    first_line = next(iter(str(error).strip().splitlines()), "")[:200]
+    reason = f"{type(error).__name__}: {first_line}"
+    report.note("attention_backend", f"native (auto: {failed} failed in the compiled warm-up, {reason})", warn=True)
 
 
 # torch.compile -------------------------------------------------------------------------------------------
@@ -352,9 +328,11 @@ class WarmupShape:
     width: int
     height: int
     references: tuple[tuple[int, int], ...] = ()
+    batch: int = 1  # images per call: another batch size is another compiled shape
 
     def __str__(self) -> str:
-        return "+".join(f"{w}x{h}" for w, h in ((self.width, self.height), *self.references))
+        sizes = "+".join(f"{w}x{h}" for w, h in ((self.width, self.height), *self.references))
+        return sizes if self.batch == 1 else f"{sizes}*{self.batch}"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -368,9 +346,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_warmup_shape(text: str) -> WarmupShape:
-    """Text-to-image "1024x1024", or "1024x1024+1024x1024": the output size, then each reference's size."""
+    """Text-to-image "1024x1024", or "1024x1024+1024x1024": the output size, then each reference's size; "*4" at
+    the end for 4 images per call."""
+    text, _, batch = text.partition("*")
+    if batch and not (batch.strip().isdigit() and 1 <= int(batch) <= MAX_OUTPUTS):
+        raise ValueError(f"images per call are 1–{MAX_OUTPUTS}: {batch!r}")
     sizes = [parse_size(part) for part in text.split("+")]
-    return WarmupShape(sizes[0][0], sizes[0][1], tuple(sizes[1:]))
+    return WarmupShape(sizes[0][0], sizes[0][1], tuple(sizes[1:]), int(batch or 1))
 
 
 def warmup_shapes(settings: Settings) -> list[WarmupShape]:

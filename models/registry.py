@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from models.klein import DEFAULT_GUIDANCE, DEFAULT_STEPS, KleinInput
+from models.klein import DEFAULT_STEPS, TEXT_ENCODER_OUT_LAYERS, KleinInput
+
+# Optional, beside a diffusers folder's model_index.json: what that folder changes in the spec it is served with.
+# A cut-depth text encoder (tests, CPU benchmarks) names the hidden states it has:
+# {"text_encoder_out_layers": [0, 1, 2]}.
+SPEC_FILE = "klein-spec.json"
 
 
 @dataclass(frozen=True)
@@ -15,6 +23,9 @@ class ModelSpec:
     description: str
     input_model: type[KleinInput]
     notes: str = ""
+    # The text encoder's hidden states stacked into the prompt embedding: (count × the encoder's width) must equal
+    # the transformer's joint_attention_dim, and the encoder must have max(...) layers at least.
+    text_encoder_out_layers: tuple[int, ...] = TEXT_ENCODER_OUT_LAYERS
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -44,8 +55,8 @@ FLUX_KLEIN_4B = ModelSpec(
     description="FLUX.2 [klein] 4B: fast text-to-image generation.",
     input_model=KleinInput,
     notes=(
-        f"Step- and guidance-distilled checkpoint: defaults are {DEFAULT_STEPS} steps and guidance "
-        f"{DEFAULT_GUIDANCE}, not the 20 / 3.5 of an undistilled model."
+        f"Step- and guidance-distilled checkpoint: {DEFAULT_STEPS} steps by default, not the 20 of an undistilled "
+        "model; guidance is ignored (any value gives the same image)."
     ),
 )
 
@@ -59,3 +70,23 @@ def resolve(name: str) -> ModelSpec | None:
 
 def known_ids() -> list[str]:
     return [name for spec in MODELS for name in spec.names]
+
+
+def spec_for(model_path: str, base: ModelSpec = FLUX_KLEIN_4B) -> ModelSpec:
+    """The spec a worker serves `model_path` with: `base`, with what the folder's SPEC_FILE overrides, if it has one."""
+    path = Path(model_path) / SPEC_FILE
+    if not path.is_file():
+        return base
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or set(data) - {"text_encoder_out_layers"}:
+        raise ValueError(f"{path}: only text_encoder_out_layers may be set there, got {data!r}")
+    layers = data.get("text_encoder_out_layers", list(base.text_encoder_out_layers))
+    if not (isinstance(layers, list) and layers and all(isinstance(k, int) and k >= 0 for k in layers)):
+        raise ValueError(f"{path}: text_encoder_out_layers must be a non-empty list of layer indices ≥ 0")
+    return dataclasses.replace(base, text_encoder_out_layers=tuple(layers))
+
+
+def write_spec_file(folder: Path, text_encoder_out_layers: tuple[int, ...]) -> Path:
+    path = folder / SPEC_FILE
+    path.write_text(json.dumps({"text_encoder_out_layers": list(text_encoder_out_layers)}) + "\n")
+    return path

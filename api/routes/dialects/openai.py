@@ -58,7 +58,9 @@ class ImagesRequest(BaseModel):
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
     num_inference_steps: int = Field(4, ge=1, le=12)
-    guidance_scale: float = Field(1.0, ge=0, le=8)
+    guidance_scale: float = Field(
+        1.0, ge=0, le=8, description="accepted for compatibility and ignored: the distilled model gives the same image"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
     num_images: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
