@@ -26,7 +26,6 @@ from core.tables import webhook_secrets
 
 EVENTS = ("start", "output", "completed")
 DEFAULT_EVENTS = ("completed",)
-STATUSES = ("pending", "sending", "delivered", "failed", "gone")
 RESPONSE_HEAD_BYTES = 256  # of each answer, kept in the delivery log
 KICK_AGAIN_S = 10  # a due delivery whose kick has not been taken up this long is kicked again
 

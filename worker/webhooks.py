@@ -68,8 +68,11 @@ class Sender:
         own = row["webhook"].get("secret") if row is not None else None
         if own:
             return [own]
-        conn.execute(webhooks.ensure_secret(tenant_id))
-        return [secret for secret, _ in conn.execute(webhooks.active_secrets(tenant_id))]
+        signing = [secret for secret, _ in conn.execute(webhooks.active_secrets(tenant_id))]
+        if not signing:  # the tenant never asked for its secret: make it now (an insert only the first time)
+            conn.execute(webhooks.ensure_secret(tenant_id))
+            signing = [secret for secret, _ in conn.execute(webhooks.active_secrets(tenant_id))]
+        return signing
 
     def _attempt(self, delivery: dict[str, Any], row: Any, signing: list[str]) -> None:
         at = webhooks.now()

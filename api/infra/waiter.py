@@ -137,10 +137,6 @@ class Notices:
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
 
-    @property
-    def watching(self) -> int:
-        return sum(len(events) for events in self._events.values())
-
     @contextlib.contextmanager
     def watch(self, key: str) -> Iterator[asyncio.Event]:
         event = asyncio.Event()
