@@ -86,7 +86,9 @@ def test_the_limits_refill_at_the_rate_and_a_refusal_costs_nothing() -> None:
         elapsed = time.monotonic() - started
         admitted = sum(d.allowed for d in first)
         assert 600 <= admitted <= 600 + int(elapsed / 0.1), (admitted, elapsed)
-        assert first[0].remaining == 599 and first[0].reset_s == 1  # 100 ms of the bucket used
+        # gather's first coroutine need not reach Redis first (each waits for a pooled connection)
+        earliest = max(first, key=lambda d: d.remaining)
+        assert earliest.remaining == 599 and earliest.reset_s == 1  # 100 ms of the bucket used
         refused = [d for d in first if not d.allowed]
         assert all(d.retry_after_s == 1 and d.remaining == 0 and d.refused_by == "key" for d in refused)
         await asyncio.sleep(0.35)  # three refills: the refusals above counted for nothing
