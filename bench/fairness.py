@@ -1,45 +1,22 @@
 """Fair queueing, measured: a quiet tenant's queue wait with and without a noisy tenant's backlog.
 
-    python -m bench.fairness [--backlog 30] [--samples 5]
+    python -m bench.fairness [--backlog 30] [--samples 5] [--batch-size 1]
 
-Starts its own stack on the machine's PostgreSQL and Redis (a fresh database, Redis db 12, a unique
-queue), SeaweedFS, one worker running the tiny pipeline and the API; prints a table. Without fair
-dispatch a quiet prediction would wait for the whole backlog ahead of it (backlog × image time).
+Starts its own stack (bench/tiny_stack.py): one worker running the tiny pipeline, micro-batching up to
+`--batch-size` images per pipeline call, and the API; prints a table. Without fair dispatch a quiet
+prediction would wait for the whole backlog ahead of it (backlog × image time).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import redis
 
-from core import tenants
-from core.db import make_sync_engine
-from core.settings import Settings
-from ops.embedded import SeaweedS3, start_api, start_worker
-from ops.migrate import migrate
-
-PG_ADMIN_URL = os.environ.get("KLEIN_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = "redis://127.0.0.1:6379/12"
-
-
-def _key(settings: Settings, **limits: Any) -> str:
-    tenant_id, create = tenants.create_tenant(f"bench-{secrets.token_hex(4)}", **limits)
-    issued, issue = tenants.issue_key(tenant_id)
-    engine = make_sync_engine(settings)
-    with engine.begin() as conn:
-        conn.execute(create)
-        conn.execute(issue)
-    engine.dispose()
-    return issued.key
+from bench.tiny_stack import REDIS_URL, tiny_stack
 
 
 def _submit(api: str, key: str, prompt: str, sync: bool) -> dict[str, Any]:
@@ -65,37 +42,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backlog", type=int, default=30, help="noisy predictions queued (default 30)")
     parser.add_argument("--samples", type=int, default=5, help="quiet predictions per phase (default 5)")
+    parser.add_argument("--batch-size", type=int, default=1, help="the worker's KLEIN_BATCH_SIZE (default 1)")
     args = parser.parse_args()
 
-    run = secrets.token_hex(4)
-    root = Path(tempfile.mkdtemp(prefix="klein-fairness-"))
-    database = f"klein_fairness_{run}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    s3 = SeaweedS3(root / "s3").start()
-    services = []
-    try:
-        from models.tiny import save_tiny_pipeline
-
-        env = os.environ | {
-            "KLEIN_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}",
-            "KLEIN_REDIS_URL": REDIS_URL,
-            "KLEIN_QUEUE_NAME": f"fairness-{run}",
-            "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
-            "KLEIN_S3_BUCKET": "fairness",
-            "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
-            "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
-            "KLEIN_MODEL_PATH": str(save_tiny_pipeline(root / "tiny")),
-            "KLEIN_DEVICE": "cpu",
-            "KLEIN_TRY_SYNC_TIMEOUT_S": "300",
-            "HF_HUB_OFFLINE": "1",
-        }
-        settings = Settings.model_validate({k[6:].lower(): v for k, v in env.items() if k.startswith("KLEIN_")})
-        migrate(settings.sync_database_url)
-        services.append(start_worker(env, root / "worker.log", "fairness"))
-        api_service, api = start_api(env, root / "api.log")
-        services.append(api_service)
-        quiet, noisy = _key(settings), _key(settings, max_in_flight=10_000)
+    with tiny_stack("fairness") as stack:
+        stack.worker("fairness", KLEIN_BATCH_SIZE=str(args.batch_size))
+        api = stack.api()
+        quiet, noisy = stack.key(), stack.key(max_in_flight=10_000)
+        settings = stack.settings
 
         idle_waits, inference = _quiet_waits(api, quiet, args.samples)
         backlog = [_submit(api, noisy, f"noisy {i}", sync=False)["id"] for i in range(args.backlog)]
@@ -118,12 +72,6 @@ def main() -> int:
         fifo_ms = queue_depth[0] * image_ms
         print(f"| first-in-first-out wait for the quiet tenant (queued × image time) | ≈ {fifo_ms:.0f} ms |")
         return 0
-    finally:
-        for service in reversed(services):
-            service.stop()
-        s3.stop()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ weights from a local diffusers folder instead, as the worker does (straight onto
 keeps every real width at 1 double + 1 single block and a 4-layer text encoder (CPU by default); `--tiny` runs
 the tiny random-weights pipeline on CPU. Sides are divided by `--scale` (4 with --tiny, 8 with --cut-depth).
 
-Every timing is the worker's own call, `KleinPipeline.generate(params, references)`, PIL images out, after the
+Every timing is the worker's own call, `KleinPipeline.generate_batch(params, references)`, PIL images out, after the
 worker's setup (dtype, speed switches from KLEIN_* settings). With compilation on, exactly the measured shapes
 are warmed up, each just before its scenario, and every cell says whether it ran compiled (checked).
 

@@ -1,4 +1,4 @@
-"""Timing the worker's own call, `KleinPipeline.generate(params, references)`, PIL images out, per scenario.
+"""Timing the worker's own call, `KleinPipeline.generate_batch(batch, references)`, PIL images out, per scenario.
 
 Each measured cell says whether it ran compiled: after the shape's warm-up, one untimed call runs under
 torch.compile's "fail_on_recompile" stance, which raises instead of compiling or falling back; a cell whose
@@ -60,18 +60,27 @@ def params_for(scenario: Scenario, i: int, prompt: str | None = None) -> Generat
         seed=i,
         output_format="png",
         output_quality=80,
-        num_outputs=scenario.batch,
     )
 
 
-def runs_compiled(klein: Any, params: GenerationParams, references: list[Any]) -> bool:
+def batch_for(scenario: Scenario, i: int, prompt: str | None = None) -> list[GenerationParams]:
+    """One call of the scenario. A batch is the worker's micro-batching: `batch` predictions of one image each,
+    each its own prompt and seed, in one pipeline call (KleinPipeline.generate_batch)."""
+    return [params_for(scenario, i * scenario.batch + j, prompt) for j in range(scenario.batch)]
+
+
+def generate(klein: Any, batch: list[GenerationParams], references: list[Any]) -> list[Any]:
+    return [image for images in klein.generate_batch(batch, references) for image in images]
+
+
+def runs_compiled(klein: Any, batch: list[GenerationParams], references: list[Any]) -> bool:
     """One call that may not compile nor fall back to eager: True if it ran through, False if any compiled module
     would have needed another graph for this shape. The stance is eager_on_recompile afterwards (the worker's)."""
     import torch
 
     torch.compiler.set_stance("fail_on_recompile")
     try:
-        klein.generate(params, references)
+        generate(klein, batch, references)
         return True
     except RuntimeError as exc:  # torch 2.13 raises a plain RuntimeError naming the stance
         if "fail_on_recompile" not in str(exc):
@@ -100,15 +109,15 @@ def run_scenario(
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    compiled = klein.compiled and runs_compiled(klein, params_for(scenario, 20_000, prompt), references)
+    compiled = klein.compiled and runs_compiled(klein, batch_for(scenario, 20_000, prompt), references)
     for i in range(warmup - 1 if klein.compiled else warmup):
-        klein.generate(params_for(scenario, 10_000 + i, prompt), references)
+        generate(klein, batch_for(scenario, 10_000 + i, prompt), references)
     times = []
     for i in range(iters):
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        images = klein.generate(params_for(scenario, i, prompt), references)  # PIL out: the device is done
+        images = generate(klein, batch_for(scenario, i, prompt), references)  # PIL out: the device is done
         times.append(time.perf_counter() - started)
         assert len(images) == scenario.batch
     if cuda:
@@ -190,7 +199,7 @@ def breakdown(klein: Any, scenario: Scenario) -> dict[str, float]:
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        klein.generate(params_for(scenario, 30_000), reference_images(scenario))  # a new prompt: encoded
+        generate(klein, batch_for(scenario, 30_000), reference_images(scenario))  # new prompts: encoded
         total_ms = (time.perf_counter() - started) * 1000
     finally:
         for handle in handles:

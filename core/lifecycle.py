@@ -21,11 +21,13 @@ from typing import Any
 from sqlalchemy import (
     BindParameter,
     Insert,
+    Select,
     SmallInteger,
     String,
     Text,
     Update,
     and_,
+    bindparam,
     cast,
     func,
     insert,
@@ -108,25 +110,57 @@ def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: floa
             and_(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()),
         ),
     )
+    return update(p).where(p.c.id == prediction_id, claimable).values(_held(worker_id, lease_s)).returning(p)
+
+
+# What predictions must share to run in one pipeline call (models/klein_pipeline.py, generate_batch).
+BATCH_KEYS = ("width", "height", "num_inference_steps", "guidance_scale", "max_sequence_length")
+
+
+def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_attempts: int, limit: int) -> Select:
+    """Up to `limit` queued predictions that can share a pipeline call with `params` (same model and BATCH_KEYS,
+    text-to-image only: the pipeline conditions every image of a call on the same references), in the order the
+    queue serves them: priority, then age. Read without locks; `claim_companions` decides."""
+    return (
+        select(p.c.id, p.c.params["num_outputs"].as_integer().label("num_outputs"))
+        .where(
+            p.c.status == Status.CREATED,
+            p.c.model == model,
+            p.c.id != exclude_id,
+            p.c.attempts < max_attempts,
+            p.c.params.contains({key: params[key] for key in BATCH_KEYS}),
+            func.coalesce(func.jsonb_array_length(p.c.params["reference_keys"]), 0) == 0,
+        )
+        .order_by(p.c.priority, p.c.created_at)
+        .limit(limit)
+    )
+
+
+def claim_companions(worker_id: str, lease_s: float, max_attempts: int) -> Update:
+    """created → processing for the ids bound as `ids` that are still queued: the companions of a claim."""
     return (
         update(p)
-        .where(p.c.id == prediction_id, claimable)
-        .values(
-            status=Status.PROCESSING,
-            worker_id=worker_id,
-            attempts=p.c.attempts + 1,
-            started_at=func.now(),
-            lease_expires_at=func.now() + timedelta(seconds=lease_s),
-        )
+        .where(p.c.id.in_(bindparam("ids", expanding=True)), p.c.status == Status.CREATED, p.c.attempts < max_attempts)
+        .values(_held(worker_id, lease_s))
         .returning(p)
     )
 
 
-def renew(prediction_id: str, worker_id: str, lease_s: float) -> Update:
-    """Extend the holder's lease (the worker's heartbeat); no row back means it is no longer ours."""
+def _held(worker_id: str, lease_s: float) -> dict[str, Any]:
+    return {
+        "status": Status.PROCESSING,
+        "worker_id": worker_id,
+        "attempts": p.c.attempts + 1,
+        "started_at": func.now(),
+        "lease_expires_at": func.now() + timedelta(seconds=lease_s),
+    }
+
+
+def renew(prediction_ids: list[str], worker_id: str, lease_s: float) -> Update:
+    """Extend the holder's leases (the worker's heartbeat); an id not returned is no longer ours."""
     return (
         update(p)
-        .where(p.c.id == prediction_id, p.c.status == Status.PROCESSING, p.c.worker_id == worker_id)
+        .where(p.c.id.in_(prediction_ids), p.c.status == Status.PROCESSING, p.c.worker_id == worker_id)
         .values(lease_expires_at=func.now() + timedelta(seconds=lease_s))
         .returning(p.c.id)
     )

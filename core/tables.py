@@ -85,6 +85,8 @@ predictions = Table(
     Index("predictions_waiting", "created_at", postgresql_where=text("status = 'created'")),
     Index("predictions_leased", "lease_expires_at", postgresql_where=text("status = 'processing'")),
     Index("predictions_failed", "completed_at", postgresql_where=text("status = 'failed'")),  # the console's
+    # A worker's look for companions of its claim, in the queue's order (core/lifecycle.py, batch_candidates).
+    Index("predictions_batchable", "model", "priority", "created_at", postgresql_where=text("status = 'created'")),
     # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.
     Index(
         "predictions_unexpired",

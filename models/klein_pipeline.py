@@ -203,31 +203,61 @@ class KleinPipeline:
         After every denoising step, `on_step(steps done, steps in all)` is called and `stop_reason` asked;
         a reason (time limit, canceled) raises Stop.
         """
+        return self.generate_batch([params], references, stop_reason, [on_step])[0]
+
+    def generate_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        references: Sequence[Image] = (),
+        stop_reason: Callable[[], str | None] = lambda: None,
+        on_steps: Sequence[Callable[[int, int], None]] = (),
+    ) -> list[list[Image]]:
+        """Several predictions in one pipeline call: each its own prompt, seed and number of images; all of
+        them the same size, steps, guidance and text length (core.lifecycle.BATCH_KEYS) and `references`.
+
+        Each prediction's noise comes from its own CPU generator, drawn image by image as the pipeline does
+        for one prediction alone, so a prediction's image is the one it gets alone (up to the float error
+        of batched arithmetic). `on_steps[i]` hears about every step; `stop_reason` raises Stop.
+        """
+        first = batch[0]
+        if len({params.num_outputs for params in batch}) == 1:  # the text encoder reads each prompt once
+            prompts, per_prompt = [params.prompt for params in batch], first.num_outputs
+        else:
+            prompts, per_prompt = [params.prompt for params in batch for _ in range(params.num_outputs)], 1
+        # A CPU generator draws the same noise on every device, so a seed means the same image. One
+        # generator per prediction, repeated for its images: they draw in turn, as one draw of all would.
+        generators = []
+        for params in batch:
+            generators += [torch.Generator("cpu").manual_seed(params.seed)] * params.num_outputs
 
         def check(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, params.num_inference_steps)
+            for on_step in on_steps:
+                on_step(step + 1, first.num_inference_steps)
             reason = stop_reason()
             if reason is not None:
                 raise Stop(reason)
             return tensors
 
-        # A CPU generator draws the same noise on every device, so a seed means the same image.
-        generator = torch.Generator("cpu").manual_seed(params.seed)
         with torch.inference_mode():
             result = self.pipe(
                 image=list(references) or None,
-                prompt=params.prompt,
-                height=params.height,
-                width=params.width,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                num_images_per_prompt=params.num_outputs,
-                generator=generator,
-                max_sequence_length=params.max_sequence_length,
+                prompt=prompts,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                num_images_per_prompt=per_prompt,
+                generator=generators,
+                max_sequence_length=first.max_sequence_length,
                 text_encoder_out_layers=self.text_encoder_out_layers,
                 callback_on_step_end=check,
             )
-        return list(result.images)
+        images = list(result.images)
+        split, start = [], 0
+        for params in batch:
+            split.append(images[start : start + params.num_outputs])
+            start += params.num_outputs
+        return split
 
     def release_memory(self) -> None:
         """After a failure (GPU out of memory above all): hand cached blocks back so the next one fits."""

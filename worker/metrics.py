@@ -33,6 +33,11 @@ STAGE_SECONDS = Histogram(
     ["stage", "resolution"],
     buckets=STAGE_BUCKETS,
 )
+BATCH_PREDICTIONS = Histogram(
+    "klein_worker_batch_predictions",
+    "Predictions sharing one pipeline call, for calls of more than one (micro-batching, KLEIN_BATCH_SIZE)",
+    buckets=(2, 3, 4, 6, 8, 12, 16),
+)
 MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipeline's weights at start")
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
+from PIL.Image import Image
 from sqlalchemy import BindParameter, Connection, Engine, Executable, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -72,6 +74,7 @@ class WorkerRuntime:
         # (bound names may not be column names in an UPDATE), JSON ones as JSONB by their columns' types.
         s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
         self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
+        self.claim_companions = lifecycle.claim_companions(wid, s.lease_s, s.max_attempts)
         self.state_now = select(predictions.c.status, predictions.c.attempts).where(
             predictions.c.id == bindparam("prediction_id")
         )
@@ -112,9 +115,12 @@ class WorkerRuntime:
         return runtime
 
     def run(self, prediction_id: str) -> None:
-        """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id."""
+        """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id.
+
+        With micro-batching on (`batch_size` > 1), the claim takes along queued predictions that can share
+        its pipeline call (`_companions`); each is then finished, billed and failed on its own, and the
+        Celery messages of those taken along find them claimed and do nothing."""
         claimed_at = time.perf_counter()
-        settings = self.settings
         try:
             with tracing.span("claim", prediction_id=prediction_id):
                 row = self._db(
@@ -123,40 +129,84 @@ class WorkerRuntime:
                 )
         except DB_ERRORS:
             log.error("database unreachable; leaving %s to the sweeper", prediction_id)
-            self.redis.srem(queued_key(settings), prediction_id)  # not in the broker any more: sweepable
+            self.redis.srem(queued_key(self.settings), prediction_id)  # not in the broker any more: sweepable
             return
         if row is None:
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
-            self.redis.srem(queued_key(settings), prediction_id)
+            self.redis.srem(queued_key(self.settings), prediction_id)
             return
         logs.bind(prediction_id=prediction_id, tenant_id=row["tenant_id"])
-        timings = {"queue_ms": _ms((row["started_at"] - row["created_at"]).total_seconds())}
-        report = Report(self.redis, settings, prediction_id, row["created_at"])
-        report.claimed(self.worker_id, row["attempts"], has_webhook=row["webhook"] is not None)
-        outputs: list[dict[str, Any]] = []
-        values: dict[str, Any]
-        with self.heartbeat.hold(prediction_id) as lease:
+        batch = [_Item(row, Report(self.redis, self.settings, row["id"], row["created_at"]))]
+        batch += [_Item(r, Report(self.redis, self.settings, r["id"], r["created_at"])) for r in self._companions(row)]
+        for item in batch:
+            item.report.claimed(self.worker_id, item.row["attempts"], has_webhook=item.row["webhook"] is not None)
+        if len(batch) > 1:
+            for item in batch:
+                item.report.note(f"batched: one pipeline call for {len(batch)} predictions")
+            metrics.BATCH_PREDICTIONS.observe(len(batch))
+        with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
+            self._generate(batch, leases)
+        for item in batch:
+            self._finish(item, claimed_at)
+
+    def _companions(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Queued predictions claimed to share `row`'s pipeline call, up to `batch_size` images in all: the
+        compatible ones first in the queue's order (lifecycle.batch_candidates), looked for now and once more
+        after `batch_window_ms` if there is room left. A database error ends the look: the claim runs with
+        what it has, and what is left stays queued."""
+        settings, params = self.settings, row["params"]
+        room = settings.batch_size - params["num_outputs"]
+        if room <= 0 or params["reference_keys"]:
+            return []
+        deadline = time.monotonic() + settings.batch_window_ms / 1000
+        taken: list[dict[str, Any]] = []
+        while True:
             try:
-                outputs = self._generate(prediction_id, row, timings, lease.stop_reason, report)
-            except Exception as exc:  # the prediction fails; the worker keeps serving
-                log.exception("prediction %s failed", prediction_id)
-                self.pipeline.release_memory()
-                timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-                finish, values = self.fail, {"final_error": _readable(exc)}
-                report.note(f"failed: {values['final_error']}")
-                outcome, reason = "failed", _reason(exc)
-            else:
-                timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
-                finish, values = self.complete, {"final_outputs": outputs}
-                report.note("completed")
-                outcome, reason = "completed", ""
+                claimed = self._db(functools.partial(self._take_companions, row=row, room=room), durable=False)
+            except DB_ERRORS:
+                log.warning("could not look for predictions to batch with %s", row["id"], exc_info=True)
+                return taken
+            taken += claimed
+            room -= sum(r["params"]["num_outputs"] for r in claimed)
+            wait = deadline - time.monotonic()
+            if room <= 0 or wait <= 0:
+                return taken
+            time.sleep(wait)
+            deadline = 0.0  # looked again after the window: done then
+
+    def _take_companions(self, conn: Connection, row: Mapping[str, Any], room: int) -> list[dict[str, Any]]:
+        """One look: the first candidates whose images fit in `room`, claimed if still queued."""
+        look = lifecycle.batch_candidates(row["model"], row["params"], row["id"], self.settings.max_attempts, room)
+        ids, images = [], 0
+        for candidate in conn.execute(look):
+            if images + candidate.num_outputs <= room:
+                ids.append(candidate.id)
+                images += candidate.num_outputs
+        if not ids:
+            return []
+        return [dict(r) for r in conn.execute(self.claim_companions, {"ids": ids}).mappings()]
+
+    def _finish(self, item: _Item, claimed_at: float) -> None:
+        """Record one prediction's result or failure, bill it, release its slot and announce it."""
+        row, report, timings = item.row, item.report, item.timings
+        prediction_id = row["id"]
+        timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
+        values: dict[str, Any]
+        if item.error is not None:
+            finish, values = self.fail, {"final_error": _readable(item.error)}
+            report.note(f"failed: {values['final_error']}")
+            outcome, reason = "failed", _reason(item.error)
+        else:
+            finish, values = self.complete, {"final_outputs": item.outputs}
+            report.note("completed")
+            outcome, reason = "completed", ""
         values |= {"prediction_id": prediction_id, "final_timings": timings, "final_logs": report.logs}
-        values |= usage.charges(row["params"], len(outputs))
+        values |= usage.charges(row["params"], len(item.outputs))
         with tracing.span("finish", prediction_id=prediction_id, failed="final_error" in values):
             finished = self._db(lambda conn: first(conn, finish, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
-            self._after_a_lost_finish(prediction_id, row["attempts"], outputs)
+            self._after_a_lost_finish(prediction_id, row["attempts"], item.outputs)
             outcome, reason = "dropped", "canceled or taken over"
         elif outcome == "completed":
             metrics.record_run(timings, row["params"]["width"], row["params"]["height"])
@@ -178,25 +228,58 @@ class WorkerRuntime:
             log.warning("the claim of %s was lost (database restart?); queueing it again", prediction_id)
             enqueue(self.redis, self.settings, prediction_id)
 
-    def _generate(
-        self,
-        prediction_id: str,
-        row: Any,
-        timings: dict[str, int],
-        stop_reason: Callable[[], str | None],
-        report: Report,
-    ) -> list[dict[str, Any]]:
-        params = GenerationParams.model_validate(row["params"])
-        keys = params.reference_keys
-        with tracing.span("load references", prediction_id=prediction_id, references=len(keys)):
-            references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in keys]
+    def _generate(self, batch: list[_Item], leases: list[_Lease]) -> None:
+        """Run the batch's pipeline call, then encode and upload each prediction's images. Sets each item's
+        outputs or error; never raises. A prediction fails alone where it can (its parameters, its stop, its
+        upload); a failing pipeline call fails all of its predictions."""
+        live: list[tuple[_Item, _Lease, GenerationParams]] = []
+        for item, lease in zip(batch, leases, strict=True):
+            try:
+                live.append((item, lease, GenerationParams.model_validate(item.row["params"])))
+            except ValueError as exc:
+                log.exception("prediction %s has parameters this worker cannot run", item.row["id"])
+                item.error = exc
+        if not live:
+            return
+        ids = ",".join(item.row["id"] for item, _, _ in live)
+        shared = live[0][2]  # what the batch shares; companions have no references (lifecycle.batch_candidates)
+        keys, count = shared.reference_keys, sum(params.num_outputs for _, _, params in live)
+        size = {"width": shared.width, "height": shared.height, "steps": shared.num_inference_steps}
         started = time.perf_counter()
-        traced: dict[str, str | int] = {"prediction_id": prediction_id, "images": params.num_outputs}
-        size = {"width": params.width, "height": params.height, "steps": params.num_inference_steps}
-        with tracing.span("inference", **traced, **size):
-            outputs = self.pipeline.generate(params, references, stop_reason, report.step)
-        timings["inference_ms"] = _ms(time.perf_counter() - started)
+        try:
+            with tracing.span("load references", prediction_id=ids, references=len(keys)):
+                references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in keys]
+            started = time.perf_counter()
+            with tracing.span("inference", prediction_id=ids, images=count, **size):
+                results = self.pipeline.generate_batch(
+                    [params for _, _, params in live],
+                    references,
+                    _all_stopped([lease for _, lease, _ in live]),
+                    [item.report.step for item, _, _ in live],
+                )
+        except Exception as exc:  # the predictions fail; the worker keeps serving
+            log.exception("pipeline call for %s failed", ids)
+            self.pipeline.release_memory()
+            for item, _, _ in live:
+                item.error = exc
+            return
+        inference_ms = _ms(time.perf_counter() - started)
+        for (item, lease, params), outputs in zip(live, results, strict=True):
+            item.timings["inference_ms"] = inference_ms
+            reason = lease.stop_reason()  # canceled, or timed out, while the others ran on
+            try:
+                if reason is not None:
+                    raise Stop(reason)
+                item.outputs = self._store(item, params, outputs)
+            except Exception as exc:
+                if not isinstance(exc, Stop | StorageUnavailable):
+                    log.exception("prediction %s failed", item.row["id"])
+                item.error = exc
 
+    def _store(self, item: _Item, params: GenerationParams, outputs: list[Image]) -> list[dict[str, Any]]:
+        """Encode and upload one prediction's images; on an upload error nothing of it is left behind."""
+        prediction_id, timings, report = item.row["id"], item.timings, item.report
+        traced: dict[str, str | int] = {"prediction_id": prediction_id, "images": params.num_outputs}
         started = time.perf_counter()
         with tracing.span("encode", **traced, format=params.output_format):
             encoded = [encode(image, params.output_format, params.output_quality) for image in outputs]
@@ -209,7 +292,7 @@ class WorkerRuntime:
             with tracing.span("upload", **traced, bytes=sum(len(data) for data, _ in encoded)):
                 for index, (data, content_type) in enumerate(encoded):
                     name = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
-                    key = output_key(row["tenant_id"], prediction_id, name)
+                    key = output_key(item.row["tenant_id"], prediction_id, name)
                     self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
                     stored.append({"filename": name, "key": key, "content_type": content_type, "bytes": len(data)})
         except (BotoCoreError, ClientError) as exc:
@@ -293,21 +376,21 @@ class _Heartbeat:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self.every_s = min(runtime.settings.lease_s / 3, 2.0)
-        self._current: _Lease | None = None
+        self._current: list[_Lease] = []  # the leases of the batch running now
         self._changed = threading.Condition()
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     @contextlib.contextmanager
-    def hold(self, prediction_id: str) -> Iterator[_Lease]:
-        lease = _Lease(prediction_id, self.runtime.settings.task_time_limit_s)
+    def hold(self, prediction_ids: list[str]) -> Iterator[list[_Lease]]:
+        leases = [_Lease(prediction_id, self.runtime.settings.task_time_limit_s) for prediction_id in prediction_ids]
         with self._changed:
-            self._current = lease
+            self._current = leases
             self._changed.notify()
         try:
-            yield lease
+            yield leases
         finally:
             with self._changed:
-                self._current = None
+                self._current = []
 
     def _beat(self) -> None:
         runtime = self.runtime
@@ -320,22 +403,29 @@ class _Heartbeat:
                 except redis.RedisError:
                     log.warning("could not announce worker %s as live", runtime.worker_id)
             with self._changed:
-                lease = self._current
-                if lease is None:
+                leases = self._current
+                if not leases:
                     self._changed.wait(self.every_s)
                     continue
-                wait = lease.renewed_at + self.every_s - time.monotonic()
+                wait = leases[0].renewed_at + self.every_s - time.monotonic()
                 if wait > 0:
                     self._changed.wait(wait)
                     continue
-            # A renewal racing the prediction's finish finds it no longer processing: it changes nothing.
-            renew = lifecycle.renew(lease.prediction_id, runtime.worker_id, runtime.settings.lease_s)
-            lease.renewed_at = time.monotonic()
+            # A renewal racing a prediction's finish finds it no longer processing: it changes nothing.
+            renew = lifecycle.renew(
+                [lease.prediction_id for lease in leases], runtime.worker_id, runtime.settings.lease_s
+            )
+            renewed_at = time.monotonic()
             try:
                 with runtime.lease_autocommit.connect() as conn:
-                    lease.lost = conn.execute(renew).first() is None
+                    kept = set(conn.execute(renew).scalars())
             except (OperationalError, InterfaceError):
-                log.warning("heartbeat of %s missed (database unavailable)", lease.prediction_id)
+                log.warning("heartbeat of %d predictions missed (database unavailable)", len(leases))
+                kept = None
+            for lease in leases:
+                lease.renewed_at = renewed_at
+                if kept is not None:
+                    lease.lost = lease.prediction_id not in kept
 
 
 @dataclass
@@ -352,6 +442,31 @@ class _Lease:
         if time.monotonic() - self.started_at > self.time_limit_s:
             return f"timed out after {self.time_limit_s:g} s"
         return None
+
+
+@dataclass
+class _Item:
+    """One prediction of a batch: its claimed row, what it reports, and how it ends."""
+
+    row: dict[str, Any]
+    report: Report
+    timings: dict[str, int] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.timings["queue_ms"] = _ms((self.row["started_at"] - self.row["created_at"]).total_seconds())
+
+
+def _all_stopped(leases: list[_Lease]) -> Callable[[], str | None]:
+    """The pipeline call's stop: when every prediction in it has a reason to stop (one that alone stops is
+    dropped after the call), the first one's reason."""
+
+    def reason() -> str | None:
+        reasons = [lease.stop_reason() for lease in leases]
+        return reasons[0] if all(reasons) else None
+
+    return reason
 
 
 def _reason(exc: BaseException) -> str:

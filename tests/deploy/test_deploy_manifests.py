@@ -225,7 +225,8 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
 def test_compose_services_come_up_in_order() -> None:
     services = compose()["services"]
     core = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "webhooks"}
-    assert set(services) == core | {"prometheus", "grafana"}  # those two: the `observability` profile
+    more_gpus = {f"worker-gpu{i}" for i in range(1, 8)}  # the `gpus-N` profiles
+    assert set(services) == core | {"prometheus", "grafana"} | more_gpus  # those two: the `observability` profile
     conditions = {
         name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in services.items()
     }
@@ -263,10 +264,22 @@ def test_compose_images_and_gpu() -> None:
     assert services["migrate"]["build"]["dockerfile"] == "deploy/Dockerfile.api"
     assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile.worker"
     (device,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["device_ids"] == ["0"]
     assert any(volume.endswith(":/models") for volume in services["worker"]["volumes"])
     assert services["worker"]["environment"]["HF_HOME"].startswith("/models")
     assert "KLEIN_MODEL_PATH" in services["worker"]["environment"]
+
+
+def test_compose_runs_one_worker_per_gpu_each_pinned_to_its_own() -> None:
+    """`--profile gpus-N` starts N workers (`worker` plus N-1), on devices 0 … N-1, configured alike."""
+    services = compose()["services"]
+    for count in (2, 4, 8):
+        names = ["worker"] + [n for n, s in services.items() if f"gpus-{count}" in s.get("profiles", [])]
+        devices = [services[n]["deploy"]["resources"]["reservations"]["devices"] for n in names]
+        assert sorted(d[0]["device_ids"][0] for d in devices) == [str(i) for i in range(count)]
+        assert all(len(d) == 1 and len(d[0]["device_ids"]) == 1 for d in devices)
+        assert all(services[n]["environment"] == services["worker"]["environment"] for n in names)
+        assert all(services[n]["image"] == services["worker"]["image"] for n in names)
 
 
 def test_compose_settings_are_real_settings() -> None:

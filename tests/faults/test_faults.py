@@ -6,6 +6,7 @@ never billed twice.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -285,3 +287,93 @@ def test_a_redis_stall_leaks_no_in_flight_slot(faults: PrivateStack, api: str) -
         assert submit(api, issued.key, {"prompt": "after the stall"}, sync=True).json()["status"] == "succeeded"
     finally:
         worker.stop()
+
+
+# Micro-batching (worker/runtime.py): a worker taking up to 4 images per pipeline call.
+BATCHING = {"KLEIN_BATCH_SIZE": "4", "KLEIN_BATCH_WINDOW_MS": "0"}
+
+
+def test_a_batch_gives_each_prediction_the_image_it_gets_alone_and_a_bad_one_fails_alone(
+    faults: PrivateStack, api: str, key: str, tiny_model: Path
+) -> None:
+    shared = {"num_inference_steps": 4, "output_format": "png", "aspect_ratio": "1:1"}
+    ids = [submit(api, key, {"prompt": f"batched {i}", "seed": 10 + i} | shared).json()["id"] for i in range(3)]
+    other_size = submit(api, key, {"prompt": "wide", "seed": 5, "aspect_ratio": "16:9", "output_format": "png"})
+    bad = ids[1]
+    change_params(faults, bad, output_format="bmp")  # no longer valid, as if written by another version
+    worker = faults.worker("batching", **BATCHING)
+    try:
+        done = {pid: wait_for(faults, pid, {"completed", "failed"}) for pid in [*ids, other_size.json()["id"]]}
+    finally:
+        worker.stop()
+    batched = [pid for pid, r in done.items() if any("call for 3" in line["message"] for line in r["logs"])]
+    assert batched == ids  # the 16:9 one cannot share a 1:1 call: it ran alone
+    assert done[bad]["status"] == "failed" and "internal error" in done[bad]["error"]
+    assert stored_objects(faults, f"{done[bad]['tenant_id']}/{bad}/") == []
+    assert bills(faults, bad) == 0
+
+    from PIL import Image
+
+    from core.settings import Settings
+    from core.storage import make_s3_client
+    from models.klein import GenerationParams
+    from models.klein_pipeline import KleinPipeline
+
+    alone = KleinPipeline(str(tiny_model), "cpu", Settings())
+    s3 = make_s3_client(faults.settings)
+    for pid in (ids[0], ids[2]):
+        assert done[pid]["status"] == "completed", done[pid]["error"]
+        stored = s3.get_object(Bucket=faults.settings.s3_bucket, Key=done[pid]["outputs"][0]["key"])["Body"].read()
+        batched_image = np.asarray(Image.open(io.BytesIO(stored)), dtype=np.int16)
+        expected = np.asarray(alone.generate(GenerationParams.model_validate(done[pid]["params"]))[0], dtype=np.int16)
+        assert np.abs(batched_image - expected).max() <= 2  # float error of batched arithmetic, nothing more
+
+
+def change_params(faults: PrivateStack, pid: str, **changes: Any) -> None:
+    """Change a queued prediction's stored parameters (no worker has it yet)."""
+    with faults.engine.begin() as conn:
+        params = conn.execute(select(predictions.c.params).where(predictions.c.id == pid)).scalar_one()
+        conn.execute(predictions.update().where(predictions.c.id == pid).values(params=params | changes))
+
+
+def queue_slow_batch(faults: PrivateStack, api: str, key: str, count: int) -> list[str]:
+    """`count` predictions of 20 steps at 256² (seconds each on the tiny CPU pipeline), queued with no worker."""
+    ids = [submit(api, key, {"prompt": f"slow {i}", "seed": i}).json()["id"] for i in range(count)]
+    for pid in ids:
+        change_params(faults, pid, width=256, height=256, num_inference_steps=20, output_format="png")
+    return ids
+
+
+def test_a_worker_killed_mid_batch_loses_none_of_it(faults: PrivateStack, api: str, key: str) -> None:
+    ids = queue_slow_batch(faults, api, key, 2)
+    doomed = faults.worker("doomed-batch", **BATCHING)
+    running = [wait_for(faults, pid, {"processing"}) for pid in ids]
+    assert len({r["worker_id"] for r in running}) == 1  # one worker took both into one call
+    assert doomed.process is not None
+    doomed.process.send_signal(signal.SIGKILL)
+    rescuer = faults.worker("rescuer-batch", **BATCHING)  # takes them over as their leases lapse
+    try:
+        done = [wait_for(faults, pid, {"completed", "failed"}) for pid in ids]
+    finally:
+        rescuer.stop()
+    for pid, d in zip(ids, done, strict=True):
+        assert d["status"] == "completed" and d["attempts"] == 2, d["error"]
+        assert stored_objects(faults, f"{d['tenant_id']}/{pid}/") == [f"{d['tenant_id']}/{pid}/output.png"]
+        assert bills(faults, pid) == 1
+
+
+def test_a_prediction_canceled_mid_batch_ends_alone(faults: PrivateStack, api: str, key: str) -> None:
+    ids = queue_slow_batch(faults, api, key, 2)
+    worker = faults.worker("cancel-batch", **BATCHING)
+    try:
+        for pid in ids:
+            wait_for(faults, pid, {"processing"})
+        canceled = httpx.post(f"{api}/v1/predictions/{ids[0]}/cancel", headers={"apikey": key}, timeout=30)
+        assert canceled.status_code == 200, canceled.text
+        done = [wait_for(faults, pid, {"completed", "failed", "canceled"}) for pid in ids]
+    finally:
+        worker.stop()
+    assert [d["status"] for d in done] == ["canceled", "completed"], done[1]["error"]
+    assert any("call for 2" in line["message"] for line in done[1]["logs"])
+    assert stored_objects(faults, f"{done[0]['tenant_id']}/{ids[0]}/") == [] and bills(faults, ids[0]) == 0
+    assert bills(faults, ids[1]) == 1

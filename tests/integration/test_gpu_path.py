@@ -212,9 +212,9 @@ def test_benchmark_warms_exactly_the_measured_shapes_and_marks_each_cell(tmp_pat
     # A shape that was not warmed is reported eager: batch 2 after warming batch 1 only.
     warm = settings(compile_transformer=True, warmup_sizes=[str(shape_of(scenarios[0]))])
     klein = KleinPipeline("tiny", "cpu", warm, pipe=build_tiny_pipeline())
-    assert runs_compiled(klein, params(tokens=512), [])  # warm-ups run the worker's 512 text tokens
-    assert not runs_compiled(klein, params(tokens=512, outputs=2), [])
-    assert not runs_compiled(klein, params(tokens=64), [])  # a shorter max_sequence_length is another shape
+    assert runs_compiled(klein, [params(tokens=512)], [])  # warm-ups run the worker's 512 text tokens
+    assert not runs_compiled(klein, [params(tokens=512, outputs=2)], [])
+    assert not runs_compiled(klein, [params(tokens=64)], [])  # a shorter max_sequence_length is another shape
 
 
 def test_warmup_shapes_carry_the_batch_size() -> None:

@@ -79,13 +79,62 @@ def test_terminal_set() -> None:
 def test_a_lapsed_lease_is_requeued_until_the_attempts_run_out(engine: Engine, tenant: IssuedKey) -> None:
     pid = created(engine, tenant)
     assert run(engine, lifecycle.claim(pid, "w1", 60, 2)) is not None
-    assert run(engine, lifecycle.renew(pid, "w1", 60)) is not None
-    assert run(engine, lifecycle.renew(pid, "w2", 60)) is None  # not w2's to renew
+    assert run(engine, lifecycle.renew([pid], "w1", 60)) is not None
+    assert run(engine, lifecycle.renew([pid], "w2", 60)) is None  # not w2's to renew
     assert run(engine, lifecycle.requeue_lapsed(pid)) is None  # the lease is alive
-    assert run(engine, lifecycle.renew(pid, "w1", 0)) is not None  # w1 dies right after: the lease lapses
+    assert run(engine, lifecycle.renew([pid], "w1", 0)) is not None  # w1 dies right after: the lease lapses
     assert run(engine, lifecycle.requeue_lapsed(pid)) is not None
-    assert run(engine, lifecycle.renew(pid, "w1", 60)) is None  # w1's late heartbeat finds it gone
+    assert run(engine, lifecycle.renew([pid], "w1", 60)) is None  # w1's late heartbeat finds it gone
     assert run(engine, lifecycle.claim(pid, "w2", 0, 2))["attempts"] == 2
     assert run(engine, lifecycle.claim(pid, "w3", 60, 2)) is None  # no attempts left, even with a lapsed lease
     failed = run(engine, lifecycle.give_up(pid, "worker lost 2 times"))
     assert failed is not None and run(engine, lifecycle.requeue_lapsed(pid)) is None
+
+
+def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(engine: Engine, tenant: IssuedKey) -> None:
+    """Same model, size, steps, guidance and text length, no references; priority first, then age."""
+    from sqlalchemy import update
+
+    from core.tables import predictions
+
+    model = f"batch-test-{new_id()[:6]}"  # this test's rows only
+    base = KleinInput(prompt="a cat").to_params(1).model_dump()
+
+    def queued(priority: int, **changes: Any) -> str:
+        pid = new_id()
+        with engine.begin() as conn:
+            params = base | changes
+            conn.execute(
+                lifecycle.create(
+                    prediction_id=pid,
+                    tenant_id=tenant.tenant_id,
+                    api_key_id=tenant.key_id,
+                    model=model,
+                    input={},
+                    params=params,
+                )
+            )
+            conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
+        return pid
+
+    claimed = queued(0)
+    noisy_old, quiet_new = queued(9, seed=2), queued(0, seed=3, num_outputs=2, output_format="png")
+    queued(0, width=512)  # another size
+    queued(0, num_inference_steps=8)  # other steps
+    queued(0, reference_keys=["t/ref.png"])  # an edit
+    queued(0, guidance_scale=4.0)
+    running = queued(0)
+    run(engine, lifecycle.claim(running, "w0", 60, 3))
+
+    def candidates(limit: int) -> list[Any]:
+        look = lifecycle.batch_candidates(model, base, claimed, 3, limit)
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(look)]
+
+    assert candidates(8) == [(quiet_new, 2), (noisy_old, 1)]
+    assert candidates(1) == [(quiet_new, 2)]
+    taken = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    statement = lifecycle.claim_companions("w1", 60, 3)
+    rows = taken.execute(statement, {"ids": [quiet_new, running]}).mappings().all()
+    assert [r["id"] for r in rows] == [quiet_new] and rows[0]["worker_id"] == "w1"  # `running` is w0's
+    taken.close()
