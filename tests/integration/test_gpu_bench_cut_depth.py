@@ -1,4 +1,5 @@
-"""bench/gpu.py --compare in its cut-depth mode on CPU: the runner a GPU run relies on to fit its time.
+"""The one GPU command (bench/gpu_run.sh: bench/gpu.py --compare) in its cut-depth mode on CPU: the runner a GPU
+run relies on to fit its time, and its offline install from a wheelhouse.
 
 Each variant runs in its own process under a limit; its record is written after every scenario (seen here while
 the run goes on), a variant stopped by its limit keeps what it wrote, FP8 off FP8 hardware is skipped, and the
@@ -20,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cut_depth_compare_runs_each_variant_in_its_own_process_under_a_limit(tmp_path: Path) -> None:
     out, work = tmp_path / "bench.json", tmp_path / "variants"
-    command = [sys.executable, "bench/gpu.py", "--cut-depth", "--compare", "--switches", "fuse_qkv,all + fp8"]
+    command = ["bash", "bench/gpu_run.sh", "--cut-depth", "--switches", "fuse_qkv,all + fp8"]
     command += ["--scenarios", "t2i-1024,t2i-512", "--scale", "16", "--steps", "1", "--iters", "1", "--warmup", "0"]
     command += ["--limit", "fuse_qkv=8", "--json", str(out), "--work", str(work)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"PYTHON": sys.executable}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     baseline = work / "variant-baseline.json"
     seen: list[tuple[str, int]] = []  # (status, scenarios written) of the baseline's record, as the run goes on
@@ -39,6 +40,7 @@ def test_cut_depth_compare_runs_each_variant_in_its_own_process_under_a_limit(tm
         time.sleep(0.2)
     output = process.communicate(timeout=60)[0]
     assert process.returncode == 0, output[-4000:]
+    assert "nothing to install" in output  # this machine has every package
 
     assert ("measuring", 1) in seen and seen[-1] == ("done", 2), seen  # written after every scenario
     report = json.loads(out.read_text())
@@ -68,3 +70,39 @@ def test_compare_skips_what_the_budget_no_longer_covers(tmp_path: Path) -> None:
         ("fuse_qkv", "skipped: 0 s left"),
     ]
     assert json.loads(args.json.read_text())["compare"] == records
+
+
+def probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel of a module `klein_probe`, made by hand (a wheel is a zip with its metadata)."""
+    import zipfile
+
+    path = folder / "klein_probe-1.0-py3-none-any.whl"
+    info = "klein_probe-1.0.dist-info"
+    files = {
+        "klein_probe/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: klein-probe\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+    return path
+
+
+def test_the_gpu_command_installs_what_is_missing_from_the_wheelhouse_offline(tmp_path: Path) -> None:
+    wheelhouse, site = tmp_path / "whl", tmp_path / "site"
+    wheelhouse.mkdir()
+    env = os.environ | {"PYTHON": sys.executable, "WHEELHOUSE": str(wheelhouse), "SITE": str(site)}
+    env |= {"NEEDS": "json klein_probe", "PIP_INDEX_URL": "http://127.0.0.1:9/"}  # no index would answer
+    command = ["bash", "bench/gpu_run.sh", "--install-only"]
+    empty = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "missing: klein_probe; no wheels" in empty.stderr
+    assert "bench/gpu_wheels.sh" in empty.stderr
+
+    probe_wheel(wheelhouse)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "installing for klein_probe from 1 wheels" in done.stdout
+    check = [sys.executable, "-c", "import klein_probe; print(klein_probe.VALUE)"]
+    assert subprocess.run(check, env=env | {"PYTHONPATH": str(site)}, capture_output=True, text=True).stdout == "42\n"
