@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import redis
 
+from core.queue import model_queue
 from core.settings import Settings
 
 STREAM_TTL_S = 3600
@@ -32,12 +33,13 @@ def stream_key(settings: Settings, prediction_id: str) -> str:
     return f"{settings.queue_name}:events:{prediction_id}"
 
 
-def workers_key(settings: Settings) -> str:
-    return f"{settings.queue_name}:workers"
+def workers_key(settings: Settings, model: str) -> str:
+    """The live workers of one model (each model has its own queue and pace)."""
+    return f"{model_queue(settings.queue_name, model)}:workers"
 
 
-def recent_key(settings: Settings) -> str:
-    return f"{settings.queue_name}:recent-ms"
+def recent_key(settings: Settings, model: str) -> str:
+    return f"{model_queue(settings.queue_name, model)}:recent-ms"
 
 
 def log_line(message: str, at: datetime | None = None) -> dict[str, str]:
@@ -63,17 +65,19 @@ def entries(raw: Any) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def heartbeat(client: redis.Redis, settings: Settings, worker_id: str) -> None:
-    now = time.time()
+    """The worker serving settings.model_id is alive."""
+    now, key = time.time(), workers_key(settings, settings.model_id)
     pipe = client.pipeline(transaction=False)
-    pipe.zadd(workers_key(settings), {worker_id: now})
-    pipe.zremrangebyscore(workers_key(settings), "-inf", now - 10 * LIVE_WORKER_S)
+    pipe.zadd(key, {worker_id: now})
+    pipe.zremrangebyscore(key, "-inf", now - 10 * LIVE_WORKER_S)
     pipe.execute()
 
 
 def record_run(pipe: Any, settings: Settings, run_ms: int, images: int) -> None:
     """A finished run's time per image (claim to upload), for the ETA of what waits."""
-    pipe.lpush(recent_key(settings), round(run_ms / max(images, 1)))
-    pipe.ltrim(recent_key(settings), 0, RECENT_RUNS - 1)
+    key = recent_key(settings, settings.model_id)
+    pipe.lpush(key, round(run_ms / max(images, 1)))
+    pipe.ltrim(key, 0, RECENT_RUNS - 1)
 
 
 def _text(value: bytes | str) -> str:

@@ -22,6 +22,7 @@ from celery import Celery
 
 from core import redis_connection, tracing
 from core.settings import Settings
+from models.registry import DEFAULT_MODEL
 
 PREDICT_TASK = "klein.predict"
 DELIVER_TASK = "klein.webhooks.deliver"  # worker/webhooks.py, on `webhooks_queue(settings)`
@@ -68,6 +69,12 @@ def queued_key(settings: Settings) -> str:
     finishes a prediction removes its id in its last round trip, a worker that finds it not claimable at
     once, and a cancel or the sweeper when they end it."""
     return f"{settings.queue_name}:queued"
+
+
+def model_queue(queue_name: str, model_id: str) -> str:
+    """The Celery queue of one model's predictions, which only that model's workers consume: the default model's
+    is `queue_name` itself, another's `<queue_name>.<model id>`. Everything else stays namespaced by `queue_name`."""
+    return queue_name if model_id == DEFAULT_MODEL.id else f"{queue_name}.{model_id}"
 
 
 def webhooks_queue(settings: Settings) -> str:
@@ -140,11 +147,13 @@ def _uuid4() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
-def enqueue(client: redis.Redis, settings: Settings, prediction_id: str, priority: int = 0) -> None:
-    """Mark the id as in the broker (for the sweeper), then publish its task with Celery's own producer: the
-    sweeper's and the worker's requeues. Only the API's submit builds the message itself (task_message)."""
+def enqueue(client: redis.Redis, settings: Settings, prediction_id: str, model: str, priority: int = 0) -> None:
+    """Mark the id as in the broker (for the sweeper), then publish its task on its model's queue with Celery's own
+    producer: the sweeper's and the worker's requeues. Only the API's submit builds the message itself
+    (task_message)."""
     client.sadd(queued_key(settings), prediction_id)
-    _publisher(settings).send_task(PREDICT_TASK, args=[prediction_id], queue=settings.queue_name, priority=priority)
+    queue = model_queue(settings.queue_name, model)
+    _publisher(settings).send_task(PREDICT_TASK, args=[prediction_id], queue=queue, priority=priority)
 
 
 _publishers: dict[int, tuple[Settings, Celery]] = {}  # by the settings' identity, which the entry keeps alive

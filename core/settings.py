@@ -50,6 +50,9 @@ class Settings(BaseSettings):
 
     # Worker: a local diffusers folder or a hub id, and the device ("auto" picks CUDA when present).
     model_path: str = "black-forest-labs/FLUX.2-klein-4B"
+    model_id: str = "flux-klein-4b"  # the registry's model this worker serves (models/registry.py), on its own queue
+    # API: the models workers are run for; a submit naming another is refused with this list (klein up --model).
+    served_models: list[str] = ["flux-klein-4b"]
     device: str = "auto"
     # Reliability: a worker's claim is a lease it renews every lease_s / 3 while it works; a lapsed
     # lease means the worker died, and the sweeper puts the prediction back in the queue.

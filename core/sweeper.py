@@ -100,9 +100,11 @@ class Sweeper:
     def _lapsed(self, report: SweepReport) -> None:
         with self.engine.connect() as conn:
             lapsed = conn.execute(
-                select(p.c.id, p.c.attempts).where(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now())
+                select(p.c.id, p.c.attempts, p.c.model).where(
+                    p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()
+                )
             ).all()
-        for prediction_id, attempts in lapsed:
+        for prediction_id, attempts, model in lapsed:
             if attempts >= self.settings.max_attempts:
                 error = f"the worker was lost {attempts} times while running this prediction; giving up"
                 with self.engine.begin() as conn:
@@ -116,7 +118,7 @@ class Sweeper:
             with self.engine.begin() as conn:
                 row = conn.execute(lifecycle.requeue_lapsed(prediction_id)).first()
             if row is not None:
-                self._enqueue(prediction_id)
+                self._enqueue(prediction_id, model)
                 report.requeued_lapsed += 1
 
     def _lost(self, report: SweepReport) -> None:
@@ -128,19 +130,20 @@ class Sweeper:
         checked = {str(k, "ascii"): float(v) for k, v in cast(dict[bytes, bytes], self.redis.hgetall(state)).items()}
         with self.engine.connect() as conn:
             due = conn.execute(select(func.now() - grace)).scalar_one()  # the database's clock, as created_at's
-            query = select(p.c.id).where(p.c.status == Status.CREATED, p.c.created_at < due)
+            query = select(p.c.id, p.c.model).where(p.c.status == Status.CREATED, p.c.created_at < due)
             full = "to" not in checked or due.timestamp() - checked.get("full", 0.0) >= FULL_CHECK_EVERY_S
             if not full:  # from one grace period before the last boundary: a slow commit is still seen
                 query = query.where(p.c.created_at >= datetime.fromtimestamp(checked["to"], UTC) - grace)
-            waiting = conn.execute(query).scalars().all()
+            waiting = dict(conn.execute(query).tuples().all())  # id → model
         # In pages: one SMISMEMBER of a deep backlog's 100,000 ids would hold Redis, and every API request
         # behind it, for tens of milliseconds (docs/performance.md, figure 5).
-        for start in range(0, len(waiting), LOST_CHECK_PAGE):
-            page = list(waiting[start : start + LOST_CHECK_PAGE])
+        ids = list(waiting)
+        for start in range(0, len(ids), LOST_CHECK_PAGE):
+            page = ids[start : start + LOST_CHECK_PAGE]
             in_broker = self.redis.smismember(queued_key(self.settings), page)
             for prediction_id, queued in zip(page, in_broker, strict=True):
                 if not queued:
-                    self._enqueue(prediction_id)
+                    self._enqueue(prediction_id, waiting[prediction_id])
                     report.requeued_lost += 1
         self.redis.hset(state, "to", due.timestamp())
         if full:
@@ -174,8 +177,8 @@ class Sweeper:
                 )
                 report.counters_reconciled += 1
 
-    def _enqueue(self, prediction_id: str) -> None:
-        enqueue(self.redis, self.settings, prediction_id, priority=0)  # it has waited longest: first in line
+    def _enqueue(self, prediction_id: str, model: str) -> None:
+        enqueue(self.redis, self.settings, prediction_id, model, priority=0)  # it has waited longest: first in line
 
     def _release_slot(self, tenant_id: str) -> None:
         self.redis.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))

@@ -46,6 +46,12 @@ ensure_services() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq chromium chromium-driver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
   fi
+  # tests/deploy renders the Kubernetes overlays with kubectl's own kustomize (offline).
+  if ! command -v kubectl >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing kubectl"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1

@@ -29,6 +29,9 @@ SIZE_MULTIPLE = 16  # VAE scale 8 × 2×2 latent packing
 # guidance is skipped for distilled models). Pruna's page lists 20 / 3.5, the undistilled defaults.
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0
+# The undistilled base checkpoint (the one LoRAs are trained on): classifier-free guidance, many steps.
+BASE_STEPS = 50
+BASE_GUIDANCE = 4.0
 # The Qwen3 hidden states the pipeline stacks into the prompt embedding (diffusers' `text_encoder_out_layers`).
 TEXT_ENCODER_OUT_LAYERS: tuple[int, ...] = (9, 18, 27)
 GUIDANCE_IGNORED = (
@@ -144,3 +147,12 @@ class KleinInput(BaseModel):
             output_format=self.output_format,
             output_quality=self.output_quality,
         )
+
+
+class KleinBaseInput(KleinInput):
+    """The base model's input: the same fields, its own defaults (classifier-free guidance, 50 steps)."""
+
+    num_inference_steps: int = Field(BASE_STEPS, ge=1, le=100, description="Denoising steps; the base model needs ~50.")
+    guidance: float = Field(
+        BASE_GUIDANCE, ge=0, le=20, description="Classifier-free guidance scale; above 1 each step runs twice."
+    )

@@ -28,7 +28,7 @@ from models.optimize import (
     process_age_s,
     warmup_shapes,
 )
-from models.registry import ModelSpec, spec_for
+from models.registry import ModelSpec, resolve, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,20 @@ class KleinPipeline:
         started = time.perf_counter()
         self.settings = settings if settings is not None else get_settings()
         self.model_path = model_path
-        self.spec = spec if spec is not None else spec_for(model_path)
+        if spec is None:
+            served = resolve(self.settings.model_id)
+            if served is None:
+                raise ValueError(f"KLEIN_MODEL_ID={self.settings.model_id!r} is no model of models/registry.py")
+            spec = spec_for(model_path, served)
+        self.spec = spec
         self.text_encoder_out_layers = tuple(self.spec.text_encoder_out_layers)
         self.device = pick_device(device)
         # bf16 on GPUs; float32 on CPU, where bf16 matmuls are slow (KLEIN_DTYPE overrides).
         self.dtype = pick_dtype(self.settings.dtype, self.device)
         built: Any = pipe if pipe is not None else load_pipeline(model_path, self.dtype, self.device)
+        if bool(built.config.get("is_distilled", False)) != self.spec.distilled:
+            kind = "distilled" if self.spec.distilled else "undistilled (base)"
+            raise ValueError(f"{model_path}: {self.spec.id} is {kind}, these weights are not (is_distilled)")
         try:  # a clear error now rather than an IndexError in the first request
             check_out_layers(
                 built.text_encoder, self.text_encoder_out_layers, built.transformer.config.joint_attention_dim

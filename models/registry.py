@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.klein import DEFAULT_STEPS, TEXT_ENCODER_OUT_LAYERS, KleinInput
+from models.klein import (
+    BASE_GUIDANCE,
+    BASE_STEPS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    TEXT_ENCODER_OUT_LAYERS,
+    KleinBaseInput,
+    KleinInput,
+)
 
 # Optional, beside a diffusers folder's model_index.json: what that folder changes in the spec it is served with.
 # A cut-depth text encoder (tests, CPU benchmarks) names the hidden states it has:
@@ -26,6 +34,10 @@ class ModelSpec:
     # The text encoder's hidden states stacked into the prompt embedding: (count × the encoder's width) must equal
     # the transformer's joint_attention_dim, and the encoder must have max(...) layers at least.
     text_encoder_out_layers: tuple[int, ...] = TEXT_ENCODER_OUT_LAYERS
+    # Step- and guidance-distilled (no classifier-free guidance), and the defaults of dialects without the fields.
+    distilled: bool = True
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = DEFAULT_GUIDANCE
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -40,6 +52,8 @@ class ModelSpec:
             "aliases": list(self.aliases),
             "description": self.description,
             "notes": self.notes,
+            "distilled": self.distilled,
+            "defaults": {"num_inference_steps": self.default_steps, "guidance": self.default_guidance},
             "input_schema": self.input_schema(),
         }
 
@@ -60,7 +74,19 @@ FLUX_KLEIN_4B = ModelSpec(
     ),
 )
 
-MODELS: tuple[ModelSpec, ...] = (FLUX_KLEIN_4B,)
+FLUX_KLEIN_4B_BASE = ModelSpec(
+    id="flux-klein-4b-base",
+    aliases=("flux-2-klein-4b-base", "flux2-klein-4b-base", "black-forest-labs/flux-2-klein-4b-base"),
+    description="FLUX.2 [klein] 4B base: the undistilled model, with classifier-free guidance; LoRAs train on it.",
+    input_model=KleinBaseInput,
+    notes=f"Undistilled: {BASE_STEPS} steps and guidance {BASE_GUIDANCE:g} by default, each step twice above 1.",
+    distilled=False,
+    default_steps=BASE_STEPS,
+    default_guidance=BASE_GUIDANCE,
+)
+
+MODELS: tuple[ModelSpec, ...] = (FLUX_KLEIN_4B, FLUX_KLEIN_4B_BASE)
+DEFAULT_MODEL = FLUX_KLEIN_4B
 _BY_NAME = {name.lower(): spec for spec in MODELS for name in spec.names}
 
 
@@ -72,7 +98,7 @@ def known_ids() -> list[str]:
     return [name for spec in MODELS for name in spec.names]
 
 
-def spec_for(model_path: str, base: ModelSpec = FLUX_KLEIN_4B) -> ModelSpec:
+def spec_for(model_path: str, base: ModelSpec = DEFAULT_MODEL) -> ModelSpec:
     """The spec a worker serves `model_path` with: `base`, with what the folder's SPEC_FILE overrides, if it has one."""
     path = Path(model_path) / SPEC_FILE
     if not path.is_file():

@@ -43,7 +43,7 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def build_tiny_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
+def build_tiny_pipeline(seed: int = 0, distilled: bool = True):  # type: ignore[no-untyped-def]
     import torch
     from diffusers import (
         AutoencoderKLFlux2,
@@ -94,14 +94,15 @@ def build_tiny_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
-        is_distilled=True,
+        is_distilled=distilled,
     )
 
 
-def save_tiny_pipeline(path: Path) -> Path:
-    """Build the tiny pipeline and save it as a diffusers folder at `path` (idempotent)."""
+def save_tiny_pipeline(path: Path, distilled: bool = True) -> Path:
+    """Build the tiny pipeline and save it as a diffusers folder at `path` (idempotent). `distilled=False`: the
+    stand-in for the base model (classifier-free guidance)."""
     if (path / MARKER).exists():
         return path
-    build_tiny_pipeline().save_pretrained(path)
+    build_tiny_pipeline(distilled=distilled).save_pretrained(path)
     (path / MARKER).write_text('{"random_weights": true, "purpose": "tests and machines without weights"}\n')
     return path

@@ -170,8 +170,13 @@ def start_api(
 def start_worker(
     env: dict[str, str], log: Path, name: str = "worker", app: str = "worker.app", queue: str | None = None
 ) -> Service:
-    """A Celery worker of `app` (the GPU worker unless told otherwise) on `queue` (KLEIN_QUEUE_NAME), once ready."""
-    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue or env["KLEIN_QUEUE_NAME"]]
+    """A Celery worker of `app` (the GPU worker unless told otherwise) on `queue` (by default its model's queue:
+    core.queue.model_queue of KLEIN_QUEUE_NAME and KLEIN_MODEL_ID), once ready."""
+    from core.queue import model_queue
+    from models.registry import DEFAULT_MODEL
+
+    queue = queue or model_queue(env["KLEIN_QUEUE_NAME"], env.get("KLEIN_MODEL_ID", DEFAULT_MODEL.id))
+    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue]
     args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
     worker = Service(args, env, log).start()
 

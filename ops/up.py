@@ -89,11 +89,11 @@ def supervise(
     return None
 
 
-def _worker_env(index: int, gpus: int) -> dict[str, str]:
-    """GPU worker `index`'s environment: its one device, and its own metrics port (9101, 9102, …)."""
-    env = os.environ.copy()
+def _worker_env(index: int, pinned: bool, model_id: str, model_path: str) -> dict[str, str]:
+    """GPU worker `index`'s environment: its model, its one device (`pinned`), its own metrics port (9101, …)."""
+    env = os.environ | {"KLEIN_MODEL_ID": model_id, "KLEIN_MODEL_PATH": model_path}
     env["KLEIN_WORKER_METRICS_PORT"] = str(int(env.get("KLEIN_WORKER_METRICS_PORT", "9101")) + index)
-    if gpus > 1:  # the device it sees as cuda:0; with one worker, whatever the machine sets stays
+    if pinned:  # the device it sees as cuda:0; with one worker, whatever the machine sets stays
         env["CUDA_VISIBLE_DEVICES"] = str(index)
     return env
 
@@ -113,13 +113,24 @@ def _allowed_hosts(bind: str) -> list[str]:
     return hosts
 
 
-def _choose_model(requested: str | None, data_dir: Path) -> tuple[str, bool]:
-    """The weights to serve: the requested folder or hub id, else the tiny random-weights pipeline."""
-    if requested:
-        return requested, False
+def _choose_models(requested: list[str], data_dir: Path) -> list[tuple[str, str, bool]]:
+    """(model id, weights, tiny) of each served model: `--model [ID=]PATH` (a folder, a hub id, or `tiny`; no ID:
+    the default model), else the default model on the tiny random-weights pipeline."""
+    from models.registry import DEFAULT_MODEL, known_ids, resolve
     from models.tiny import save_tiny_pipeline
 
-    return str(save_tiny_pipeline(data_dir / "tiny-klein")), True
+    chosen = []
+    for item in requested or ["tiny"]:
+        name, sep, path = item.partition("=")
+        spec = resolve(name) if sep else DEFAULT_MODEL
+        if spec is None:
+            raise SystemExit(f"--model {item}: unknown model {name!r}; known: {', '.join(known_ids())}")
+        path = path if sep else item
+        if path == "tiny":  # the tiny pipeline standing in for this model (base: classifier-free guidance)
+            chosen.append((spec.id, str(save_tiny_pipeline(data_dir / f"tiny-{spec.id}", spec.distilled)), True))
+        else:
+            chosen.append((spec.id, path, False))
+    return chosen
 
 
 def _database_url(pgdata: Path) -> str:
@@ -167,10 +178,18 @@ def up(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="API bind address (default 127.0.0.1)")
     parser.add_argument(
-        "--model", help="diffusers folder or hub id of real Klein weights (default: tiny random weights)"
+        "--model",
+        action="append",
+        default=[],
+        metavar="[ID=]PATH",
+        help="a model to serve and its weights (diffusers folder, hub id, or `tiny`); repeatable, e.g. "
+        "--model flux-klein-4b=/w/klein --model flux-klein-4b-base=/w/klein-base (default: tiny random weights)",
     )
     parser.add_argument(
-        "--gpus", type=int, default=1, help="GPU workers, one pinned to each device 0 … N-1 (default 1)"
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPU workers per model, each pinned to its own device, in order across models (default 1)",
     )
     args = parser.parse_args(argv)
     if args.gpus < 1:
@@ -198,7 +217,7 @@ def up(argv: list[str]) -> int:
         s3 = SeaweedS3(data_dir / "s3").start()
         running.callback(s3.stop)
 
-        model_path, tiny = _choose_model(args.model, data_dir)
+        models = _choose_models(args.model, data_dir)
         env = {
             "KLEIN_DATABASE_URL": database_url,
             "KLEIN_REDIS_URL": valkey.connection_url + "/0",
@@ -206,7 +225,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
             "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
             "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
-            "KLEIN_MODEL_PATH": model_path,
+            "KLEIN_SERVED_MODELS": json.dumps([model_id for model_id, _, _ in models]),
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
@@ -216,17 +235,20 @@ def up(argv: list[str]) -> int:
 
         migrate()
         key = _first_key(data_dir)
-        if tiny:
+        if any(tiny for _, _, tiny in models):
             log.warning(
                 "\n*** No model weights given: serving the TINY RANDOM-WEIGHTS Klein pipeline (images are noise). ***\n"
                 "*** Pass --model /path/to/FLUX.2-klein-4B (or a hub id) on a GPU machine for real images.    ***\n"
             )
         workers = {}
-        for index in range(args.gpus):
-            log.info("starting GPU worker %d of %d (model %s)", index + 1, args.gpus, model_path)
-            worker = start_worker(_worker_env(index, args.gpus), logs / _worker_log(index), f"gpu{index}")
+        count = args.gpus * len(models)
+        for index in range(count):
+            model_id, model_path, _ = models[index // args.gpus]
+            log.info("starting GPU worker %d of %d (model %s from %s)", index + 1, count, model_id, model_path)
+            worker_env = _worker_env(index, count > 1, model_id, model_path)
+            worker = start_worker(worker_env, logs / _worker_log(index), f"gpu{index}")
             running.callback(worker.stop)
-            workers["worker" if args.gpus == 1 else f"GPU worker {index}"] = worker
+            workers["worker" if count == 1 else f"GPU worker {index} ({model_id})"] = worker
         webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
         running.callback(webhooks.stop)
         api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)

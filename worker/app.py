@@ -11,13 +11,15 @@ from typing import Any
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
 from core import logs, tracing
-from core.queue import PREDICT_TASK, make_celery
+from core.queue import PREDICT_TASK, make_celery, model_queue
 from core.settings import get_settings
 from worker import metrics
 from worker.runtime import WorkerRuntime
 
 settings = get_settings()
 app = make_celery(settings)
+# Without -Q the worker consumes its model's queue: flux-klein-4b's is KLEIN_QUEUE_NAME, another's "<name>.<id>".
+app.conf.task_default_queue = model_queue(settings.queue_name, settings.model_id)
 _runtime: WorkerRuntime | None = None
 
 

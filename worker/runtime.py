@@ -206,19 +206,20 @@ class WorkerRuntime:
             finished = self._db(lambda conn: first(conn, finish, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
-            self._after_a_lost_finish(prediction_id, row["attempts"], item.outputs)
+            self._after_a_lost_finish(row, item.outputs)
             outcome, reason = "dropped", "canceled or taken over"
         elif outcome == "completed":
             metrics.record_run(timings, row["params"]["width"], row["params"]["height"])
         metrics.PREDICTIONS.labels(outcome, reason).inc()
         self._release_and_announce(prediction_id, finished, has_webhook=row["webhook"] is not None)
 
-    def _after_a_lost_finish(self, prediction_id: str, claimed_attempts: int, outputs: list[dict[str, Any]]) -> None:
+    def _after_a_lost_finish(self, row: Mapping[str, Any], outputs: list[dict[str, Any]]) -> None:
         """The finish found the prediction no longer ours. Canceled (or given up): nothing may stay stored, so
         delete what was uploaded. `created` with fewer attempts than the claim: a database crash took back the
         claim (it commits asynchronously, _db) while its message is gone and its id still marked queued, so the
         sweeper would leave it: queue it again. Otherwise another worker holds or finished it (a lapsed lease),
         under the same object keys: leave them."""
+        prediction_id, claimed_attempts = row["id"], row["attempts"]
         current = self._db(lambda conn: conn.execute(self.state_now, {"prediction_id": prediction_id}).first())
         if current is None:
             return
@@ -226,7 +227,7 @@ class WorkerRuntime:
             self._delete(outputs)
         elif current.status == lifecycle.Status.CREATED and current.attempts < claimed_attempts:
             log.warning("the claim of %s was lost (database restart?); queueing it again", prediction_id)
-            enqueue(self.redis, self.settings, prediction_id)
+            enqueue(self.redis, self.settings, prediction_id, row["model"])
 
     def _generate(self, batch: list[_Item], leases: list[_Lease]) -> None:
         """Run the batch's pipeline call, then encode and upload each prediction's images. Sets each item's

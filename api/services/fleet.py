@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from core import progress
 from core.lifecycle import Status
-from core.queue import PRIORITY_STEPS, list_key
+from core.queue import PRIORITY_STEPS, list_key, model_queue
 from core.tables import predictions as p
 from core.tables import usage_records as u
 from core.tables import webhook_deliveries as d
@@ -62,11 +62,19 @@ class Fleet:
 
 async def read(ctx: AppContext, per_tenant: bool = False) -> Fleet:
     settings = ctx.settings
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        for priority in PRIORITY_STEPS:
-            pipe.llen(list_key(settings.queue_name, priority))
-        pipe.zcount(progress.workers_key(settings), time.time() - progress.LIVE_WORKER_S, "+inf")
-        *depths, workers = await pipe.execute()
+    models = settings.served_models
+    async with ctx.redis.pipeline(transaction=False) as pipe:  # every served model's queue and workers, summed
+        for model in models:
+            for priority in PRIORITY_STEPS:
+                pipe.llen(list_key(model_queue(settings.queue_name, model), priority))
+        for model in models:
+            pipe.zcount(progress.workers_key(settings, model), time.time() - progress.LIVE_WORKER_S, "+inf")
+        answers = await pipe.execute()
+    queues, live = answers[: -len(models)], answers[-len(models) :]
+    depths = [
+        sum(int(queues[m * len(PRIORITY_STEPS) + i]) for m in range(len(models))) for i in range(len(PRIORITY_STEPS))
+    ]
+    workers = sum(int(n) for n in live)
     async with ctx.engine.connect() as conn:
         ages = {int(priority): float(age) for priority, age in await conn.execute(_OLDEST_QUEUED)}
         waiting, age = (await conn.execute(_BACKLOG)).one()

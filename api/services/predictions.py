@@ -25,7 +25,7 @@ from api.services.rate_limit import Slot
 from api.services.references import Reference
 from core import lifecycle, logs
 from core.ids import new_id
-from core.queue import kick_webhooks, queued_key, task_message
+from core.queue import kick_webhooks, model_queue, queued_key, task_message
 from core.quota import queue_priority
 from core.storage import output_key
 from models.klein import GenerationParams
@@ -79,20 +79,20 @@ async def submit(
         raise
 
     if wait_s <= 0:
-        await _enqueue_or_fail(ctx, principal, prediction_id, slot.held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, slot.held)
         return row
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
-        await _enqueue_or_fail(ctx, principal, prediction_id, slot.held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, slot.held)
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             with metrics.SYNC_WAITERS.track_inprogress():
                 return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
     return row
 
 
-async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id: str, held: int) -> None:
+async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id: str, model: str, held: int) -> None:
     """Enqueue, or fail the stored prediction (unless a worker already took it) and answer 503."""
     try:
-        await _enqueue(ctx, prediction_id, queue_priority(held))
+        await _enqueue(ctx, prediction_id, model, queue_priority(held))
     except Exception as exc:
         log.error("enqueue of %s failed: %s", prediction_id, exc)
         async with ctx.engine.begin() as conn:
@@ -102,9 +102,10 @@ async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id:
         raise Unavailable("queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
 
 
-async def _enqueue(ctx: AppContext, prediction_id: str, priority: int) -> None:
-    """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task, one round trip."""
-    key, message = task_message(ctx.settings.queue_name, prediction_id, priority)
+async def _enqueue(ctx: AppContext, prediction_id: str, model: str, priority: int) -> None:
+    """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task on its model's queue, one
+    round trip."""
+    key, message = task_message(model_queue(ctx.settings.queue_name, model), prediction_id, priority)
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.sadd(queued_key(ctx.settings), prediction_id)
         pipe.lpush(key, message)

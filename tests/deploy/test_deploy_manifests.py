@@ -16,6 +16,7 @@ import importlib
 import json
 import re
 import shlex
+import subprocess
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -85,8 +86,10 @@ def compose() -> dict[str, Any]:
 
 
 def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    """The manifests of `kubectl apply -k deploy/k8s`: its own files and the worker pool's."""
     docs = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
+    paths = [*K8S_DIR.glob("*.yaml"), *(K8S_DIR / "worker-pool").glob("*.yaml")]
+    for path in sorted(p for p in paths if p.name != "kustomization.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 docs.append((path.name, doc))
@@ -161,10 +164,40 @@ def test_kustomization_lists_every_manifest() -> None:
     assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
     assert kustomization["kind"] == "Kustomization"
     files = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(files)
+    assert sorted(kustomization["resources"]) == sorted(files | {"worker-pool"})
+    pool = yaml.safe_load((K8S_DIR / "worker-pool" / "kustomization.yaml").read_text())
+    assert sorted(pool["resources"]) == ["worker-deployment.yaml", "worker-scaledobject.yaml"]
     images = {image["name"] for image in kustomization["images"]}
     used = {container(doc)["image"] for _, doc in k8s_docs() if doc["kind"] in ("Deployment", "Job")}
     assert used == images == {"klein-serve-api", "klein-serve-worker"}
+
+
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k folder` would apply, rendered offline by kubectl's own kustomize."""
+    rendered = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def test_the_base_model_has_its_own_worker_pool_scaled_on_its_own_queue() -> None:
+    """deploy/k8s/base-model: the worker pool renamed, on the base model's weights and queue, its own selector."""
+    default = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(K8S_DIR)}
+    base = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(K8S_DIR / "base-model")}
+    assert set(base) == {("Deployment", "klein-worker-base"), ("ScaledObject", "klein-worker-base")}
+    deployment, pool = base[("Deployment", "klein-worker-base")], default[("Deployment", "klein-worker")]
+    worker = container(deployment)
+    assert worker["command"][4:6] == ["-Q", "$(KLEIN_QUEUE_NAME).flux-klein-4b-base"]
+    assert container(pool)["command"][4:6] == ["-Q", "$(KLEIN_QUEUE_NAME)"]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["KLEIN_MODEL_ID"] == "flux-klein-4b-base" and env["KLEIN_MODEL_PATH"].startswith("/models/")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector != pool["spec"]["selector"]["matchLabels"]  # the pools never adopt each other's pods
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= selector.items()
+    scaled = base[("ScaledObject", "klein-worker-base")]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "klein-worker-base"
+    lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
+    assert lists == ["klein.flux-klein-4b-base"] + [f"klein.flux-klein-4b-base\x06\x16{p}" for p in (3, 6, 9)]
+    assert _errors(keda_validator(), scaled) == []
+    kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
 
 
 def test_the_validators_reject_broken_copies() -> None:
@@ -226,7 +259,8 @@ def test_compose_services_come_up_in_order() -> None:
     services = compose()["services"]
     core = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "webhooks"}
     more_gpus = {f"worker-gpu{i}" for i in range(1, 8)}  # the `gpus-N` profiles
-    assert set(services) == core | {"prometheus", "grafana"} | more_gpus  # those two: the `observability` profile
+    profiles = {"prometheus", "grafana"} | more_gpus | {"worker-base"}  # observability, gpus-N, base-model
+    assert set(services) == core | profiles
     conditions = {
         name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in services.items()
     }
@@ -280,6 +314,18 @@ def test_compose_runs_one_worker_per_gpu_each_pinned_to_its_own() -> None:
         assert all(len(d) == 1 and len(d[0]["device_ids"]) == 1 for d in devices)
         assert all(services[n]["environment"] == services["worker"]["environment"] for n in names)
         assert all(services[n]["image"] == services["worker"]["image"] for n in names)
+
+
+def test_compose_runs_the_base_model_as_a_pool_of_its_own() -> None:
+    """`--profile base-model`: a worker for flux-klein-4b-base, configured as the others but for its model."""
+    services = compose()["services"]
+    base, default = services["worker-base"], services["worker"]
+    assert base["profiles"] == ["base-model"] and base["image"] == default["image"]
+    assert base["environment"]["KLEIN_MODEL_ID"] == "flux-klein-4b-base"
+    assert base["environment"]["KLEIN_MODEL_PATH"] != default["environment"]["KLEIN_MODEL_PATH"]
+    same = {k: v for k, v in base["environment"].items() if k not in ("KLEIN_MODEL_ID", "KLEIN_MODEL_PATH")}
+    assert same == {k: v for k, v in default["environment"].items() if k != "KLEIN_MODEL_PATH"}
+    assert "KLEIN_SERVED_MODELS" in services["api"]["environment"]
 
 
 def test_compose_settings_are_real_settings() -> None:

@@ -183,7 +183,7 @@ def test_tls_with_a_custom_ca_and_client_certificates(tmp_path: Path, servers: l
 
     admit_and_release(settings)  # the API's client
     worker_side = sync_client(settings)
-    enqueue(worker_side, settings, "pred-tls")  # the workers' and the sweeper's
+    enqueue(worker_side, settings, "pred-tls", "flux-klein-4b")  # the workers' and the sweeper's
     assert worker_side.sismember(queued_key(settings), "pred-tls")
     worker_side.delete(settings.queue_name, queued_key(settings))
 

@@ -69,7 +69,7 @@ def poison_prediction(stack: Stack, tenant: IssuedKey) -> str:
                 params=params.model_dump(),
             )
         )
-    enqueue(broker(stack), stack.settings, pid)
+    enqueue(broker(stack), stack.settings, pid, "flux-klein-4b")
     return pid
 
 
@@ -125,8 +125,8 @@ def test_a_duplicate_delivery_of_a_completed_prediction_does_nothing(stack: Stac
     log = stack.logs / "worker.log"
     skipped = log.read_text().count(f"prediction {body['id']} is finished")
 
-    enqueue(broker(stack), stack.settings, body["id"])
-    enqueue(broker(stack), stack.settings, body["id"])
+    enqueue(broker(stack), stack.settings, body["id"], "flux-klein-4b")
+    enqueue(broker(stack), stack.settings, body["id"], "flux-klein-4b")
     deadline = time.monotonic() + 30
     while log.read_text().count(f"prediction {body['id']} is finished") < skipped + 2:
         assert time.monotonic() < deadline, "worker never saw the duplicates"

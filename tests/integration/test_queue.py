@@ -68,7 +68,7 @@ def test_enqueue_marks_the_id_for_the_sweeper_and_pushes_one_message() -> None:
     settings = Settings(redis_url=REDIS_URL, queue_name="enqueue-test")
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(queued_key(settings), list_key(settings.queue_name, 3))
-    enqueue(client, settings, "p2", priority=3)
+    enqueue(client, settings, "p2", "flux-klein-4b", priority=3)
     assert client.sismember(queued_key(settings), "p2")
     assert client.llen(list_key(settings.queue_name, 3)) == 1
     client.delete(queued_key(settings), list_key(settings.queue_name, 3))

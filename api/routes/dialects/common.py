@@ -12,6 +12,7 @@ from api.errors import GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
 from core.ids import random_seed
 from core.lifecycle import Status
+from core.settings import Settings
 from models.klein import floor16
 from models.registry import ModelSpec, known_ids, resolve
 
@@ -27,6 +28,19 @@ def lookup_model(name: str | None, body_field: str | None = None) -> ModelSpec:
     if body_field is not None:
         raise Invalid(f"invalid request: {body_field}: unknown model {name!r}; known: {', '.join(known)}")
     raise NotFound(f"unknown model {name!r}", known_models=known)
+
+
+def served_model(name: str | None, settings: Settings, body_field: str | None = None) -> ModelSpec:
+    """`lookup_model` for a submit: also refused (404, or 422 naming `body_field`) when no worker pool of this
+    deployment serves the model (KLEIN_SERVED_MODELS), rather than queued where nothing will ever take it."""
+    spec = lookup_model(name, body_field)
+    if spec.id in settings.served_models:
+        return spec
+    served = ", ".join(settings.served_models)
+    message = f"model {spec.id!r} is not served by this deployment; served: {served}"
+    if body_field is not None:
+        raise Invalid(f"invalid request: {body_field}: {message}")
+    raise NotFound(message, served_models=list(settings.served_models))
 
 
 def seed_or_random(seed: int | None) -> int:

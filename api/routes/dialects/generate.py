@@ -18,12 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
 from api.routes.delivery import read_output
-from api.routes.dialects.common import completed, lookup_model, seed_or_random
+from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.files import read_upload
 from api.routes.openapi_errors import KleinError, errors, image
 from api.services import predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
+from models.registry import ModelSpec
 
 
 def _detail(error: Answer) -> Response:
@@ -48,15 +49,15 @@ class GenerateRequest(BaseModel):
     webhook_url: str | None = Field(None, description="also POST the result here (Standard Webhooks signed)")
     webhook_secret: str | None = Field(None, description="sign the webhook with this instead of the tenant's")
 
-    def to_params(self) -> GenerationParams:
-        """Klein's generate endpoint: a named size, the distilled model's 4 steps, a PNG."""
+    def to_params(self, spec: ModelSpec) -> GenerationParams:
+        """Klein's generate endpoint: a named size, the model's own steps and guidance, a PNG."""
         width, height = NAMED_SIZES[self.aspect_ratio]
         return GenerationParams(
             prompt=self.prompt,
             width=width,
             height=height,
-            num_inference_steps=4,
-            guidance_scale=1.0,
+            num_inference_steps=spec.default_steps,
+            guidance_scale=spec.default_guidance,
             seed=seed_or_random(self.seed),
             output_format="png",
             output_quality=100,
@@ -136,7 +137,7 @@ async def generate(
         body = GenerateRequest.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    spec = lookup_model(body.model, body_field="model")
+    spec = served_model(body.model, ctx.settings, body_field="model")
     sources: list[str | bytes] = list(uploads) if uploads else list(body.image_uris)
     field = "images" if uploads else "image_uris"
     refs = await references.resolve(ctx, principal, request, sources, field)
@@ -148,7 +149,7 @@ async def generate(
         "webhook_url",
         secret=body.webhook_secret,
     )
-    params = body.to_params()
+    params = body.to_params(spec)
     echo = body.model_dump(exclude={"webhook_url", "webhook_secret"}) | {"images": len(uploads)}
     wait_s = ctx.settings.try_sync_timeout_s
     submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)

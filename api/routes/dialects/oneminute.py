@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.routes.delivery import output_urls, signed_output_urls
-from api.routes.dialects.common import iso_z, lookup_model, seed_or_random
+from api.routes.dialects.common import iso_z, seed_or_random, served_model
 from api.routes.openapi_errors import errors
 from api.services import predictions
 from api.services.auth import Authenticated
@@ -60,7 +60,7 @@ class FeatureRequest(BaseModel):
 async def features(
     body: FeatureRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
-    spec = lookup_model(body.model, body_field="model")
+    spec = served_model(body.model, ctx.settings, body_field="model")
     row = await predictions.submit(
         ctx, principal, spec, body.model_dump(), body.to_params(), wait_s=ctx.settings.try_sync_timeout_s
     )

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, dialect_route
 from api.routes.delivery import outputs_base64, signed_output_urls
-from api.routes.dialects.common import completed, lookup_model, parse_size, seed_or_random
+from api.routes.dialects.common import completed, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import OpenAIError, errors
 from api.services import predictions, references, retention, webhooks
 from api.services.auth import Authenticated
@@ -29,6 +29,7 @@ from models.klein import (
     floor16,
     size_for_aspect_ratio,
 )
+from models.registry import ModelSpec
 
 MIN_SIDE, MAX_SIDE, MAX_PIXELS = 256, 2048, 1_048_576
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
@@ -57,9 +58,9 @@ class ImagesRequest(BaseModel):
     size: str | None = Field(None, description="WIDTHxHEIGHT, at most 1,048,576 pixels; overrides aspect_ratio")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
-    num_inference_steps: int = Field(4, ge=1, le=12)
-    guidance_scale: float = Field(
-        1.0, ge=0, le=8, description="accepted for compatibility and ignored: the distilled model gives the same image"
+    num_inference_steps: int | None = Field(None, ge=1, le=100, description="default: the model's (4; base 50)")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=20, description="default: the model's; the distilled model ignores it, the base model's is 4"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
@@ -108,14 +109,14 @@ class ImagesRequest(BaseModel):
         chosen = self.format or self.output_format or "webp"
         return "jpg" if chosen == "jpeg" else chosen
 
-    def to_params(self) -> GenerationParams:
+    def to_params(self, spec: ModelSpec) -> GenerationParams:
         width, height = self.dimensions()
         return GenerationParams(
             prompt=self.prompt,
             width=width,
             height=height,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
+            num_inference_steps=self.num_inference_steps or spec.default_steps,
+            guidance_scale=spec.default_guidance if self.guidance_scale is None else self.guidance_scale,
             seed=seed_or_random(self.seed),
             output_format=self.file_format(),
             output_quality=90,
@@ -128,7 +129,7 @@ class ImagesRequest(BaseModel):
 async def generate(
     body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
-    spec = lookup_model(body.model)  # OpenAI answers an unknown model 404
+    spec = served_model(body.model, ctx.settings)  # OpenAI answers an unknown model 404
     refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
     webhook = await webhooks.accept(
         ctx,
@@ -138,7 +139,7 @@ async def generate(
         "webhook_url",
         secret=body.webhook_secret,
     )
-    params = body.to_params()
+    params = body.to_params(spec)
     echo = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_secret"})
     wait_s = ctx.settings.try_sync_timeout_s
     submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)

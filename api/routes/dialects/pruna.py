@@ -16,7 +16,7 @@ from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Invalid, validation_error
 from api.infra.jsonresponse import JSON
 from api.routes.delivery import output_urls
-from api.routes.dialects.common import lookup_model, seed_or_random
+from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
 from api.services import live, predictions, references, retention, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
@@ -117,7 +117,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> JSONRes
     model = request.headers.get("model")
     if not model:
         raise Invalid("missing `Model` header naming the model, e.g. `Model: flux-klein-4b`", known_models=known_ids())
-    spec = lookup_model(model)
+    spec = served_model(model, ctx.settings)
     body = await _json_object(request)
     raw_input = body.get("input")
     if not isinstance(raw_input, dict):

@@ -17,12 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
 from api.routes.delivery import gone, outputs_base64, signed_output_urls
-from api.routes.dialects.common import iso_z, lookup_model, parse_size, seed_or_random
+from api.routes.dialects.common import iso_z, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import WaveSpeedError, errors
 from api.services import live, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt
+from models.registry import ModelSpec
 
 MIN_SIDE, MAX_SIDE = 256, 1536
 TASKS = ("text-to-image", "edit")
@@ -62,14 +63,14 @@ class WaveSpeedRequest(BaseModel):
         parse_size(size, MIN_SIDE, MAX_SIDE, "1024*1024")
         return size
 
-    def to_params(self) -> GenerationParams:
+    def to_params(self, spec: ModelSpec) -> GenerationParams:
         width, height = parse_size(self.size, MIN_SIDE, MAX_SIDE, "1024*1024")
         return GenerationParams(
             prompt=self.prompt,
             width=width,
             height=height,
-            num_inference_steps=4,
-            guidance_scale=1.0,
+            num_inference_steps=spec.default_steps,
+            guidance_scale=spec.default_guidance,
             seed=seed_or_random(self.seed),
             output_format="jpg" if self.output_format == "jpeg" else self.output_format,
             output_quality=90,
@@ -121,7 +122,7 @@ async def submit(
     model_name, _, task = model_path.rpartition("/")
     if task not in TASKS:
         raise NotFound(f"unknown task {task!r} of {model_name!r}; known: {', '.join(TASKS)}")
-    spec = lookup_model(model_name)
+    spec = served_model(model_name, ctx.settings)
     if task == "edit" and not body.images:
         raise Invalid("images: edit needs 1–4 reference images")
     if task == "text-to-image" and body.images:
@@ -129,7 +130,7 @@ async def submit(
     refs = await references.resolve(ctx, principal, request, body.images, "images")
     base_url = public_base_url(request, ctx.settings)
     accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
-    params = body.to_params()
+    params = body.to_params(spec)
     echo = body.model_dump() | {"model": model_path}
     wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
     row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=accepted)
