@@ -20,7 +20,7 @@ from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
 from api.routes import account, admin, delivery, files, listing, meta, stream, web, webhooks
-from api.routes.dialects import generate, oneminute, openai, pruna, wavespeed
+from api.routes.dialects import generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
 from core import logs, tracing
@@ -85,8 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )  # outermost: every answer gets its request id, log context and metrics
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
     app.mount("/static", web.assets, name="static")
-    routers = (
-        *(pruna, generate, wavespeed, oneminute, openai, listing, stream, delivery, files, webhooks),
+    routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}
+        *(pruna, replicate, generate, wavespeed, oneminute, openai, listing, stream, delivery, files, webhooks),
         *(account, admin, meta, web),
     )
     for module in routers:

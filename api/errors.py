@@ -192,6 +192,7 @@ def _located(loc: Sequence[str | int]) -> list[str | int]:
 
 
 Renderer = Callable[[Answer], Response]
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def platform_error(error: Answer) -> Response:
@@ -199,24 +200,66 @@ def platform_error(error: Answer) -> Response:
     return JSONResponse({"error": error.message, **error.extra}, status_code=error.status, headers=error.headers)
 
 
+PROBLEM_TITLES = {
+    400: "Bad request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    410: "Gone",
+    413: "Request entity too large",
+    422: "Input validation failed",
+    429: "Request was throttled",
+    500: "Prediction failed",
+    503: "Service unavailable",
+    504: "Prediction timed out",
+}
+
+
+def problem_details(error: Answer) -> Response:
+    """Replicate's shape, RFC 9457 problem details: `{"title", "detail", "status"}`, with Replicate's
+    `invalid_fields` naming each field of a 422."""
+    body = {"title": PROBLEM_TITLES.get(error.status, "Error"), "detail": error.message, "status": error.status}
+    body |= {name: value for name, value in error.extra.items() if name != "detail"}  # e.g. known_models
+    if isinstance(fields := error.extra.get("detail"), list):
+        body["invalid_fields"] = [
+            {"type": f["type"], "field": ".".join(str(part) for part in f["loc"]), "description": f["msg"]}
+            for f in fields
+        ]
+    return JSONResponse(body, status_code=error.status, media_type="application/problem+json")
+
+
+async def answered(request: Request, render: Renderer, call: Handler) -> Response:
+    """`call`'s response, or what it raised answered (`ANSWERS`, `answer`) in `render`'s shape: a dialect's
+    routes (`dialect_route`), or the part of a shared route that speaks another dialect."""
+    try:
+        return await call(request)
+    except ANSWERABLE as exc:
+        metrics.refused(request, exc)
+        error = answer(exc)
+        if error is None:
+            raise
+    response = render(error)
+    response.headers.update(error.headers)
+    return response
+
+
 def dialect_route(render: Renderer) -> type[APIRoute]:
     """A route class answering every error with an answer (`ANSWERS`, `answer`) in a dialect's own shape."""
+    return negotiated_route(lambda _: render)
+
+
+def negotiated_route(renderer_for: Callable[[Request], Renderer | None]) -> type[APIRoute]:
+    """`dialect_route` for a route two dialects share: the shape the request's dialect reads (None: the
+    platform's, by the app's handlers)."""
 
     class DialectRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        def get_route_handler(self) -> Handler:
             handler = super().get_route_handler()
 
             async def route(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except ANSWERABLE as exc:
-                    metrics.refused(request, exc)
-                    error = answer(exc)
-                    if error is None:
-                        raise
-                response = render(error)
-                response.headers.update(error.headers)
-                return response
+                render = renderer_for(request)
+                return await (handler(request) if render is None else answered(request, render, handler))
 
             return route
 

@@ -1,10 +1,11 @@
 """Fair queueing, measured: a quiet tenant's queue wait with and without a noisy tenant's backlog.
 
-    python -m bench.fairness [--backlog 30] [--samples 5] [--batch-size 1]
+    python -m bench.fairness [--backlog 30] [--samples 5] [--batch-size 1] [--lora]
 
 Starts its own stack (bench/tiny_stack.py): one worker running the tiny pipeline, micro-batching up to
 `--batch-size` images per pipeline call, and the API; prints a table. Without fair dispatch a quiet
-prediction would wait for the whole backlog ahead of it (backlog × image time).
+prediction would wait for the whole backlog ahead of it (backlog × image time). With `--lora` every noisy
+prediction carries the same LoRA, which a worker that has it loaded prefers (KLEIN_LORA_AFFINITY_STREAK).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import redis
 from bench.tiny_stack import REDIS_URL, tiny_stack
 
 
-def _submit(api: str, key: str, prompt: str, sync: bool) -> dict[str, Any]:
+def _submit(api: str, key: str, prompt: str, sync: bool, loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     headers = {"apikey": key, "Model": "flux-klein-4b"} | ({"Try-Sync": "true"} if sync else {})
-    body = {"input": {"prompt": prompt, "aspect_ratio": "1:1", "output_format": "jpg"}}
+    body = {"input": {"prompt": prompt, "aspect_ratio": "1:1", "output_format": "jpg", "loras": loras or []}}
     answer = httpx.post(f"{api}/v1/predictions", headers=headers, json=body, timeout=300)
     answer.raise_for_status()
     return dict(answer.json())
@@ -43,6 +44,7 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=30, help="noisy predictions queued (default 30)")
     parser.add_argument("--samples", type=int, default=5, help="quiet predictions per phase (default 5)")
     parser.add_argument("--batch-size", type=int, default=1, help="the worker's KLEIN_BATCH_SIZE (default 1)")
+    parser.add_argument("--lora", action="store_true", help="the noisy tenant's predictions all carry one LoRA")
     args = parser.parse_args()
 
     with tiny_stack("fairness") as stack:
@@ -52,7 +54,16 @@ def main() -> int:
         settings = stack.settings
 
         idle_waits, inference = _quiet_waits(api, quiet, args.samples)
-        backlog = [_submit(api, noisy, f"noisy {i}", sync=False)["id"] for i in range(args.backlog)]
+        loras = None
+        if args.lora:
+            from bench.lora import adapter
+
+            upload = httpx.post(
+                f"{api}/v1/files", headers={"apikey": noisy}, files={"content": ("a.safetensors", adapter(8, 1))}
+            )
+            loras = [{"path": upload.raise_for_status().json()["url"], "scale": 1.0}]
+            _submit(api, noisy, "noisy warm-up", sync=True, loras=loras)  # the worker has it loaded now
+        backlog = [_submit(api, noisy, f"noisy {i}", sync=False, loras=loras)["id"] for i in range(args.backlog)]
         queue_depth = [redis.Redis.from_url(REDIS_URL).scard(f"{settings.queue_name}:queued")]
         busy_waits, _ = _quiet_waits(api, quiet, args.samples)
         queue_depth.append(redis.Redis.from_url(REDIS_URL).scard(f"{settings.queue_name}:queued"))

@@ -29,24 +29,25 @@ class StubPipeline:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.parameters = 0
         self.startup = SimpleNamespace(load_s=0.0, warmup_s=0.0)  # models.klein_pipeline.StartupTimes' read ones
+        self.lora_targets: dict[str, tuple[int, int]] = {}
+        self.adapters = SimpleNamespace(use=lambda adapters: 0.0)
         self._gate = os.environ.get("BENCH_STUB_GATE")
         self._redis = redis.Redis.from_url(os.environ["KLEIN_REDIS_URL"]) if self._gate else None
 
-    def generate(
+    def generate_batch(
         self,
-        params: Any,
+        batch: Sequence[Any],
         references: Sequence[Any] = (),
         stop_reason: Callable[[], str | None] | None = None,
         *args: Any,
         **kwargs: Any,
-    ) -> list[Image.Image]:
+    ) -> list[list[Image.Image]]:
         while self._redis is not None and self._gate is not None and not self._redis.exists(self._gate):
             reason = stop_reason() if stop_reason is not None else None
             if reason:
                 raise _stop_error()(reason)
             time.sleep(0.25)
-        color = (int(getattr(params, "seed", 0)) % 256, 64, 128)
-        return [Image.new("RGB", (64, 64), color) for _ in range(int(getattr(params, "num_outputs", 1)))]
+        return [[Image.new("RGB", (64, 64), (p.seed % 256, 64, 128)) for _ in range(p.num_outputs)] for p in batch]
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         """Any other method the runtime calls (freeing memory and the like) does nothing here."""

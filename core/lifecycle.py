@@ -118,9 +118,10 @@ BATCH_KEYS = ("width", "height", "num_inference_steps", "guidance_scale", "max_s
 
 
 def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_attempts: int, limit: int) -> Select:
-    """Up to `limit` queued predictions that can share a pipeline call with `params` (same model and BATCH_KEYS,
-    text-to-image only: the pipeline conditions every image of a call on the same references), in the order the
-    queue serves them: priority, then age. Read without locks; `claim_companions` decides."""
+    """Up to `limit` queued predictions that can share a pipeline call with `params`: same model, BATCH_KEYS and
+    LoRAs (with their scales), text-to-image only (the pipeline conditions every image of a call on the same
+    references); in the order the queue serves them: priority, then age. Read without locks; `claim_companions`
+    decides."""
     return (
         select(p.c.id, p.c.params["num_outputs"].as_integer().label("num_outputs"))
         .where(
@@ -130,10 +131,22 @@ def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_at
             p.c.attempts < max_attempts,
             p.c.params.contains({key: params[key] for key in BATCH_KEYS}),
             func.coalesce(func.jsonb_array_length(p.c.params["reference_keys"]), 0) == 0,
+            func.coalesce(p.c.params["loras"], cast([], JSONB)) == cast(params.get("loras", []), JSONB),
         )
         .order_by(p.c.priority, p.c.created_at)
         .limit(limit)
     )
+
+
+def next_with_loras(model: str, sha256s: list[str], max_attempts: int) -> Select:
+    """The oldest queued prediction of `model` whose LoRAs are `sha256s` (in order, any scales), if it is in the
+    most urgent priority class queued now. A worker with those LoRAs loaded takes it ahead of the queue's order
+    (worker/runtime.py, a few in a row at most), but never ahead of a more urgent tenant's prediction."""
+    queued = and_(p.c.status == Status.CREATED, p.c.model == model, p.c.attempts < max_attempts)
+    most_urgent = select(func.min(p.c.priority)).where(queued).scalar_subquery()
+    shas = func.jsonb_path_query_array(func.coalesce(p.c.params["loras"], cast([], JSONB)), "$[*].sha256")
+    same = shas == cast(sha256s, JSONB)
+    return select(p.c.id).where(queued, same, p.c.priority == most_urgent).order_by(p.c.created_at).limit(1)
 
 
 def claim_companions(worker_id: str, lease_s: float, max_attempts: int) -> Update:

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     # call, up to batch_size images in all, looking again once after batch_window_ms. 1: off.
     batch_size: int = Field(1, ge=1, le=16)
     batch_window_ms: float = Field(5.0, ge=0, le=1000)
+    # LoRA adapters (docs/lora.md): per request, their size; a worker's caches of them (disk, memory; LRU by
+    # bytes) and how many predictions in a row it may take ahead of the queue's order for the set it has loaded.
+    max_loras: int = Field(3, ge=0, le=8)
+    max_lora_bytes: int = Field(256 * 2**20, ge=1024)
+    lora_cache_dir: str = "/tmp/klein-loras"
+    lora_disk_cache_bytes: int = Field(4 * 2**30, ge=0)
+    lora_memory_cache_bytes: int = Field(2 * 2**30, ge=0)
+    lora_affinity_streak: int = Field(4, ge=0)
 
     # Tenants: defaults for tenants without their own limits and price plan.
     default_rate_limit_per_minute: int = Field(150, ge=1)  # per API key, every authenticated request

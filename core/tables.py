@@ -122,8 +122,8 @@ files = Table(
     Column("key", Text, nullable=False),
     Column("content_type", Text, nullable=False),
     Column("bytes", Integer, nullable=False),
-    Column("width", Integer, nullable=False),
-    Column("height", Integer, nullable=False),
+    Column("width", Integer),  # images only; a LoRA (application/vnd.safetensors) has none
+    Column("height", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)

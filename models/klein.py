@@ -20,6 +20,8 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpg": "image/jpeg", "webp"
 
 MAX_REFERENCES = 4  # 1 reference: edit; 2–4: multi-reference
 MAX_OUTPUTS = 4
+MAX_LORAS = 8  # the schema's bound; KLEIN_MAX_LORAS (3) is the deployment's
+MAX_LORA_SCALE = 4.0
 MAX_PROMPT_CHARS = 4096  # the text encoder reads 512 tokens; longer prompts are truncated by the pipeline
 MAX_SEED = 2**32 - 1
 MEGAPIXEL = 1024 * 1024
@@ -84,6 +86,37 @@ def _not_blank(prompt: str) -> str:
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
 
 
+class LoraInput(BaseModel):
+    """A LoRA adapter as clients name it (WaveSpeed's `loras` items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=2048, description="https URL of a .safetensors LoRA, or a /v1/files URL")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="Its weight; 0 disables it.")
+
+
+class LoraRef(BaseModel):
+    """A LoRA as a worker gets it: stored by content (`loras/<sha256>.safetensors`), and its scale."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    scale: float
+
+    @property
+    def key(self) -> str:
+        return f"loras/{self.sha256}.safetensors"
+
+    @property
+    def adapter_name(self) -> str:
+        return f"lora_{self.sha256}"  # whole: the worker reads the loaded set back from the names
+
+
+Loras = Annotated[
+    list[LoraInput], Field(max_length=MAX_LORAS, description="LoRA adapters on the transformer (docs/lora.md).")
+]
+
+
 class GenerationParams(BaseModel):
     """What a worker runs: every dialect's request ends up as one of these."""
 
@@ -102,6 +135,7 @@ class GenerationParams(BaseModel):
     # Object-storage keys of the reference images (0: text-to-image, 1: edit, 2–4: multi-reference),
     # stored with the prediction so a redelivered task sees the same inputs.
     reference_keys: tuple[str, ...] = ()
+    loras: tuple[LoraRef, ...] = ()  # applied in this order with their scales
 
     @property
     def megapixels(self) -> float:
@@ -130,6 +164,7 @@ class KleinInput(BaseModel):
     guidance: float = Field(DEFAULT_GUIDANCE, ge=0, le=20, description=GUIDANCE_IGNORED)
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
+    loras: Loras = []
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):

@@ -6,7 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from core.settings import Settings, get_settings
+from models import lora
 from models.klein import GenerationParams
 from models.optimize import (
     PromptCache,
@@ -128,6 +129,9 @@ class KleinPipeline:
         self.speedups: SpeedupReport = apply_speedups(
             self.pipe, self.settings, self.device, self.text_encoder_out_layers
         )
+        # LoRA adapters (models/lora.py): what they may name, and the set loaded now.
+        self.lora_targets = lora.targets(self.pipe.transformer)
+        self.adapters = lora.Adapters(self.pipe)
         sped_up = time.perf_counter()
 
         shapes = warmup_shapes(self.settings)
@@ -266,6 +270,11 @@ class KleinPipeline:
             split.append(images[start : start + params.num_outputs])
             start += params.num_outputs
         return split
+
+    def prepare_lora(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA's tensors in this transformer's layout (fused q/k/v where it runs them fused) and dtype."""
+        fused = any(getattr(m, "fused_projections", False) for m in self.pipe.transformer.modules())
+        return lora.prepare(tensors, fused, self.dtype)
 
     def release_memory(self) -> None:
         """After a failure (GPU out of memory above all): hand cached blocks back so the next one fits."""

@@ -163,7 +163,7 @@ def start_api(
         except httpx.HTTPError:
             return False
 
-    wait_until(ready, 60, "API", log)
+    _started(api, ready, 60, "API", log)
     return api, url
 
 
@@ -184,8 +184,17 @@ def start_worker(
         worker.ensure_alive("worker")
         return log.exists() and " ready." in log.read_text()
 
-    wait_until(ready, 300, "worker", log)
+    _started(worker, ready, 300, "worker", log)
     return worker
+
+
+def _started(service: Service, ready: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    """Wait for `service`; one that never gets ready is stopped, not left running without an owner."""
+    try:
+        wait_until(ready, timeout, what, log)
+    except BaseException:
+        service.stop()
+        raise
 
 
 def start_webhook_worker(env: dict[str, str], log: Path, name: str = "webhooks") -> Service:

@@ -226,6 +226,7 @@ def up(argv: list[str]) -> int:
             "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
             "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
             "KLEIN_SERVED_MODELS": json.dumps([model_id for model_id, _, _ in models]),
+            "KLEIN_MODEL_PATH": models[0][1],  # each worker gets its own; the API tells tiny weights by this one
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),

@@ -82,6 +82,7 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         # Test image servers listen on 127.0.0.2; every other private address stays refused.
         "KLEIN_FETCH_ALLOWLIST": '["127.0.0.2/32"]',
         "KLEIN_FETCH_TIMEOUT_S": "3",
+        "KLEIN_LORA_CACHE_DIR": str(tmp_path_factory.mktemp("loras")),
         "KLEIN_PROGRESS_INTERVAL_S": "0",  # every denoising step reported (tests/e2e/test_events.py)
         # The session's GPU worker serves its metrics here (tests/e2e/test_operations.py); workers started by
         # single tests pass their own port or 0.

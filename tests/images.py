@@ -38,7 +38,8 @@ def bomb() -> bytes:
 
 
 @contextmanager
-def image_server(redirect_target: str) -> Iterator[str]:
+def image_server(redirect_target: str, files: dict[str, bytes] | None = None) -> Iterator[str]:
+    """The routes below, and `files` (path → bytes, served as application/octet-stream)."""
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {
         "/ref.png": (200, {"Content-Type": "image/png"}, picture()),
         "/wide.jpg": (200, {"Content-Type": "image/jpeg"}, picture(512, 256, fmt="JPEG")),
@@ -48,7 +49,7 @@ def image_server(redirect_target: str) -> Iterator[str]:
         "/missing.png": (404, {}, b"nope"),
         "/to-loopback": (302, {"Location": redirect_target}, b""),
         "/to-ref": (302, {"Location": "/ref.png"}, b""),
-    }
+    } | {path: (200, {"Content-Type": "application/octet-stream"}, data) for path, data in (files or {}).items()}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL.Image import Image
 from sqlalchemy import BindParameter, Connection, Engine, Executable, bindparam, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from core import events, images, lifecycle, logs, progress, quota, redis_connection, tracing, usage
+from core import events, images, lifecycle, logs, lora, progress, quota, redis_connection, tracing, usage
 from core.db import make_sync_engine
 from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
@@ -31,6 +32,7 @@ from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
 from worker import metrics
 from worker.encode import encode
+from worker.loras import LoraCache
 from worker.report import Report
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ def first(conn: Connection, statement: Executable, values: Mapping[str, Any]) ->
     invalidated, so that the pool drops it."""
     row = conn.execute(statement, values).mappings().first()
     return None if row is None else dict(row)
+
+
+def scalar(conn: Connection, statement: Executable) -> Any:
+    return conn.execute(statement).scalar()
 
 
 def _ms(seconds: float) -> int:
@@ -65,6 +71,7 @@ class WorkerRuntime:
     s3: S3Client
     redis: redis.Redis
     worker_id: str
+    loras: LoraCache
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,9 @@ class WorkerRuntime:
         metrics.MODEL_LOAD_SECONDS.set(pipeline.startup.load_s)
         metrics.MODEL_WARMUP_SECONDS.set(pipeline.startup.warmup_s)
         metrics.PIPELINE_STATE.state("ready")
+        client = redis_connection.sync_client(settings)  # TLS, ACL user, Sentinel; commands not retried
+        # What a LoRA of this model may name, for the API's checks at submit (api/services/loras.py).
+        client.set(lora.targets_key(settings.queue_name, settings.model_id), orjson.dumps(pipeline.lora_targets))
         runtime = cls(
             settings=settings,
             pipeline=pipeline,
@@ -106,8 +116,9 @@ class WorkerRuntime:
             engine=make_sync_engine(settings, pool_size=2, pre_ping=False),
             leases=make_sync_engine(settings, pool_size=2, pre_ping=False, durable=False),
             s3=s3,
-            redis=redis_connection.sync_client(settings),  # TLS, ACL user, Sentinel; commands not retried
+            redis=client,
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            loras=LoraCache(settings, s3, pipeline.lora_targets, pipeline.prepare_lora),
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper
         threading.Thread(target=run_forever, args=(sweeper, runtime.stopping), name="sweeper", daemon=True).start()
@@ -115,6 +126,25 @@ class WorkerRuntime:
         return runtime
 
     def run(self, prediction_id: str) -> None:
+        """Run the prediction (`_run`); then, while LoRAs are loaded, up to `lora_affinity_streak` queued
+        predictions wanting the same ones (lifecycle.next_with_loras): loading them again elsewhere costs more
+        than the wait it saves. Their own Celery messages find them claimed."""
+        self._run(prediction_id)
+        for _ in range(self.settings.lora_affinity_streak):
+            loaded = self.pipeline.adapters.loaded
+            if not loaded:
+                return
+            shas = [name.removeprefix("lora_") for name in loaded]
+            look = lifecycle.next_with_loras(self.settings.model_id, shas, self.settings.max_attempts)
+            try:
+                following = self._db(functools.partial(scalar, statement=look), durable=False)
+            except DB_ERRORS:
+                return
+            if following is None:
+                return
+            self._run(following)
+
+    def _run(self, prediction_id: str) -> None:
         """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id.
 
         With micro-batching on (`batch_size` > 1), the claim takes along queued predictions that can share
@@ -248,6 +278,7 @@ class WorkerRuntime:
         size = {"width": shared.width, "height": shared.height, "steps": shared.num_inference_steps}
         started = time.perf_counter()
         try:
+            self._use_loras(shared, [item for item, _, _ in live])
             with tracing.span("load references", prediction_id=ids, references=len(keys)):
                 references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in keys]
             started = time.perf_counter()
@@ -276,6 +307,23 @@ class WorkerRuntime:
                 if not isinstance(exc, Stop | StorageUnavailable):
                     log.exception("prediction %s failed", item.row["id"])
                 item.error = exc
+
+    def _use_loras(self, params: GenerationParams, batch: list[_Item]) -> None:
+        """Make the prediction's LoRAs (all of a batch's are the same) the pipeline's active set; none: the base
+        model exactly. Each one's source and time go to the logs."""
+        adapters, notes = [], []
+        for ref in params.loras:
+            loaded = self.loras.get(ref)
+            adapters.append((ref.adapter_name, loaded.tensors, ref.scale))
+            notes.append(
+                f"LoRA {ref.sha256[:12]} (scale {ref.scale:g}) from {loaded.source} in {_ms(loaded.seconds)} ms"
+            )
+        seconds = self.pipeline.adapters.use(adapters)
+        if adapters:
+            notes.append(f"LoRAs active after {_ms(seconds)} ms of loading into the pipeline")
+        for item in batch:
+            for note in notes:
+                item.report.note(note)
 
     def _store(self, item: _Item, params: GenerationParams, outputs: list[Image]) -> list[dict[str, Any]]:
         """Encode and upload one prediction's images; on an upload error nothing of it is left behind."""
@@ -476,6 +524,8 @@ def _reason(exc: BaseException) -> str:
         return "timeout" if "timed out" in str(exc) else "canceled"
     if isinstance(exc, StorageUnavailable):
         return "storage"
+    if isinstance(exc, lora.LoraError):
+        return "lora"
     if "out of memory" in str(exc).lower():
         return "out_of_memory"
     return "internal"
@@ -483,7 +533,7 @@ def _reason(exc: BaseException) -> str:
 
 def _readable(exc: BaseException) -> str:
     """The reason a client reads: ours where we wrote one, never an exception's own text (the log has it)."""
-    if isinstance(exc, Stop | StorageUnavailable):  # written for the client already
+    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError):  # written for the client already
         return str(exc)
     if "out of memory" in str(exc).lower():
         return "the GPU ran out of memory for this request; try a smaller size or fewer images"

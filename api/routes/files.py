@@ -16,7 +16,7 @@ from api.errors import Invalid, NotFound, TooLarge
 from api.infra.objects import file_response, put_object, read_object
 from api.routes.openapi_errors import errors, image
 from api.services.auth import Authenticated, Principal
-from core import images
+from core import images, lora
 from core.ids import new_id
 from core.tables import files
 
@@ -62,7 +62,13 @@ _UPLOAD = {
             "schema": {
                 "type": "object",
                 "required": ["content"],
-                "properties": {"content": {"type": "string", "format": "binary", "description": "a PNG, JPEG or WebP"}},
+                "properties": {
+                    "content": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "a PNG, JPEG or WebP image, or a LoRA adapter (.safetensors)",
+                    }
+                },
             }
         }
     },
@@ -75,24 +81,29 @@ async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> J
     upload = form.get("content") or form.get("file")
     if not isinstance(upload, UploadFile):
         raise Invalid("invalid request: content: send the image as multipart form field `content`")
-    data = await read_upload(upload, ctx.settings.max_image_bytes)
-    try:
-        info = await inspect_image(ctx, data)
-    except images.BadImage as exc:
-        raise Invalid(f"invalid request: content: {exc}") from None
+    settings = ctx.settings
+    data = await read_upload(upload, max(settings.max_image_bytes, settings.max_lora_bytes))
     file_id = new_id()
-    key = f"{principal.tenant_id}/files/{file_id}.{info.extension}"
-    await put_object(ctx, key, data, info.content_type)
-    values: dict[str, Any] = {
-        "id": file_id,
-        "tenant_id": principal.tenant_id,
-        "key": key,
-        "content_type": info.content_type,
-        "bytes": len(data),
-        "width": info.width,
-        "height": info.height,
-        "expires_at": func.now() + timedelta(seconds=ctx.settings.upload_ttl_s),
-    }
+    values: dict[str, Any] = {"id": file_id, "tenant_id": principal.tenant_id, "bytes": len(data)}
+    if lora.looks_like_safetensors(data):  # a LoRA adapter (docs/lora.md), checked as one
+        try:
+            lora.pairs(lora.read_header(data))
+        except lora.LoraError as exc:
+            raise Invalid(f"invalid request: content: {exc}") from None
+        if len(data) > settings.max_lora_bytes:
+            raise TooLarge(f"LoRA larger than {settings.max_lora_bytes} bytes")
+        values |= {"content_type": lora.CONTENT_TYPE, "key": f"{principal.tenant_id}/files/{file_id}.safetensors"}
+    else:
+        if len(data) > settings.max_image_bytes:
+            raise TooLarge(f"file larger than {settings.max_image_bytes} bytes")
+        try:
+            info = await inspect_image(ctx, data)
+        except images.BadImage as exc:
+            raise Invalid(f"invalid request: content: {exc}") from None
+        key = f"{principal.tenant_id}/files/{file_id}.{info.extension}"
+        values |= {"content_type": info.content_type, "key": key, "width": info.width, "height": info.height}
+    await put_object(ctx, values["key"], data, values["content_type"])
+    values["expires_at"] = func.now() + timedelta(seconds=settings.upload_ttl_s)
     async with ctx.engine.begin() as conn:
         row = (await conn.execute(insert(files).values(**values).returning(files))).mappings().one()
     url = file_url(public_base_url(request, ctx.settings), file_id)

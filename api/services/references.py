@@ -43,7 +43,7 @@ async def resolve(
         return []
     if len(sources) > MAX_REFERENCES:
         raise Invalid(f"invalid request: {field}: at most {MAX_REFERENCES} reference images, got {len(sources)}")
-    ours = {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}
+    ours = own_hosts(request, ctx)
 
     async def one(index: int, source: str | bytes) -> Reference:
         try:
@@ -56,22 +56,35 @@ async def resolve(
     return list(await asyncio.gather(*(one(i, source) for i, source in enumerate(sources))))
 
 
-async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[str]) -> bytes:
-    source = source.strip()
-    if source.startswith("data:"):
-        return _data_uri(source, ctx.settings.max_image_bytes)
-    parts = urlsplit(source)
+def own_hosts(request: Request, ctx: AppContext) -> set[str]:
+    """The hosts whose /v1/files URLs name this server's uploads."""
+    return {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}
+
+
+async def read_url(ctx: AppContext, principal: Principal, url: str, ours: set[str], max_bytes: int) -> bytes:
+    """The bytes an http(s) URL names: the tenant's upload when it is one of ours (from storage, not over HTTP),
+    else what the SSRF-safe fetcher gets. FetchError says why not, for the client."""
+    parts = urlsplit(url.strip())
     own = OWN_FILE_PATH.match(parts.path)
     if own and parts.netloc in ours:
         try:
             row = await stored_file(ctx, principal, own.group(1))
         except ServiceError as exc:
-            raise images.BadImage(exc.message) from None
+            raise FetchError(exc.message) from None
         return await read_object(ctx, row["key"])
     if parts.scheme not in ("http", "https"):
-        raise images.BadImage("must be an http(s) URL or a base64 data URI (data:image/png;base64,...)")
+        raise FetchError("must be an http(s) URL")
     settings = ctx.settings
-    return await fetch(source, settings.max_image_bytes, settings.fetch_timeout_s, settings.fetch_allowlist)
+    return await fetch(url.strip(), max_bytes, settings.fetch_timeout_s, settings.fetch_allowlist)
+
+
+async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[str]) -> bytes:
+    source = source.strip()
+    if source.startswith("data:"):
+        return _data_uri(source, ctx.settings.max_image_bytes)
+    if urlsplit(source).scheme not in ("http", "https"):
+        raise images.BadImage("must be an http(s) URL or a base64 data URI (data:image/png;base64,...)")
+    return await read_url(ctx, principal, source, ours, ctx.settings.max_image_bytes)
 
 
 def _data_uri(uri: str, max_bytes: int) -> bytes:

@@ -16,6 +16,15 @@ from core.settings import Settings
 from models.klein import floor16
 from models.registry import ModelSpec, known_ids, resolve
 
+# The status words of Replicate's API, which Pruna's (and its client) took over.
+STATUS_WORDS = {
+    Status.CREATED: "starting",
+    Status.PROCESSING: "processing",
+    Status.COMPLETED: "succeeded",
+    Status.FAILED: "failed",
+    Status.CANCELED: "canceled",
+}
+
 
 def lookup_model(name: str | None, body_field: str | None = None) -> ModelSpec:
     """The model `name` names. Unknown: 404 where the request addresses the model as a resource (a path, a

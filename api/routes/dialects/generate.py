@@ -21,9 +21,9 @@ from api.routes.delivery import read_output
 from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.files import read_upload
 from api.routes.openapi_errors import KleinError, errors, image
-from api.services import predictions, references, retention, webhooks
+from api.services import loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
-from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Prompt
+from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Loras, Prompt
 from models.registry import ModelSpec
 
 
@@ -46,6 +46,7 @@ class GenerateRequest(BaseModel):
     aspect_ratio: NamedRatio = "landscape"
     image_uris: list[str] = []
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    loras: Loras = Field([], description="LoRA adapters {path, scale} (JSON bodies; docs/lora.md)")
     webhook_url: str | None = Field(None, description="also POST the result here (Standard Webhooks signed)")
     webhook_secret: str | None = Field(None, description="sign the webhook with this instead of the tenant's")
 
@@ -149,7 +150,8 @@ async def generate(
         "webhook_url",
         secret=body.webhook_secret,
     )
-    params = body.to_params(spec)
+    adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
+    params = body.to_params(spec).model_copy(update={"loras": adapters})
     echo = body.model_dump(exclude={"webhook_url", "webhook_secret"}) | {"images": len(uploads)}
     wait_s = ctx.settings.try_sync_timeout_s
     submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)

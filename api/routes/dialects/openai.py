@@ -58,9 +58,9 @@ class ImagesRequest(BaseModel):
     size: str | None = Field(None, description="WIDTHxHEIGHT, at most 1,048,576 pixels; overrides aspect_ratio")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
-    num_inference_steps: int | None = Field(None, ge=1, le=100, description="default: the model's (4; base 50)")
+    num_inference_steps: int | None = Field(None, ge=1, le=12, description="default: the model's (4; base 50)")
     guidance_scale: float | None = Field(
-        None, ge=0, le=20, description="default: the model's; the distilled model ignores it, the base model's is 4"
+        None, ge=0, le=8, description="default: the model's; the distilled model ignores it, the base model's is 4"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int | None = Field(None, ge=1, le=MAX_OUTPUTS)

@@ -1,7 +1,7 @@
 """Webhook payloads, rendered by the webhook worker at each attempt (so links are freshly signed).
 
-Pruna and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks carry it).
-Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
+Pruna, Replicate and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks
+carry it). Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
 with the prediction's id and status beside it, and links instead of bytes.
 """
 
@@ -11,7 +11,8 @@ from typing import Any
 
 from api.infra.rows import Row
 from api.routes.delivery import signed_output_urls
-from api.routes.dialects import pruna, wavespeed
+from api.routes.dialects import pruna, replicate, wavespeed
+from api.routes.dialects.common import STATUS_WORDS
 from core.lifecycle import Status
 from core.settings import Settings
 
@@ -24,7 +25,9 @@ def render(dialect: str, row: Row, base_url: str, settings: Settings) -> dict[st
         return wavespeed.view(row, base_url, urls) | logs
     if dialect == "pruna":
         return pruna.view(row, base_url, logs)
-    common = {"id": row["id"], "status": pruna.STATUS_WORDS[status], "error": row["error"], "timings": row["timings"]}
+    if dialect == "replicate":
+        return replicate.view(row, base_url, settings, row["logs"])
+    common = {"id": row["id"], "status": STATUS_WORDS[status], "error": row["error"], "timings": row["timings"]}
     if dialect == "openai":
         params = row["params"]
         return common | {

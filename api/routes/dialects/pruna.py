@@ -16,9 +16,10 @@ from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Invalid, validation_error
 from api.infra.jsonresponse import JSON
 from api.routes.delivery import output_urls
-from api.routes.dialects.common import seed_or_random, served_model
+from api.routes.dialects import replicate
+from api.routes.dialects.common import STATUS_WORDS, seed_or_random, served_model
 from api.routes.openapi_errors import errors
-from api.services import live, predictions, references, retention, webhooks
+from api.services import live, loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -27,14 +28,6 @@ from models.klein import KleinInput
 from models.registry import known_ids
 
 router = APIRouter(tags=["pruna"], responses=errors(401, 429, 503))
-
-STATUS_WORDS = {
-    Status.CREATED: "starting",
-    Status.PROCESSING: "processing",
-    Status.COMPLETED: "succeeded",
-    Status.FAILED: "failed",
-    Status.CANCELED: "canceled",
-}
 
 _REQUEST_SCHEMA = {
     "required": True,
@@ -103,7 +96,7 @@ _SUBMIT_HEADERS = [
         **errors(404, 409, 413, 422),
     },
 )
-async def create_prediction(request: Request) -> JSONResponse:
+async def create_prediction(request: Request) -> Response:
     principal, slot = await authenticate_submit(request)  # the slot costs no round trip of its own
     try:
         return await _create(request, principal, slot)
@@ -112,13 +105,15 @@ async def create_prediction(request: Request) -> JSONResponse:
         raise
 
 
-async def _create(request: Request, principal: Principal, slot: Slot) -> JSONResponse:
+async def _create(request: Request, principal: Principal, slot: Slot) -> Response:
     ctx = context(request)
+    body = await _json_object(request)
+    if "version" in body:  # Replicate's body (api/routes/dialects/replicate.py), answered in its shape
+        return await replicate.create_versioned(request, principal, slot, body)
     model = request.headers.get("model")
     if not model:
         raise Invalid("missing `Model` header naming the model, e.g. `Model: flux-klein-4b`", known_models=known_ids())
     spec = served_model(model, ctx.settings)
-    body = await _json_object(request)
     raw_input = body.get("input")
     if not isinstance(raw_input, dict):
         raise Invalid(
@@ -130,9 +125,10 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> JSONRes
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix=("input",)) from None
     refs = await references.resolve(ctx, principal, request, validated.images, "input.images")
+    adapters = await loras.resolve(ctx, principal, request, spec.id, validated.loras, "input.loras")
     params = validated.to_params(
         seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
-    )
+    ).model_copy(update={"loras": adapters})
     base_url = public_base_url(request, ctx.settings)
     webhook = await webhooks.accept(
         ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")
@@ -165,9 +161,11 @@ async def prediction_status(prediction_id: str, request: Request) -> JSONRespons
         **errors(404, 422),
     },
 )
-async def cancel_prediction(
-    prediction_id: str, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
-) -> JSONResponse:
+async def cancel_prediction(prediction_id: str, request: Request) -> Response:
+    if replicate.speaks_replicate(request):  # Replicate's client: its prediction object, its errors
+        return await replicate.cancel(request, prediction_id)
+    principal = await authenticate(request)
+    ctx = context(request)
     row = await predictions.cancel(ctx, principal, prediction_id)
     return JSON(view(row, public_base_url(request, ctx.settings), await live.extras(ctx, row)))
 

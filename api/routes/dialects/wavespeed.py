@@ -1,6 +1,7 @@
 """The WaveSpeed v3 dialect (shared/seeds/002_*).
 
-    POST /api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image   (and …/edit with `images`)
+    POST /api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image   (and …/edit with `images`; …/text-to-image-lora and
+                                                             …/edit-lora with `loras`)
     GET  /api/v3/predictions/{id}/result
 
 Every answer is the `{code, message, data}` envelope; statuses created/processing/completed/failed.
@@ -13,20 +14,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
 from api.routes.delivery import gone, outputs_base64, signed_output_urls
 from api.routes.dialects.common import iso_z, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import WaveSpeedError, errors
-from api.services import live, predictions, references, retention, webhooks
+from api.services import live, loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from core.lifecycle import Status
-from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Prompt
+from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Loras, Prompt
 from models.registry import ModelSpec
 
 MIN_SIDE, MAX_SIDE = 256, 1536
-TASKS = ("text-to-image", "edit")
+TASKS = ("text-to-image", "edit", "text-to-image-lora", "edit-lora")
 STATUS_WORDS = {
     Status.CREATED: "created",
     Status.PROCESSING: "processing",
@@ -54,6 +56,7 @@ class WaveSpeedRequest(BaseModel):
     seed: int = Field(-1, ge=-1, le=2147483647)
     images: list[str] = Field([], max_length=MAX_REFERENCES, description="edit: 1–4 reference image URLs")
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    loras: Loras = Field([], description="the -lora endpoints: adapters {path, scale} (docs/lora.md)")
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
 
@@ -110,7 +113,17 @@ async def _answer(
     return JSONResponse({"code": 200, "message": "success", "data": data})
 
 
-@router.post("/api/v3/{model_path:path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
+class AnyPath(PathConvertor):
+    """Starlette's `path`, newlines included: an id with a %0A in it is still this route's (401, 404 in
+    WaveSpeed's envelope), not an unmatched URL."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("any_path", AnyPath())
+
+
+@router.post("/api/v3/{model_path:any_path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
 async def submit(
     model_path: str,
     body: WaveSpeedRequest,
@@ -123,14 +136,18 @@ async def submit(
     if task not in TASKS:
         raise NotFound(f"unknown task {task!r} of {model_name!r}; known: {', '.join(TASKS)}")
     spec = served_model(model_name, ctx.settings)
-    if task == "edit" and not body.images:
+    edit, with_loras = task.startswith("edit"), task.endswith("-lora")
+    if edit and not body.images:
         raise Invalid("images: edit needs 1–4 reference images")
-    if task == "text-to-image" and body.images:
+    if not edit and body.images:
         raise Invalid("images: text-to-image takes no images; use the edit endpoint")
+    if body.loras and not with_loras:
+        raise Invalid(f"loras: {task} takes no LoRAs; use {task}-lora")
     refs = await references.resolve(ctx, principal, request, body.images, "images")
+    adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
     base_url = public_base_url(request, ctx.settings)
     accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
-    params = body.to_params(spec)
+    params = body.to_params(spec).model_copy(update={"loras": adapters})
     echo = body.model_dump() | {"model": model_path}
     wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
     row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=accepted)

@@ -1,0 +1,111 @@
+"""LoRA adapters per request on the real stack: built in code for the tiny pipeline (diffusers' layout, random
+weights), uploaded or fetched, checked, stored, cached by the worker and applied with diffusers' adapter API."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save as save_safetensors
+
+from tests.conftest import Stack
+from tests.images import image_server
+
+INPUT = {"prompt": "a lighthouse", "seed": 7, "aspect_ratio": "1:1", "output_format": "png"}
+
+
+def tiny_lora(seed: int, rank: int = 2, width: int = 32, modules: tuple[str, ...] | None = None) -> bytes:
+    """A LoRA for the tiny transformer (its attention projections), diffusers' key layout, random A and B."""
+    generator = torch.Generator().manual_seed(seed)
+    names = modules or tuple(f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0"))
+    tensors = {}
+    for name in names:
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, width, generator=generator)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(width, rank, generator=generator)
+    return save_safetensors(tensors)
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[str]:
+    with image_server("http://127.0.0.1/", {"/style.safetensors": tiny_lora(1)}) as url:
+        yield url
+
+
+def upload(client: httpx.Client, data: bytes) -> httpx.Response:
+    return client.post("/v1/files", files={"content": ("adapter.safetensors", data)})
+
+
+def render(client: httpx.Client, loras: list[dict[str, Any]] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    body = {"input": INPUT | ({"loras": loras} if loras is not None else {})}
+    answer = client.post("/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json=body)
+    assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
+    png = client.get(answer.json()["generation_url"]).content
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16), answer.json()
+
+
+def test_loras_change_the_image_by_their_scale_combine_and_leave_the_base_model_exact(
+    stack: Stack, client: httpx.Client, files: str
+) -> None:
+    before, _ = render(client)  # the base model, before this test's LoRAs
+    style = upload(client, tiny_lora(1)).json()["url"]
+    other = upload(client, tiny_lora(2)).json()["url"]
+
+    distances = []
+    for scale in (0.5, 1.0, 2.0):
+        image, _ = render(client, [{"path": style, "scale": scale}])
+        distances.append(float(np.abs(image - before).mean()))
+    assert 0 < distances[0] < distances[1] < distances[2], distances  # monotonic in the scale, same seed
+
+    alone, _ = render(client, [{"path": other, "scale": 1.0}])
+    both, answer = render(client, [{"path": style, "scale": 1.0}, {"path": other, "scale": 1.0}])
+    assert np.abs(both - alone).mean() > 0 and np.abs(both - before).mean() > 0
+    lines = [line["message"] for line in answer["logs"]]
+    assert any("from memory" in line for line in lines), lines  # the style LoRA: cached since its first use
+
+    fetched, answer = render(client, [{"path": f"{files}/style.safetensors", "scale": 1.0}])  # same bytes by URL
+    assert any("from memory" in line for line in (line["message"] for line in answer["logs"]))
+    after, _ = render(client)  # no LoRA: every adapter unloaded, the base model exactly
+    assert np.array_equal(after, before)
+    assert distances[1] == float(np.abs(fetched - before).mean())
+
+
+def test_a_lora_that_does_not_fit_or_is_no_safetensors_is_refused_with_422(client: httpx.Client) -> None:
+    cases = {
+        "wrong width": tiny_lora(3, width=48),
+        "unknown layer": tiny_lora(3, modules=("transformer_blocks.0.attn.to_nothing",)),
+    }
+    for case, data in cases.items():
+        url = upload(client, data).json()["url"]
+        answer = client.post(
+            "/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": INPUT | {"loras": [{"path": url}]}}
+        )
+        assert answer.status_code == 422, (case, answer.text)
+        assert "input.loras[0].path: this LoRA does not fit flux-klein-4b" in answer.json()["error"], case
+    pickled = pickle.dumps({"transformer.x.lora_A.weight": [[1.0]]})
+    refused = upload(client, pickled)  # neither an image nor safetensors
+    assert refused.status_code == 422, refused.text
+    path = "/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image"
+    wrong_endpoint = client.post(path, json={"prompt": "x", "loras": [{"path": "https://example.com/a.safetensors"}]})
+    assert wrong_endpoint.status_code == 422 and "use text-to-image-lora" in wrong_endpoint.text
+    too_many = [{"path": "https://example.com/a.safetensors"}] * 4
+    answer = client.post(
+        "/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": INPUT | {"loras": too_many}}
+    )
+    assert answer.status_code == 422 and "at most 3 LoRAs" in answer.json()["error"]
+
+
+def test_the_wavespeed_lora_endpoint_applies_it(client: httpx.Client) -> None:
+    url = upload(client, tiny_lora(4)).json()["url"]
+    body = {"prompt": "a lighthouse", "size": "256*256", "seed": 3, "enable_sync_mode": True, "output_format": "png"}
+    path = "/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image"
+    plain = client.post(path, json=body).json()["data"]
+    styled = client.post(f"{path}-lora", json=body | {"loras": [{"path": url, "scale": 1.5}]}).json()["data"]
+    assert plain["status"] == styled["status"] == "completed", (plain, styled)
+    assert client.get(plain["outputs"][0]).content != client.get(styled["outputs"][0]).content

@@ -1,0 +1,73 @@
+"""A worker's LoRA cache on real S3: memory over disk over storage, each bounded in bytes, least recently used
+first out; a file over a bound is never kept; the stored bytes are checked against their hash and the model."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from core import lora
+from core.settings import Settings
+from core.storage import ensure_bucket, make_s3_client
+from models.klein import LoraRef
+from tests.e2e.test_lora import tiny_lora
+from worker.loras import LoraCache
+
+TARGETS = {f"transformer_blocks.0.attn.{m}": (32, 32) for m in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+def stored(settings: Settings, data: bytes) -> LoraRef:
+    ref = LoraRef(sha256=hashlib.sha256(data).hexdigest(), scale=1.0)
+    make_s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=ref.key, Body=data)
+    return ref
+
+
+def test_the_cache_keeps_within_its_bytes_and_serves_from_the_nearest_tier(settings: Settings, tmp_path: Path) -> None:
+    ensure_bucket(make_s3_client(settings), settings.s3_bucket)
+    adapters = [tiny_lora(seed) for seed in (10, 11, 12)]
+    size = len(adapters[0])
+    tight = settings.model_copy(
+        update={
+            "lora_cache_dir": str(tmp_path),
+            "lora_disk_cache_bytes": 2 * size,  # two files fit
+            "lora_memory_cache_bytes": size,  # one set of tensors fits
+        }
+    )
+    cache = LoraCache(tight, make_s3_client(settings), TARGETS, lambda tensors: dict(tensors))
+    refs = [stored(settings, data) for data in adapters]
+
+    assert cache.get(refs[0]).source == "storage"
+    assert cache.get(refs[0]).source == "memory"
+    assert cache.get(refs[1]).source == "storage"  # memory now holds refs[1] only
+    assert cache.get(refs[0]).source == "disk"
+    assert cache.get(refs[2]).source == "storage"  # the disk drops its least recently used file (refs[1])
+    on_disk = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert on_disk == sorted(f"{r.sha256}.safetensors" for r in (refs[0], refs[2]))
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 2 * size  # nothing partial left either
+    assert len(cache.memory) == 1
+
+    huge = stored(settings, tiny_lora(13, rank=64))  # larger than both bounds: used, never kept
+    assert cache.get(huge).source == "storage" and cache.get(huge).source == "storage"
+    assert not (tmp_path / f"{huge.sha256}.safetensors").exists() and huge.sha256 not in cache.memory
+
+
+def test_the_cache_refuses_a_file_that_is_not_what_was_stored_or_does_not_fit(
+    settings: Settings, tmp_path: Path
+) -> None:
+    cache = LoraCache(
+        settings.model_copy(update={"lora_cache_dir": str(tmp_path)}),
+        make_s3_client(settings),
+        TARGETS,
+        lambda tensors: dict(tensors),
+    )
+    ensure_bucket(make_s3_client(settings), settings.s3_bucket)
+    swapped = stored(settings, tiny_lora(20))
+    make_s3_client(settings).put_object(Bucket=settings.s3_bucket, Key=swapped.key, Body=tiny_lora(21))
+    with pytest.raises(lora.LoraError, match="does not match its hash"):
+        cache.get(swapped)
+    misfit = stored(settings, tiny_lora(22, width=48))
+    with pytest.raises(lora.LoraError, match="does not fit this model"):
+        cache.get(misfit)
+    assert list(tmp_path.glob("*.safetensors")) == [tmp_path / f"{misfit.sha256}.safetensors"]
