@@ -17,8 +17,8 @@ from typing import Any
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_RANK = 512
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
-_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.lora_(?P<part>A|B)\.weight$")
-_ALPHA = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.alpha$")
+WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.lora_(?P<part>A|B)\.weight$")
+ALPHA_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.alpha$")
 # Each attention's q, k and v projections, which a worker may run fused (KLEIN_FUSE_QKV): a LoRA names them apart.
 FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
@@ -72,9 +72,9 @@ def pairs(header: dict[str, Any]) -> dict[str, Pair]:
     """module → its LoRA's (rank, in, out), from a header; a key that is no LoRA weight is an error."""
     found: dict[str, dict[str, list[int]]] = {}
     for name, entry in header.items():
-        if _ALPHA.match(name):
+        if ALPHA_KEY.match(name):
             continue
-        key = _KEY.match(name)
+        key = WEIGHT_KEY.match(name)
         if key is None:
             raise LoraError(f"unsupported key {name!r}: expected <module>.lora_A.weight / .lora_B.weight (diffusers)")
         shape = entry.get("shape")

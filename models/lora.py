@@ -4,7 +4,6 @@ weights): what a LoRA may target, its tensors in the layout the loaded transform
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,9 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.lora import _ALPHA, _KEY, FUSED
-
-log = logging.getLogger(__name__)
+from core.lora import ALPHA_KEY, FUSED, WEIGHT_KEY
 
 
 def targets(transformer: nn.Module) -> dict[str, tuple[int, int]]:
@@ -41,9 +38,9 @@ def prepare(tensors: Mapping[str, torch.Tensor], fused: bool, dtype: torch.dtype
     b: dict[str, torch.Tensor] = {}
     alpha: dict[str, float] = {}
     for name, tensor in tensors.items():
-        if match := _ALPHA.match(name):
+        if match := ALPHA_KEY.match(name):
             alpha[match["module"]] = float(tensor.reshape(-1)[0])
-        elif match := _KEY.match(name):
+        elif match := WEIGHT_KEY.match(name):
             (a if match["part"] == "A" else b)[match["module"]] = tensor.to(dtype)
     for module, value in alpha.items():
         if module in b:

@@ -5,7 +5,6 @@ transformer, and prepared for its layout once (models/lora.prepare)."""
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections import OrderedDict
@@ -24,7 +23,6 @@ from models.klein import LoraRef
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-log = logging.getLogger(__name__)
 Tensors = Mapping[str, torch.Tensor]
 
 
