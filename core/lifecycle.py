@@ -36,7 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
 
 from core.events import FINAL_COLUMNS
 from core.tables import predictions as p
@@ -144,7 +144,8 @@ def next_with_loras(model: str, sha256s: list[str], max_attempts: int) -> Select
     (worker/runtime.py, a few in a row at most), but never ahead of a more urgent tenant's prediction."""
     queued = and_(p.c.status == Status.CREATED, p.c.model == model, p.c.attempts < max_attempts)
     most_urgent = select(func.min(p.c.priority)).where(queued).scalar_subquery()
-    shas = func.jsonb_path_query_array(func.coalesce(p.c.params["loras"], cast([], JSONB)), "$[*].sha256")
+    every_sha = cast(literal("$[*].sha256"), JSONPATH)
+    shas = func.jsonb_path_query_array(func.coalesce(p.c.params["loras"], cast([], JSONB)), every_sha)
     same = shas == cast(sha256s, JSONB)
     return select(p.c.id).where(queued, same, p.c.priority == most_urgent).order_by(p.c.created_at).limit(1)
 

@@ -142,9 +142,9 @@ class WorkerRuntime:
                 return
             if following is None:
                 return
-            self._run(following)
+            self._run(following, ahead=True)
 
-    def _run(self, prediction_id: str) -> None:
+    def _run(self, prediction_id: str, ahead: bool = False) -> None:
         """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id.
 
         With micro-batching on (`batch_size` > 1), the claim takes along queued predictions that can share
@@ -170,6 +170,8 @@ class WorkerRuntime:
         batch += [_Item(r, Report(self.redis, self.settings, r["id"], r["created_at"])) for r in self._companions(row)]
         for item in batch:
             item.report.claimed(self.worker_id, item.row["attempts"], has_webhook=item.row["webhook"] is not None)
+        if ahead:  # say why it ran before its turn
+            batch[0].report.note("taken ahead of the queue by a worker with its LoRAs loaded")
         if len(batch) > 1:
             for item in batch:
                 item.report.note(f"batched: one pipeline call for {len(batch)} predictions")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,3 +110,21 @@ def test_the_wavespeed_lora_endpoint_applies_it(client: httpx.Client) -> None:
     styled = client.post(f"{path}-lora", json=body | {"loras": [{"path": url, "scale": 1.5}]}).json()["data"]
     assert plain["status"] == styled["status"] == "completed", (plain, styled)
     assert client.get(plain["outputs"][0]).content != client.get(styled["outputs"][0]).content
+
+
+def test_a_worker_with_a_lora_loaded_takes_the_next_predictions_wanting_it_ahead(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """lifecycle.next_with_loras on the real worker: queued behind the first, the others run before their own
+    messages come up, and say so."""
+    url = upload(client, tiny_lora(5)).json()["url"]
+    body = {"input": INPUT | {"loras": [{"path": url, "scale": 1.0}]}}
+    ids = [client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=body).json()["id"] for _ in range(3)]
+    done = []
+    for pid in ids:
+        while (answer := client.get(f"/v1/predictions/status/{pid}").json())["status"] not in ("succeeded", "failed"):
+            time.sleep(0.1)
+        done.append(answer)
+    assert all(d["status"] == "succeeded" for d in done), done
+    ahead = [d["id"] for d in done if any("taken ahead of the queue" in line["message"] for line in d["logs"])]
+    assert ahead and ids[0] not in ahead, [[line["message"] for line in d["logs"]] for d in done]

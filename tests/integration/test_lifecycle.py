@@ -123,6 +123,7 @@ def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(eng
     queued(0, num_inference_steps=8)  # other steps
     queued(0, reference_keys=["t/ref.png"])  # an edit
     queued(0, guidance_scale=4.0)
+    queued(0, loras=[{"sha256": "ab" * 32, "scale": 1.0}])  # other LoRAs
     running = queued(0)
     run(engine, lifecycle.claim(running, "w0", 60, 3))
 
@@ -138,3 +139,46 @@ def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(eng
     rows = taken.execute(statement, {"ids": [quiet_new, running]}).mappings().all()
     assert [r["id"] for r in rows] == [quiet_new] and rows[0]["worker_id"] == "w1"  # `running` is w0's
     taken.close()
+
+
+def test_a_worker_with_loras_loaded_takes_them_first_only_from_the_most_urgent_class(
+    engine: Engine, tenant: IssuedKey
+) -> None:
+    """lifecycle.next_with_loras: same adapters in order (any scales), oldest first, never past a more urgent one."""
+    from sqlalchemy import update
+
+    from core.tables import predictions
+
+    model = f"affinity-test-{new_id()[:6]}"
+    style, other = "aa" * 32, "bb" * 32
+    base = KleinInput(prompt="a cat").to_params(1).model_dump()
+
+    def queued(priority: int, shas: list[str], scale: float = 1.0) -> str:
+        pid = new_id()
+        loras = [{"sha256": sha, "scale": scale} for sha in shas]
+        with engine.begin() as conn:
+            conn.execute(
+                lifecycle.create(
+                    prediction_id=pid,
+                    tenant_id=tenant.tenant_id,
+                    api_key_id=tenant.key_id,
+                    model=model,
+                    input={},
+                    params=base | {"loras": loras},
+                )
+            )
+            conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
+        return pid
+
+    def next_for(shas: list[str]) -> Any:
+        with engine.connect() as conn:
+            return conn.execute(lifecycle.next_with_loras(model, shas, 3)).scalar()
+
+    queued(9, [])
+    queued(9, [other, style])  # the same adapters in another order: another set
+    wanted = queued(9, [style, other], scale=0.5)
+    queued(9, [style, other])
+    assert next_for([style, other]) == wanted  # the oldest with the set, whatever its scales
+    assert next_for([style]) is None
+    queued(0, [])  # a quieter tenant's prediction is more urgent: nothing jumps ahead of it
+    assert next_for([style, other]) is None
