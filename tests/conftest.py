@@ -75,7 +75,7 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
         "KLEIN_MODEL_PATH": str(tiny_model),
         "KLEIN_DEVICE": "cpu",
-        "KLEIN_TRY_SYNC_TIMEOUT_S": "30",
+        "KLEIN_TRY_SYNC_TIMEOUT_S": "120",  # long enough for a busy machine; tests of the fallback set their own
         "KLEIN_DEFAULT_RATE_LIMIT_PER_MINUTE": "100000",  # tests poll fast; rate-limit tests set their own
         "KLEIN_ADMIN_API_KEY": ADMIN_KEY,
         "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
@@ -147,5 +147,5 @@ def tenant(engine: Engine) -> IssuedKey:
 
 @pytest.fixture
 def client(stack: Stack, tenant: IssuedKey) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=60) as http:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=180) as http:
         yield http

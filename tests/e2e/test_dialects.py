@@ -42,7 +42,7 @@ def predict(client: httpx.Client, input: dict[str, Any]) -> httpx.Response:
 
 
 def test_pruna_client_image_edit_uploads_then_edits(stack: Stack, tenant: IssuedKey) -> None:
-    with PrunaClient(api_key=tenant.key, timeout=60) as client:
+    with PrunaClient(api_key=tenant.key, timeout=180) as client:
         client.base_url = f"{stack.api_url}/v1"
         reference = Image.open(io.BytesIO(picture(512, 256)))
         response = client.generate_image_edit("flux-klein-4b", "make it blue", [reference], seed=11)
@@ -129,7 +129,7 @@ def test_more_than_four_references_is_422(client: httpx.Client) -> None:
 
 
 def test_klein_generate_text_edit_and_multi_reference(stack: Stack, tenant: IssuedKey, images_url: str) -> None:
-    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=60) as http:
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=180) as http:
         text = http.post("/v1/generate", json={"prompt": "a robot"})
         assert text.status_code == 200 and text.headers["content-type"] == "image/png"
         assert size_of(text.content) == NAMED_SIZES["landscape"]
@@ -169,7 +169,7 @@ def test_wavespeed_client_run_async_and_sync(stack: Stack, tenant: IssuedKey) ->
 
 
 def test_wavespeed_envelope_base64_edit_and_errors(stack: Stack, tenant: IssuedKey, images_url: str) -> None:
-    http = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=60)
+    http = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=180)
     url = "/api/v3/wavespeed-ai/flux-2-klein-4b"
     queued = http.post(f"{url}/text-to-image", json={"prompt": "x", "seed": 5})
     assert queued.status_code == 200
@@ -211,7 +211,7 @@ def test_wavespeed_envelope_base64_edit_and_errors(stack: Stack, tenant: IssuedK
 def test_features_image_generator(stack: Stack, tenant: IssuedKey) -> None:
     prompt_object = {"prompt": "a lake", "aspect_ratio": "1:1", "megapixels": "0.25", "output_quality": 0}
     body = {"type": "IMAGE_GENERATOR", "model": "black-forest-labs/flux-2-klein-4b", "promptObject": prompt_object}
-    answer = httpx.post(f"{stack.api_url}/api/features", headers={"API-KEY": tenant.key}, json=body, timeout=60)
+    answer = httpx.post(f"{stack.api_url}/api/features", headers={"API-KEY": tenant.key}, json=body, timeout=180)
     assert answer.status_code == 200, answer.text
     record = answer.json()["aiRecord"]
     assert record["status"] == "SUCCESS" and record["type"] == "IMAGE_GENERATOR"
@@ -265,7 +265,7 @@ def test_openai_client_url_and_b64_json(stack: Stack, tenant: IssuedKey) -> None
 
 
 def test_openai_reference_images_and_errors(stack: Stack, tenant: IssuedKey, images_url: str) -> None:
-    http = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=60)
+    http = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=180)
     edited = http.post(
         "/v1/images/generations",
         json={"prompt": "x", "images": f"{images_url}/ref.png,{images_url}/wide.jpg", "negative_prompt": "blur"},

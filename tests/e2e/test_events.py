@@ -77,7 +77,7 @@ def deliveries(client: httpx.Client, **filters: str) -> list[dict[str, Any]]:
     return data
 
 
-def wait_until_final(client: httpx.Client, prediction_id: str, timeout_s: float = 60) -> list[dict[str, Any]]:
+def wait_until_final(client: httpx.Client, prediction_id: str, timeout_s: float = 180) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = deliveries(client, prediction_id=prediction_id)
@@ -159,7 +159,7 @@ def test_events_are_signed_ordered_and_the_status_views_shape(
 def test_the_default_filter_is_completed_and_each_dialect_posts_its_own_view(
     stack: Stack, tenant: IssuedKey, webhook_worker: Service, receiver: Receiver
 ) -> None:
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=60) as http:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=180) as http:
         secret = secret_of(http)
         pruna = submit(http, receiver.url)
         receiver.wait_for(1)

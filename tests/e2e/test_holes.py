@@ -26,11 +26,11 @@ def size_of(data: bytes) -> tuple[int, int]:
 
 def test_generate_takes_urlencoded_forms(stack: Stack, tenant: IssuedKey) -> None:
     url, auth = f"{stack.api_url}/v1/generate", {"Authorization": f"Bearer {tenant.key}"}
-    text = httpx.post(url, headers=auth, data={"prompt": "a dune at noon", "aspect_ratio": "wide"}, timeout=60)
+    text = httpx.post(url, headers=auth, data={"prompt": "a dune at noon", "aspect_ratio": "wide"}, timeout=180)
     assert text.status_code == 200, text.text
     assert text.headers["content-type"] == "image/png" and size_of(text.content) == (1568, 672)
     uris = f'["{data_uri(picture(512, 384))}"]'
-    edit = httpx.post(url, headers=auth, data={"prompt": "at night", "image_uris": uris, "seed": "7"}, timeout=60)
+    edit = httpx.post(url, headers=auth, data={"prompt": "at night", "image_uris": uris, "seed": "7"}, timeout=180)
     assert edit.status_code == 200, edit.text
     assert edit.headers["x-seed"] == "7"
     wrong = httpx.post(url, headers=auth, data={"prompt": "x", "aspect_ratio": "huge"})

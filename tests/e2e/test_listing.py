@@ -23,7 +23,7 @@ def submit(client: httpx.Client, prompt: str, sync: bool = False) -> str:
 def test_the_list_is_newest_first_paged_filtered_and_the_tenants_own(stack: Stack, client: httpx.Client) -> None:
     ids = [submit(client, f"history {i}", sync=True) for i in range(5)]
     other = make_tenant(stack.engine)
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": other.key}, timeout=60) as stranger:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": other.key}, timeout=180) as stranger:
         submit(stranger, "not yours", sync=True)
         assert stranger.get("/v1/predictions").json()["results"][0]["input"]["prompt"] == "not yours"
 

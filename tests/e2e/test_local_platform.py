@@ -43,7 +43,7 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         key = (data / "api-key").read_text().strip()
         assert key in log.read_text()
         headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
-        body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=60).json()
+        body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=180).json()
         assert body["status"] == "succeeded", body
         image = httpx.get(body["generation_url"], headers={"apikey": key})
         assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)

@@ -13,7 +13,7 @@ from tests.conftest import Stack
 
 
 def pruna(stack: Stack, tenant: IssuedKey) -> PrunaClient:
-    client = PrunaClient(api_key=tenant.key, timeout=60)
+    client = PrunaClient(api_key=tenant.key, timeout=180)
     client.base_url = f"{stack.api_url}/v1"
     return client
 

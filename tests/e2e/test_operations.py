@@ -143,7 +143,7 @@ def test_log_lines_are_json_with_the_bound_fields_and_no_secrets(
     stack: Stack, tenant: IssuedKey, logged_api: str
 ) -> None:
     prompt = "a secret prompt about a lighthouse"
-    with httpx.Client(base_url=logged_api, headers={"apikey": tenant.key}, timeout=60) as http:
+    with httpx.Client(base_url=logged_api, headers={"apikey": tenant.key}, timeout=180) as http:
         answer = http.post(
             "/v1/predictions",
             headers={"Model": "flux-klein-4b", "Try-Sync": "true", "X-Request-ID": "req-ops-1"},

@@ -27,7 +27,7 @@ def submit(
     return client.post("/v1/predictions", headers=headers, json={"input": input})
 
 
-def poll(client: httpx.Client, get_url: str, timeout: float = 60) -> dict[str, Any]:
+def poll(client: httpx.Client, get_url: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = client.get(get_url).json()
@@ -103,7 +103,7 @@ def test_try_sync_times_out_into_the_async_answer(stack: Stack, tenant: IssuedKe
     env = stack.env | {"KLEIN_TRY_SYNC_TIMEOUT_S": "0"}
     api, url = start_api(env, stack.logs / "api-nowait.log")
     try:
-        with httpx.Client(base_url=url, headers={"apikey": tenant.key}, timeout=60) as http:
+        with httpx.Client(base_url=url, headers={"apikey": tenant.key}, timeout=180) as http:
             answer = submit(http, {"prompt": PROMPT}, sync=True)
             assert answer.status_code == 201
             assert answer.json()["status"] in ("starting", "processing")

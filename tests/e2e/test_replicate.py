@@ -81,7 +81,7 @@ def client(tls_api: TlsApi, tenant: IssuedKey) -> Iterator[replicate.Client]:
 @pytest.fixture
 def http(tls_api: TlsApi, tenant: IssuedKey) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {tenant.key}"}
-    with httpx.Client(base_url=tls_api.url, headers=headers, verify=tls_api.ca, timeout=60) as http:
+    with httpx.Client(base_url=tls_api.url, headers=headers, verify=tls_api.ca, timeout=180) as http:
         yield http
 
 
@@ -244,7 +244,7 @@ def test_a_version_body_is_replicates_and_a_model_header_pruna_s_on_the_same_pat
     replicates = httpx.post(url, headers=bearer | {"Prefer": "wait"}, json={"version": version.id, "input": SMALL})
     assert replicates.status_code == 422 and "input.prompt" in replicates.json()["detail"]
     body = {"version": f"{MODEL}:{version.id}", "input": {"prompt": "x"} | SMALL}
-    finished = httpx.post(url, headers=bearer | {"Prefer": "wait"}, json=body, timeout=60)
+    finished = httpx.post(url, headers=bearer | {"Prefer": "wait"}, json=body, timeout=180)
     assert finished.status_code == 201 and finished.json()["status"] == "succeeded", finished.text
     assert Prediction(**finished.json()).version == version.id
     prunas = httpx.post(url, headers=bearer | {"Model": "flux-klein-4b"}, json={"input": {"prompt": "x"}})

@@ -56,7 +56,7 @@ def reap_until_expired(stack: Stack, s3: S3Client, ids: list[str], timeout: floa
 
 
 def client_of(stack: Stack, key: IssuedKey) -> httpx.Client:
-    return httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60)
+    return httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=180)
 
 
 def test_the_reaper_deletes_what_expired_and_its_delivery_answers_410(stack: Stack, s3: S3Client) -> None:

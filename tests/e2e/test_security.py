@@ -84,7 +84,7 @@ def test_concurrent_try_sync_waits_are_capped_per_tenant(stack: Stack, tenant: I
             return answer.status_code, time.monotonic() - started
 
         async def three() -> list[tuple[int, float]]:
-            async with httpx.AsyncClient(timeout=60) as http:
+            async with httpx.AsyncClient(timeout=180) as http:
                 return list(await asyncio.gather(*(timed(http) for _ in range(3))))
 
         answers = asyncio.run(three())

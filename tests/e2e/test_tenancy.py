@@ -222,7 +222,7 @@ def test_a_refused_or_replayed_submit_leaves_the_tenants_slots_as_they_were(stac
         return int(broker.get(slots) or 0)
 
     slow = {"prompt": PROMPT, "num_inference_steps": 50}
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=180) as client:
         assert submit(client, {"prompt": PROMPT, "width": 7}).status_code == 422
         assert submit(client, {"prompt": PROMPT}, model="no-such-model").status_code == 404
         assert client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, content=b"{").status_code == 422
@@ -254,7 +254,7 @@ def test_a_refused_or_replayed_submit_leaves_the_tenants_slots_as_they_were(stac
 
 def test_the_in_flight_cap_rejects_with_429_and_frees_slots_on_completion(stack: Stack) -> None:
     key = make_tenant(stack.engine, max_in_flight=2)
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=180) as client:
         # Each tiny-pipeline image takes ~1 s on the CPU; three submits take a few ms.
         first, second, third = (submit(client, {"prompt": PROMPT}) for _ in range(3))
         assert (first.status_code, second.status_code, third.status_code) == (201, 201, 429)
@@ -333,7 +333,7 @@ def test_idempotency_key_returns_the_original_prediction(stack: Stack, tenant: I
 
 def test_usage_is_metered_per_completed_image_at_the_tenant_price(stack: Stack) -> None:
     key = make_tenant(stack.engine, price_per_image=0.25)
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=60) as client:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": key.key}, timeout=180) as client:
         for ratio in ("1:1", "16:9"):
             assert submit(client, {"prompt": PROMPT, "aspect_ratio": ratio}, sync=True).json()["status"] == "succeeded"
         report = client.get("/v1/usage").json()
@@ -408,9 +408,9 @@ def test_cli_manages_tenants_and_keys(stack: Stack) -> None:
 
 def test_a_quiet_tenant_is_not_starved_by_a_noisy_backlog(stack: Stack) -> None:
     noisy, quiet = make_tenant(stack.engine), make_tenant(stack.engine)
-    noisy_client = httpx.Client(base_url=stack.api_url, headers={"apikey": noisy.key}, timeout=60)
+    noisy_client = httpx.Client(base_url=stack.api_url, headers={"apikey": noisy.key}, timeout=180)
     backlog = [submit(noisy_client, {"prompt": f"noisy {i}"}).json()["id"] for i in range(12)]
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": quiet.key}, timeout=60) as client:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": quiet.key}, timeout=180) as client:
         done = submit(client, {"prompt": "quiet"}, sync=True).json()
     assert done["status"] == "succeeded"
     with stack.engine.connect() as conn:

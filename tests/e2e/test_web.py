@@ -414,7 +414,7 @@ def test_keys_are_created_with_a_name_and_expiry_and_revoked(
 
 
 def test_usage_is_charted_per_day(stack: Stack, tenant: IssuedKey, desktop: Tab, shots: Path) -> None:
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=60) as http:
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": tenant.key}, timeout=180) as http:
         for prompt in ("one", "two"):
             done = http.post(
                 "/v1/predictions",

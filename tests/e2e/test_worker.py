@@ -32,7 +32,7 @@ def row(stack: Stack, prediction_id: str) -> Any:
         return conn.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().one()
 
 
-def wait_for(stack: Stack, prediction_id: str, timeout: float = 60) -> Any:
+def wait_for(stack: Stack, prediction_id: str, timeout: float = 180) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         current = row(stack, prediction_id)

@@ -69,7 +69,7 @@ def key(faults: PrivateStack) -> str:
 
 def submit(api: str, key: str, input: dict[str, Any], sync: bool = False) -> httpx.Response:
     headers = {"apikey": key, "Model": "flux-klein-4b"} | ({"Try-Sync": "true"} if sync else {})
-    return httpx.post(f"{api}/v1/predictions", headers=headers, json={"input": input}, timeout=60)
+    return httpx.post(f"{api}/v1/predictions", headers=headers, json={"input": input}, timeout=180)
 
 
 def row(faults: PrivateStack, prediction_id: str) -> Any:
