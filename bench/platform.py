@@ -40,12 +40,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    ROOT,
-    Plan,
-    busy_processes,
-    log,
-)
+from bench.common import PG_ADMIN_URL, REDIS_URL, ROOT, Plan, busy_processes, log
 from bench.figures import ThroughputFigures
 from bench.figures_sync import WaitingFigures
 from bench.loadgen import Loadgen, raise_nofile
@@ -113,11 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="Try-Sync samples through the real tiny pipeline at 1 MP (0 skips)",
     )
-    p.add_argument(
-        "--pg-admin-url",
-        default=os.environ.get("KLEIN_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-    )
-    p.add_argument("--redis-url", default=os.environ.get("KLEIN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    p.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="default: $KLEIN_BENCH_PG_ADMIN_URL or local")
+    p.add_argument("--redis-url", default=REDIS_URL, help="default: $KLEIN_BENCH_REDIS_URL or local db 14")
     p.add_argument(
         "--api-url", help="measure a running platform (figures 1-3; its KLEIN_* settings in the environment)"
     )
