@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import psutil
 import psycopg
@@ -113,7 +114,8 @@ def settings_of(env: dict[str, str]) -> Settings:
     """The platform's settings as a process started with `env` reads them (its KLEIN_* variables)."""
     from core.settings import Settings
 
-    return Settings.model_validate({k[len("KLEIN_") :].lower(): v for k, v in env.items() if k.startswith("KLEIN_")})
+    with mock.patch.dict(os.environ, env, clear=True):  # parsed by pydantic-settings, JSON values included
+        return Settings()
 
 
 def create_database(name: str, admin_url: str = PG_ADMIN_URL) -> str:

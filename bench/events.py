@@ -6,7 +6,7 @@
    idle, and how long until every stream has its `done` once all are canceled.
 2. Webhook latency: with the tiny pipeline's worker and the webhook worker running, `--webhooks` predictions
    with a webhook; from each one's `completed_at` to its arrival at a real receiver (p50/p99), beside the
-   baseline a client had before: polling the status every second (the same predictions, polled meanwhile).
+   baseline of a client polling the status every second (the same predictions, polled meanwhile).
 
 Everything runs on a throwaway stack of its own (bench/tiny_stack.py).
 """
@@ -83,11 +83,11 @@ def measure_streams(api_url: str, api_pid: int, key: str, ids: list[str]) -> dic
     result["open_s"] = time.monotonic() - started
     time.sleep(2)
     result |= {
-        "rss_before_mb": base_rss,
+        "rss_idle_mb": base_rss,
         "rss_open_mb": rss_mb(api_pid),
-        "redis_before": base_redis,
+        "redis_idle": base_redis,
         "redis_open": len(tcp_peers(api_pid, 6379)),
-        "pg_before": base_pg,
+        "pg_idle": base_pg,
         "pg_open": len(tcp_peers(api_pid, 5432)),
     }
     cpu = process_cpu([api_pid])
@@ -176,17 +176,17 @@ def main() -> None:
         with httpx.Client(base_url=api_url, headers={"apikey": key, "Model": "flux-klein-4b"}) as http:
             ids = [http.post("/v1/predictions", json={"input": INPUT}).json()["id"] for _ in range(args.streams)]
         streams = measure_streams(api_url, stack.api_pid, key, ids)
-        per_stream_kb = (streams["rss_open_mb"] - streams["rss_before_mb"]) * 1024 / args.streams
+        per_stream_kb = (streams["rss_open_mb"] - streams["rss_idle_mb"]) * 1024 / args.streams
         log("starting the tiny pipeline's worker and the webhook worker")
         stack.worker("events-worker")
         stack.webhook_worker()
         hooks = measure_webhooks(api_url, key, args.webhooks)
     cores = os.cpu_count()
     print(f"\nEvents, one API process, this machine ({cores} cores); client, API and services share it.\n")
-    print(f"{'':44}{'before':>12}{f'{args.streams} streams':>16}")
-    print(f"{'API connections to Redis':44}{streams['redis_before']:>12.0f}{streams['redis_open']:>16.0f}")
-    print(f"{'API connections to PostgreSQL':44}{streams['pg_before']:>12.0f}{streams['pg_open']:>16.0f}")
-    print(f"{'API RSS (MB)':44}{fmt(streams['rss_before_mb']):>12}{fmt(streams['rss_open_mb']):>16}")
+    print(f"{'':44}{'idle':>12}{f'{args.streams} streams':>16}")
+    print(f"{'API connections to Redis':44}{streams['redis_idle']:>12.0f}{streams['redis_open']:>16.0f}")
+    print(f"{'API connections to PostgreSQL':44}{streams['pg_idle']:>12.0f}{streams['pg_open']:>16.0f}")
+    print(f"{'API RSS (MB)':44}{fmt(streams['rss_idle_mb']):>12}{fmt(streams['rss_open_mb']):>16}")
     print(f"{'RSS per open stream (KB)':44}{'':>12}{fmt(per_stream_kb):>16}")
     print(f"{'API CPU while they idle (% of a core)':44}{'':>12}{fmt(streams['idle_cpu_pct']):>16}")
     print(f"{'seconds to open them all':44}{'':>12}{fmt(streams['open_s']):>16}")
