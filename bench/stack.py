@@ -39,8 +39,6 @@ class Stack(StackState):
         self.floor_list = f"bench:{self.run}:floor-queue"
 
     def start(self) -> Stack:
-        if self.external:
-            return self._attach()
         self._check_services()
         if self.plan.sync_real_samples and 2 in self.plan.figures:
             self.tiny_dir = self.workdir / "tiny-klein"
@@ -86,53 +84,7 @@ class Stack(StackState):
         self.database_url = create_database(self.database, self.pg_admin_url)
         self._create_tenant()
 
-    def _attach(self) -> Stack:
-        """Use the running platform that KLEIN_* describe (and that answers at api_url): only a tenant is added."""
-        from core.settings import Settings
-
-        settings = Settings()
-        self.database, self.database_url = "", settings.database_url
-        self.redis_url, self.queue = settings.redis_url, settings.queue_name
-        with psycopg.connect(self.database_url, connect_timeout=5):
-            pass
-        self.env = os.environ | {
-            "KLEIN_DATABASE_URL": self.database_url,
-            "KLEIN_REDIS_URL": self.redis_url,
-            "BENCH_NOOP_QUEUE": self.noop_queue,
-            "BENCH_FLOOR_LIST": self.floor_list,
-            "PYTHONUNBUFFERED": "1",
-        }
-        self._create_tenant()
-        self.env["BENCH_FLOOR_TENANT_ID"] = self.tenant_id
-        self.floor, self.floor_url = self._start_floor()
-        return self
-
-    def _detach(self) -> None:
-        """Remove what the benchmark added to a running platform: its tenant (cascading) and its Redis keys.
-
-        Predictions it submitted that workers have not taken yet are skipped by them (their row is gone).
-        """
-        with contextlib.suppress(Exception), psycopg.connect(self.database_url, autocommit=True) as conn:
-            if self.tenant_id:
-                conn.execute("DELETE FROM tenants WHERE id = %s", (self.tenant_id,))
-        with contextlib.suppress(Exception):
-            r = redis.Redis.from_url(self.redis_url)
-            patterns = (f"bench:{self.run}:*", f"{self.noop_queue}*", f"_kombu.binding*.{self.noop_queue}")
-            for pattern in (*patterns, f"{self.queue}:{{{self.tenant_id}}}:*"):
-                keys = list(r.scan_iter(match=pattern, count=1000))
-                if keys:
-                    r.delete(*keys)
-            r.close()
-
     def stop(self) -> None:
-        if self.external:
-            for service in [*self.workers, self.floor]:
-                if service is not None:
-                    with contextlib.suppress(Exception):
-                        service.stop()
-            self.workers.clear()
-            self._detach()
-            return
         for service in [*self.workers, self.api, self.floor]:
             if service is not None:
                 with contextlib.suppress(Exception):
