@@ -1,24 +1,34 @@
-"""What the platform benchmark's parts share: the plan, figures' arithmetic, processes and their CPU."""
+"""What the benchmarks share: where PostgreSQL and Redis are, settings and tenants of a benchmark stack, the
+platform benchmark's plan, figures' arithmetic, processes and their CPU."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import psutil
 import psycopg
 
 from bench.loadgen import percentile
-from ops.embedded import Service, start_api, start_worker
+from ops.embedded import Service, start_api
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from core.tenants import IssuedKey
 
 ROOT = Path(__file__).resolve().parent.parent
+# The machine's PostgreSQL (each benchmark makes a fresh database on it) and Redis (each a queue of its own).
+PG_ADMIN_URL = os.environ.get("KLEIN_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("KLEIN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 MODEL = "flux-klein-4b"
 SUBMIT_BODY = json.dumps({"input": {"prompt": "A serene mountain landscape at dawn", "aspect_ratio": "16:9"}})
 SYNC_BODY = json.dumps({"input": {"prompt": "a red fox in snow", "output_format": "jpg"}})
@@ -100,9 +110,45 @@ def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if value != value else f"{value:,.{digits}f}"
 
 
-def start_celery(app: str, env: dict[str, str], log_path: Path, name: str, queue: str) -> Service:
-    """A Celery worker of another app module (ops.embedded.start_worker)."""
-    return start_worker(env, log_path, name, app=app, queue=queue)
+def settings_of(env: dict[str, str]) -> Settings:
+    """The platform's settings as a process started with `env` reads them (its KLEIN_* variables)."""
+    from core.settings import Settings
+
+    with mock.patch.dict(os.environ, env, clear=True):  # parsed by pydantic-settings, JSON values included
+        return Settings()
+
+
+def create_database(name: str, admin_url: str = PG_ADMIN_URL) -> str:
+    """A fresh database `name` beside the admin URL's, with the platform's schema (ops.migrate); its URL."""
+    from core.settings import Settings
+    from ops.migrate import migrate
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    migrate(Settings(database_url=url).sync_database_url)
+    return url
+
+
+def drop_database(name: str, admin_url: str = PG_ADMIN_URL) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_tenant_key(database_url: str, name: str, **limits: Any) -> IssuedKey:
+    """A new tenant (limits as in core.tenants.create_tenant) and an API key of it."""
+    from core import tenants
+    from core.db import make_sync_engine
+    from core.settings import Settings
+
+    tenant_id, create = tenants.create_tenant(name, **limits)
+    issued, issue = tenants.issue_key(tenant_id, "bench")
+    engine = make_sync_engine(Settings(database_url=database_url))
+    with engine.begin() as conn:
+        conn.execute(create)
+        conn.execute(issue)
+    engine.dispose()
+    return issued
 
 
 def connect_retrying(url: str, timeout: float = 120.0) -> psycopg.Connection[Any]:

@@ -6,9 +6,9 @@
    idle, and how long until every stream has its `done` once all are canceled.
 2. Webhook latency: with the tiny pipeline's worker and the webhook worker running, `--webhooks` predictions
    with a webhook; from each one's `completed_at` to its arrival at a real receiver (p50/p99), beside the
-   baseline a client had before: polling the status every second (the same predictions, polled meanwhile).
+   baseline of a client polling the status every second (the same predictions, polled meanwhile).
 
-Everything runs here on fresh databases and queues (PostgreSQL and Redis as the tests use them).
+Everything runs on a throwaway stack of its own (bench/tiny_stack.py).
 """
 
 from __future__ import annotations
@@ -18,32 +18,19 @@ import asyncio
 import os
 import secrets
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 import psutil
-import psycopg
 from httpx_sse import aconnect_sse
 
 from bench.common import fmt, log, process_cpu, tcp_peers
-from core import tenants
-from core.db import make_sync_engine
-from core.settings import Settings
-from core.storage import ensure_bucket, make_s3_client
-from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
-from ops.migrate import migrate
+from bench.tiny_stack import tiny_stack
 
-PG_ADMIN = os.environ.get("KLEIN_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("KLEIN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 RECEIVER_HOST = "127.0.0.2"
 INPUT = {"prompt": "a lighthouse at dusk", "aspect_ratio": "1:1", "num_inference_steps": 4}
 
@@ -96,11 +83,11 @@ def measure_streams(api_url: str, api_pid: int, key: str, ids: list[str]) -> dic
     result["open_s"] = time.monotonic() - started
     time.sleep(2)
     result |= {
-        "rss_before_mb": base_rss,
+        "rss_idle_mb": base_rss,
         "rss_open_mb": rss_mb(api_pid),
-        "redis_before": base_redis,
+        "redis_idle": base_redis,
         "redis_open": len(tcp_peers(api_pid, 6379)),
-        "pg_before": base_pg,
+        "pg_idle": base_pg,
         "pg_open": len(tcp_peers(api_pid, 5432)),
     }
     cpu = process_cpu([api_pid])
@@ -175,82 +162,31 @@ def measure_webhooks(api_url: str, key: str, count: int) -> dict[str, float]:
     }
 
 
-def _s3_settings(s3: SeaweedS3) -> dict[str, Any]:
-    return {
-        "s3_endpoint_url": s3.endpoint_url,
-        "s3_bucket": "klein-bench",
-        "s3_access_key_id": s3.access_key,
-        "s3_secret_access_key": s3.secret_key,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--webhooks", type=int, default=200)
     args = parser.parse_args()
-    run = secrets.token_hex(4)
-    database = f"klein_bench_events_{run}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    database_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{database}"
-    workdir = Path(tempfile.mkdtemp(prefix="bench-events-"))
-    s3 = SeaweedS3(workdir / "s3").start()
-    tiny = workdir / "tiny"
-    subprocess.run([sys.executable, "-m", "ops.cli", "build-tiny", str(tiny)], check=True, capture_output=True)
-    env = os.environ | {
-        "KLEIN_DATABASE_URL": database_url,
-        "KLEIN_REDIS_URL": REDIS_URL,
-        "KLEIN_QUEUE_NAME": f"klein-bench-events-{run}",
-        "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
-        "KLEIN_S3_BUCKET": "klein-bench",
-        "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
-        "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
-        "KLEIN_MODEL_PATH": str(tiny),
-        "KLEIN_WORKER_METRICS_PORT": "0",
-        "KLEIN_WEBHOOK_METRICS_PORT": "0",
-        "KLEIN_DEVICE": "cpu",
-        "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
-        "KLEIN_FETCH_ALLOWLIST": f'["{RECEIVER_HOST}/32"]',
-        "KLEIN_MAX_STREAMS_PER_TENANT": "100000",
-        "HF_HUB_OFFLINE": "1",
-    }
-    migrate(Settings(database_url=database_url).sync_database_url)
-    engine = make_sync_engine(Settings(database_url=database_url))
-    tenant_id, create = tenants.create_tenant("bench", rate_limit_per_minute=1_000_000, max_in_flight=100_000)
-    issued, issue = tenants.issue_key(tenant_id, "bench")
-    with engine.begin() as conn:
-        conn.execute(create)
-        conn.execute(issue)
-    settings = Settings(database_url=database_url, **_s3_settings(s3))
-    ensure_bucket(make_s3_client(settings), "klein-bench")  # the API is ready only with its bucket there
-    services: list[Service] = []
-    try:
-        api, api_url = start_api(env, workdir / "api.log")
-        services.append(api)
-        assert api.process is not None
+    receiver = {"KLEIN_URL_SIGNING_KEY": secrets.token_hex(16), "KLEIN_FETCH_ALLOWLIST": f'["{RECEIVER_HOST}/32"]'}
+    with tiny_stack("events", KLEIN_MAX_STREAMS_PER_TENANT="100000", **receiver) as stack:
+        api_url = stack.api()
+        assert stack.api_pid is not None
+        key = stack.key(rate_limit_per_minute=1_000_000, max_in_flight=100_000)
         log(f"queueing {args.streams} predictions (no GPU worker yet) and opening a stream on each")
-        with httpx.Client(base_url=api_url, headers={"apikey": issued.key, "Model": "flux-klein-4b"}) as http:
+        with httpx.Client(base_url=api_url, headers={"apikey": key, "Model": "flux-klein-4b"}) as http:
             ids = [http.post("/v1/predictions", json={"input": INPUT}).json()["id"] for _ in range(args.streams)]
-        streams = measure_streams(api_url, api.process.pid, issued.key, ids)
-        per_stream_kb = (streams["rss_open_mb"] - streams["rss_before_mb"]) * 1024 / args.streams
+        streams = measure_streams(api_url, stack.api_pid, key, ids)
+        per_stream_kb = (streams["rss_open_mb"] - streams["rss_idle_mb"]) * 1024 / args.streams
         log("starting the tiny pipeline's worker and the webhook worker")
-        services.append(start_worker(env, workdir / "worker.log"))
-        services.append(start_webhook_worker(env, workdir / "webhooks.log"))
-        hooks = measure_webhooks(api_url, issued.key, args.webhooks)
-    finally:
-        for service in reversed(services):
-            service.stop()
-        s3.stop()
-        engine.dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        stack.worker("events-worker")
+        stack.webhook_worker()
+        hooks = measure_webhooks(api_url, key, args.webhooks)
     cores = os.cpu_count()
     print(f"\nEvents, one API process, this machine ({cores} cores); client, API and services share it.\n")
-    print(f"{'':44}{'before':>12}{f'{args.streams} streams':>16}")
-    print(f"{'API connections to Redis':44}{streams['redis_before']:>12.0f}{streams['redis_open']:>16.0f}")
-    print(f"{'API connections to PostgreSQL':44}{streams['pg_before']:>12.0f}{streams['pg_open']:>16.0f}")
-    print(f"{'API RSS (MB)':44}{fmt(streams['rss_before_mb']):>12}{fmt(streams['rss_open_mb']):>16}")
+    print(f"{'':44}{'idle':>12}{f'{args.streams} streams':>16}")
+    print(f"{'API connections to Redis':44}{streams['redis_idle']:>12.0f}{streams['redis_open']:>16.0f}")
+    print(f"{'API connections to PostgreSQL':44}{streams['pg_idle']:>12.0f}{streams['pg_open']:>16.0f}")
+    print(f"{'API RSS (MB)':44}{fmt(streams['rss_idle_mb']):>12}{fmt(streams['rss_open_mb']):>16}")
     print(f"{'RSS per open stream (KB)':44}{'':>12}{fmt(per_stream_kb):>16}")
     print(f"{'API CPU while they idle (% of a core)':44}{'':>12}{fmt(streams['idle_cpu_pct']):>16}")
     print(f"{'seconds to open them all':44}{'':>12}{fmt(streams['open_s']):>16}")

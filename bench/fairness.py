@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import redis
 
-from bench.tiny_stack import REDIS_URL, tiny_stack
+from bench.tiny_stack import tiny_stack
 
 
 def _submit(api: str, key: str, prompt: str, sync: bool, loras: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -67,9 +67,9 @@ def main() -> int:
         backlog = [_submit(api, noisy, f"noisy {i}", sync=False, loras=loras)["id"] for i in range(args.backlog)]
         if args.lora:  # a few images with nothing more urgent queued: the worker takes the next ones by their LoRA
             time.sleep(3 * statistics.median(inference) / 1000)
-        queue_depth = [redis.Redis.from_url(REDIS_URL).scard(f"{settings.queue_name}:queued")]
+        queue_depth = [redis.Redis.from_url(settings.redis_url).scard(f"{settings.queue_name}:queued")]
         busy_waits, _ = _quiet_waits(api, quiet, args.samples)
-        queue_depth.append(redis.Redis.from_url(REDIS_URL).scard(f"{settings.queue_name}:queued"))
+        queue_depth.append(redis.Redis.from_url(settings.redis_url).scard(f"{settings.queue_name}:queued"))
         ahead = 0  # noisy predictions a worker with their LoRA loaded took before their turn
         for prediction_id in backlog:
             ended = httpx.post(f"{api}/v1/predictions/{prediction_id}/cancel", headers={"apikey": noisy}).json()

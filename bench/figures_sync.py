@@ -104,22 +104,18 @@ class WaitingFigures(BenchBase):
         plan, s = self.plan, self.stack
         log("2. Try-Sync overhead: client latency − (inference + encode + upload) vs a bare Celery no-op round trip")
         log("  each variant in alternating blocks with the no-op, which runs first and last")
-        if not s.external:
-            s.reset()
-            s.open_gate()  # stub workers run freely here
+        s.reset()
+        s.open_gate()  # stub workers run freely here
         noop_worker = s.start_noop_worker()
         variants: dict[str, dict[str, Any]] = {}
-        if s.external:
-            variants["the running platform's workers"] = self.try_sync_alternating(plan.sync_stub_samples, 2)
-        elif plan.sync_real_samples:
+        if plan.sync_real_samples:
             for stub in list(s.stubs):
                 s.stop_worker(stub)
             worker = s.start_real_worker()
             variants["tiny pipeline 1 MP, real worker"] = self.try_sync_alternating(plan.sync_real_samples, 2)
             s.stop_worker(worker)
-        if not s.external:
-            s.ensure_stubs(1)
-            variants["stub pipeline, real worker task"] = self.try_sync_alternating(plan.sync_stub_samples, 5)
+        s.ensure_stubs(1)
+        variants["stub pipeline, real worker task"] = self.try_sync_alternating(plan.sync_stub_samples, 5)
         s.stop_worker(noop_worker)
         self.results["2_try_sync"] = {"variants": variants}
         for name, v in variants.items():

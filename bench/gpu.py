@@ -33,10 +33,9 @@ if not __package__:  # `python bench/gpu.py`: the repository on the path instead
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench.flops import PEAK_TFLOPS, SCENARIOS, Scenario, ScenarioFlops
-from bench.gpu_fp8 import emulate_fp8, fp8_difference, numerical_difference, relative_error  # noqa: F401
-from bench.gpu_measure import PROMPT, Result, environment, reference_images, results_table, run_scenario  # noqa: F401
-from bench.gpu_variant import (  # noqa: F401 - the benchmark's pieces, importable from here
-    BASELINE,
+from bench.gpu_fp8 import fp8_difference
+from bench.gpu_measure import Result, environment, results_table
+from bench.gpu_variant import (
     CORE,
     ENV,
     Variant,
@@ -47,7 +46,6 @@ from bench.gpu_variant import (  # noqa: F401 - the benchmark's pieces, importab
     source_name,
     variants,
 )
-from bench.real_model import build_real_pipeline  # noqa: F401
 
 COMPARE_SCENARIOS = "t2i-1024,t2i-512,edit-1024,batch4-512"  # --compare's default: 4 shapes fit the budget
 

@@ -40,12 +40,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import (
-    ROOT,
-    Plan,
-    busy_processes,
-    log,
-)
+from bench.common import PG_ADMIN_URL, REDIS_URL, ROOT, Plan, busy_processes, log
 from bench.figures import ThroughputFigures
 from bench.figures_sync import WaitingFigures
 from bench.loadgen import Loadgen, raise_nofile
@@ -113,15 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="Try-Sync samples through the real tiny pipeline at 1 MP (0 skips)",
     )
-    p.add_argument(
-        "--pg-admin-url",
-        default=os.environ.get("KLEIN_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-    )
-    p.add_argument("--redis-url", default=os.environ.get("KLEIN_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
-    p.add_argument(
-        "--api-url", help="measure a running platform (figures 1-3; its KLEIN_* settings in the environment)"
-    )
-    p.add_argument("--api-pid", type=int, help="with --api-url: the API's process id, for --profile")
+    p.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="default: $KLEIN_BENCH_PG_ADMIN_URL or local")
+    p.add_argument("--redis-url", default=REDIS_URL, help="default: $KLEIN_BENCH_REDIS_URL or local db 14")
     p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the services' logs here")
     return p.parse_args(argv)
 
@@ -149,22 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="klein-bench-"))
     stack = Stack(plan, args.pg_admin_url, args.redis_url, workdir)
-    if args.api_url:
-        stack.external, stack.api_url, stack.external_api_pid = True, args.api_url.rstrip("/"), args.api_pid
-        skipped = sorted(plan.figures - {1, 2, 3})
-        plan.figures &= {1, 2, 3}
-        if skipped:
-            log(
-                f"figures {skipped} need a stack of the benchmark's own (they stop workers and fill the queue): skipped"
-            )
-        log("the predictions it submits are real: the platform's workers will render those they reach first")
     bench = Bench(plan, stack, loadgen, args.profile)
     timings: dict[str, float] = {}
     failures: list[str] = []
     try:
         stack.start()
         log(
-            f"{'attached to the running' if stack.external else 'stack up:'} API {stack.api_url}, floor "
+            f"stack up: API {stack.api_url}, floor "
             f"{stack.floor_url}, database {stack.database_url.rsplit('/', 1)[-1]}, queue {stack.queue} on "
             f"{stack.redis_url}, logs {workdir}"
         )

@@ -1,12 +1,12 @@
 """What the exact rate limit costs Redis: `python -m bench.rate_limit [--calls N]`.
 
-Runs a submit's admission both ways on the machine's Redis (db 14), from one connection, pipelined
-`--depth` deep as the API's multiplexed connection sends it under load, and prints Redis's own CPU
-per admission (INFO commandstats) and the client's wall time side by side:
+Runs a submit's admission on the machine's Redis (db 14 unless `--redis-url`), from one connection, pipelined
+`--depth` deep as the API sends concurrent requests' commands under load, and prints Redis's own CPU per
+admission (INFO commandstats) and the client's wall time, beside a floor:
 
-- before: the sliding-window counter the API used until 2026-12 (INCR, PEXPIRE, GET of the previous
-  minute, INCR of the slot; a refusal's undo is not counted), inexact across a minute boundary;
-- after: core.quota.ADMIT_LUA, GCRA per key and per tenant and the slot, one script with Redis's TIME.
+- GCRA: core.quota.ADMIT_LUA, GCRA per key and per tenant and the in-flight slot, one script on Redis's clock;
+- counter (the floor): the plain commands of a per-minute counter and a slot (INCR, PEXPIRE, GET of the
+  previous minute, INCR), which cannot be exact across a minute boundary nor hold a tenant-wide limit.
 Nothing is asserted.
 """
 
@@ -58,7 +58,7 @@ def main() -> None:
     admit(keys=["a", "b", "c", "d"], args=[0, 0, 0, 1000])  # loaded: EVALSHA from here on
     tenants = [f"t{i}" for i in range(50)]
 
-    def before(pipe: redis.client.Pipeline, i: int) -> None:
+    def counter(pipe: redis.client.Pipeline, i: int) -> None:
         tenant = tenants[i % len(tenants)]
         window = int(time.time() * 1000) // quota.WINDOW_MS
         base = f"{namespace}:{{{tenant}}}:rate:k"
@@ -67,18 +67,18 @@ def main() -> None:
         pipe.get(f"{base}:{window - 1}")
         pipe.incr(quota.in_flight_key(namespace, tenant))
 
-    def after(pipe: redis.client.Pipeline, i: int) -> None:
+    def gcra(pipe: redis.client.Pipeline, i: int) -> None:
         tenant = tenants[i % len(tenants)]
         keys = [*quota.rate_keys(namespace, tenant, "k"), quota.in_flight_key(namespace, tenant)]
         keys.append(quota.admission_key(namespace, tenant, secrets.token_hex(8)))
         admit(keys=keys, args=[10**6, 10**6, 10**9, quota.ADMISSION_TOKEN_TTL_MS], client=pipe)
 
     print(f"{args.calls} admissions, {len(tenants)} tenants, pipelined {args.depth} deep")
-    print(f"{'round':<8}{'before: Redis µs':>18}{'after: Redis µs':>18}{'before: wall µs':>18}{'after: wall µs':>18}")
+    print(f"{'round':<8}{'GCRA: Redis µs':>18}{'counter: Redis µs':>20}{'GCRA: wall µs':>18}{'counter: wall µs':>20}")
     for round_ in (1, 2):
-        old = run(client, args.calls, args.depth, before)
-        new = run(client, args.calls, args.depth, after)
-        print(f"{round_:<8}{old[0]:>18.1f}{new[0]:>18.1f}{old[1]:>18.1f}{new[1]:>18.1f}")
+        floor = run(client, args.calls, args.depth, counter)
+        ours = run(client, args.calls, args.depth, gcra)
+        print(f"{round_:<8}{ours[0]:>18.1f}{floor[0]:>20.1f}{ours[1]:>18.1f}{floor[1]:>20.1f}")
     for key in client.scan_iter(f"{namespace}:*", count=1000):
         client.delete(key)
 

@@ -16,8 +16,11 @@ import redis
 from bench.common import (
     HIGH,
     ROOT,
+    create_database,
+    create_tenant_key,
+    drop_database,
+    settings_of,
     start_api_logged,
-    start_celery,
 )
 from bench.stack_state import StackState
 from ops.embedded import SeaweedS3, Service, free_port, start_worker, wait_until
@@ -36,8 +39,6 @@ class Stack(StackState):
         self.floor_list = f"bench:{self.run}:floor-queue"
 
     def start(self) -> Stack:
-        if self.external:
-            return self._attach()
         self._check_services()
         if self.plan.sync_real_samples and 2 in self.plan.figures:
             self.tiny_dir = self.workdir / "tiny-klein"
@@ -80,59 +81,10 @@ class Stack(StackState):
     def create_database(self) -> None:
         """A fresh database with the platform's schema, and the benchmark's tenant and key in it."""
         self.database = f"klein_bench_{self.run}"
-        with psycopg.connect(self.pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.database}"')
-        self.database_url = self.pg_admin_url.rsplit("/", 1)[0] + f"/{self.database}"
-        self._migrate()
+        self.database_url = create_database(self.database, self.pg_admin_url)
         self._create_tenant()
-
-    def _attach(self) -> Stack:
-        """Use the running platform that KLEIN_* describe (and that answers at api_url): only a tenant is added."""
-        from core.settings import Settings
-
-        settings = Settings()
-        self.database, self.database_url = "", settings.database_url
-        self.redis_url, self.queue = settings.redis_url, settings.queue_name
-        with psycopg.connect(self.database_url, connect_timeout=5):
-            pass
-        self.env = os.environ | {
-            "KLEIN_DATABASE_URL": self.database_url,
-            "KLEIN_REDIS_URL": self.redis_url,
-            "BENCH_NOOP_QUEUE": self.noop_queue,
-            "BENCH_FLOOR_LIST": self.floor_list,
-            "PYTHONUNBUFFERED": "1",
-        }
-        self._create_tenant()
-        self.env["BENCH_FLOOR_TENANT_ID"] = self.tenant_id
-        self.floor, self.floor_url = self._start_floor()
-        return self
-
-    def _detach(self) -> None:
-        """Remove what the benchmark added to a running platform: its tenant (cascading) and its Redis keys.
-
-        Predictions it submitted that workers have not taken yet are skipped by them (their row is gone).
-        """
-        with contextlib.suppress(Exception), psycopg.connect(self.database_url, autocommit=True) as conn:
-            if self.tenant_id:
-                conn.execute("DELETE FROM tenants WHERE id = %s", (self.tenant_id,))
-        with contextlib.suppress(Exception):
-            r = redis.Redis.from_url(self.redis_url)
-            patterns = (f"bench:{self.run}:*", f"{self.noop_queue}*", f"_kombu.binding*.{self.noop_queue}")
-            for pattern in (*patterns, f"{self.queue}:{{{self.tenant_id}}}:*"):
-                keys = list(r.scan_iter(match=pattern, count=1000))
-                if keys:
-                    r.delete(*keys)
-            r.close()
 
     def stop(self) -> None:
-        if self.external:
-            for service in [*self.workers, self.floor]:
-                if service is not None:
-                    with contextlib.suppress(Exception):
-                        service.stop()
-            self.workers.clear()
-            self._detach()
-            return
         for service in [*self.workers, self.api, self.floor]:
             if service is not None:
                 with contextlib.suppress(Exception):
@@ -145,8 +97,8 @@ class Stack(StackState):
         if self._db is not None:
             self._db.close()
         if self.database:
-            with contextlib.suppress(Exception), psycopg.connect(self.pg_admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            with contextlib.suppress(Exception):
+                drop_database(self.database, self.pg_admin_url)
         with contextlib.suppress(Exception):
             r = redis.Redis.from_url(self.redis_url)
             for pattern in (
@@ -173,39 +125,17 @@ class Stack(StackState):
         except redis.RedisError as exc:
             raise SystemExit(f"Redis unreachable at {self.redis_url}: {exc}") from exc
 
-    def _migrate(self) -> None:
-        from alembic import command
-        from alembic.config import Config
-
-        from core.settings import Settings
-
-        config = Config(toml_file=str(ROOT / "pyproject.toml"))
-        config.set_main_option("sqlalchemy.url", Settings(database_url=self.database_url).sync_database_url)
-        command.upgrade(config, "head")
-
     def _create_tenant(self) -> None:
-        from sqlalchemy import create_engine
-
-        from core import tenants
-        from core.settings import Settings
-
-        tenant_id, create = tenants.create_tenant(f"bench-{self.run}", rate_limit_per_minute=HIGH, max_in_flight=HIGH)
-        issued, issue = tenants.issue_key(tenant_id, "bench")
-        engine = create_engine(Settings(database_url=self.database_url).sync_database_url)
-        with engine.begin() as conn:
-            conn.execute(create)
-            conn.execute(issue)
-        engine.dispose()
-        self.tenant_id, self.key_id, self.key = tenant_id, issued.key_id, issued.key
+        issued = create_tenant_key(
+            self.database_url, f"bench-{self.run}", rate_limit_per_minute=HIGH, max_in_flight=HIGH
+        )
+        self.tenant_id, self.key_id, self.key = issued.tenant_id, issued.key_id, issued.key
 
     def _create_bucket(self) -> None:
         """The API's readiness probe wants the bucket, which workers create at start: we start the API first."""
-        from core.settings import Settings
         from core.storage import ensure_bucket, make_s3_client
 
-        settings = Settings.model_validate(
-            {k[len("KLEIN_") :].lower(): v for k, v in self.env.items() if k.startswith("KLEIN_")}
-        )
+        settings = settings_of(self.env)
         ensure_bucket(make_s3_client(settings), settings.s3_bucket)
 
     def _start_floor(self) -> tuple[Service, str]:
@@ -246,7 +176,7 @@ class Stack(StackState):
         while len(self.stubs) < count:
             name = f"bench-stub{len(self.stubs)}-{self.run}"
             log_path = self.workdir / f"{name}.log"
-            stub = start_celery("bench.stub_worker", self.env | (env or {}), log_path, name, self.queue)
+            stub = start_worker(self.env | (env or {}), log_path, name, app="bench.stub_worker", queue=self.queue)
             self.stubs.append(stub)
             self.workers.append(stub)
         return self.stubs
@@ -270,7 +200,8 @@ class Stack(StackState):
 
     def start_noop_worker(self) -> Service:
         name = f"bench-noop-{self.run}"
-        worker = start_celery("bench.noop:noop_app", self.env, self.workdir / f"{name}.log", name, self.noop_queue)
+        log_path = self.workdir / f"{name}.log"
+        worker = start_worker(self.env, log_path, name, app="bench.noop:noop_app", queue=self.noop_queue)
         self.workers.append(worker)
         return worker
 

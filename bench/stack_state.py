@@ -56,16 +56,12 @@ class StackFields:
     gate: str = ""
     noop_queue: str = ""
     floor_list: str = ""
-    external_api_pid: int | None = None  # with external: a platform already running (its settings in KLEIN_*)
-    external: bool = False
     _db: psycopg.Connection[Any] | None = None
     _db_backend: int | None = None
 
     @property
     def api_pid(self) -> int | None:
-        if self.api is not None and self.api.process is not None:
-            return self.api.process.pid
-        return self.external_api_pid
+        return self.api.process.pid if self.api is not None and self.api.process is not None else None
 
 
 class StackState(StackFields):

@@ -1,7 +1,7 @@
-"""A throwaway stack for the benchmarks that run the real worker on the tiny pipeline (fairness, batching).
+"""A throwaway stack for the benchmarks that run the real worker on the tiny pipeline (fairness, batching, events).
 
-The machine's PostgreSQL (a fresh database) and Redis (db 12, a unique queue), SeaweedFS for storage; the
-API and workers are started by the caller with `env`. Everything is removed on exit.
+The machine's PostgreSQL (a fresh database) and Redis (a queue of its own), SeaweedFS for storage; the API and
+workers are started by the caller with `env`. Everything is removed on exit.
 """
 
 from __future__ import annotations
@@ -15,17 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from core import tenants
-from core.db import make_sync_engine
+from bench.common import REDIS_URL, create_database, create_tenant_key, drop_database, settings_of
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client
-from ops.embedded import SeaweedS3, Service, start_api, start_worker
-from ops.migrate import migrate
-
-PG_ADMIN_URL = os.environ.get("KLEIN_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = "redis://127.0.0.1:6379/12"
+from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
 
 
 @dataclass
@@ -34,63 +27,66 @@ class TinyStack:
     env: dict[str, str]
     settings: Settings
     services: list[Service] = field(default_factory=list)
+    api_pid: int | None = None
 
     def worker(self, name: str, **env: str) -> Service:
         service = start_worker(self.env | env, self.root / f"{name}.log", name)
         self.services.append(service)
         return service
 
+    def webhook_worker(self) -> Service:
+        service = start_webhook_worker(self.env, self.root / "webhooks.log")
+        self.services.append(service)
+        return service
+
     def api(self) -> str:
         service, url = start_api(self.env, self.root / "api.log")
         self.services.append(service)
+        self.api_pid = service.process.pid if service.process is not None else None
         return url
 
     def key(self, **limits: Any) -> str:
         """A new tenant's key; limits as in core.tenants."""
-        tenant_id, create = tenants.create_tenant(f"bench-{secrets.token_hex(4)}", **limits)
-        issued, issue = tenants.issue_key(tenant_id)
-        engine = make_sync_engine(self.settings)
-        with engine.begin() as conn:
-            conn.execute(create)
-            conn.execute(issue)
-        engine.dispose()
-        return issued.key
+        return create_tenant_key(self.settings.database_url, f"bench-{secrets.token_hex(4)}", **limits).key
 
 
 @contextlib.contextmanager
-def tiny_stack(name: str) -> Iterator[TinyStack]:
+def tiny_stack(name: str, **env: str) -> Iterator[TinyStack]:
+    """The stack, its processes started with the platform's KLEIN_* settings for it and `env` on top."""
     from models.tiny import save_tiny_pipeline
 
     run = secrets.token_hex(4)
     root = Path(tempfile.mkdtemp(prefix=f"klein-{name}-"))
     database = f"klein_{name}_{run}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
+    database_url = create_database(database)
     s3 = SeaweedS3(root / "s3").start()
     stack: TinyStack | None = None
     try:
-        env = os.environ | {
-            "KLEIN_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}",
-            "KLEIN_REDIS_URL": REDIS_URL,
-            "KLEIN_QUEUE_NAME": f"{name}-{run}",
-            "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
-            "KLEIN_S3_BUCKET": name,
-            "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
-            "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
-            "KLEIN_MODEL_PATH": str(save_tiny_pipeline(root / "tiny")),
-            "KLEIN_DEVICE": "cpu",
-            "KLEIN_TRY_SYNC_TIMEOUT_S": "300",
-            "KLEIN_WORKER_METRICS_PORT": "0",
-            "HF_HUB_OFFLINE": "1",
-        }
-        settings = Settings.model_validate({k[6:].lower(): v for k, v in env.items() if k.startswith("KLEIN_")})
-        migrate(settings.sync_database_url)
+        full_env = (
+            os.environ
+            | {
+                "KLEIN_DATABASE_URL": database_url,
+                "KLEIN_REDIS_URL": REDIS_URL,
+                "KLEIN_QUEUE_NAME": f"{name}-{run}",
+                "KLEIN_S3_ENDPOINT_URL": s3.endpoint_url,
+                "KLEIN_S3_BUCKET": name,
+                "KLEIN_S3_ACCESS_KEY_ID": s3.access_key,
+                "KLEIN_S3_SECRET_ACCESS_KEY": s3.secret_key,
+                "KLEIN_MODEL_PATH": str(save_tiny_pipeline(root / "tiny")),
+                "KLEIN_DEVICE": "cpu",
+                "KLEIN_TRY_SYNC_TIMEOUT_S": "300",
+                "KLEIN_WORKER_METRICS_PORT": "0",
+                "KLEIN_WEBHOOK_METRICS_PORT": "0",
+                "HF_HUB_OFFLINE": "1",
+            }
+            | env
+        )
+        settings = settings_of(full_env)
         ensure_bucket(make_s3_client(settings), settings.s3_bucket)  # the API is ready once it exists
-        stack = TinyStack(root, env, settings)
+        stack = TinyStack(root, full_env, settings)
         yield stack
     finally:
         for service in reversed(stack.services if stack else []):
             service.stop()
         s3.stop()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        drop_database(database)

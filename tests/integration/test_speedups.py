@@ -361,7 +361,7 @@ def test_flop_counter_scales_with_tokens_and_pixels() -> None:
 def test_real_pipeline_builds_on_meta() -> None:
     import torch
 
-    from bench.gpu import build_real_pipeline
+    from bench.real_model import build_real_pipeline
 
     pipe = build_real_pipeline("meta", torch.bfloat16)
     assert pipe.transformer.config.num_single_layers == 20 and pipe.text_encoder.config.num_hidden_layers == 36
@@ -370,7 +370,7 @@ def test_real_pipeline_builds_on_meta() -> None:
 
 
 def test_fp8_numerical_difference_path_runs_on_cpu() -> None:
-    from bench.gpu import emulate_fp8, numerical_difference
+    from bench.gpu_fp8 import emulate_fp8, numerical_difference
 
     klein = make()
     report = numerical_difference(klein.pipe, lambda pipe: emulate_fp8(pipe.transformer), SIZE, SIZE)
