@@ -153,6 +153,10 @@ class Settings(BaseSettings):
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
         return None if isinstance(value, str) and not value.strip() else value
 
+    def secret_values(self) -> list[str]:
+        """The values of every secret setting that is set, for the logs to mask (core/logs.py)."""
+        return [value.get_secret_value() for value in self.__dict__.values() if isinstance(value, SecretStr)]
+
     @property
     def trusted_hosts(self) -> list[str]:
         """allowed_hosts, and the host of public_base_url."""
