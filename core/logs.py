@@ -56,8 +56,8 @@ class Redactor:
         index = next(i for i, group in enumerate(match.groups()) if group is not None)
         return "…" if index >= self.named_groups else f"{match.group(index + 1)}…"
 
-    def __call__(self, _: Any, __: str, line: str) -> str:
-        return self.pattern.sub(self._mask, line)
+    def __call__(self, _: Any, __: str, line: Any) -> str:  # after the renderer: `line` is its text
+        return self.pattern.sub(self._mask, str(line))
 
 
 def _dialect(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
