@@ -4,8 +4,10 @@ which `klein up` sets).
 Every line carries what is bound in its context: the API binds `request_id` (taken from `X-Request-ID` or
 made, and returned in it), `tenant_id`, `prediction_id` and `dialect`; a worker binds `prediction_id` and
 `tenant_id` for the prediction it runs. The code logs through the standard `logging` module; structlog
-formats those records too. API keys (`kl_…`) and URL signatures are masked in every line, whatever logged
-them (uvicorn's access log included); prompts are logged only at debug level.
+formats those records too. Credentials (API keys, `Authorization` values, webhook secrets and signatures, URL
+signatures, the process's own secrets) are masked in every rendered line, whatever logged them and however deep
+in its fields (uvicorn's and Celery's records included); tracebacks never show locals; prompts are logged only at
+debug level.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,18 +23,41 @@ import structlog
 
 # The ASGI scope of the request being served: its route (and so its dialect) is known only after routing.
 current_scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("current_scope", default=None)
-_SECRETS = re.compile(r"(kl_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+|(signature=)[0-9a-f]+|(whsec_)[A-Za-z0-9+/=]+")
+
+# Names whose value is a credential, as headers, fields or settings: their value is masked wherever it follows.
+_SECRET_NAMES = (
+    r"apikey|api[-_]key|x-api-key|x-key|x-admin-key|authorization|proxy-authorization|cookie|webhook[-_]secret"
+    r"|webhook-signature|admin[-_]api[-_]key|metrics[-_]token|url[-_]signing[-_]key|password|secret[-_]access[-_]key"
+)
+_ANSI = r"(?:\x1b\[[0-9;]*m)*"  # the console renderer's colours, on a terminal
+_SECRETS = (
+    r"(kl_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+"  # our API keys: the first 8 characters stay, to tell keys apart
+    r"|(signature=)[^&\s'\"]+"  # signed links
+    r"|(whsec_)[A-Za-z0-9+/=]+"  # webhook secrets
+    r"|(v1,)[A-Za-z0-9+/]{20,}={0,2}"  # Standard Webhooks signatures
+    r"|(\b(?:Bearer|Basic|Token|Key)\s+)[A-Za-z0-9._~+/:=-]{16,}"  # Authorization schemes
+    r"|(://[^:/@\s'\"]+:)[^@\s'\"]+(?=@)"  # a password in a URL (database, Redis)
+    rf"|((?i:{_SECRET_NAMES}){_ANSI}\\?['\"]?\s*[:=,]\s*{_ANSI}b?\\?['\"]?(?:(?:Bearer|Basic|Token|Key)\s+|v1,)?)"
+    r"[^'\"\s,;)}\]\\\x1b]+"  # a value after its name: `apikey: …`, `(b'x-admin-key', b'…')`, `"password": "…"`
+)
 
 
-def _mask(match: re.Match[str]) -> str:
-    return f"{next(group for group in match.groups() if group)}…"
+class Redactor:
+    """Masks credentials in a rendered line, whatever shape carried them (a message, a nested field, bytes, an
+    exception's text): the known kinds by their look, any value after a credential's name, and the values of
+    this process's own secrets (`secrets`: its settings' admin key, metrics token, …)."""
 
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        exact = "|".join(f"({re.escape(value)})" for value in sorted(set(secrets), key=len, reverse=True) if value)
+        self.pattern = re.compile(_SECRETS + (f"|{exact}" if exact else ""))
+        self.named_groups = re.compile(_SECRETS).groups  # the exact values' groups come after these
 
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key, value in event.items():
-        if isinstance(value, str) and ("kl_" in value or "signature=" in value or "whsec_" in value):
-            event[key] = _SECRETS.sub(_mask, value)
-    return event
+    def _mask(self, match: re.Match[str]) -> str:
+        index = next(i for i, group in enumerate(match.groups()) if group is not None)
+        return "…" if index >= self.named_groups else f"{match.group(index + 1)}…"
+
+    def __call__(self, _: Any, __: str, line: Any) -> str:  # after the renderer: `line` is its text
+        return self.pattern.sub(self._mask, str(line))
 
 
 def _dialect(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -44,18 +69,28 @@ def _dialect(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping
     return event
 
 
-def configure(log_format: str = "json", level: str = "INFO") -> None:
-    """Route every `logging` record (ours, uvicorn's, Celery's) through structlog to stderr."""
+def configure(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Route every `logging` record (ours, uvicorn's, Celery's) through structlog to stderr, credentials masked
+    (`Redactor`; `secrets`: this process's own, e.g. Settings.secret_values()).
+
+    Exceptions are rendered as plain tracebacks in both formats, never with their frames' locals (a request's
+    headers are among them): a few kilobytes and milliseconds per error."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _dialect,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info if log_format == "json" else structlog.processors.StackInfoRenderer(),
-        _redact,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    )
     structlog.configure(
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -66,7 +101,7 @@ def configure(log_format: str = "json", level: str = "INFO") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer, Redactor(secrets)],
         )
     )
     root = logging.getLogger()

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)
     metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
+    metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often
 
     # Worker speed switches (see models/optimize.py); all off means the plain diffusers pipeline.
     dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")  # auto: bf16 on CUDA, fp32 on CPU
@@ -152,6 +153,10 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
         return None if isinstance(value, str) and not value.strip() else value
+
+    def secret_values(self) -> list[str]:
+        """The values of every secret setting that is set, for the logs to mask (core/logs.py)."""
+        return [value.get_secret_value() for value in self.__dict__.values() if isinstance(value, SecretStr)]
 
     @property
     def trusted_hosts(self) -> list[str]:

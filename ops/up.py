@@ -228,6 +228,9 @@ def up(argv: list[str]) -> int:
             "KLEIN_SERVED_MODELS": json.dumps([model_id for model_id, _, _ in models]),
             "KLEIN_MODEL_PATH": models[0][1],  # each worker gets its own; the API tells tiny weights by this one
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
+            # /metrics wants this bearer token (kept like the API key; give Prometheus its file).
+            "KLEIN_METRICS_TOKEN": os.environ.get("KLEIN_METRICS_TOKEN")
+            or _persistent_secret(data_dir / "metrics-token"),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
         }
@@ -256,13 +259,16 @@ def up(argv: list[str]) -> int:
         running.callback(api.stop)
         url = f"http://{args.host}:{args.port}"
         log.info(
-            "\nklein-serve is up at %s (logs in %s)\n\nAPI key of tenant 'default': %s\n\n"
+            "\nklein-serve is up at %s (logs in %s)\n\nAPI key of tenant 'default': %s\n"
+            "Metrics: %s/metrics with Authorization: Bearer <the token in %s>\n\n"
             "curl -X POST %s/v1/predictions -H 'Content-Type: application/json' -H 'apikey: %s' \\\n"
             "  -H 'Model: flux-klein-4b' -H 'Try-Sync: true' -d '{\"input\": {\"prompt\": \"a red fox in snow\"}}'\n\n"
             "Ctrl-C stops everything.",
             url,
             logs,
             key,
+            url,
+            data_dir / "metrics-token",
             url,
             key,
         )

@@ -25,7 +25,7 @@ _runtime: WorkerRuntime | None = None
 
 @setup_logging.connect
 def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging setup to us
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, settings.secret_values())
 
 
 @task_prerun.connect

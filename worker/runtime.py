@@ -312,20 +312,19 @@ class WorkerRuntime:
 
     def _use_loras(self, params: GenerationParams, batch: list[_Item]) -> None:
         """Make the prediction's LoRAs (all of a batch's are the same) the pipeline's active set; none: the base
-        model exactly. Each one's source and time go to the logs."""
-        adapters, notes = [], []
+        model exactly. The tenant's logs name each one applied; where it came from (memory, disk, storage) and how
+        long it took go to the worker's log only, as they tell what other tenants ran."""
+        adapters = []
         for ref in params.loras:
             loaded = self.loras.get(ref)
             adapters.append((ref.adapter_name, loaded.tensors, ref.scale))
-            notes.append(
-                f"LoRA {ref.sha256[:12]} (scale {ref.scale:g}) from {loaded.source} in {_ms(loaded.seconds)} ms"
-            )
+            log.info("LoRA %s from %s in %d ms", ref.sha256[:12], loaded.source, _ms(loaded.seconds))
         seconds = self.pipeline.adapters.use(adapters)
         if adapters:
-            notes.append(f"LoRAs active after {_ms(seconds)} ms of loading into the pipeline")
+            log.info("LoRAs active after %d ms of loading into the pipeline", _ms(seconds))
         for item in batch:
-            for note in notes:
-                item.report.note(note)
+            for ref in params.loras:
+                item.report.note(f"LoRA {ref.sha256[:12]} (scale {ref.scale:g}) applied")
 
     def _store(self, item: _Item, params: GenerationParams, outputs: list[Image]) -> list[dict[str, Any]]:
         """Encode and upload one prediction's images; on an upload error nothing of it is left behind."""

@@ -196,7 +196,7 @@ def _start_tracing(**_: Any) -> None:
 
 @setup_logging.connect
 def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging setup to us
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, settings.secret_values())
 
 
 @worker_ready.connect

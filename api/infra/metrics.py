@@ -6,12 +6,18 @@ scrape with the sum (prometheus-client's multiprocess mode). Without it, each pr
 
 Requests are counted by route template (never the raw path: ids would make a series each), method,
 dialect and status. Queue depth and age, webhook backlog, live workers and (behind
-`KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read at scrape time.
+`KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read from PostgreSQL and Redis
+at most once per `KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait for the same
+read). With `KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import os
+import time
 from typing import TYPE_CHECKING, Final
 
 from fastapi.exceptions import RequestValidationError
@@ -73,6 +79,11 @@ TENANT_IN_FLIGHT = Gauge(
 )
 
 
+REFRESHES = Counter(
+    "klein_metrics_refreshes", "Reads of the platform gauges from PostgreSQL and Redis (at most one per interval)"
+)
+
+
 def record(scope: Scope, status: int, seconds: float) -> None:
     """Count one answered request by its route template, the route's dialect (its tag) and status."""
     route = scope.get("route")
@@ -94,16 +105,46 @@ def refused(request: Request, exc: BaseException) -> None:
 
 async def endpoint(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    token = ctx.settings.metrics_token
-    if token is not None and request.headers.get("authorization") != f"Bearer {token.get_secret_value()}":
+    if not _authorized(request, ctx):
         return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
-    await _read_gauges(ctx)
+    await _gauges.refresh(ctx)
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _authorized(request: Request, ctx: AppContext) -> bool:
+    token = ctx.settings.metrics_token
+    if token is None:
+        return True
+    given = request.headers.get("authorization", "").encode()
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
+
+
+class _Gauges:
+    """The platform gauges' last read, kept for `metrics_refresh_s`; one read at a time."""
+
+    def __init__(self) -> None:
+        self.read_at = -float("inf")
+        self.lock = asyncio.Lock()
+
+    async def refresh(self, ctx: AppContext) -> None:
+        interval = ctx.settings.metrics_refresh_s
+        if time.monotonic() - self.read_at < interval:
+            return
+        async with self.lock:  # scrapes arriving meanwhile wait for this read rather than start their own
+            if time.monotonic() - self.read_at < interval:
+                return
+            await _read_gauges(ctx)
+            self.read_at = time.monotonic()
+            REFRESHES.inc()
+
+
+_gauges = _Gauges()
 
 
 async def _read_gauges(ctx: AppContext) -> None:

@@ -161,3 +161,22 @@ def test_scrape_targets_are_where_the_processes_listen() -> None:
         k8s("Deployment", n)["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for n in ports
     }
     assert set(selected) == components
+
+
+def test_prometheus_sends_the_apis_metrics_token_where_it_is_set() -> None:
+    """/metrics wants KLEIN_METRICS_TOKEN (compose and Kubernetes set it): each scrape config of the API sends the
+    same value as a bearer token, from where the API reads it."""
+    spec = compose()
+    api_env, prometheus = spec["services"]["api"]["environment"], spec["services"]["prometheus"]
+    assert api_env["KLEIN_METRICS_TOKEN"] == spec["configs"]["metrics-token"]["content"]
+    (mounted,) = [c["target"] for c in prometheus["configs"] if c["source"] == "metrics-token"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    api_job = next(job for job in config["scrape_configs"] if job["job_name"] == "klein-api")
+    assert api_job["authorization"] == {"type": "Bearer", "credentials_file": mounted}
+
+    secret = k8s("Secret", "klein-secrets")
+    assert "KLEIN_METRICS_TOKEN" in secret["stringData"]
+    assert {"secretRef": {"name": "klein-secrets"}} in container(k8s("Deployment", "klein-api"))["envFrom"]
+    (endpoint,) = monitoring("servicemonitor.yaml")["spec"]["endpoints"]
+    credentials = {"name": "klein-secrets", "key": "KLEIN_METRICS_TOKEN"}
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": credentials}

@@ -41,6 +41,9 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
             assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
 
         key = (data / "api-key").read_text().strip()
+        token = (data / "metrics-token").read_text().strip()  # /metrics is closed by default
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
         assert key in log.read_text()
         headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
         body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=180).json()

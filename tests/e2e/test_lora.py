@@ -3,8 +3,11 @@ weights), uploaded or fetched, checked, stored, cached by the worker and applied
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pickle
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from tests.conftest import Stack
+from tests.conftest import Stack, make_tenant
 from tests.images import image_server
 
 INPUT = {"prompt": "a lighthouse", "seed": 7, "aspect_ratio": "1:1", "output_format": "png"}
@@ -67,14 +70,49 @@ def test_loras_change_the_image_by_their_scale_combine_and_leave_the_base_model_
     alone, _ = render(client, [{"path": other, "scale": 1.0}])
     both, answer = render(client, [{"path": style, "scale": 1.0}, {"path": other, "scale": 1.0}])
     assert np.abs(both - alone).mean() > 0 and np.abs(both - before).mean() > 0
-    lines = [line["message"] for line in answer["logs"]]
-    assert any("from memory" in line for line in lines), lines  # the style LoRA: cached since its first use
+    style_sha = hashlib.sha256(tiny_lora(1)).hexdigest()[:12]
+    assert f"LoRA {style_sha} from memory" in worker_log(stack, answer["id"])  # cached since its first use
 
     fetched, answer = render(client, [{"path": f"{files}/style.safetensors", "scale": 1.0}])  # same bytes by URL
-    assert any("from memory" in line for line in (line["message"] for line in answer["logs"]))
+    assert f"LoRA {style_sha} from memory" in worker_log(stack, answer["id"])
     after, _ = render(client)  # no LoRA: every adapter unloaded, the base model exactly
     assert np.array_equal(after, before)
     assert distances[1] == float(np.abs(fetched - before).mean())
+
+
+def worker_log(stack: Stack, prediction_id: str) -> list[str]:
+    """What the worker logged about one prediction: the operators' channel (the tenant sees `logs` only)."""
+    lines = (json.loads(text) for text in (stack.logs / "worker.log").read_text().splitlines() if text[:1] == "{")
+    return [line["event"].rsplit(" in ", 1)[0] for line in lines if line.get("prediction_id") == prediction_id]
+
+
+def tenant_view(answer: dict[str, Any], lora_sha: str) -> dict[str, Any]:
+    """A finished prediction as its tenant reads it, without what differs by nature (ids, times, sizes, seeds)."""
+    generic = re.compile(r"\d+")
+    return {
+        "fields": sorted(answer),
+        "timings": sorted(answer["timings"]),
+        "logs": [generic.sub("#", line["message"].replace(lora_sha, "<lora>")) for line in answer["logs"]],
+    }
+
+
+def test_what_a_tenant_sees_of_a_lora_prediction_does_not_tell_whether_another_tenant_ran_it(
+    stack: Stack, client: httpx.Client
+) -> None:
+    """The worker's LoRA cache is shared by all tenants: whether a LoRA came from memory (another tenant just ran
+    it) or from storage shows in the worker's log only, never in what the tenant reads."""
+    shared, fresh = tiny_lora(11), tiny_lora(12)
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": make_tenant(stack.engine).key}, timeout=60) as other:
+        render(other, [{"path": upload(other, shared).json()["url"], "scale": 1.0}])  # now in the worker's memory
+    views, sources = [], []
+    for data in (shared, fresh):
+        sha = hashlib.sha256(data).hexdigest()[:12]
+        _, answer = render(client, [{"path": upload(client, data).json()["url"], "scale": 1.0}])
+        views.append(tenant_view(answer, sha))
+        sources += [line for line in worker_log(stack, answer["id"]) if line.startswith(f"LoRA {sha} from")]
+    assert views[0] == views[1], views
+    assert sources == [f"LoRA {hashlib.sha256(shared).hexdigest()[:12]} from memory",
+                       f"LoRA {hashlib.sha256(fresh).hexdigest()[:12]} from storage"]  # fmt: skip
 
 
 def test_a_lora_that_does_not_fit_or_is_no_safetensors_is_refused_with_422(client: httpx.Client) -> None:

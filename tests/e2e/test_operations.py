@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -192,3 +193,30 @@ def _json_lines(path: Path) -> list[dict[str, object]]:
         if text.startswith("{"):
             lines.append(json.loads(text))
     return lines
+
+
+def test_metrics_want_the_token_and_many_scrapes_read_the_platform_once_per_interval(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """KLEIN_METRICS_TOKEN as Prometheus sends it (`Authorization: Bearer`), and the gauges' SQL and Redis reads
+    shared: 60 scrapes, 40 of them at once, within one KLEIN_METRICS_REFRESH_S make one read."""
+    token = "metrics-" + "t" * 24
+    env = stack.env | {"KLEIN_METRICS_TOKEN": token, "KLEIN_METRICS_REFRESH_S": "300"}
+    api, url = start_api(env, tmp_path / "api-metrics.log")
+    try:
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}x"}).status_code == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda _: httpx.get(f"{url}/metrics", headers=bearer, timeout=30), range(40)))
+        assert {answer.status_code for answer in answers} == {200}
+        for _ in range(19):
+            httpx.get(f"{url}/metrics", headers=bearer)
+        last = httpx.get(f"{url}/metrics", headers=bearer)
+    finally:
+        api.stop()
+    samples = {
+        sample.name: sample.value for family in text_string_to_metric_families(last.text) for sample in family.samples
+    }
+    assert samples.get("klein_metrics_refreshes_total") == 1, "one read of PostgreSQL and Redis for 60 scrapes"
+    assert "klein_live_workers" in samples and "klein_queue_depth" in samples
