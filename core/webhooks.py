@@ -14,7 +14,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, Update, and_, func, or_, select, text, update
+from sqlalchemy import Select, Update, and_, case, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
@@ -52,14 +52,15 @@ def retry_delay(attempt: int, settings: Settings) -> float:
 
 
 def active_secrets(tenant_id: str) -> Select[Any]:
-    """The tenant's signing secrets, newest first: the current one, and a rotated one until it retires."""
+    """The tenant's signing secrets: the current one, then the one it replaced while that one has not retired."""
     return (
         select(webhook_secrets.c.secret, webhook_secrets.c.retires_at)
         .where(
             webhook_secrets.c.tenant_id == tenant_id,
             or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > func.now()),
         )
-        .order_by(webhook_secrets.c.created_at.desc())
+        .order_by(webhook_secrets.c.retires_at.desc().nulls_first(), webhook_secrets.c.created_at.desc())
+        .limit(2)
     )
 
 
@@ -171,14 +172,19 @@ def ensure_secret(tenant_id: str) -> Any:
 
 
 def retire_current(tenant_id: str, overlap_s: int) -> Update:
-    """Every secret that signs now stops within `overlap_s` (one rotated earlier keeps an earlier end)."""
-    retires_at = func.now() + text(f"interval '{int(overlap_s)} seconds'")
+    """The current secret keeps signing for `overlap_s` more; the one it replaced (if still signing) stops now,
+    so that a delivery never carries more than two signatures."""
     return (
         update(webhook_secrets)
         .where(
             webhook_secrets.c.tenant_id == tenant_id,
-            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > retires_at),
+            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > func.now()),
         )
-        .values(retires_at=retires_at)
+        .values(
+            retires_at=case(
+                (webhook_secrets.c.retires_at.is_(None), func.now() + text(f"interval '{int(overlap_s)} seconds'")),
+                else_=func.now(),
+            )
+        )
         .returning(webhook_secrets.c.retires_at)
     )
