@@ -112,11 +112,12 @@ class Settings(BaseSettings):
     signed_url_ttl_s: int = Field(3600, ge=60)
 
     # Events out (docs/events.md): webhooks, sent by the webhook worker (worker/webhooks.py), and progress.
-    webhook_timeout_s: float = Field(10.0, gt=0, le=60)  # a receiver answering later counts as a failure
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)  # an attempt's whole time, connect to answer; then it fails
     webhook_retry_base_s: float = Field(5.0, gt=0)  # the first retry's delay; each next one three times longer…
     webhook_retry_max_s: float = Field(4 * 3600.0, gt=0)  # …up to this, with ±20 % jitter…
     webhook_retry_window_s: float = Field(24 * 3600.0, ge=0)  # …until an attempt fails this long after the event
     webhook_concurrency: int = Field(32, ge=1)  # sends at once per webhook worker (threads: they wait on sockets)
+    webhook_tenant_concurrency: int = Field(8, ge=1)  # a tenant's deliveries being sent at once, all workers together
     webhook_poll_interval_s: float = Field(1.0, gt=0)  # how often due retries and lost sends are looked for
     webhook_secret_overlap_s: int = Field(24 * 3600, ge=0)  # a rotated secret keeps signing this long
     progress_interval_s: float = Field(0.25, ge=0)  # a worker reports denoising steps at most this often

@@ -1,9 +1,10 @@
 """Webhook deliveries as rows: their statements, retry schedule and Standard Webhooks signatures.
 
 A delivery is `pending` (due at `next_attempt_at`), `sending` (held by one webhook worker thread until
-`lease_expires_at`), then `delivered` (2xx), `gone` (410: the receiver asked us to stop) or `failed` (no
-2xx before the retry window closed). The trigger of migrations/versions/0007 writes them; the webhook
-worker (worker/webhooks.py) claims and sends them; every attempt leaves a webhook_attempts row.
+`lease_expires_at`, which outlives the attempt's deadline), then `delivered` (2xx), `gone` (410: the
+receiver asked us to stop) or `failed` (no 2xx before the retry window closed). The trigger of
+migrations/versions/0007 writes them; the webhook worker (worker/webhooks.py) claims and sends them, a
+tenant's at most `webhook_tenant_concurrency` at once; every attempt leaves a webhook_attempts row.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, Update, and_, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Select, Update, and_, case, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from standardwebhooks import Webhook
 
 from core.ids import new_id
 from core.settings import Settings
+from core.tables import predictions, webhook_secrets
 from core.tables import webhook_attempts as attempts
 from core.tables import webhook_deliveries as deliveries
-from core.tables import webhook_secrets
 
 EVENTS = ("start", "output", "completed")
 DEFAULT_EVENTS = ("completed",)
 RESPONSE_HEAD_BYTES = 256  # of each answer, kept in the delivery log
 KICK_AGAIN_S = 10  # a due delivery whose kick has not been taken up this long is kicked again
+CLAIM_LOCK = 0x57EB  # pg_advisory_xact_lock(CLAIM_LOCK, hashtext(tenant_id)): one tenant's claims, one at a time
 
 
 def new_secret() -> str:
@@ -52,14 +54,45 @@ def retry_delay(attempt: int, settings: Settings) -> float:
 
 
 def active_secrets(tenant_id: str) -> Select[Any]:
-    """The tenant's signing secrets, newest first: the current one, and a rotated one until it retires."""
+    """The tenant's signing secrets: the current one, then the one it replaced while that one has not retired."""
     return (
         select(webhook_secrets.c.secret, webhook_secrets.c.retires_at)
         .where(
             webhook_secrets.c.tenant_id == tenant_id,
             or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > func.now()),
         )
-        .order_by(webhook_secrets.c.created_at.desc())
+        .order_by(webhook_secrets.c.retires_at.desc().nulls_first(), webhook_secrets.c.created_at.desc())
+        .limit(2)
+    )
+
+
+def lock_tenant_of(prediction_id: str) -> Select[Any]:
+    """The prediction's tenant, its claims locked until this transaction ends (so that its cap holds when
+    many senders claim at once); no row: the prediction is gone."""
+    lock = func.pg_advisory_xact_lock(literal(CLAIM_LOCK), func.hashtext(predictions.c.tenant_id))
+    return select(predictions.c.tenant_id, lock).where(predictions.c.id == prediction_id)
+
+
+def _in_flight() -> ColumnElement[bool]:
+    return and_(deliveries.c.status == "sending", deliveries.c.lease_expires_at >= func.now())
+
+
+def sending_count(tenant_id: str) -> Select[Any]:
+    """How many of the tenant's deliveries are being sent now (by any webhook worker)."""
+    return select(func.count()).where(deliveries.c.tenant_id == tenant_id, _in_flight())
+
+
+def defer(prediction_id: str) -> Update:
+    """The prediction's due deliveries wait for their tenant to have room: unkicked, so that the poller
+    queues them again as soon as it has (kick_due)."""
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.prediction_id == prediction_id,
+            deliveries.c.status == "pending",
+            deliveries.c.next_attempt_at <= func.now(),
+        )
+        .values(kicked_at=None)
     )
 
 
@@ -120,19 +153,38 @@ def log_attempt(
     )
 
 
-def kick_due(limit: int = 1000) -> Update:
-    """Due deliveries (and ones whose sender died: lease lapsed) that no queued task covers: marked kicked
-    and returned, so the poller queues a task for each prediction."""
+def kick_due(per_tenant: int, limit: int = 1000) -> Update:
+    """Due deliveries (and ones whose sender died: lease lapsed) that no queued task covers, at most as many of
+    a tenant's as it has room for beside those it is sending (`per_tenant` at once), each tenant's first
+    before anyone's second: marked kicked and returned, so the poller queues a task for each prediction."""
     lapsed = and_(deliveries.c.status == "sending", deliveries.c.lease_expires_at < func.now())
     due = and_(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= func.now())
     unkicked = or_(
         deliveries.c.kicked_at.is_(None), deliveries.c.kicked_at < func.now() - text(f"interval '{KICK_AGAIN_S} s'")
     )
-    ids = (
-        select(deliveries.c.id)
-        .where(or_(due, lapsed), unkicked)
-        .order_by(deliveries.c.next_attempt_at)
+    busy = (
+        select(deliveries.c.tenant_id, func.count().label("sending"))
+        .where(_in_flight())
+        .group_by(deliveries.c.tenant_id)
+        .subquery()
+    )
+    room = literal(per_tenant) - func.coalesce(busy.c.sending, 0)
+    turn = func.row_number().over(partition_by=deliveries.c.tenant_id, order_by=deliveries.c.next_attempt_at)
+    waiting = (
+        select(deliveries.c.id, deliveries.c.next_attempt_at, turn.label("turn"), room.label("room"))
+        .select_from(deliveries.outerjoin(busy, busy.c.tenant_id == deliveries.c.tenant_id))
+        .where(or_(due, lapsed), unkicked, room > 0)
+        .subquery()
+    )
+    chosen = (
+        select(waiting.c.id)
+        .where(waiting.c.turn <= waiting.c.room)
+        .order_by(waiting.c.turn, waiting.c.next_attempt_at)
         .limit(limit)
+    )
+    ids = (  # locked, and checked again: another poller may have kicked them since
+        select(deliveries.c.id)
+        .where(deliveries.c.id.in_(chosen.scalar_subquery()), or_(due, lapsed), unkicked)
         .with_for_update(skip_locked=True)
     )
     return (
@@ -171,14 +223,19 @@ def ensure_secret(tenant_id: str) -> Any:
 
 
 def retire_current(tenant_id: str, overlap_s: int) -> Update:
-    """Every secret that signs now stops within `overlap_s` (one rotated earlier keeps an earlier end)."""
-    retires_at = func.now() + text(f"interval '{int(overlap_s)} seconds'")
+    """The current secret keeps signing for `overlap_s` more; the one it replaced (if still signing) stops now,
+    so that a delivery never carries more than two signatures."""
     return (
         update(webhook_secrets)
         .where(
             webhook_secrets.c.tenant_id == tenant_id,
-            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > retires_at),
+            or_(webhook_secrets.c.retires_at.is_(None), webhook_secrets.c.retires_at > func.now()),
         )
-        .values(retires_at=retires_at)
+        .values(
+            retires_at=case(
+                (webhook_secrets.c.retires_at.is_(None), func.now() + text(f"interval '{int(overlap_s)} seconds'")),
+                else_=func.now(),
+            )
+        )
         .returning(webhook_secrets.c.retires_at)
     )

@@ -2,16 +2,22 @@
 
 A task names a prediction; it sends that prediction's due deliveries (core/webhooks.py), oldest first, each
 claimed under a lease so that two senders never send one at once. Threads, not processes: a send waits on a
-socket. A poller thread queues a task for every delivery that comes due (a retry) or whose sender died
-(its lease lapsed) or whose prompt was lost; the rows are the truth, so a kill loses nothing.
+socket. A tenant has at most `webhook_tenant_concurrency` deliveries being sent at once: a claim beyond that
+leaves the delivery to the poller, so one tenant's slow receivers cannot hold every thread. A poller thread
+queues a task for every delivery that comes due (a retry), whose sender died (its lease lapsed), that waited
+for its tenant's room, or whose prompt was lost; the rows are the truth, so a kill loses nothing.
 
 Each attempt: the receiver's address is checked (core/netguard.py) after DNS and connected to as checked,
-redirects are not followed, and the answer is read for at most its first bytes within the timeout.
+redirects are not followed, and the answer is read for at most its first bytes. The attempt ends by a
+deadline of `webhook_timeout_s` from its claim, whatever the receiver does (a trickle of bytes included),
+and its lease ends later still, so a delivery is never being sent twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -32,6 +38,7 @@ from worker import metrics
 
 log = logging.getLogger(__name__)
 USER_AGENT = "klein-serve-webhooks/1"
+LEASE_MARGIN_S = 5.0  # a claim's lease outlives its attempt's deadline by this: time to record the outcome
 
 settings = get_settings()
 app = make_celery(settings)
@@ -45,24 +52,93 @@ app.conf.update(
 )
 
 
+class Deadline:
+    """The moment an attempt must be over. httpx's timeouts bound each socket operation, not their sum, so a
+    receiver sending a byte now and then would hold the attempt forever: at the deadline a watchdog shuts
+    the attempt's connection (its socket, learnt from httpcore's `trace` extension), which ends any read or
+    write in progress."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._passed = False
+        self._watchdog: threading.Timer | None = None
+
+    def __enter__(self) -> Deadline:
+        self._watchdog = threading.Timer(max(self.left(), 0.0), self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    @property
+    def passed(self) -> bool:
+        return self._passed or time.monotonic() >= self.at
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: notes the socket of each connection made (and its TLS layer)."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            sock = info["return_value"].get_extra_info("socket")
+            with self._lock:
+                self._sockets.append(sock)
+                if self._passed:
+                    _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._passed = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already, or detached by its TLS layer (which is shut instead)
+        sock.shutdown(socket.SHUT_RDWR)  # a blocked recv or send in the sender's thread returns at once
+
+
 class Sender:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.lease_s = settings.webhook_timeout_s * 2 + 5  # a send cannot outlive it
-        self.http = httpx.Client(follow_redirects=False, trust_env=False, timeout=settings.webhook_timeout_s)
+        self.engine = engine
+        self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
+        # No connection outlives its attempt (each is made to the address checked for it, and the deadline
+        # shuts the one it made); timeouts are each attempt's, from what its deadline leaves.
+        self.http = httpx.Client(
+            follow_redirects=False, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
 
     def deliver(self, prediction_id: str) -> None:
         """Send the prediction's due deliveries, in the order of their events."""
         while True:
-            with self.engine.connect() as conn:
-                delivery = conn.execute(webhooks.claim_next(prediction_id, self.lease_s)).mappings().first()
+            deadline = Deadline(self.settings.webhook_timeout_s)  # from before the claim: its lease ends later
+            with self.engine.begin() as conn:
+                delivery = self._claim(conn, prediction_id)
                 if delivery is None:
                     return
                 prediction = conn.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings()
                 row = prediction.first()
                 signing = self._secrets(conn, delivery["tenant_id"], row)
-            self._attempt(dict(delivery), row, signing)
+            with deadline:
+                self._attempt(dict(delivery), row, signing, deadline)
+
+    def _claim(self, conn: Connection, prediction_id: str) -> Any:
+        """The prediction's next due delivery, now `sending`; None if nothing is due, or if its tenant has
+        as many being sent as it may (then the poller queues it again once the tenant has room)."""
+        tenant_id = conn.execute(webhooks.lock_tenant_of(prediction_id)).scalar()
+        if tenant_id is None:
+            return None
+        if conn.execute(webhooks.sending_count(tenant_id)).scalar_one() >= self.settings.webhook_tenant_concurrency:
+            conn.execute(webhooks.defer(prediction_id))
+            return None
+        return conn.execute(webhooks.claim_next(prediction_id, self.lease_s)).mappings().first()
 
     def _secrets(self, conn: Connection, tenant_id: str, row: Any) -> list[str]:
         own = row["webhook"].get("secret") if row is not None else None
@@ -74,20 +150,19 @@ class Sender:
             signing = [secret for secret, _ in conn.execute(webhooks.active_secrets(tenant_id))]
         return signing
 
-    def _attempt(self, delivery: dict[str, Any], row: Any, signing: list[str]) -> None:
+    def _attempt(self, delivery: dict[str, Any], row: Any, signing: list[str], deadline: Deadline) -> None:
         at = webhooks.now()
         status_code: int | None = None
         head, error = b"", None
         started = time.perf_counter()
         try:
             body = self._payload(delivery, row)
-            status_code, head = self._post(delivery["url"], delivery["id"], at, body, signing)
+            status_code, head = self._post(delivery["url"], delivery["id"], at, body, signing, deadline)
         except netguard.FetchError as exc:
             error = str(exc)
-        except httpx.TimeoutException:
-            error = f"no answer within {self.settings.webhook_timeout_s:g} s"
         except httpx.HTTPError as exc:
-            error = f"could not deliver: {type(exc).__name__}"
+            late = deadline.passed or isinstance(exc, httpx.TimeoutException)
+            error = f"no answer within {deadline.seconds:g} s" if late else f"could not deliver: {type(exc).__name__}"
         latency_ms = round((time.perf_counter() - started) * 1000)
         outcome, next_at = self._outcome(delivery, status_code)
         metrics.WEBHOOK_ATTEMPTS.labels("retry" if outcome == "pending" else outcome).inc()
@@ -126,7 +201,11 @@ class Sender:
         payload = render(webhook["dialect"], at_event, webhook["base_url"], self.settings)
         return orjson.dumps(payload).decode()
 
-    def _post(self, url: str, msg_id: str, at: datetime, body: str, signing: list[str]) -> tuple[int, bytes]:
+    def _post(
+        self, url: str, msg_id: str, at: datetime, body: str, signing: list[str], deadline: Deadline
+    ) -> tuple[int, bytes]:
+        """The answer's status and first bytes. Once the status has come, the deadline cuts only the log's
+        copy of the answer short: the receiver has taken the event."""
         target, port = netguard.target(url)
         assert target.host
         pinned, headers, extensions = netguard.pin(
@@ -139,17 +218,29 @@ class Sender:
             "webhook-timestamp": str(int(at.timestamp())),
             "webhook-signature": webhooks.signature(signing, msg_id, at, body),
         }
-        request = self.http.build_request("POST", pinned, content=body, headers=headers, extensions=extensions)
+        if deadline.left() <= 0:  # DNS (or the claim) took it all: no connection after the deadline
+            raise httpx.ConnectTimeout("the attempt's deadline passed before connecting")
+        request = self.http.build_request(
+            "POST",
+            pinned,
+            content=body,
+            headers=headers,
+            extensions=extensions | {"trace": deadline.trace},
+            timeout=deadline.left(),
+        )
         response = self.http.send(request, stream=True)
+        head = b""
         try:
-            head = b""
             for chunk in response.iter_bytes():
                 head += chunk
                 if len(head) >= webhooks.RESPONSE_HEAD_BYTES:
                     break
-            return response.status_code, head
+        except httpx.HTTPError:
+            if not deadline.passed:
+                raise
         finally:
             response.close()
+        return response.status_code, head
 
 
 def _as_row(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +262,8 @@ class Poller:
 
     def poll(self) -> int:
         with self.engine.begin() as conn:
-            prediction_ids = {row.prediction_id for row in conn.execute(webhooks.kick_due())}
+            due = webhooks.kick_due(self.settings.webhook_tenant_concurrency)
+            prediction_ids = {row.prediction_id for row in conn.execute(due)}
         for prediction_id in prediction_ids:
             app.send_task(DELIVER_TASK, args=[prediction_id], queue=webhooks_queue(self.settings))
         return len(prediction_ids)
