@@ -86,7 +86,8 @@ def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, A
     done = status is Status.COMPLETED
     return {
         "id": row["id"],
-        "model": row["input"]["model"],
+        # the model path a WaveSpeed client posted to; made through another dialect: the model named there
+        "model": row["input"].get("model", row["model"]),
         "outputs": outputs if done else [],
         "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
         "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
