@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Self-hosted FLUX.2 [klein] 4B image generation",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs (and /redoc) are api/routes/web.py's: no third-party script, the pages' policy
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Observe, access_log=settings.access_log
     )  # outermost: every answer gets its request id, log context and metrics
     app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
+    app.mount("/static/vendor", web.vendor, name="vendor")  # before /static, which would take its paths
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}
         *(pruna, replicate, generate, wavespeed, oneminute, openai, listing, stream, delivery, files, webhooks),

@@ -27,11 +27,18 @@ ADMIN_FAILURE_WINDOW_MS = 60_000
 
 
 async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> None:
-    """The admin key, compared in constant time; an address that sent too many wrong ones in a minute is
-    refused (429) until the minute since its first failure is over, whatever key it sends."""
+    """The admin key, compared in constant time first: the right key is always let in. Wrong keys are counted
+    per client address (the peer, or the address a trusted proxy forwarded: uvicorn's FORWARDED_ALLOW_IPS);
+    an address that sent too many in a minute gets 429 for its wrong keys until the minute since its first
+    failure is over."""
     configured = ctx.settings.admin_api_key
     if configured is None:
         raise NotFound("the admin API is disabled: set KLEIN_ADMIN_API_KEY to enable it")
+    given = request.headers.get("x-admin-key") or presented_key(request) or ""
+    # Compare digests so the comparison's time depends on neither key's length nor content.
+    expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
+    if hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
+        return
     address = request.client.host if request.client else "unknown"
     failures = f"{ctx.settings.queue_name}:admin-failures:{address}"
     async with ctx.redis.pipeline(transaction=False) as pipe:
@@ -41,16 +48,12 @@ async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get
     if int(count or 0) >= ctx.settings.admin_failures_per_minute:
         retry_after = max(1, -(-int(wait_ms) // 1000))
         raise RateLimited("too many wrong admin keys from this address; try again later", retry_after=retry_after)
-    given = request.headers.get("x-admin-key") or presented_key(request) or ""
-    # Compare digests so the comparison's time depends on neither key's length nor content.
-    expected = hashlib.sha256(configured.get_secret_value().encode()).digest()
-    if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
-        if given:  # a guess: counted (a request without any key guesses nothing)
-            async with ctx.redis.pipeline(transaction=False) as pipe:
-                pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
-                pipe.incr(failures)
-                await pipe.execute()
-        raise Unauthenticated("invalid admin key")
+    if given:  # a guess: counted (a request without any key guesses nothing)
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.set(failures, 0, nx=True, px=ADMIN_FAILURE_WINDOW_MS)
+            pipe.incr(failures)
+            await pipe.execute()
+    raise Unauthenticated("invalid admin key")
 
 
 # 404 also when the admin API is disabled (KLEIN_ADMIN_API_KEY unset).

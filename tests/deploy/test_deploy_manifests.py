@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import ipaddress
+import itertools
 import json
 import re
 import shlex
@@ -198,6 +200,43 @@ def test_the_base_model_has_its_own_worker_pool_scaled_on_its_own_queue() -> Non
     assert lists == ["klein.flux-klein-4b-base"] + [f"klein.flux-klein-4b-base\x06\x16{p}" for p in (3, 6, 9)]
     assert _errors(keda_validator(), scaled) == []
     kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+def _forwarded_trust(container: dict[str, Any]) -> list[str]:
+    """Whom a container's uvicorn believes proxy headers from: `--forwarded-allow-ips` and FORWARDED_ALLOW_IPS."""
+    words = [str(word) for word in [*container.get("command", []), *container.get("args", [])]]
+    found = [value for flag, value in itertools.pairwise(words) if flag == "--forwarded-allow-ips"]
+    found += [word.split("=", 1)[1] for word in words if word.startswith("--forwarded-allow-ips=")]
+    env = container.get("env", {})
+    pairs = env.items() if isinstance(env, dict) else ((e["name"], e.get("value", "")) for e in env)
+    return found + [str(value) for name, value in pairs if name == "FORWARDED_ALLOW_IPS"]
+
+
+def test_no_deployment_trusts_proxy_headers_from_everyone() -> None:
+    """`--forwarded-allow-ips "*"` let any client pose as any address with X-Forwarded-For (and so guess admin
+    keys without end, one made-up address each). The API believes only its ingress: a range, never `*`."""
+    rendered = [
+        doc
+        for folder in (K8S_DIR, K8S_DIR / "base-model", K8S_DIR / "monitoring")
+        for doc in kustomize(folder)
+        if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet", "ConfigMap")
+    ]
+    trusted: dict[str, list[str]] = {}
+    for doc in rendered:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] == "ConfigMap":
+            trusted[name] = [v for k, v in doc.get("data", {}).items() if k == "FORWARDED_ALLOW_IPS"]
+            continue
+        for spec in doc["spec"]["template"]["spec"]["containers"]:
+            trusted[f"{name}/{spec['name']}"] = _forwarded_trust(spec)
+    for name, service in compose()["services"].items():
+        command = service.get("command", [])
+        words = shlex.split(command) if isinstance(command, str) else command
+        trusted[f"compose/{name}"] = _forwarded_trust({"command": words, "env": service.get("environment", {})})
+    assert {name: values for name, values in trusted.items() if any("*" in v for v in values)} == {}
+    (api,) = trusted["Deployment/klein-api/api"]
+    assert all(ipaddress.ip_network(part.strip()).prefixlen >= 8 for part in api.split(","))
+    assert "FORWARDED_ALLOW_IPS" in compose()["services"]["api"]["environment"]
 
 
 def test_the_validators_reject_broken_copies() -> None:

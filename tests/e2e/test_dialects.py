@@ -205,6 +205,31 @@ def test_wavespeed_envelope_base64_edit_and_errors(stack: Stack, tenant: IssuedK
     assert httpx.get(f"{stack.api_url}/api/v3/predictions/nope/result").json()["code"] == 401
 
 
+def test_wavespeed_takes_width_and_height_as_its_model_pages_list_them(stack: Stack, tenant: IssuedKey) -> None:
+    """WaveSpeed's pages list `width` and `height`, its API table `size: "W*H"`: both are taken, on every
+    endpoint (the LoRA one here); a 422 in its envelope only when they disagree or one side comes alone."""
+    http = httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {tenant.key}"}, timeout=60)
+    url = "/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image-lora"
+    made = http.post(url, json={"prompt": "x", "width": 512, "height": 768, "enable_sync_mode": True})
+    assert made.status_code == 200, made.text
+    data = made.json()["data"]
+    assert data["status"] == "completed" and size_of(httpx.get(data["outputs"][0]).content) == (512, 768)
+    agreeing = http.post(url, json={"prompt": "x", "size": "512*768", "width": 512, "height": 768})
+    assert agreeing.status_code == 200 and agreeing.json()["data"]["status"] in ("created", "processing", "completed")
+    stored = len(http.get("/v1/predictions").json()["results"])
+    for body, says in (
+        ({"size": "1024*1024", "width": 512, "height": 768}, "disagree"),
+        ({"width": 512}, "width and height: give both"),
+        ({"height": 512}, "width and height: give both"),
+        ({"width": 100, "height": 512}, "width"),
+    ):
+        refused = http.post(url, json={"prompt": "x"} | body)
+        assert refused.status_code == 422, (body, refused.text)
+        envelope = refused.json()
+        assert envelope["code"] == 422 and envelope["data"] is None and says in envelope["message"], envelope
+    assert len(http.get("/v1/predictions").json()["results"]) == stored  # nothing stored for a refused one
+
+
 # --- 1min features ----------------------------------------------------------------------------------
 
 

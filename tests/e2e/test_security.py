@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
@@ -13,7 +14,7 @@ from core.ids import new_id
 from core.settings import Settings
 from core.tenants import IssuedKey
 from ops.embedded import start_api
-from tests.conftest import Stack, make_tenant
+from tests.conftest import ADMIN_KEY, Stack, make_tenant
 from tests.images import picture
 
 
@@ -108,3 +109,47 @@ def test_prediction_ids_carry_130_random_bits_as_26_base32_letters() -> None:
     assert set(letters) == set("abcdefghijklmnopqrstuvwxyz234567")
     expected = 26 * len(ids) / 32  # 26,000 of each letter; a standard deviation is about 158
     assert all(abs(count - expected) < 1_000 for count in letters.values())
+
+
+def _admin_guesses(client: httpx.Client, url: str, count: int, forwarded_for: str | None = None) -> list[int]:
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    return [client.get(url, headers=headers | {"X-Admin-Key": f"guess-{i}"}).status_code for i in range(count)]
+
+
+def test_the_right_admin_key_works_after_wrong_ones_from_the_same_address(stack: Stack) -> None:
+    """From 127.0.0.3 (another client address on loopback): after the allowed failures its wrong keys get 429,
+    but the right key is checked first and always let in, so a guesser cannot lock the operators out."""
+    limit = stack.settings.admin_failures_per_minute
+    url = f"{stack.api_url}/admin/v1/tenants"
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as shared:
+        assert _admin_guesses(shared, url, limit + 2) == [401] * limit + [429] * 2
+        throttled = shared.get(url, headers={"X-Admin-Key": "one-more-guess"})
+        assert throttled.status_code == 429 and 1 <= int(throttled.headers["retry-after"]) <= 60
+        assert shared.get(url, headers={"X-Admin-Key": ADMIN_KEY}).status_code == 200
+        assert shared.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+        assert shared.get(url, headers={"X-Admin-Key": "and-another"}).status_code == 429  # still counted
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.7")) as elsewhere:
+        assert elsewhere.get(url, headers={"X-Admin-Key": "first-guess"}).status_code == 401  # per address
+
+
+def test_forwarded_client_addresses_are_believed_only_from_a_trusted_proxy(stack: Stack, tmp_path: Path) -> None:
+    """An API whose uvicorn trusts proxy headers from 127.0.0.5 only (FORWARDED_ALLOW_IPS, docs/operations.md).
+    A peer elsewhere that makes up an X-Forwarded-For per guess is still counted as itself; through the proxy,
+    each forwarded client address is counted on its own."""
+    api, api_url = start_api(stack.env | {"FORWARDED_ALLOW_IPS": "127.0.0.5"}, tmp_path / "api.log")
+    limit = stack.settings.admin_failures_per_minute
+    url = f"{api_url}/admin/v1/tenants"
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.6")) as untrusted:
+            spoofed = [
+                untrusted.get(url, headers={"X-Admin-Key": f"g{i}", "X-Forwarded-For": f"198.51.100.{i}"}).status_code
+                for i in range(limit + 2)
+            ]
+            assert spoofed == [401] * limit + [429] * 2
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.5")) as proxy:
+            assert _admin_guesses(proxy, url, limit + 1, forwarded_for="203.0.113.10") == [401] * limit + [429]
+            assert _admin_guesses(proxy, url, 1, forwarded_for="203.0.113.11") == [401]  # another client
+            assert _admin_guesses(proxy, url, 1, forwarded_for="127.0.0.6") == [429]  # the one above, forwarded
+            assert _admin_guesses(proxy, url, 1) == [401]  # the proxy itself was not counted for its clients
+    finally:
+        api.stop()

@@ -135,20 +135,6 @@ def test_keys_per_tenant_are_capped(stack: Stack) -> None:
         )
 
 
-def test_wrong_admin_keys_are_throttled_per_address(stack: Stack) -> None:
-    """From 127.0.0.3 (another client address on loopback): after the allowed failures, even the right key
-    is refused for the rest of the minute; other addresses are not affected."""
-    limit = stack.settings.admin_failures_per_minute
-    url = f"{stack.api_url}/admin/v1/tenants"
-    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as attacker:
-        assert [attacker.get(url, headers={"X-Admin-Key": f"guess-{i}"}).status_code for i in range(limit)] == [
-            401
-        ] * limit
-        blocked = attacker.get(url, headers={"X-Admin-Key": ADMIN_KEY})
-        assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 60
-    assert httpx.get(url, headers={"X-Admin-Key": ADMIN_KEY}).status_code == 200  # from 127.0.0.1
-
-
 def test_a_limit_check_without_redis_fails_closed() -> None:
     async def scenario() -> None:
         limiter = Limiter(async_client(Settings(redis_url="redis://127.0.0.1:1")), "klein")

@@ -272,7 +272,7 @@ def test_what_the_fuzzer_found_is_a_4xx_in_the_dialects_shape(
 
 def test_admin_keys_of_a_tenant_named_in_the_path_and_an_empty_patch(fuzz_target: Target) -> None:
     """A key issued through a tenant's name was an FK violation (503); PATCH {} was invalid SQL (503)."""
-    # From 127.0.0.4: the passes with wrong admin keys may have throttled 127.0.0.1 (api/routes/admin.py).
+    # From 127.0.0.4: a client address of its own, apart from the passes with wrong admin keys.
     transport = httpx.HTTPTransport(local_address="127.0.0.4")
     admin_url, headers = f"{fuzz_target.url}/admin/v1", {"X-Admin-Key": ADMIN_KEY}
     with httpx.Client(base_url=admin_url, headers=headers, timeout=30, transport=transport) as admin:

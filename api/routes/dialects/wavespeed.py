@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.context import AppContext, get_ctx, public_base_url
@@ -48,11 +48,18 @@ router = APIRouter(
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 
 
+def _side(size: str) -> tuple[int, int]:
+    return parse_size(size, MIN_SIDE, MAX_SIDE, "1024*1024")
+
+
 class WaveSpeedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt
     size: str = Field("1024*1024", description="WIDTH*HEIGHT, each 256–1536 (rounded down to multiples of 16)")
+    # WaveSpeed's model pages list width and height, its API tables `size`: either is taken.
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="with height, instead of size")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="with width, instead of size")
     seed: int = Field(-1, ge=-1, le=2147483647)
     images: list[str] = Field([], max_length=MAX_REFERENCES, description="edit: 1–4 reference image URLs")
     output_format: Literal["jpeg", "png", "webp"] = "jpeg"
@@ -63,11 +70,24 @@ class WaveSpeedRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, size: str) -> str:
-        parse_size(size, MIN_SIDE, MAX_SIDE, "1024*1024")
+        _side(size)
         return size
 
+    @model_validator(mode="after")
+    def _width_and_height(self) -> WaveSpeedRequest:
+        """width and height, when given, become the size (so the stored input says what was made)."""
+        if self.width is None and self.height is None:
+            return self
+        if self.width is None or self.height is None:
+            raise ValueError("width and height: give both, or size alone")
+        given = f"{self.width}*{self.height}"
+        if "size" in self.model_fields_set and _side(self.size) != _side(given):
+            raise ValueError(f"size {self.size!r} and width*height {given!r} disagree; give one of them")
+        self.size = given
+        return self
+
     def to_params(self, spec: ModelSpec) -> GenerationParams:
-        width, height = parse_size(self.size, MIN_SIDE, MAX_SIDE, "1024*1024")
+        width, height = _side(self.size)
         return GenerationParams(
             prompt=self.prompt,
             width=width,
@@ -86,7 +106,8 @@ def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, A
     done = status is Status.COMPLETED
     return {
         "id": row["id"],
-        "model": row["input"]["model"],
+        # the model path a WaveSpeed client posted to; made through another dialect: the model named there
+        "model": row["input"].get("model", row["model"]),
         "outputs": outputs if done else [],
         "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
         "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
@@ -148,7 +169,7 @@ async def submit(
     base_url = public_base_url(request, ctx.settings)
     accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
     params = body.to_params(spec).model_copy(update={"loras": adapters})
-    echo = body.model_dump() | {"model": model_path}
+    echo = body.model_dump(exclude_none=True) | {"model": model_path}
     wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
     row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=accepted)
     answer = await _answer(ctx, request, row, live.of_final(row) if Status(row["status"]).terminal else None)
