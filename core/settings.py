@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_ADMIN_KEY_LENGTH = 20
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KLEIN_", extra="ignore")
@@ -154,6 +156,17 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_key_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        # The right key always works, even from an address throttled for wrong ones (api/routes/admin.py), so
+        # the key's length, not the throttle, is what makes guessing it hopeless.
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(
+                f"KLEIN_ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_LENGTH} characters (e.g. `openssl rand -hex 24`)"
+            )
+        return value
 
     def secret_values(self) -> list[str]:
         """The values of every secret setting that is set, for the logs to mask (core/logs.py)."""

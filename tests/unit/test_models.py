@@ -86,3 +86,13 @@ def test_the_apis_reference_limits_are_the_pipelines() -> None:
     defaults = inspect.signature(Flux2ImageProcessor.check_image_input).parameters
     assert defaults["max_aspect_ratio"].default == images.MAX_ASPECT_RATIO
     assert defaults["min_side_length"].default == images.MIN_SIDE
+
+
+def test_a_short_admin_key_is_refused_at_start() -> None:
+    """The right admin key always works, even from a throttled address: only its length stops guessing."""
+    from core.settings import MIN_ADMIN_KEY_LENGTH, Settings
+
+    with pytest.raises(ValidationError, match="KLEIN_ADMIN_API_KEY must be at least"):
+        Settings(admin_api_key="x" * (MIN_ADMIN_KEY_LENGTH - 1))
+    key = Settings(admin_api_key="x" * MIN_ADMIN_KEY_LENGTH).admin_api_key
+    assert key is not None and key.get_secret_value() == "x" * MIN_ADMIN_KEY_LENGTH
