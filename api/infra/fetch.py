@@ -2,8 +2,8 @@
 each hop, redirects included (at most MAX_REDIRECTS).
 
 The body is bounded in decoded bytes: httpx would decode a gzip or deflate body in one piece per network read
-(a 64 KB read of zeros inflates to 64 MB before anyone counts it), so we read it raw and inflate it here, never
-more than the bytes still allowed. Other content codings are refused.
+(a 64 KB read of zeros inflates to 64 MB before anyone counts it), so we read it raw and inflate it here, a MiB
+at a time and never more than the bytes still allowed. Other content codings are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from core.netguard import FetchError, IPAddress, pin, public, target
 __all__ = ["MAX_REDIRECTS", "FetchError", "check", "fetch", "public"]
 MAX_REDIRECTS = 3
 ACCEPT_ENCODING = "gzip, deflate"
+PIECE = 2**20  # bytes inflated at a time
 # zlib's window bits: gzip's header and trailer; deflate as HTTP means it (zlib-wrapped).
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -85,19 +86,30 @@ async def _bounded_body(response: httpx.Response, max_bytes: int) -> bytes:
     inflate: zlib._Decompress | None = None
     body = io.BytesIO()  # getvalue() hands over its buffer: the body is never held twice
     size = 0
-    async for raw in response.aiter_raw():
-        if codings and inflate is None:
-            inflate = _inflater(codings[0], raw)
-        try:
-            chunk = raw if inflate is None else inflate.decompress(raw, max_bytes - size + 1)
-        except zlib.error:
-            raise FetchError(f"the URL's content is not valid {codings[0]}") from None
-        size += len(chunk)
-        if size > max_bytes:
-            raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
-        body.write(chunk)
-    if codings and (inflate is None or not inflate.eof):
-        raise FetchError(f"the URL's content ends before its {codings[0]} stream does")
+    try:
+        async for raw in response.aiter_raw():
+            if codings and inflate is None:
+                inflate = _inflater(codings[0], raw)
+            pending = raw
+            while pending:  # a network read of gzip may hold a thousand times its size: inflated a piece at a time
+                try:
+                    chunk = (
+                        pending if inflate is None else inflate.decompress(pending, min(max_bytes - size + 1, PIECE))
+                    )
+                except zlib.error:
+                    raise FetchError(f"the URL's content is not valid {codings[0]}") from None
+                pending = b"" if inflate is None else inflate.unconsumed_tail
+                size += len(chunk)
+                if size > max_bytes:
+                    raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
+                body.write(chunk)
+                if pending:
+                    await asyncio.sleep(0)  # other requests' turn between pieces
+        if codings and (inflate is None or not inflate.eof):
+            raise FetchError(f"the URL's content ends before its {codings[0]} stream does")
+    except BaseException:
+        body.close()  # now, not when the traceback that holds this frame is collected
+        raise
     return body.getvalue()
 
 

@@ -59,7 +59,11 @@ async def resolve(
             data = await read_url(ctx, principal, adapter.path, ours, settings.max_lora_bytes)
             layers, sha256 = await inspect_lora(ctx, data)
         except (lora.LoraError, FetchError) as exc:
-            raise Invalid(f"invalid request: {where}: {exc}") from None
+            problem = str(exc)
+        else:
+            problem = ""
+        if problem:  # raised out here: an exception raised while handling another keeps `data` until a GC pass
+            raise Invalid(f"invalid request: {where}: {problem}")
         problems = lora.misfits(layers, fits) if fits else []
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
