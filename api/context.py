@@ -32,7 +32,7 @@ class AppContext:
     waiter: CompletionWaiter
     limiter: Limiter
     keys: KeyCache
-    decodes: asyncio.Semaphore  # input images decoded at once (api/services/references.py)
+    decodes: asyncio.Semaphore  # input images decoded and LoRAs checked at once (api/routes/files.py)
     progress: Notices  # woken by workers' progress entries, for the event streams
 
 

@@ -1,22 +1,39 @@
-"""LoRA adapters as files: the safetensors header, read without torch (the API checks uploads with it), and
-what a LoRA must fit. Workers load the tensors (models/lora.py).
+"""LoRA adapters as files: the safetensors header, read and checked without torch (the API checks every LoRA it
+accepts with it, off its event loop), and what a LoRA must fit. Workers load the tensors (models/lora.py).
 
 Accepted: safetensors only (never a pickle), keys in diffusers'/peft's layout, `[transformer.]<module>.lora_A.weight`
-(rank × in) and `.lora_B.weight` (out × rank), optionally `.alpha`; `base_model.model.` prefixes are read too.
+(rank × in) and `.lora_B.weight` (out × rank), optionally `.alpha` (one number); `base_model.model.` prefixes are
+read too. The file must be exactly what its header says: each entry a float tensor whose `data_offsets` hold
+dtype × shape bytes, the tensors back to back from the header's end to the file's end (no gap, no overlap, no
+trailing bytes), every weight finite.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MAX_HEADER_BYTES = 16 * 2**20
+import numpy as np
+
+# A rank-N LoRA of every linear layer of the 4B klein transformer (111 layers: A, B and alpha each) has a
+# 44 KB header whatever N is; 1 MiB leaves room for metadata and refuses headers that only cost parsing.
+MAX_HEADER_BYTES = 2**20
 MAX_RANK = 512
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
+# The element types a LoRA's tensors may have, with numpy's view of them for the finiteness scan (bfloat16 is
+# read as uint16: its exponent bits all set is an Inf or a NaN).
+DTYPES: dict[str, np.dtype[Any]] = {
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
+BF16_EXPONENT = 0x7F80
+SCAN_ELEMENTS = 1 << 22  # elements checked per step of the finiteness scan (its temporary stays at 4 MB)
 WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.lora_(?P<part>A|B)\.weight$")
 ALPHA_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.alpha$")
 # Each attention's q, k and v projections, which a worker may run fused (KLEIN_FUSE_QKV): a LoRA names them apart.
@@ -29,6 +46,11 @@ CONTENT_TYPE = "application/vnd.safetensors"  # an uploaded LoRA's, in /v1/files
 def looks_like_safetensors(data: bytes) -> bool:
     """The first bytes of a safetensors file: a little-endian header length, then its JSON object."""
     return len(data) > 9 and data[8:9] == b"{" and struct.unpack("<Q", data[:8])[0] < len(data)
+
+
+def object_key(sha256: str) -> str:
+    """Where a LoRA is stored, once for every request and tenant naming the same bytes."""
+    return f"loras/{sha256}.safetensors"
 
 
 def targets_key(queue_name: str, model: str) -> str:
@@ -47,40 +69,110 @@ class Pair:
     out_features: int
 
 
-def read_header(data: bytes) -> dict[str, Any]:
-    """The safetensors header: {name: {"dtype", "shape", "data_offsets"}}. Anything else (a pickle, a zip from
-    torch.save, a truncated file) is refused without being interpreted."""
+@dataclass(frozen=True)
+class Tensor:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # in the file's data, after the header
+    end: int
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def inspect(data: bytes) -> dict[str, Pair]:
+    """The LoRA's layers, once the file proved to be a well-formed LoRA with finite weights (LoraError else). CPU
+    work proportional to the file: callers on an event loop run it in a thread (numpy lets go of the GIL)."""
+    header = read_header(data)
+    layers = pairs(header)
+    check_finite(data, header)
+    return layers
+
+
+def read_header(data: bytes) -> dict[str, Tensor]:
+    """The safetensors header, each entry checked against the file. Anything else (a pickle, a zip from
+    torch.save, a truncated or padded file, a header that lies) is refused without being interpreted."""
     if len(data) < 8:
         raise LoraError("not a safetensors file (too short)")
     (size,) = struct.unpack("<Q", data[:8])
-    if size > MAX_HEADER_BYTES or 8 + size > len(data) or data[8:9] != b"{":
+    if 8 + size > len(data) or data[8:9] != b"{":
         raise LoraError("not a safetensors file (LoRAs are accepted as .safetensors only, never pickles)")
+    if size > MAX_HEADER_BYTES:
+        raise LoraError(f"its safetensors header is {size} bytes; at most {MAX_HEADER_BYTES} are read")
     try:
-        header = json.loads(data[8 : 8 + size])
-    except ValueError:
-        raise LoraError("not a safetensors file (its header is not JSON)") from None
-    header.pop("__metadata__", None)
-    body = len(data) - 8 - size
-    for name, entry in header.items():
-        start, end = entry.get("data_offsets", (0, -1))
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= body):
-            raise LoraError(f"tensor {name} lies outside the file (truncated?)")
-    return dict(header)
+        raw = json.loads(data[8 : 8 + size], object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
+        reason = str(exc) if isinstance(exc, LoraError) else "its header is not JSON"
+        raise LoraError(f"not a safetensors file ({reason})") from None
+    if not isinstance(raw, dict):
+        raise LoraError("not a safetensors file (its header is not a JSON object)")
+    metadata = raw.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise LoraError("__metadata__ must map names to strings")
+    header = {name: _entry(name, entry) for name, entry in raw.items()}
+    _check_layout(header, len(data) - 8 - size)
+    return header
 
 
-def pairs(header: dict[str, Any]) -> dict[str, Pair]:
+def _no_duplicates(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(items)
+    if len(found) != len(items):
+        raise LoraError("its header names a tensor twice")
+    return found
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(name: str, entry: Any) -> Tensor:
+    if not isinstance(entry, dict):
+        raise LoraError(f"tensor {name}: expected an object with dtype, shape and data_offsets, got {entry!r:.40}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise LoraError(f"tensor {name}: dtype {dtype!r:.20} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise LoraError(f"tensor {name}: shape must be a list of non-negative integers, got {shape!r:.40}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
+        raise LoraError(f"tensor {name}: data_offsets must be two non-negative integers, got {offsets!r:.40}")
+    tensor = Tensor(dtype, tuple(shape), offsets[0], offsets[1])
+    if tensor.end - tensor.start != tensor.elements * DTYPES[dtype].itemsize:
+        raise LoraError(
+            f"tensor {name}: data_offsets {offsets} hold {tensor.end - tensor.start} bytes, "
+            f"but {dtype} {list(shape)} takes {tensor.elements * DTYPES[dtype].itemsize}"
+        )
+    return tensor
+
+
+def _check_layout(header: Mapping[str, Tensor], body: int) -> None:
+    """The tensors back to back from 0 to the end of the file: no gap, no overlap, nothing after them."""
+    position = 0
+    for name, tensor in sorted(header.items(), key=lambda item: (item[1].start, item[1].end)):
+        if tensor.start != position:
+            where = "overlaps the tensor before it" if tensor.start < position else "leaves a gap before it"
+            raise LoraError(f"tensor {name}: data_offsets [{tensor.start}, {tensor.end}] {where}")
+        position = tensor.end
+    if position > body:
+        raise LoraError(f"its tensors lie outside the file (truncated?): {position} bytes named, {body} present")
+    if position < body:
+        raise LoraError(f"the file has {body - position} bytes after its last tensor (padding is not accepted)")
+
+
+def pairs(header: Mapping[str, Tensor]) -> dict[str, Pair]:
     """module → its LoRA's (rank, in, out), from a header; a key that is no LoRA weight is an error."""
-    found: dict[str, dict[str, list[int]]] = {}
-    for name, entry in header.items():
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, tensor in header.items():
         if ALPHA_KEY.match(name):
+            if tensor.elements != 1:
+                raise LoraError(f"{name}: an alpha is one number, got shape {list(tensor.shape)}")
             continue
         key = WEIGHT_KEY.match(name)
         if key is None:
             raise LoraError(f"unsupported key {name!r}: expected <module>.lora_A.weight / .lora_B.weight (diffusers)")
-        shape = entry.get("shape")
-        if entry.get("dtype") not in FLOAT_DTYPES or not isinstance(shape, list) or len(shape) != 2:
-            raise LoraError(f"{name}: expected a 2-d float tensor, got {entry.get('dtype')} {shape}")
-        found.setdefault(key["module"], {})[key["part"]] = shape
+        if len(tensor.shape) != 2:
+            raise LoraError(f"{name}: expected a 2-d float tensor, got {tensor.dtype} {list(tensor.shape)}")
+        found.setdefault(key["module"], {})[key["part"]] = tensor.shape
     if not found:
         raise LoraError("no LoRA weights in the file")
     result = {}
@@ -88,10 +180,27 @@ def pairs(header: dict[str, Any]) -> dict[str, Pair]:
         if set(parts) != {"A", "B"}:
             raise LoraError(f"{module}: lora_A and lora_B are both needed")
         (rank, in_features), (out_features, rank_b) = parts["A"], parts["B"]
-        if rank != rank_b or not 0 < rank <= MAX_RANK:
-            raise LoraError(f"{module}: lora_A {parts['A']} and lora_B {parts['B']} disagree on a rank ≤ {MAX_RANK}")
+        if rank != rank_b or not 0 < rank <= MAX_RANK or not (in_features and out_features):
+            shapes = f"lora_A {list(parts['A'])} and lora_B {list(parts['B'])}"
+            raise LoraError(f"{module}: {shapes} disagree on a rank ≤ {MAX_RANK}")
         result[module] = Pair(rank, in_features, out_features)
     return result
+
+
+def check_finite(data: bytes, header: Mapping[str, Tensor]) -> None:
+    """LoraError naming the first tensor holding an Inf or a NaN (it would turn every image black)."""
+    offset = 8 + struct.unpack("<Q", data[:8])[0]
+    for name, tensor in header.items():
+        dtype = DTYPES[tensor.dtype]
+        values = np.frombuffer(data, dtype, tensor.elements, offset + tensor.start)
+        for start in range(0, len(values), SCAN_ELEMENTS):
+            part = values[start : start + SCAN_ELEMENTS]
+            if tensor.dtype == "BF16":
+                finite = not np.any((part & BF16_EXPONENT) == BF16_EXPONENT)
+            else:
+                finite = bool(np.isfinite(part).all())
+            if not finite:
+                raise LoraError(f"tensor {name} holds Inf or NaN values")
 
 
 def misfits(lora: dict[str, Pair], targets: Mapping[str, tuple[int, int]]) -> list[str]:

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # bytes) and how many predictions in a row it may take ahead of the queue's order for the set it has loaded.
     max_loras: int = Field(3, ge=0, le=8)
     max_lora_bytes: int = Field(256 * 2**20, ge=1024)
+    # Stored LoRAs (api/services/loras.py): the bytes of those a tenant named, at most; each deleted this long
+    # after a request last named it (core/retention.py), unless a queued or running prediction still does.
+    max_tenant_lora_bytes: int = Field(2 * 2**30, ge=0)
+    lora_retention_s: int = Field(7 * 24 * 3600, ge=60)
     lora_cache_dir: str = "/tmp/klein-loras"
     lora_disk_cache_bytes: int = Field(4 * 2**30, ge=0)
     lora_memory_cache_bytes: int = Field(2 * 2**30, ge=0)

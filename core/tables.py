@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -127,6 +128,30 @@ files = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)
+)
+
+# LoRA adapters accepted with a prediction (api/services/loras.py), stored once by content at
+# `loras/<sha256>.safetensors`; each tenant that named one has a use, which counts its bytes against the tenant
+# (KLEIN_MAX_TENANT_LORA_BYTES). The reaper (core/retention.py) drops uses and then objects unused for
+# KLEIN_LORA_RETENTION_S that no queued or running prediction names.
+loras = Table(
+    "loras",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("last_used_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("loras_last_used", "last_used_at"),
+)
+
+lora_uses = Table(
+    "lora_uses",
+    metadata,
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("sha256", String(64), ForeignKey("loras.sha256", ondelete="CASCADE"), primary_key=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("lora_uses_last_used", "last_used_at"),
+    Index("lora_uses_sha256", "sha256"),
 )
 
 

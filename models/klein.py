@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from core import lora
+
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 InputAspectRatio = Literal[
     "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "match_input_image"
@@ -105,7 +107,7 @@ class LoraRef(BaseModel):
 
     @property
     def key(self) -> str:
-        return f"loras/{self.sha256}.safetensors"
+        return lora.object_key(self.sha256)
 
     @property
     def adapter_name(self) -> str:

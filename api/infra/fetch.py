@@ -1,11 +1,18 @@
-"""Fetching a user's image URL without letting it reach our own network (SSRF): core/netguard.py decides
-each hop, redirects included (at most MAX_REDIRECTS)."""
+"""Fetching a user's image or LoRA URL without letting it reach our own network (SSRF): core/netguard.py decides
+each hop, redirects included (at most MAX_REDIRECTS).
+
+The body is bounded in decoded bytes: httpx would decode a gzip or deflate body in one piece per network read
+(a 64 KB read of zeros inflates to 64 MB before anyone counts it), so we read it raw and inflate it here, a MiB
+at a time and never more than the bytes still allowed. Other content codings are refused.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import socket
+import zlib
 from urllib.parse import urljoin
 
 import httpx
@@ -14,6 +21,10 @@ from core.netguard import FetchError, IPAddress, pin, public, target
 
 __all__ = ["MAX_REDIRECTS", "FetchError", "check", "fetch", "public"]
 MAX_REDIRECTS = 3
+ACCEPT_ENCODING = "gzip, deflate"
+PIECE = 2**20  # bytes inflated at a time
+# zlib's window bits: gzip's header and trailer; deflate as HTTP means it (zlib-wrapped).
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
@@ -50,6 +61,7 @@ async def _get(client: httpx.AsyncClient, url: str, max_bytes: int, allowlist: l
     parsed, port = target(url)
     assert parsed.host
     pinned, headers, extensions = pin(parsed, await resolve(parsed.host, port), allowlist)
+    headers |= {"Accept-Encoding": ACCEPT_ENCODING}
     request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
     response = await client.send(request, stream=True)
     try:
@@ -60,14 +72,51 @@ async def _get(client: httpx.AsyncClient, url: str, max_bytes: int, allowlist: l
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
-                raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
-        return bytes(body)
+        return await _bounded_body(response, max_bytes)
     finally:
         await response.aclose()
+
+
+async def _bounded_body(response: httpx.Response, max_bytes: int) -> bytes:
+    """The decoded body, read as it streams; FetchError as soon as it would pass `max_bytes`."""
+    codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if len(codings) > 1 or (codings and codings[0] not in _WBITS):
+        raise FetchError(f"the URL's content is encoded as {', '.join(codings)}; only gzip or deflate are read")
+    inflate: zlib._Decompress | None = None
+    body = io.BytesIO()  # getvalue() hands over its buffer: the body is never held twice
+    size = 0
+    try:
+        async for raw in response.aiter_raw():
+            if codings and inflate is None:
+                inflate = _inflater(codings[0], raw)
+            pending = raw
+            while pending:  # a network read of gzip may hold a thousand times its size: inflated a piece at a time
+                try:
+                    chunk = (
+                        pending if inflate is None else inflate.decompress(pending, min(max_bytes - size + 1, PIECE))
+                    )
+                except zlib.error:
+                    raise FetchError(f"the URL's content is not valid {codings[0]}") from None
+                pending = b"" if inflate is None else inflate.unconsumed_tail
+                size += len(chunk)
+                if size > max_bytes:
+                    raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
+                body.write(chunk)
+                if pending:
+                    await asyncio.sleep(0)  # other requests' turn between pieces
+        if codings and (inflate is None or not inflate.eof):
+            raise FetchError(f"the URL's content ends before its {codings[0]} stream does")
+    except BaseException:
+        body.close()  # now, not when the traceback that holds this frame is collected
+        raise
+    return body.getvalue()
+
+
+def _inflater(coding: str, first: bytes) -> zlib._Decompress:
+    """zlib's inflater for the coding; deflate as the standard says (zlib-wrapped) or bare, as some servers send."""
+    wrapped = len(first) >= 2 and first[0] & 0x0F == 8 and int.from_bytes(first[:2], "big") % 31 == 0
+    return zlib.decompressobj(_WBITS[coding] if coding != "deflate" or wrapped else -zlib.MAX_WBITS)
 
 
 async def check(url: str, allowlist: list[str]) -> None:

@@ -19,7 +19,7 @@ from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
-from api.services import idempotency
+from api.services import idempotency, loras
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
@@ -45,8 +45,10 @@ async def submit(
     idempotency_key: str | None = None,
     slot: Slot | None = None,
     webhook: dict[str, Any] | None = None,
+    adapters: Sequence[loras.Adapter] = (),
 ) -> Row:
-    """Store the prediction (and its reference images), enqueue it after the commit, optionally wait.
+    """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
+    enqueue it after the commit, optionally wait.
 
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
@@ -67,6 +69,8 @@ async def submit(
             if references:
                 keys = await _store_references(ctx, principal, prediction_id, references)
                 params = params.model_copy(update={"reference_keys": keys})
+            if adapters:
+                params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
             priority = queue_priority(slot.held)
             row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
         except Exception:

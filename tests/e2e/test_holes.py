@@ -1,7 +1,9 @@
-"""Holes found from outside (issue 18), each pinned: interoperability, isolation, bounds, nothing left behind."""
+"""Holes found from outside (issues 18 and 29), each pinned: interoperability, isolation, bounds, nothing left
+behind."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -9,13 +11,19 @@ from typing import Any
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from PIL import Image
+from sqlalchemy import func, select, text
 
+from core import retention
 from core.storage import make_s3_client
+from core.tables import lora_uses, loras
 from core.tenants import IssuedKey
+from ops.embedded import start_api
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_lora import tiny_lora
 from tests.e2e.test_predictions import PROMPT, submit
-from tests.images import data_uri, picture
+from tests.images import data_uri, image_server, picture
 
 NESTED = "[" * 2000 + "]" * 2000  # deeper than Python's recursion limit
 
@@ -182,3 +190,95 @@ def test_smaller_holes(stack: Stack) -> None:
     patched = admin.patch(f"/tenants/{name}", json={"max_in_flight": 3})  # by name, as GET …/{name}/keys takes it
     assert patched.status_code == 200 and patched.json()["max_in_flight"] == 3
     assert admin.get(f"/tenants/{name}/keys").status_code == 200
+
+
+def lora_stored(stack: Stack, data: bytes) -> bool:
+    """Whether the LoRA's object is in storage; its row in `loras` must say the same."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        make_s3_client(stack.settings).head_object(Bucket=stack.settings.s3_bucket, Key=f"loras/{sha256}.safetensors")
+        in_storage = True
+    except ClientError:
+        in_storage = False
+    with stack.engine.connect() as conn:
+        row = conn.execute(select(loras.c.sha256).where(loras.c.sha256 == sha256)).first()
+    assert in_storage == (row is not None), (in_storage, row)
+    return in_storage
+
+
+def with_loras(client: httpx.Client, paths: list[str], model: str = "flux-klein-4b", **body: Any) -> httpx.Response:
+    """A prediction naming the LoRAs; canceled at once unless refused, so that only its request counts."""
+    payload = {"input": {"prompt": PROMPT, "loras": [{"path": path} for path in paths]}} | body
+    answer = client.post("/v1/predictions", headers={"Model": model}, json=payload)
+    if answer.status_code == 201 and model == "flux-klein-4b":
+        client.post(f"/v1/predictions/{answer.json()['id']}/cancel")
+    return answer
+
+
+def test_a_lora_of_a_refused_request_is_never_stored(stack: Stack, client: httpx.Client) -> None:
+    """Issue 29: each LoRA was stored before the rest of the request (here its webhook) was checked."""
+    adapter = tiny_lora(30)
+    with image_server("http://127.0.0.1/", {"/a.safetensors": adapter}) as files:
+        refused = with_loras(client, [f"{files}/a.safetensors"], webhook="http://10.0.0.1/hook")
+        assert refused.status_code == 422 and "webhook" in refused.json()["error"], refused.text
+        assert not lora_stored(stack, adapter)
+        assert with_loras(client, [f"{files}/a.safetensors"]).status_code == 201
+    assert lora_stored(stack, adapter)
+
+
+def test_stored_loras_count_against_their_tenant_and_go_once_unused(stack: Stack) -> None:
+    """Each tenant's stored LoRA bytes are bounded; a LoRA goes `lora_retention_s` after a request last named it,
+    unless a queued prediction still names it (an API bounded at two of these LoRAs per tenant; a model no worker
+    serves keeps a prediction queued)."""
+    adapters = [tiny_lora(seed) for seed in (31, 32, 33)]
+    bound = {"KLEIN_MAX_TENANT_LORA_BYTES": str(2 * len(adapters[0]))}
+    served = {"KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]'}
+    api, url = start_api(stack.env | bound | served, stack.logs / "api-lora-bound.log")
+    one, other = make_tenant(stack.engine), make_tenant(stack.engine)
+    paths = {f"/{i}.safetensors": data for i, data in enumerate(adapters)}
+    s3 = make_s3_client(stack.settings)
+    try:
+        with (
+            image_server("http://127.0.0.1/", paths) as files,
+            httpx.Client(base_url=url, headers={"apikey": one.key}, timeout=60) as client,
+            httpx.Client(base_url=url, headers={"apikey": other.key}, timeout=60) as neighbour,
+        ):
+            first, second, third = (f"{files}/{i}.safetensors" for i in range(3))
+            assert with_loras(client, [first, second]).status_code == 201
+            over = with_loras(client, [third])
+            assert over.status_code == 422, over.text
+            assert "input.loras[0].path: this account's stored LoRAs would exceed" in over.json()["error"]
+            assert not lora_stored(stack, adapters[2])
+            assert with_loras(client, [first]).status_code == 201  # already counted
+            assert with_loras(neighbour, [third]).status_code == 201  # the bound is each tenant's
+            queued = with_loras(client, [first], model="flux-klein-4b-base")
+            assert queued.status_code == 201, queued.text
+
+            age_uses(stack, [one.tenant_id, other.tenant_id])
+            retention.reap(stack.settings, stack.engine, s3)
+            assert uses(stack, one.tenant_id) == [hashlib.sha256(adapters[0]).hexdigest()]  # the queued one's
+            assert uses(stack, other.tenant_id) == []
+            assert lora_stored(stack, adapters[0])
+            assert not lora_stored(stack, adapters[1]) and not lora_stored(stack, adapters[2])
+            assert with_loras(client, [third]).status_code == 201  # room again
+
+            client.post(f"/v1/predictions/{queued.json()['id']}/cancel")
+            age_uses(stack, [one.tenant_id])
+            retention.reap(stack.settings, stack.engine, s3)
+            assert uses(stack, one.tenant_id) == [] and not lora_stored(stack, adapters[0])
+    finally:
+        api.stop()
+
+
+def age_uses(stack: Stack, tenant_ids: list[str]) -> None:
+    """As if the tenants' LoRAs were last named a day longer ago than they are kept."""
+    ago = func.now() - text(f"interval '{stack.settings.lora_retention_s + 86400} seconds'")
+    with stack.engine.begin() as conn:
+        named = select(lora_uses.c.sha256).where(lora_uses.c.tenant_id.in_(tenant_ids))
+        conn.execute(loras.update().where(loras.c.sha256.in_(named)).values(last_used_at=ago))
+        conn.execute(lora_uses.update().where(lora_uses.c.tenant_id.in_(tenant_ids)).values(last_used_at=ago))
+
+
+def uses(stack: Stack, tenant_id: str) -> list[str]:
+    with stack.engine.connect() as conn:
+        return list(conn.execute(select(lora_uses.c.sha256).where(lora_uses.c.tenant_id == tenant_id)).scalars())

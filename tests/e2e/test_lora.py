@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import re
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +37,55 @@ def tiny_lora(seed: int, rank: int = 2, width: int = 32, modules: tuple[str, ...
     return save_safetensors(tensors)
 
 
+A = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+B = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
+ALPHA = "transformer.transformer_blocks.0.attn.to_q.alpha"
+ONES = np.ones(128, dtype="<f4").tobytes()  # A (2 × 32) then B (32 × 2), F32
+
+
+def safetensors(header: dict[str, Any] | str, body: bytes = ONES) -> bytes:
+    """A file in safetensors' framing whatever its header says: the header's length, its JSON, the data."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def entry(dtype: str = "F32", shape: Any = (2, 32), offsets: Any = (0, 256)) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape, "data_offsets": offsets}
+
+
+GOOD = {A: entry(), B: entry(shape=(32, 2), offsets=[256, 512])}
+BF16_INF = np.full(128, 0x7F80, dtype="<u2").tobytes()  # +Inf as bfloat16
+# (case, file, what the 422 must say): each a header that lies or a file that is not what its header says.
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("an entry that is a number", safetensors({A: 5, B: GOOD[B]}), f"tensor {A}: expected an object"),
+    ("three data offsets", safetensors({A: entry(offsets=[0, 128, 256]), B: GOOD[B]}), "data_offsets must be two"),
+    ("a null shape", safetensors({A: entry(shape=None), B: GOOD[B]}), "shape must be a list of non-negative"),
+    ("a string shape", safetensors({A: entry(shape="2x32"), B: GOOD[B]}), "shape must be a list of non-negative"),
+    ("a bool in a shape", safetensors({A: entry(shape=[True, 32]), B: GOOD[B]}), "shape must be a list"),
+    ("a float in a shape", safetensors({A: entry(shape=[2.0, 32]), B: GOOD[B]}), "shape must be a list"),
+    ("an unknown dtype", safetensors({A: entry(dtype="I64"), B: GOOD[B]}), "dtype 'I64' is not one of"),
+    ("offsets not dtype × shape", safetensors({A: entry(offsets=[0, 128]), B: GOOD[B]}), "hold 128 bytes"),
+    ("overlapping", safetensors({A: entry(), B: entry(shape=(32, 2), offsets=[128, 384])}), "overlaps the tensor"),
+    ("a gap", safetensors({A: entry(), B: entry(shape=(32, 2), offsets=[320, 576])}, ONES + bytes(64)), "a gap"),
+    ("out of the file", safetensors(GOOD, ONES[:300]), "lie outside the file"),
+    ("trailing padding", safetensors(GOOD, ONES + bytes(4096)), "4096 bytes after its last tensor"),
+    ("an empty alpha", safetensors(GOOD | {ALPHA: entry(shape=(0,), offsets=[512, 512])}), "an alpha is one number"),
+    ("a NaN weight", safetensors(GOOD, ONES[:-4] + np.float32("nan").tobytes()), f"tensor {B} holds Inf or NaN"),
+    (
+        "Inf in bfloat16",
+        safetensors({A: entry("BF16", offsets=[0, 128]), B: entry("BF16", (32, 2), [128, 256])}, BF16_INF),
+        "holds Inf or NaN",
+    ),
+    ("a tensor named twice", safetensors(json.dumps(GOOD)[:-1] + f', "{A}": {json.dumps(GOOD[A])}}}'), "twice"),
+    ("metadata not strings", safetensors(GOOD | {"__metadata__": {"rank": 2}}), "__metadata__ must map"),
+    ("a 2 MiB header", safetensors(GOOD | {"__metadata__": {"x": "x" * 2**21}}), "at most 1048576 are read"),
+]
+
+
 @pytest.fixture(scope="module")
 def files() -> Iterator[str]:
-    with image_server("http://127.0.0.1/", {"/style.safetensors": tiny_lora(1)}) as url:
+    malformed = {f"/malformed-{i}.safetensors": data for i, (_, data, _) in enumerate(MALFORMED)}
+    with image_server("http://127.0.0.1/", {"/style.safetensors": tiny_lora(1)} | malformed) as url:
         yield url
 
 
@@ -166,3 +213,21 @@ def test_a_worker_with_a_lora_loaded_takes_the_next_predictions_wanting_it_ahead
     assert all(d["status"] == "succeeded" for d in done), done
     ahead = [d["id"] for d in done if any("taken ahead of the queue" in line["message"] for line in d["logs"])]
     assert ahead and ids[0] not in ahead, [[line["message"] for line in d["logs"]] for d in done]
+
+
+def test_a_malformed_lora_is_a_422_naming_the_problem_uploaded_or_by_url(client: httpx.Client, files: str) -> None:
+    """Every case through the real API twice: uploaded to /v1/files, and named by URL in a prediction."""
+    assert upload(client, safetensors(GOOD)).status_code == 201  # the well-formed file the cases start from
+    for i, (case, data, says) in enumerate(MALFORMED):
+        uploaded = upload(client, data)
+        assert uploaded.status_code == 422, (case, uploaded.status_code, uploaded.text[:300])
+        assert says in uploaded.json()["error"], (case, uploaded.json())
+        body = {"input": INPUT | {"loras": [{"path": f"{files}/malformed-{i}.safetensors"}]}}
+        named = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=body)
+        assert named.status_code == 422, (case, named.status_code, named.text[:300])
+        assert "input.loras[0].path: " in named.json()["error"] and says in named.json()["error"], (case, named.text)
+    lying = {"loras": [{"path": f"{files}/malformed-1.safetensors"}]}  # in the other dialects' own shapes
+    wavespeed = client.post("/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image-lora", json={"prompt": "x"} | lying)
+    assert wavespeed.status_code == 422 and "data_offsets must be two" in wavespeed.json()["message"], wavespeed.text
+    generate = client.post("/v1/generate", json={"prompt": "x"} | lying)
+    assert generate.status_code == 422 and "loras[0].path: tensor" in generate.json()["detail"], generate.text

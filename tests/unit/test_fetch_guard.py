@@ -1,4 +1,5 @@
-"""api/infra/fetch.py: the SSRF guard on IPv6 forms that embed an IPv4 address, and the fetch timeout.
+"""api/infra/fetch.py: the SSRF guard on IPv6 forms that embed an IPv4 address, the fetch timeout, and the body's
+bound in decoded bytes (gzip and deflate inflated as they stream, never past the bound).
 
 No PostgreSQL or Redis needed: fetch() is called directly, against real HTTP servers on 127.0.0.2.
 """
@@ -6,9 +7,12 @@ No PostgreSQL or Redis needed: fetch() is called directly, against real HTTP ser
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,6 +27,23 @@ from core.netguard import public as _public
 LOOPBACK = "127.0.0.2"
 ALLOW_LOOPBACK = [f"{LOOPBACK}/32"]
 SLOW_S = 6.0  # longer than httpx's 5 s default timeout
+
+
+def _gzip_of_zeros(mib: int) -> bytes:
+    """A gzip bomb: `mib` MiB of zeros in about a thousandth of that."""
+    deflate, zeros = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), bytes(2**20)
+    return b"".join(deflate.compress(zeros) for _ in range(mib)) + deflate.flush()
+
+
+BOMB_MIB = 64
+ENCODED = {  # path → (Content-Encoding, body)
+    "/bomb": ("gzip", _gzip_of_zeros(BOMB_MIB)),
+    "/gzip": ("gzip", gzip.compress(b"image-bytes")),
+    "/deflate": ("deflate", zlib.compress(b"image-bytes")),
+    "/bare-deflate": ("deflate", zlib.compress(b"image-bytes", wbits=-zlib.MAX_WBITS)),
+    "/brotli": ("br", b"\x0b\x05\x80image-bytes\x03"),
+    "/cut-gzip": ("gzip", gzip.compress(b"image-bytes" * 100)[:40]),
+}
 
 # (address, what it reaches): every one must be refused.
 REFUSED = [
@@ -106,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(SLOW_S)
         body = b"image-bytes"
         self.send_response(200)
+        if parts.path in ENCODED:
+            encoding, body = ENCODED[parts.path]
+            self.send_header("Content-Encoding", encoding)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -148,3 +172,32 @@ def test_fetch_gives_up_after_timeout_s(server: str) -> None:
     with pytest.raises(FetchError, match="took longer than 2 s"):
         asyncio.run(fetch(f"{server}/slow", 1000, 2, ALLOW_LOOPBACK))
     assert time.monotonic() - started < SLOW_S - 1
+
+
+def test_a_gzip_bomb_is_refused_at_the_bound_in_decoded_bytes_without_inflating_past_it(server: str) -> None:
+    """64 MiB of zeros in 64 KB of gzip, against a bound of 1 MiB: the fetch stops at the bound, having allocated
+    a few times the bound (the body, its last piece, the HTTP client's own setup), where httpx's transparent
+    decoding inflates each network read whole: the first one to 64 MiB."""
+    assert len(ENCODED["/bomb"][1]) < 2**20 // 8
+    tracemalloc.start()
+    try:
+        with pytest.raises(FetchError, match="larger than 1048576 bytes"):
+            asyncio.run(fetch(f"{server}/bomb", 2**20, 10, ALLOW_LOOPBACK))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated while fetching"
+
+
+@pytest.mark.parametrize("path", ["/gzip", "/deflate", "/bare-deflate"])
+def test_gzip_and_deflate_bodies_are_read_decoded(server: str, path: str) -> None:
+    assert asyncio.run(fetch(f"{server}{path}", 1000, 5, ALLOW_LOOPBACK)) == b"image-bytes"
+    with pytest.raises(FetchError, match="larger than 5 bytes"):
+        asyncio.run(fetch(f"{server}{path}", 5, 5, ALLOW_LOOPBACK))
+
+
+def test_other_content_codings_and_cut_streams_are_refused(server: str) -> None:
+    with pytest.raises(FetchError, match="encoded as br; only gzip or deflate"):
+        asyncio.run(fetch(f"{server}/brotli", 1000, 5, ALLOW_LOOPBACK))
+    with pytest.raises(FetchError, match="ends before its gzip stream does"):
+        asyncio.run(fetch(f"{server}/cut-gzip", 10_000, 5, ALLOW_LOOPBACK))

@@ -151,10 +151,12 @@ async def generate(
         secret=body.webhook_secret,
     )
     adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
-    params = body.to_params(spec).model_copy(update={"loras": adapters})
+    params = body.to_params(spec)
     echo = body.model_dump(exclude={"webhook_url", "webhook_secret"}) | {"images": len(uploads)}
     wait_s = ctx.settings.try_sync_timeout_s
-    submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)
+    submitted = await predictions.submit(
+        ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook, adapters=adapters
+    )
     row = completed(submitted, wait_s)
     png = await read_output(ctx, row, row["outputs"][0])
     await retention.after_sync_delivery(ctx, principal, row)

@@ -128,7 +128,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
     adapters = await loras.resolve(ctx, principal, request, spec.id, validated.loras, "input.loras")
     params = validated.to_params(
         seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
-    ).model_copy(update={"loras": adapters})
+    )
     base_url = public_base_url(request, ctx.settings)
     webhook = await webhooks.accept(
         ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")
@@ -136,7 +136,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
     wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
     idempotency_key = request.headers.get("idempotency-key")
     row = await predictions.submit(
-        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot, webhook
+        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot, webhook, adapters
     )
     if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
         return JSON(view(row, base_url, live.of_final(row)), status_code=200)
