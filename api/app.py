@@ -13,13 +13,13 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api.context import AppContext
 from api.errors import install_error_handlers
-from api.infra import metrics
 from api.infra.body_limit import BodySizeLimit
 from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
 from api.routes import account, admin, delivery, files, listing, meta, stream, web, webhooks
+from api.routes import metrics as scrape
 from api.routes.dialects import generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         Observe, access_log=settings.access_log
     )  # outermost: every answer gets its request id, log context and metrics
-    app.add_route("/metrics", metrics.endpoint, include_in_schema=False)
+    app.add_route("/metrics", scrape.endpoint, include_in_schema=False)
     app.mount("/static/vendor", web.vendor, name="vendor")  # before /static, which would take its paths
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}

@@ -13,12 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
-from api.services.principals import KeyCache
-from api.services.rate_limit import Limiter
 from core.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # built by api/app.py; the context only carries them (it imports no service)
     from mypy_boto3_s3 import S3Client
+
+    from api.services.principals import KeyCache
+    from api.services.rate_limit import Limiter
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ import orjson
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 from sqlalchemy import Connection, Engine, select
 
-from api.routes.dialects.payloads import render  # the dialects' views (no torch on this side)
 from core import logs, netguard, tracing, webhooks
 from core.db import make_sync_engine
 from core.queue import DELIVER_TASK, make_celery, webhooks_queue
 from core.settings import Settings, get_settings
 from core.tables import predictions
+from views import render  # each dialect's prediction shape (no HTTP tier, no torch)
 from worker import metrics
 
 log = logging.getLogger(__name__)

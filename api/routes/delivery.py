@@ -20,29 +20,14 @@ from api.errors import Forbidden, NotFound
 from api.infra.objects import file_response, read_object
 from api.infra.pg import Statement
 from api.routes.openapi_errors import Error, errors, image
-from api.services import retention, signing
+from api.services import retention
 from api.services.auth import authenticate, presented_key
 from api.services.predictions import Row, fetch_or_404
-from core.settings import Settings
+from core import signing
 from core.tables import predictions
 
 router = APIRouter()
 _READ_SIGNED = Statement(select(predictions).where(predictions.c.id == bindparam("id")))
-
-
-def delivery_url(base_url: str, prediction_id: str, filename: str) -> str:
-    return f"{base_url}/v1/predictions/delivery/{prediction_id}/{filename}"
-
-
-def output_urls(base_url: str, row: Row) -> list[str]:
-    return [delivery_url(base_url, row["id"], output["filename"]) for output in row["outputs"]]
-
-
-def signed_output_urls(settings: Settings, base_url: str, row: Row) -> list[str]:
-    return [
-        signing.sign(settings, delivery_url(base_url, row["id"], o["filename"]), row["id"], o["filename"])
-        for o in row["outputs"]
-    ]
 
 
 async def outputs_base64(ctx: AppContext, row: Row) -> list[str]:

@@ -23,14 +23,15 @@ from sqlalchemy import and_, or_, select
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Invalid, negotiated_route
-from api.routes.delivery import signed_output_urls
-from api.routes.dialects import pruna, replicate
-from api.routes.dialects.common import STATUS_WORDS
+from api.routes.dialects import replicate
 from api.routes.openapi_errors import errors
 from api.services import live
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from core.tables import predictions as p
+from views import pruna
+from views import replicate as replicate_view
+from views.common import STATUS_WORDS, signed_output_urls
 
 router = APIRouter(
     tags=["pruna", "replicate"], route_class=negotiated_route(replicate.problem_for), responses=errors(401, 429, 503)
@@ -80,7 +81,7 @@ async def list_predictions(
         return {
             "previous": _link(request, base_url, newer_page),
             "next": _link(request, base_url, older_page),
-            "results": [replicate.view(row, base_url, ctx.settings, row["logs"]) for row in page],
+            "results": [replicate_view.view(row, base_url, ctx.settings, row["logs"]) for row in page],
         }
     return {"previous": newer_page, "next": older_page, "results": [_result(ctx, row, base_url) for row in page]}
 

@@ -29,14 +29,14 @@ from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Invalid, RateLimited
 from api.infra import metrics
 from api.infra.rows import Row
-from api.routes.delivery import signed_output_urls
-from api.routes.dialects import pruna
 from api.routes.openapi_errors import errors
 from api.services import live, predictions
 from api.services.auth import Authenticated
 from api.services.principals import Principal
 from core import progress
 from core.lifecycle import Status
+from views import pruna
+from views.common import STATUS_WORDS, signed_output_urls
 
 router = APIRouter(tags=["events"], responses=errors(401, 429, 503))
 ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -111,7 +111,7 @@ def _streams_of(principal: Principal) -> str:
 
 
 async def _status(ctx: AppContext, row: Row) -> dict[str, Any]:
-    return {"status": pruna.STATUS_WORDS[row["status"]]} | await live.extras(ctx, row)
+    return {"status": STATUS_WORDS[row["status"]]} | await live.extras(ctx, row)
 
 
 async def _woken(finished: asyncio.Event, more: asyncio.Event, timeout_s: float) -> bool:

@@ -35,6 +35,7 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count"
 def exported() -> set[str]:
     """The sample names of every metric the API, the workers and the webhook worker register."""
     importlib.import_module("api.infra.metrics")
+    importlib.import_module("api.routes.metrics")
     importlib.import_module("worker.metrics")
     names = set(GPU_SERIES)
     family: Metric

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from api.services import signing
+from core import signing
 from core.ids import new_id
 from core.settings import Settings
 from core.tenants import IssuedKey

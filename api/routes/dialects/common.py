@@ -6,7 +6,6 @@ A dialect module is its request model (with `to_params`), its status words and i
 from __future__ import annotations
 
 import re
-from datetime import datetime
 
 from api.errors import GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
@@ -15,15 +14,6 @@ from core.lifecycle import Status
 from core.settings import Settings
 from models.klein import floor16
 from models.registry import ModelSpec, known_ids, resolve
-
-# The status words of Replicate's API, which Pruna's (and its client) took over.
-STATUS_WORDS = {
-    Status.CREATED: "starting",
-    Status.PROCESSING: "processing",
-    Status.COMPLETED: "succeeded",
-    Status.FAILED: "failed",
-    Status.CANCELED: "canceled",
-}
 
 
 def lookup_model(name: str | None, body_field: str | None = None) -> ModelSpec:
@@ -75,8 +65,3 @@ def completed(row: Row, wait_s: float) -> Row:
     if status.terminal:
         raise GenerationFailed(f"generation {status.value}: {row['error'] or 'no reason recorded'}")
     raise TimedOut(f"generation exceeded the {wait_s:g} s time limit (id {row['id']})")
-
-
-def iso_z(moment: datetime) -> str:
-    """UTC with milliseconds and a Z, as WaveSpeed and 1min write their timestamps."""
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

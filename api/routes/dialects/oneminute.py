@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import AppContext, get_ctx, public_base_url
-from api.routes.delivery import output_urls, signed_output_urls
-from api.routes.dialects.common import iso_z, seed_or_random, served_model
+from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
 from api.services import predictions
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import MAX_SEED, GenerationParams, Prompt, size_for_aspect_ratio
+from views.common import iso_z, output_urls, signed_output_urls
 
 router = APIRouter(tags=["1min"], responses=errors(401, 429, 503))
 RECORD_STATUS = {Status.COMPLETED: "SUCCESS", Status.FAILED: "FAILED", Status.CANCELED: "FAILED"}

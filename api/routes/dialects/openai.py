@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, dialect_route
-from api.routes.delivery import outputs_base64, signed_output_urls
+from api.routes.delivery import outputs_base64
 from api.routes.dialects.common import completed, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import OpenAIError, errors
 from api.services import predictions, references, retention, webhooks
@@ -30,6 +30,7 @@ from models.klein import (
     size_for_aspect_ratio,
 )
 from models.registry import ModelSpec
+from views.common import signed_output_urls
 
 MIN_SIDE, MAX_SIDE, MAX_PIXELS = 256, 2048, 1_048_576
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}

@@ -15,9 +15,8 @@ from pydantic import ValidationError
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Invalid, validation_error
 from api.infra.jsonresponse import JSON
-from api.routes.delivery import output_urls
 from api.routes.dialects import replicate
-from api.routes.dialects.common import STATUS_WORDS, seed_or_random, served_model
+from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
 from api.services import live, loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
@@ -26,6 +25,7 @@ from api.services.rate_limit import Slot
 from core.lifecycle import Status
 from models.klein import KleinInput
 from models.registry import known_ids
+from views.pruna import view
 
 router = APIRouter(tags=["pruna"], responses=errors(401, 429, 503))
 
@@ -49,32 +49,6 @@ _REQUEST_SCHEMA = {
         }
     },
 }
-
-
-def view(row: predictions.Row, base_url: str, live: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Pruna prediction body, with `live` (api/services/live.py) where the status is asked for. Timestamps
-    stay datetimes: orjson writes them as `isoformat()` does, in C."""
-    status = row["status"]  # a Status is its str, so the str looks it up
-    body: dict[str, Any] = {
-        "id": row["id"],
-        "model": row["model"],
-        "input": row["input"],
-        "status": STATUS_WORDS[status],
-        "get_url": f"{base_url}/v1/predictions/status/{row['id']}",
-        "seed": row["params"]["seed"],
-        "created_at": row["created_at"],
-        "started_at": row["started_at"],
-        "completed_at": row["completed_at"],
-        "timings": row["timings"],
-        "error": row["error"],
-    }
-    if status == Status.COMPLETED:
-        urls = output_urls(base_url, row)
-        body["generation_url"] = urls[0]
-        body["generation_urls"] = urls
-    if row.get("expired_at") is not None:  # its outputs are gone: the URLs answer 410 (docs/retention.md)
-        body["expired_at"] = row["expired_at"]
-    return body | live if live else body
 
 
 _PREDICTION = {"application/json": {"schema": {"type": "object"}}}

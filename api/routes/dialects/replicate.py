@@ -12,8 +12,6 @@ replicate_input.py. Outputs are signed links any HTTP client downloads. Errors a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -23,17 +21,13 @@ from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import NotFound, Renderer, answered, dialect_route, problem_details, validation_error
 from api.infra.jsonresponse import JSON
 from api.routes import meta
-from api.routes.delivery import signed_output_urls
-from api.routes.dialects.common import STATUS_WORDS, iso_z, lookup_model, served_model
+from api.routes.dialects.common import lookup_model, served_model
 from api.routes.dialects.replicate_input import (
     PredictionRequest,
     VersionedRequest,
     parse_input,
     prefer_wait,
-    replicate_name,
     to_params,
-    version_id,
-    version_object,
     versioned_model,
 )
 from api.routes.openapi_errors import PLATFORM_ONLY, errors
@@ -42,8 +36,8 @@ from api.services.auth import Authenticated, authenticate
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
 from core.lifecycle import Status
-from core.settings import Settings
-from models.registry import ModelSpec, resolve
+from models.registry import ModelSpec
+from views.replicate import version_id, version_object, view
 
 
 class ProblemDetails(BaseModel):
@@ -82,49 +76,6 @@ def speaks_replicate(request: Request) -> bool:
 def problem_for(request: Request) -> Renderer | None:
     """For `negotiated_route`: Replicate's error shape for its callers, the platform's for the others."""
     return problem_details if speaks_replicate(request) else None
-
-
-def view(
-    row: predictions.Row, base_url: str, settings: Settings, logs: Sequence[Mapping[str, str]], waited: bool = False
-) -> dict[str, Any]:
-    """Replicate's prediction object. `waited`: the answer to a `Prefer: wait` that ended before the prediction
-    did, which the client takes for final unless it says `starting`."""
-    status = Status(row["status"])
-    spec = resolve(row["model"])
-    removed = row.get("expired_at") is not None
-    prediction_url = f"{base_url}/v1/predictions/{row['id']}"
-    timings = row["timings"]
-    metrics: dict[str, Any] = {}
-    if "total_ms" in timings:
-        metrics = {"predict_time": (timings["total_ms"] - timings.get("queue_ms", 0)) / 1000}
-        metrics["total_time"] = timings["total_ms"] / 1000
-    if status is Status.COMPLETED:
-        metrics["image_count"] = len(row["outputs"])
-    return {
-        "id": row["id"],
-        "model": replicate_name(spec) if spec else row["model"],
-        "version": version_id(spec) if spec else row["model"],
-        "input": row["input"],
-        "logs": "\n".join([f"Using seed: {row['params']['seed']}", *(entry["message"] for entry in logs)]),
-        "output": signed_output_urls(settings, base_url, row) if status is Status.COMPLETED and not removed else None,
-        "error": row["error"],
-        "status": "starting" if waited and not status.terminal else STATUS_WORDS[status],
-        "created_at": _time(row["created_at"]),
-        "started_at": _time(row["started_at"]),
-        "completed_at": _time(row["completed_at"]),
-        "data_removed": removed,
-        "urls": {
-            "get": prediction_url,
-            "cancel": f"{prediction_url}/cancel",
-            "stream": f"{prediction_url}/stream",
-            "web": f"{base_url}/#history",
-        },
-        "metrics": metrics,
-    }
-
-
-def _time(moment: datetime | None) -> str | None:
-    return None if moment is None else iso_z(moment)
 
 
 async def _submit(

@@ -8,66 +8,25 @@ Any other input this platform does not run is a 422 naming it, never dropped.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-from typing import Any, Literal
+from typing import Any
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import Invalid, validation_error
 from api.routes.dialects.common import seed_or_random
 from core.settings import Settings
 from models.klein import (
-    MAX_OUTPUTS,
-    MAX_REFERENCES,
     GenerationParams,
-    InputAspectRatio,
     KleinInput,
-    OutputFormat,
-    Prompt,
     size_for_aspect_ratio,
     size_for_ratio,
 )
 from models.registry import MODELS, ModelSpec, resolve
+from views.replicate import ReplicateInput, replicate_name, version_id
 
 MAX_WAIT_S = 60  # Replicate's bound on `Prefer: wait=N`
 # The model's own inputs, passed through to its input model (its defaults and ranges: the base model's differ).
 OWN_INPUTS = ("prompt", "aspect_ratio", "seed", "num_inference_steps", "guidance", "output_format", "output_quality")
-
-
-class ReplicateInput(BaseModel):
-    """FLUX.2 [klein] on Replicate (black-forest-labs/flux-2-klein-4b), as far as this platform runs it; anything
-    else is a 422 naming it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: Prompt
-    images: list[str] | None = Field(None, max_length=MAX_REFERENCES, description="Reference images (URLs)")
-    input_images: list[str] | None = Field(None, max_length=MAX_REFERENCES, description="Another name for images")
-    aspect_ratio: InputAspectRatio = "1:1"
-    output_megapixels: Literal["0.25", "0.5", "1"] = "1"
-    seed: int | None = Field(None, description="Random when unset; reported in the logs")
-    num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS)
-    num_inference_steps: int | None = Field(None, description="The model's default when unset")
-    guidance: float | None = Field(None, description="The model's default when unset")
-    output_format: OutputFormat = "jpg"
-    output_quality: int = Field(95, description="1–100, for jpg and webp")
-    go_fast: bool = Field(False, description="Accepted without effect: the workers always run their fastest setup")
-    disable_safety_checker: bool = Field(False, description="Accepted without effect: no safety checker runs here")
-
-    @model_validator(mode="after")
-    def _one_name_for_references(self) -> ReplicateInput:
-        if self.images is not None and self.input_images is not None:
-            raise ValueError("give reference images as either images or input_images, not both")
-        return self
-
-    @property
-    def references(self) -> tuple[list[str], str]:
-        """The reference URLs, and the field they came in."""
-        if self.input_images is not None:
-            return self.input_images, "input.input_images"
-        return self.images or [], "input.images"
 
 
 class PredictionRequest(BaseModel):
@@ -81,41 +40,6 @@ class PredictionRequest(BaseModel):
 
 class VersionedRequest(PredictionRequest):
     version: str = Field(description="A version id, `owner/name` or `owner/name:version`")
-
-
-def replicate_name(spec: ModelSpec) -> str:
-    """`owner/name`: the model's first alias of that form (its id where it has none)."""
-    return next((name for name in spec.names if "/" in name), spec.id)
-
-
-@functools.cache
-def openapi_schema(spec: ModelSpec) -> dict[str, Any]:
-    """A Replicate version's `openapi_schema`: the input with the model's own defaults, an array of URLs out."""
-    schema = ReplicateInput.model_json_schema()
-    own = spec.input_schema()["properties"]
-    schema["properties"] |= {name: own[name] for name in ("num_inference_steps", "guidance")}
-    output = {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
-    return {
-        "openapi": "3.0.2",
-        "info": {"title": replicate_name(spec), "version": "1"},
-        "paths": {},
-        "components": {"schemas": {"Input": schema, "Output": output}},
-    }
-
-
-@functools.cache
-def version_id(spec: ModelSpec) -> str:
-    """64 hex digits like Replicate's, from the schema: a new schema is a new version."""
-    return hashlib.sha256(orjson.dumps(openapi_schema(spec), option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def version_object(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "id": version_id(spec),
-        "created_at": "1970-01-01T00:00:00Z",  # as /v1/models' `created`: a version here has no publication date
-        "cog_version": "klein-serve",  # not Cog; the client only reads it to date old schemas
-        "openapi_schema": openapi_schema(spec),
-    }
 
 
 def versioned_model(version: str) -> ModelSpec:

@@ -18,24 +18,19 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
-from api.routes.delivery import gone, outputs_base64, signed_output_urls
-from api.routes.dialects.common import iso_z, parse_size, seed_or_random, served_model
+from api.routes.delivery import gone, outputs_base64
+from api.routes.dialects.common import parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import WaveSpeedError, errors
 from api.services import live, loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Loras, Prompt
 from models.registry import ModelSpec
+from views.common import signed_output_urls
+from views.wavespeed import view
 
 MIN_SIDE, MAX_SIDE = 256, 1536
 TASKS = ("text-to-image", "edit", "text-to-image-lora", "edit-lora")
-STATUS_WORDS = {
-    Status.CREATED: "created",
-    Status.PROCESSING: "processing",
-    Status.COMPLETED: "completed",
-    Status.FAILED: "failed",
-    Status.CANCELED: "failed",
-}
 
 
 def _envelope(error: Answer) -> Response:
@@ -98,25 +93,6 @@ class WaveSpeedRequest(BaseModel):
             output_format="jpg" if self.output_format == "jpeg" else self.output_format,
             output_quality=90,
         )
-
-
-def view(row: predictions.Row, base_url: str, outputs: list[str]) -> dict[str, Any]:
-    """`outputs`: what the client downloads as is, once completed (signed links or data URIs)."""
-    status = Status(row["status"])
-    done = status is Status.COMPLETED
-    return {
-        "id": row["id"],
-        # the model path a WaveSpeed client posted to; made through another dialect: the model named there
-        "model": row["input"].get("model", row["model"]),
-        "outputs": outputs if done else [],
-        "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
-        "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
-        "status": STATUS_WORDS[status],
-        "created_at": iso_z(row["created_at"]),
-        "error": row["error"] or ("canceled" if status is Status.CANCELED else ""),
-        "timings": {"inference": row["timings"].get("inference_ms", 0)},
-        "seed": row["params"]["seed"],
-    }
 
 
 async def _answer(

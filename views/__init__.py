@@ -1,7 +1,9 @@
-"""Webhook payloads, rendered by the webhook worker at each attempt (so links are freshly signed).
+"""A prediction as each dialect shows it: pure data → JSON, read by the API (status, lists, the event stream) and
+by the webhook worker (payloads). Nothing here imports the HTTP tier or any process's metrics
+(tests/unit/test_layers.py keeps it so).
 
-Pruna, Replicate and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks
-carry it). Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
+Pruna, Replicate and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks carry
+it). Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
 with the prediction's id and status beside it, and links instead of bytes.
 """
 
@@ -9,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.infra.rows import Row
-from api.routes.delivery import signed_output_urls
-from api.routes.dialects import pruna, replicate, wavespeed
-from api.routes.dialects.common import STATUS_WORDS
 from core.lifecycle import Status
 from core.settings import Settings
+from views import pruna, replicate, wavespeed
+from views.common import STATUS_WORDS, Row, signed_output_urls
 
 
 def render(dialect: str, row: Row, base_url: str, settings: Settings) -> dict[str, Any]:
+    """The webhook payload for a prediction made through `dialect`, rendered at each attempt (links freshly
+    signed)."""
     status = Status(row["status"])
     urls = signed_output_urls(settings, base_url, row) if status is Status.COMPLETED else []
     logs = {"logs": row["logs"]}  # as the status endpoints add it (api/services/live.py)

@@ -1,0 +1,128 @@
+"""`GET /metrics`: the API process's series (api/infra/metrics.py) and the platform's gauges in Prometheus' text
+format (prometheus-client).
+
+Queue depth and age, webhook backlog, live workers and (behind `KLEIN_METRICS_PER_TENANT`, for its label
+cardinality) in-flight per tenant are read from PostgreSQL and Redis (api/services/fleet.py) at most once per
+`KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait for the same read). With
+`KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.context import AppContext
+from api.infra import metrics
+from api.services import fleet
+
+QUEUE_DEPTH = Gauge(
+    "klein_queue_depth", "Messages in the broker, by priority", ["priority"], multiprocess_mode=metrics.LAST
+)
+QUEUE_AGE = Gauge(
+    "klein_queue_oldest_age_seconds",
+    "Age of the oldest queued prediction, by priority (0: none queued)",
+    ["priority"],
+    multiprocess_mode=metrics.LAST,
+)
+LIVE_WORKERS = Gauge(
+    "klein_live_workers", "GPU workers that announced themselves lately", multiprocess_mode=metrics.LAST
+)
+WEBHOOK_BACKLOG = Gauge(
+    "klein_webhook_backlog", "Webhook deliveries pending or being sent", multiprocess_mode=metrics.LAST
+)
+WEBHOOK_AGE = Gauge(
+    "klein_webhook_oldest_pending_age_seconds",
+    "Age of the oldest webhook event not yet delivered (0: none)",
+    multiprocess_mode=metrics.LAST,
+)
+TENANT_IMAGES = Gauge(
+    "klein_tenant_images_24h",
+    "Images billed in the last 24 hours, per tenant",
+    ["tenant"],
+    multiprocess_mode=metrics.LAST,
+)
+TENANT_IN_FLIGHT = Gauge(
+    "klein_tenant_in_flight", "Queued + processing, per tenant", ["tenant"], multiprocess_mode=metrics.LAST
+)
+
+
+REFRESHES = Counter(
+    "klein_metrics_refreshes", "Reads of the platform gauges from PostgreSQL and Redis (at most one per interval)"
+)
+
+
+async def endpoint(request: Request) -> Response:
+    ctx: AppContext = request.app.state.ctx
+    if not _authorized(request, ctx):
+        return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
+    await _gauges.refresh(ctx)
+    if metrics.MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _authorized(request: Request, ctx: AppContext) -> bool:
+    token = ctx.settings.metrics_token
+    if token is None:
+        return True
+    given = request.headers.get("authorization", "").encode()
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
+
+
+class _Gauges:
+    """The platform gauges' last read, kept for `metrics_refresh_s`; one read at a time."""
+
+    def __init__(self) -> None:
+        self.read_at = -float("inf")
+        self.lock = asyncio.Lock()
+
+    async def refresh(self, ctx: AppContext) -> None:
+        interval = ctx.settings.metrics_refresh_s
+        if time.monotonic() - self.read_at < interval:
+            return
+        async with self.lock:  # scrapes arriving meanwhile wait for this read rather than start their own
+            if time.monotonic() - self.read_at < interval:
+                return
+            await _read_gauges(ctx)
+            self.read_at = time.monotonic()
+            REFRESHES.inc()
+
+
+_gauges = _Gauges()
+
+
+async def _read_gauges(ctx: AppContext) -> None:
+    per_tenant = ctx.settings.metrics_per_tenant
+    state = await fleet.read(ctx, per_tenant)
+    for priority, depth in state.depth.items():
+        QUEUE_DEPTH.labels(str(priority)).set(depth)
+        QUEUE_AGE.labels(str(priority)).set(state.oldest_age_s[priority])
+    LIVE_WORKERS.set(state.live_workers)
+    WEBHOOK_BACKLOG.set(state.webhook_backlog)
+    WEBHOOK_AGE.set(state.webhook_oldest_age_s)
+    if per_tenant:
+        TENANT_IN_FLIGHT.clear()
+        TENANT_IMAGES.clear()
+        for tenant_id, count in state.in_flight.items():
+            TENANT_IN_FLIGHT.labels(tenant_id).set(count)
+        for tenant_id, total in state.images_24h.items():
+            TENANT_IMAGES.labels(tenant_id).set(total)
