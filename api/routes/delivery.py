@@ -1,7 +1,7 @@
 """Delivery of output files: `GET /v1/predictions/delivery/{id}/{filename}`.
 
 With an API key: served when the caller's tenant owns the prediction (others get 404).
-Without one: served only on a valid, unexpired signature (see api/services/signing.py).
+Without one: served only on a valid, unexpired signature (see core/signing.py).
 Either way, an expired or deleted prediction's outputs answer 410 (api/services/retention.py).
 """
 
