@@ -1,8 +1,9 @@
-"""What one worker process holds (pipeline, database, storage, events) and the prediction it runs."""
+"""What one worker process holds (pipeline, database, storage, events, its threads) and what it does with a
+prediction: claim it (with the batch it heads, worker/batch.py), run it (worker/generation.py) under a lease
+(worker/leases.py), finish and bill it, then give back the tenant's slot and announce it."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -10,28 +11,27 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
-from botocore.exceptions import BotoCoreError, ClientError
-from PIL.Image import Image
-from sqlalchemy import BindParameter, Connection, Engine, Executable, bindparam, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import BindParameter, Engine, bindparam, select
 
-from core import events, images, lifecycle, logs, lora, progress, quota, redis_connection, tracing, usage
+from core import events, lifecycle, logs, lora, progress, quota, redis_connection, tracing, usage
 from core.db import make_sync_engine
 from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
-from core.storage import ensure_bucket, make_s3_client, output_key
+from core.storage import ensure_bucket, make_s3_client
 from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
-from models.klein import GenerationParams
-from models.klein_pipeline import KleinPipeline, Stop
+from models.klein_pipeline import KleinPipeline
 from worker import metrics
-from worker.encode import encode
+from worker.batch import Batcher, Item, ms
+from worker.database import DB_ERRORS, Database, first, scalar
+from worker.generation import Generator, failure_reason, readable
+from worker.leases import Heartbeat
 from worker.loras import LoraCache
 from worker.report import Report
 
@@ -39,35 +39,17 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-DB_ERRORS = (OperationalError, InterfaceError)  # what a lost connection raises (SQLAlchemy drops it from the pool)
-
-
-def first(conn: Connection, statement: Executable, values: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The statement's first row by column name, or None. A lost connection raises one of DB_ERRORS and is
-    invalidated, so that the pool drops it."""
-    row = conn.execute(statement, values).mappings().first()
-    return None if row is None else dict(row)
-
-
-def scalar(conn: Connection, statement: Executable) -> Any:
-    return conn.execute(statement).scalar()
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
-
-
-class StorageUnavailable(RuntimeError):
-    pass
 
 
 @dataclass
 class WorkerRuntime:
+    """One worker process: its clients, pipeline and threads (sweeper, heartbeat), started once (`start`), and
+    the task's work on each prediction (`run`)."""
+
     settings: Settings
     pipeline: KleinPipeline
     engine: Engine  # results, billing, the sweeper: every commit durable
-    leases: Engine  # the claim and its renewals, committed without waiting for the disk (_db)
+    leases: Engine  # the claim and its renewals, committed without waiting for the disk (Database.run)
     s3: S3Client
     redis: redis.Redis
     worker_id: str
@@ -75,13 +57,12 @@ class WorkerRuntime:
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.lease_autocommit = self.leases.execution_options(isolation_level="AUTOCOMMIT")
+        self.db = Database(self.engine, self.leases, self.settings.db_retry_s)
         # The task's statements, built once and compiled once (SQLAlchemy caches them); values bound per run
         # (bound names may not be column names in an UPDATE), JSON ones as JSONB by their columns' types.
         s, wid, price = self.settings, self.worker_id, self.settings.default_price_per_image
         self.claim = lifecycle.claim(bindparam("prediction_id"), wid, s.lease_s, s.max_attempts)
-        self.claim_companions = lifecycle.claim_companions(wid, s.lease_s, s.max_attempts)
+        self.batcher = Batcher(s, self.db, wid)
         self.state_now = select(predictions.c.status, predictions.c.attempts).where(
             predictions.c.id == bindparam("prediction_id")
         )
@@ -91,7 +72,8 @@ class WorkerRuntime:
         failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings, logs)
         self.complete = usage.finish_and_bill(completed, price)
         self.fail = usage.finish_and_bill(failed, price)
-        self.heartbeat = _Heartbeat(self)
+        self.generator = Generator(s, self.pipeline, self.loras, self.s3)
+        self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping)
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
@@ -111,8 +93,8 @@ class WorkerRuntime:
         runtime = cls(
             settings=settings,
             pipeline=pipeline,
-            # No ping per checkout: _db retries a dead connection's failure anyway. Task and sweeper here,
-            # task and heartbeat in leases.
+            # No ping per checkout: Database.run retries a dead connection's failure anyway. Task and sweeper
+            # here, task and heartbeat in leases.
             engine=make_sync_engine(settings, pool_size=2, pre_ping=False),
             leases=make_sync_engine(settings, pool_size=2, pre_ping=False, durable=False),
             s3=s3,
@@ -137,7 +119,7 @@ class WorkerRuntime:
             shas = [name.removeprefix("lora_") for name in loaded]
             look = lifecycle.next_with_loras(self.settings.model_id, shas, self.settings.max_attempts)
             try:
-                following = self._db(functools.partial(scalar, statement=look), durable=False)
+                following = self.db.run(functools.partial(scalar, statement=look), durable=False)
             except DB_ERRORS:
                 return
             if following is None:
@@ -148,12 +130,12 @@ class WorkerRuntime:
         """Claim, generate, encode, upload, finish. Safe to call any number of times for the same id.
 
         With micro-batching on (`batch_size` > 1), the claim takes along queued predictions that can share
-        its pipeline call (`_companions`); each is then finished, billed and failed on its own, and the
+        its pipeline call (Batcher.companions); each is then finished, billed and failed on its own, and the
         Celery messages of those taken along find them claimed and do nothing."""
         claimed_at = time.perf_counter()
         try:
             with tracing.span("claim", prediction_id=prediction_id):
-                row = self._db(
+                row = self.db.run(
                     lambda conn: first(conn, self.claim, {"prediction_id": prediction_id}),
                     durable=False,
                 )
@@ -166,8 +148,8 @@ class WorkerRuntime:
             self.redis.srem(queued_key(self.settings), prediction_id)
             return
         logs.bind(prediction_id=prediction_id, tenant_id=row["tenant_id"])
-        batch = [_Item(row, Report(self.redis, self.settings, row["id"], row["created_at"]))]
-        batch += [_Item(r, Report(self.redis, self.settings, r["id"], r["created_at"])) for r in self._companions(row)]
+        batch = [self._item(row)]
+        batch += [self._item(companion) for companion in self.batcher.companions(row)]
         for item in batch:
             item.report.claimed(self.worker_id, item.row["attempts"], has_webhook=item.row["webhook"] is not None)
         if ahead:  # say why it ran before its turn
@@ -177,57 +159,23 @@ class WorkerRuntime:
                 item.report.note(f"batched: one pipeline call for {len(batch)} predictions")
             metrics.BATCH_PREDICTIONS.observe(len(batch))
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
-            self._generate(batch, leases)
+            self.generator.generate(batch, leases)
         for item in batch:
             self._finish(item, claimed_at)
 
-    def _companions(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Queued predictions claimed to share `row`'s pipeline call, up to `batch_size` images in all: the
-        compatible ones first in the queue's order (lifecycle.batch_candidates), looked for now and once more
-        after `batch_window_ms` if there is room left. A database error ends the look: the claim runs with
-        what it has, and what is left stays queued."""
-        settings, params = self.settings, row["params"]
-        room = settings.batch_size - params["num_outputs"]
-        if room <= 0 or params["reference_keys"]:
-            return []
-        deadline = time.monotonic() + settings.batch_window_ms / 1000
-        taken: list[dict[str, Any]] = []
-        while True:
-            try:
-                claimed = self._db(functools.partial(self._take_companions, row=row, room=room), durable=False)
-            except DB_ERRORS:
-                log.warning("could not look for predictions to batch with %s", row["id"], exc_info=True)
-                return taken
-            taken += claimed
-            room -= sum(r["params"]["num_outputs"] for r in claimed)
-            wait = deadline - time.monotonic()
-            if room <= 0 or wait <= 0:
-                return taken
-            time.sleep(wait)
-            deadline = 0.0  # looked again after the window: done then
+    def _item(self, row: dict[str, Any]) -> Item:
+        return Item(row, Report(self.redis, self.settings, row["id"], row["created_at"]))
 
-    def _take_companions(self, conn: Connection, row: Mapping[str, Any], room: int) -> list[dict[str, Any]]:
-        """One look: the first candidates whose images fit in `room`, claimed if still queued."""
-        look = lifecycle.batch_candidates(row["model"], row["params"], row["id"], self.settings.max_attempts, room)
-        ids, images = [], 0
-        for candidate in conn.execute(look):
-            if images + candidate.num_outputs <= room:
-                ids.append(candidate.id)
-                images += candidate.num_outputs
-        if not ids:
-            return []
-        return [dict(r) for r in conn.execute(self.claim_companions, {"ids": ids}).mappings()]
-
-    def _finish(self, item: _Item, claimed_at: float) -> None:
+    def _finish(self, item: Item, claimed_at: float) -> None:
         """Record one prediction's result or failure, bill it, release its slot and announce it."""
         row, report, timings = item.row, item.report, item.timings
         prediction_id = row["id"]
-        timings["total_ms"] = timings["queue_ms"] + _ms(time.perf_counter() - claimed_at)
+        timings["total_ms"] = timings["queue_ms"] + ms(time.perf_counter() - claimed_at)
         values: dict[str, Any]
         if item.error is not None:
-            finish, values = self.fail, {"final_error": _readable(item.error)}
+            finish, values = self.fail, {"final_error": readable(item.error)}
             report.note(f"failed: {values['final_error']}")
-            outcome, reason = "failed", _reason(item.error)
+            outcome, reason = "failed", failure_reason(item.error)
         else:
             finish, values = self.complete, {"final_outputs": item.outputs}
             report.note("completed")
@@ -235,7 +183,7 @@ class WorkerRuntime:
         values |= {"prediction_id": prediction_id, "final_timings": timings, "final_logs": report.logs}
         values |= usage.charges(row["params"], len(item.outputs))
         with tracing.span("finish", prediction_id=prediction_id, failed="final_error" in values):
-            finished = self._db(lambda conn: first(conn, finish, values))
+            finished = self.db.run(lambda conn: first(conn, finish, values))
         if finished is None:
             log.warning("prediction %s changed state while running (canceled?); result dropped", prediction_id)
             self._after_a_lost_finish(row, item.outputs)
@@ -248,142 +196,18 @@ class WorkerRuntime:
     def _after_a_lost_finish(self, row: Mapping[str, Any], outputs: list[dict[str, Any]]) -> None:
         """The finish found the prediction no longer ours. Canceled (or given up): nothing may stay stored, so
         delete what was uploaded. `created` with fewer attempts than the claim: a database crash took back the
-        claim (it commits asynchronously, _db) while its message is gone and its id still marked queued, so the
+        claim (it commits asynchronously, Database.run) while its message is gone and its id still marked queued, so the
         sweeper would leave it: queue it again. Otherwise another worker holds or finished it (a lapsed lease),
         under the same object keys: leave them."""
         prediction_id, claimed_attempts = row["id"], row["attempts"]
-        current = self._db(lambda conn: conn.execute(self.state_now, {"prediction_id": prediction_id}).first())
+        current = self.db.run(lambda conn: conn.execute(self.state_now, {"prediction_id": prediction_id}).first())
         if current is None:
             return
         if current.status in (lifecycle.Status.CANCELED, lifecycle.Status.FAILED):
-            self._delete(outputs)
+            self.generator.delete(outputs)
         elif current.status == lifecycle.Status.CREATED and current.attempts < claimed_attempts:
             log.warning("the claim of %s was lost (database restart?); queueing it again", prediction_id)
             enqueue(self.redis, self.settings, prediction_id, row["model"])
-
-    def _generate(self, batch: list[_Item], leases: list[_Lease]) -> None:
-        """Run the batch's pipeline call, then encode and upload each prediction's images. Sets each item's
-        outputs or error; never raises. A prediction fails alone where it can (its parameters, its stop, its
-        upload); a failing pipeline call fails all of its predictions."""
-        live: list[tuple[_Item, _Lease, GenerationParams]] = []
-        for item, lease in zip(batch, leases, strict=True):
-            try:
-                live.append((item, lease, GenerationParams.model_validate(item.row["params"])))
-            except ValueError as exc:
-                log.exception("prediction %s has parameters this worker cannot run", item.row["id"])
-                item.error = exc
-        if not live:
-            return
-        ids = ",".join(item.row["id"] for item, _, _ in live)
-        shared = live[0][2]  # what the batch shares; companions have no references (lifecycle.batch_candidates)
-        keys, count = shared.reference_keys, sum(params.num_outputs for _, _, params in live)
-        size = {"width": shared.width, "height": shared.height, "steps": shared.num_inference_steps}
-        started = time.perf_counter()
-        try:
-            self._use_loras(shared, [item for item, _, _ in live])
-            with tracing.span("load references", prediction_id=ids, references=len(keys)):
-                references = [images.decode(self._read(key), self.settings.max_image_pixels) for key in keys]
-            started = time.perf_counter()
-            with tracing.span("inference", prediction_id=ids, images=count, **size):
-                results = self.pipeline.generate_batch(
-                    [params for _, _, params in live],
-                    references,
-                    _all_stopped([lease for _, lease, _ in live]),
-                    [item.report.step for item, _, _ in live],
-                )
-        except Exception as exc:  # the predictions fail; the worker keeps serving
-            log.exception("pipeline call for %s failed", ids)
-            self.pipeline.release_memory()
-            for item, _, _ in live:
-                item.error = exc
-            return
-        inference_ms = _ms(time.perf_counter() - started)
-        for (item, lease, params), outputs in zip(live, results, strict=True):
-            item.timings["inference_ms"] = inference_ms
-            reason = lease.stop_reason()  # canceled, or timed out, while the others ran on
-            try:
-                if reason is not None:
-                    raise Stop(reason)
-                item.outputs = self._store(item, params, outputs)
-            except Exception as exc:
-                if not isinstance(exc, Stop | StorageUnavailable):
-                    log.exception("prediction %s failed", item.row["id"])
-                item.error = exc
-
-    def _use_loras(self, params: GenerationParams, batch: list[_Item]) -> None:
-        """Make the prediction's LoRAs (all of a batch's are the same) the pipeline's active set; none: the base
-        model exactly. The tenant's logs name each one applied; where it came from (memory, disk, storage) and how
-        long it took go to the worker's log only, as they tell what other tenants ran."""
-        adapters = []
-        for ref in params.loras:
-            loaded = self.loras.get(ref)
-            adapters.append((ref.adapter_name, loaded.tensors, ref.scale))
-            log.info("LoRA %s from %s in %d ms", ref.sha256[:12], loaded.source, _ms(loaded.seconds))
-        seconds = self.pipeline.adapters.use(adapters)
-        if adapters:
-            log.info("LoRAs active after %d ms of loading into the pipeline", _ms(seconds))
-        for item in batch:
-            for ref in params.loras:
-                item.report.note(f"LoRA {ref.sha256[:12]} (scale {ref.scale:g}) applied")
-
-    def _store(self, item: _Item, params: GenerationParams, outputs: list[Image]) -> list[dict[str, Any]]:
-        """Encode and upload one prediction's images; on an upload error nothing of it is left behind."""
-        prediction_id, timings, report = item.row["id"], item.timings, item.report
-        traced: dict[str, str | int] = {"prediction_id": prediction_id, "images": params.num_outputs}
-        started = time.perf_counter()
-        with tracing.span("encode", **traced, format=params.output_format):
-            encoded = [encode(image, params.output_format, params.output_quality) for image in outputs]
-        timings["encode_ms"] = _ms(time.perf_counter() - started)
-        report.note(f"encoded {len(encoded)} {params.output_format} in {timings['encode_ms']} ms")
-
-        started = time.perf_counter()
-        stored: list[dict[str, Any]] = []
-        try:
-            with tracing.span("upload", **traced, bytes=sum(len(data) for data, _ in encoded)):
-                for index, (data, content_type) in enumerate(encoded):
-                    name = f"output.{params.output_format}" if index == 0 else f"output_{index}.{params.output_format}"
-                    key = output_key(item.row["tenant_id"], prediction_id, name)
-                    self.s3.put_object(Bucket=self.settings.s3_bucket, Key=key, Body=data, ContentType=content_type)
-                    stored.append({"filename": name, "key": key, "content_type": content_type, "bytes": len(data)})
-        except (BotoCoreError, ClientError) as exc:
-            log.error("upload of %s failed: %s", prediction_id, exc)
-            self._delete(stored)  # never leave half a result behind
-            attempts = self.settings.s3_max_attempts
-            raise StorageUnavailable(f"storage unavailable after {attempts} attempts ({type(exc).__name__})") from exc
-        timings["upload_ms"] = _ms(time.perf_counter() - started)
-        report.note(f"uploaded {sum(o['bytes'] for o in stored)} bytes in {timings['upload_ms']} ms")
-        return stored
-
-    def _read(self, key: str) -> bytes:
-        return self.s3.get_object(Bucket=self.settings.s3_bucket, Key=key)["Body"].read()
-
-    def _delete(self, stored: list[dict[str, Any]]) -> None:
-        for output in stored:
-            try:
-                self.s3.delete_object(Bucket=self.settings.s3_bucket, Key=output["key"])
-            except (BotoCoreError, ClientError):
-                log.warning("could not delete partial output %s", output["key"])
-
-    def _db(self, work: Callable[[Connection], T], durable: bool = True) -> T:
-        """Run `work`, one statement, retrying through database outages for up to `db_retry_s`.
-
-        Each of the worker's statements is atomic on its own (claim, finish-and-bill, renew), so they run
-        in autocommit: no BEGIN and COMMIT round trips on a prediction's path. `durable=False` (the claim)
-        does not wait for the disk, a flush less on the path (docs/performance.md): a database crash can
-        take back only a claim (run() then queues the prediction again), never a result, since the
-        finish's durable commit flushes the claim before it."""
-        deadline = time.monotonic() + self.settings.db_retry_s
-        delay = 0.2
-        while True:
-            try:
-                with (self.autocommit if durable else self.lease_autocommit).connect() as conn:
-                    return work(conn)
-            except DB_ERRORS as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("database unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _release_and_announce(
         self, prediction_id: str, finished: Mapping[str, Any] | None, has_webhook: bool = False
@@ -413,129 +237,3 @@ class WorkerRuntime:
             pipe.execute()
         except redis.RedisError:
             log.warning("could not release the slot of or announce %s", prediction_id, exc_info=True)
-
-
-class _Heartbeat:
-    """One thread for the worker's lifetime renews the lease of the prediction running now, and each
-    prediction's `_Lease` says when to stop it. (A thread per prediction cost each one 0.8 ms to start.)
-
-    Renewals come every `min(lease_s / 3, 2 s)` from the claim, often enough to keep the lease and to
-    notice a cancel within about two seconds; stops are checked between denoising steps.
-    """
-
-    def __init__(self, runtime: WorkerRuntime) -> None:
-        self.runtime = runtime
-        self.every_s = min(runtime.settings.lease_s / 3, 2.0)
-        self._current: list[_Lease] = []  # the leases of the batch running now
-        self._changed = threading.Condition()
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
-
-    @contextlib.contextmanager
-    def hold(self, prediction_ids: list[str]) -> Iterator[list[_Lease]]:
-        leases = [_Lease(prediction_id, self.runtime.settings.task_time_limit_s) for prediction_id in prediction_ids]
-        with self._changed:
-            self._current = leases
-            self._changed.notify()
-        try:
-            yield leases
-        finally:
-            with self._changed:
-                self._current = []
-
-    def _beat(self) -> None:
-        runtime = self.runtime
-        announced_at = 0.0
-        while not runtime.stopping.is_set():
-            if time.monotonic() - announced_at >= self.every_s:  # alive, for the queue's ETA (core/progress.py)
-                announced_at = time.monotonic()
-                try:
-                    progress.heartbeat(runtime.redis, runtime.settings, runtime.worker_id)
-                except redis.RedisError:
-                    log.warning("could not announce worker %s as live", runtime.worker_id)
-            with self._changed:
-                leases = self._current
-                if not leases:
-                    self._changed.wait(self.every_s)
-                    continue
-                wait = leases[0].renewed_at + self.every_s - time.monotonic()
-                if wait > 0:
-                    self._changed.wait(wait)
-                    continue
-            # A renewal racing a prediction's finish finds it no longer processing: it changes nothing.
-            renew = lifecycle.renew(
-                [lease.prediction_id for lease in leases], runtime.worker_id, runtime.settings.lease_s
-            )
-            renewed_at = time.monotonic()
-            try:
-                with runtime.lease_autocommit.connect() as conn:
-                    kept = set(conn.execute(renew).scalars())
-            except (OperationalError, InterfaceError):
-                log.warning("heartbeat of %d predictions missed (database unavailable)", len(leases))
-                kept = None
-            for lease in leases:
-                lease.renewed_at = renewed_at
-                if kept is not None:
-                    lease.lost = lease.prediction_id not in kept
-
-
-@dataclass
-class _Lease:
-    prediction_id: str
-    time_limit_s: float
-    started_at: float = field(default_factory=time.monotonic)
-    renewed_at: float = field(default_factory=time.monotonic)  # the claim, then each renewal
-    lost: bool = False  # the last renewal found the prediction no longer ours
-
-    def stop_reason(self) -> str | None:
-        if self.lost:
-            return "canceled or taken over by another worker"
-        if time.monotonic() - self.started_at > self.time_limit_s:
-            return f"timed out after {self.time_limit_s:g} s"
-        return None
-
-
-@dataclass
-class _Item:
-    """One prediction of a batch: its claimed row, what it reports, and how it ends."""
-
-    row: dict[str, Any]
-    report: Report
-    timings: dict[str, int] = field(default_factory=dict)
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    error: BaseException | None = None
-
-    def __post_init__(self) -> None:
-        self.timings["queue_ms"] = _ms((self.row["started_at"] - self.row["created_at"]).total_seconds())
-
-
-def _all_stopped(leases: list[_Lease]) -> Callable[[], str | None]:
-    """The pipeline call's stop: when every prediction in it has a reason to stop (one that alone stops is
-    dropped after the call), the first one's reason."""
-
-    def reason() -> str | None:
-        reasons = [lease.stop_reason() for lease in leases]
-        return reasons[0] if all(reasons) else None
-
-    return reason
-
-
-def _reason(exc: BaseException) -> str:
-    """A failure's kind, for the metrics' `reason` label (a few fixed values)."""
-    if isinstance(exc, Stop):
-        return "timeout" if "timed out" in str(exc) else "canceled"
-    if isinstance(exc, StorageUnavailable):
-        return "storage"
-    if isinstance(exc, lora.LoraError):
-        return "lora"
-    if "out of memory" in str(exc).lower():
-        return "out_of_memory"
-    return "internal"
-
-
-def _readable(exc: BaseException) -> str:
-    """The reason a client reads: ours where we wrote one, never an exception's own text (the log has it)."""
-    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError):  # written for the client already
-        return str(exc)
-    if "out of memory" in str(exc).lower():
-        return "the GPU ran out of memory for this request; try a smaller size or fewer images"
-    return "the worker could not generate this image: an internal error, logged with this prediction's id"

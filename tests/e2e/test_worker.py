@@ -21,6 +21,7 @@ from core.tenants import IssuedKey
 from models.klein import KleinInput
 from tests.conftest import Stack
 from tests.pgbouncer import THROUGH_PGBOUNCER
+from worker.database import DB_ERRORS, first
 
 
 def broker(stack: Stack) -> redis.Redis:
@@ -203,8 +204,6 @@ def test_a_claim_the_database_lost_is_queued_again(stack: Stack, client: httpx.C
 
 @pytest.mark.skipif(THROUGH_PGBOUNCER, reason="PgBouncer keeps the server connections; clients do not own one")
 def test_worker_statements_bind_json_and_drop_a_lost_connection(stack: Stack) -> None:
-    from worker.runtime import DB_ERRORS, first  # imports diffusers: not at collection
-
     engine = make_sync_engine(stack.settings, pre_ping=False).execution_options(isolation_level="AUTOCOMMIT")
     typeof = select(func.jsonb_typeof(bindparam("doc", type_=JSONB)).label("kind"), literal("x").label("carried"))
     with engine.connect() as conn:

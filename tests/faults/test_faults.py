@@ -289,7 +289,7 @@ def test_a_redis_stall_leaks_no_in_flight_slot(faults: PrivateStack, api: str) -
         worker.stop()
 
 
-# Micro-batching (worker/runtime.py): a worker taking up to 4 images per pipeline call.
+# Micro-batching (worker/batch.py): a worker taking up to 4 images per pipeline call.
 BATCHING = {"KLEIN_BATCH_SIZE": "4", "KLEIN_BATCH_WINDOW_MS": "0"}
 
 
