@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}  # the CPU build here; on GPU machines install your CUDA build first
+WORKERS=${KLEIN_TEST_WORKERS:-2}  # test sessions at once (pytest-xdist): one per core here
 
 setup() {
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -70,11 +71,14 @@ case "${1:-}" in
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
     .venv/bin/mypy
-    .venv/bin/pytest "$@"
-    if [ $# -eq 0 ]; then  # the whole suite: then the end-to-end tier through PgBouncer, transaction pooling
+    if [ $# -gt 0 ]; then
+      .venv/bin/pytest "$@"
+    else  # the whole suite, a file at a time on each of KLEIN_TEST_WORKERS sessions (each its own stack: tests/stack.py)
+      .venv/bin/pytest -n "$WORKERS" --dist loadfile --durations=10
+      # then the end-to-end tier through PgBouncer, transaction pooling
       # (submit, status, cancel, the worker, keys, admin, usage and the batched statements; not every e2e file)
-      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q tests/e2e/test_predictions.py tests/e2e/test_worker.py \
-        tests/e2e/test_tenancy.py tests/integration/test_pg.py
+      KLEIN_TEST_PGBOUNCER=1 .venv/bin/pytest -q -n "$WORKERS" --dist loadfile tests/e2e/test_predictions.py \
+        tests/e2e/test_worker.py tests/e2e/test_tenancy.py tests/integration/test_pg.py
     fi
     ;;
   quick)  # the unit tier alone: no services, about half a minute

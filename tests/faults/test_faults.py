@@ -284,7 +284,8 @@ def test_a_redis_stall_leaks_no_in_flight_slot(faults: PrivateStack, api: str) -
         broker.incrby(counter, 6)  # drift the API could not have undone (e.g. a crash between the two)
         time.sleep(faults.settings.sweep_interval_s * 3)  # a pass, and the lock's turn
         assert int(broker.get(counter) or 0) == in_flight_rows() == 0
-        assert submit(api, issued.key, {"prompt": "after the stall"}, sync=True).json()["status"] == "succeeded"
+        after = submit(api, issued.key, {"prompt": "after the stall"}).json()  # the tenant's slots all free again
+        assert wait_for(faults, after["id"], {"completed", "failed", "canceled"})["status"] == "completed"
     finally:
         worker.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -43,13 +44,17 @@ def test_a_published_completion_wakes_only_its_waiters() -> None:
 
 def test_waiters_are_woken_after_the_subscription_is_lost_and_restored() -> None:
     async def scenario() -> None:
-        client = Redis.from_url(REDIS_URL)
+        name = f"waiter-test-{secrets.token_hex(4)}"
+        client = Redis.from_url(REDIS_URL, client_name=name)
         waiter = CompletionWaiter(client, "waiter-test-2:done")
         await waiter.start()
         with waiter.watch("c") as c:
             # Drop the pub/sub connection server-side: a completion published meanwhile would be missed,
-            # so every waiter is woken to re-read its row once the subscription is back.
-            redis.Redis.from_url(REDIS_URL).client_kill_filter(_type="pubsub")
+            # so every waiter is woken to re-read its row once the subscription is back. Only this waiter's:
+            # other test sessions' APIs share the server.
+            admin = redis.Redis.from_url(REDIS_URL)
+            (ours,) = [conn for conn in admin.client_list(_type="pubsub") if conn["name"] == name]
+            admin.client_kill_filter(_id=ours["id"])
             assert await _wait(c, 5.0)
         assert waiter.subscribed.is_set()
         await waiter.stop()
