@@ -13,10 +13,10 @@ from api.infra.fetch import Sink
 from core.netguard import FetchError
 
 PIECE = 2**20  # bytes read from storage at a time
-# Files are stored in 8 MiB parts (multipart above that), two at a time: boto3 holds a part in memory while
-# sending it, so a 256 MiB LoRA costs about 16 MiB of the API's memory, not its size.
-UPLOAD = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=2)
-UPLOAD.max_in_memory_upload_chunks = 2  # s3transfer's setting, not among boto3's arguments (its default: 10)
+# Files are stored in 8 MiB parts (multipart above that), one at a time: boto3 copies each part into memory
+# to send it (about 14 MiB of the API's memory while a 64 MiB file is stored; two at a time cost 36 MiB).
+UPLOAD = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=1)
+UPLOAD.max_in_memory_upload_chunks = 1  # s3transfer's setting, not among boto3's arguments (its default: 10)
 
 
 async def read_object(ctx: AppContext, key: str) -> bytes:
