@@ -261,8 +261,8 @@ def test_a_lora_is_streamed_a_bomb_stops_where_its_header_says_the_file_ends(sta
             with watch(api.process.pid) as peak:
                 refused = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=bombs)
             assert refused.status_code == 422, refused.text
-            assert "bytes after its last tensor (its header declares 692 bytes" in refused.json()["error"]
             assert peak.growth_mib < 64, f"the API grew by {peak.growth_mib:.0f} MiB reading the bombs"
+            assert "bytes after its last tensor (its header declares 692 bytes" in refused.json()["error"]
 
             body = {"input": INPUT | {"loras": [{"path": f"{files}/large.safetensors"}]}}
             accepted = client.post("/v1/predictions", headers={"Model": "flux-klein-4b-base"}, json=body)
