@@ -60,7 +60,7 @@ class Spool:
     """A LoRA file as it arrives (an api.infra.fetch.Sink): in memory up to SPOOL_BYTES, then in an unnamed
     file in the temporary directory (tempfile's: $TMPDIR, else /tmp). Refused as soon as its first bytes show a
     lie: a header over lora.MAX_HEADER_BYTES, a header declaring a file over `max_bytes`, or more bytes than
-    the header declares (a gzip bomb behind a valid header costs a few KB, not `max_bytes`)."""
+    the header declares (a gzip bomb behind a valid header costs about a MiB, not `max_bytes`)."""
 
     def __init__(self, ctx: AppContext, max_bytes: int) -> None:
         self.ctx, self.max_bytes = ctx, max_bytes

@@ -85,6 +85,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("a tensor named twice", safetensors(json.dumps(GOOD)[:-1] + f', "{A}": {json.dumps(GOOD[A])}}}'), "twice"),
     ("metadata not strings", safetensors(GOOD | {"__metadata__": {"rank": 2}}), "__metadata__ must map"),
     ("a 2 MiB header", safetensors(GOOD | {"__metadata__": {"x": "x" * 2**21}}), "at most 1048576 are read"),
+    ("JSON nested 100,000 deep", safetensors('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "header is not JSON"),
 ]
 
 
