@@ -10,13 +10,16 @@ trailing bytes), every weight finite.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -33,7 +36,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"),
 }
 BF16_EXPONENT = 0x7F80
-SCAN_ELEMENTS = 1 << 22  # elements checked per step of the finiteness scan (its temporary stays at 4 MB)
+SCAN_BYTES = 4 << 20  # read, hashed and checked per step of the finiteness scan
 WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.lora_(?P<part>A|B)\.weight$")
 ALPHA_KEY = re.compile(r"^(?:base_model\.model\.|transformer\.)?(?P<module>[\w.]+?)\.alpha$")
 # Each attention's q, k and v projections, which a worker may run fused (KLEIN_FUSE_QKV): a LoRA names them apart.
@@ -43,9 +46,10 @@ FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add
 CONTENT_TYPE = "application/vnd.safetensors"  # an uploaded LoRA's, in /v1/files
 
 
-def looks_like_safetensors(data: bytes) -> bool:
-    """The first bytes of a safetensors file: a little-endian header length, then its JSON object."""
-    return len(data) > 9 and data[8:9] == b"{" and struct.unpack("<Q", data[:8])[0] < len(data)
+def looks_like_safetensors(first: bytes, size: int) -> bool:
+    """Whether a file of `size` bytes starting with `first` (9 bytes or more) is framed as safetensors: a
+    little-endian header length, then its JSON object."""
+    return size > 9 and first[8:9] == b"{" and struct.unpack("<Q", first[:8])[0] < size
 
 
 def object_key(sha256: str) -> str:
@@ -81,37 +85,83 @@ class Tensor:
         return math.prod(self.shape)
 
 
-def inspect(data: bytes) -> dict[str, Pair]:
-    """The LoRA's layers, once the file proved to be a well-formed LoRA with finite weights (LoraError else). CPU
-    work proportional to the file: callers on an event loop run it in a thread (numpy lets go of the GIL)."""
-    header = read_header(data)
+@dataclass(frozen=True)
+class Inspected:
+    """A file that proved to be a well-formed LoRA with finite weights."""
+
+    layers: dict[str, Pair]
+    sha256: str
+    size: int
+
+
+def inspect(file: IO[bytes]) -> Inspected:
+    """The LoRA's layers, hash and size, read from `file` in steps of SCAN_BYTES (LoraError unless it is a
+    well-formed LoRA with finite weights). Blocking reads and CPU work proportional to the file: callers on an
+    event loop run it in a thread (hashlib and numpy let go of the GIL)."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(0)
+    header, head = _read_header(file, size)
     layers = pairs(header)
-    check_finite(data, header)
-    return layers
+    digest = hashlib.sha256(head)
+    for name, tensor in sorted(header.items(), key=lambda item: (item[1].start, item[1].end)):
+        _scan(file, name, tensor, digest)  # back to back from the header's end: one pass over the file
+    return Inspected(layers, digest.hexdigest(), size)
 
 
 def read_header(data: bytes) -> dict[str, Tensor]:
-    """The safetensors header, each entry checked against the file. Anything else (a pickle, a zip from
-    torch.save, a truncated or padded file, a header that lies) is refused without being interpreted."""
-    if len(data) < 8:
-        raise LoraError("not a safetensors file (too short)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if 8 + size > len(data) or data[8:9] != b"{":
+    """The safetensors header of a file held in memory, each entry checked against the file."""
+    return _read_header(io.BytesIO(data), len(data))[0]
+
+
+def header_length(first: bytes) -> int:
+    """The header's length from a file's first 9 bytes; LoraError unless they start a safetensors header of at
+    most MAX_HEADER_BYTES. Anything else (a pickle, a zip from torch.save) is refused without being interpreted."""
+    (length,) = struct.unpack("<Q", first[:8])
+    if first[8:9] != b"{":
         raise LoraError("not a safetensors file (LoRAs are accepted as .safetensors only, never pickles)")
-    if size > MAX_HEADER_BYTES:
-        raise LoraError(f"its safetensors header is {size} bytes; at most {MAX_HEADER_BYTES} are read")
+    if length > MAX_HEADER_BYTES:
+        raise LoraError(f"its safetensors header is {length} bytes; at most {MAX_HEADER_BYTES} are read")
+    return length
+
+
+def declared_size(head: bytes) -> int:
+    """The size of the file whose first bytes, its header included, are `head`: what the header says it is."""
+    length = header_length(head)
+    return 8 + length + _data_end(parse_header(head[8 : 8 + length]))
+
+
+def _read_header(file: IO[bytes], size: int) -> tuple[dict[str, Tensor], bytes]:
+    """The header of a file of `size` bytes, checked against it, and the bytes read (the file's first)."""
+    first = file.read(9)
+    if len(first) < 9:
+        raise LoraError("not a safetensors file (too short)")
+    length = header_length(first)
+    if 8 + length > size:
+        raise LoraError("not a safetensors file (LoRAs are accepted as .safetensors only, never pickles)")
+    head = first + file.read(8 + length - 9)
+    header = parse_header(head[8:])
+    named, body = _data_end(header), size - 8 - length
+    if named > body:
+        raise LoraError(f"its tensors lie outside the file (truncated?): {named} bytes named, {body} present")
+    if named < body:
+        raise LoraError(f"the file has {body - named} bytes after its last tensor (padding is not accepted)")
+    return header, head
+
+
+def parse_header(raw: bytes) -> dict[str, Tensor]:
+    """A safetensors header's JSON, each entry checked; the tensors must lie back to back from 0."""
     try:
-        raw = json.loads(data[8 : 8 + size], object_pairs_hook=_no_duplicates)
-    except ValueError as exc:
+        parsed = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
         reason = str(exc) if isinstance(exc, LoraError) else "its header is not JSON"
         raise LoraError(f"not a safetensors file ({reason})") from None
-    if not isinstance(raw, dict):
+    if not isinstance(parsed, dict):
         raise LoraError("not a safetensors file (its header is not a JSON object)")
-    metadata = raw.pop("__metadata__", {})
+    metadata = parsed.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
         raise LoraError("__metadata__ must map names to strings")
-    header = {name: _entry(name, entry) for name, entry in raw.items()}
-    _check_layout(header, len(data) - 8 - size)
+    header = {name: _entry(name, entry) for name, entry in parsed.items()}
+    _data_end(header)
     return header
 
 
@@ -145,18 +195,15 @@ def _entry(name: str, entry: Any) -> Tensor:
     return tensor
 
 
-def _check_layout(header: Mapping[str, Tensor], body: int) -> None:
-    """The tensors back to back from 0 to the end of the file: no gap, no overlap, nothing after them."""
+def _data_end(header: Mapping[str, Tensor]) -> int:
+    """Where the tensors end, once they proved to lie back to back from 0: no gap, no overlap."""
     position = 0
     for name, tensor in sorted(header.items(), key=lambda item: (item[1].start, item[1].end)):
         if tensor.start != position:
             where = "overlaps the tensor before it" if tensor.start < position else "leaves a gap before it"
             raise LoraError(f"tensor {name}: data_offsets [{tensor.start}, {tensor.end}] {where}")
         position = tensor.end
-    if position > body:
-        raise LoraError(f"its tensors lie outside the file (truncated?): {position} bytes named, {body} present")
-    if position < body:
-        raise LoraError(f"the file has {body - position} bytes after its last tensor (padding is not accepted)")
+    return position
 
 
 def pairs(header: Mapping[str, Tensor]) -> dict[str, Pair]:
@@ -187,20 +234,25 @@ def pairs(header: Mapping[str, Tensor]) -> dict[str, Pair]:
     return result
 
 
-def check_finite(data: bytes, header: Mapping[str, Tensor]) -> None:
-    """LoraError naming the first tensor holding an Inf or a NaN (it would turn every image black)."""
-    offset = 8 + struct.unpack("<Q", data[:8])[0]
-    for name, tensor in header.items():
-        dtype = DTYPES[tensor.dtype]
-        values = np.frombuffer(data, dtype, tensor.elements, offset + tensor.start)
-        for start in range(0, len(values), SCAN_ELEMENTS):
-            part = values[start : start + SCAN_ELEMENTS]
-            if tensor.dtype == "BF16":
-                finite = not np.any((part & BF16_EXPONENT) == BF16_EXPONENT)
-            else:
-                finite = bool(np.isfinite(part).all())
-            if not finite:
-                raise LoraError(f"tensor {name} holds Inf or NaN values")
+def _scan(file: IO[bytes], name: str, tensor: Tensor, digest: hashlib._Hash) -> None:
+    """The tensor's bytes, next in `file`, into `digest`; LoraError if it holds an Inf or a NaN (it would turn
+    every image black). Read in steps of whole elements, at most SCAN_BYTES each."""
+    dtype = DTYPES[tensor.dtype]
+    step = SCAN_BYTES // dtype.itemsize * dtype.itemsize
+    left = tensor.end - tensor.start
+    while left:
+        chunk = file.read(min(step, left))
+        if not chunk:
+            raise LoraError("the file ended inside a tensor")
+        left -= len(chunk)
+        digest.update(chunk)
+        values = np.frombuffer(chunk, dtype)
+        if tensor.dtype == "BF16":
+            finite = not np.any((values & BF16_EXPONENT) == BF16_EXPONENT)
+        else:
+            finite = bool(np.isfinite(values).all())
+        if not finite:
+            raise LoraError(f"tensor {name} holds Inf or NaN values")
 
 
 def misfits(lora: dict[str, Pair], targets: Mapping[str, tuple[int, int]]) -> list[str]:

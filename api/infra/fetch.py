@@ -3,7 +3,9 @@ each hop, redirects included (at most MAX_REDIRECTS).
 
 The body is bounded in decoded bytes: httpx would decode a gzip or deflate body in one piece per network read
 (a 64 KB read of zeros inflates to 64 MB before anyone counts it), so we read it raw and inflate it here, a MiB
-at a time and never more than the bytes still allowed. Other content codings are refused.
+at a time and never more than the bytes still allowed. Other content codings are refused. The body goes to a
+`Sink` as it arrives (a LoRA's spool, api/services/loras.py), or into memory for `fetch` (images, which Pillow
+reads whole, at most KLEIN_MAX_IMAGE_BYTES).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import io
 import ipaddress
 import socket
 import zlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 from urllib.parse import urljoin
 
 import httpx
 
 from core.netguard import FetchError, IPAddress, pin, public, target
 
-__all__ = ["MAX_REDIRECTS", "FetchError", "check", "fetch", "public"]
+__all__ = ["MAX_REDIRECTS", "FetchError", "Sink", "check", "fetch", "fetch_into", "in_memory", "public"]
 MAX_REDIRECTS = 3
 ACCEPT_ENCODING = "gzip, deflate"
 PIECE = 2**20  # bytes inflated at a time
@@ -35,7 +39,40 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(info[4][0]) for info in infos]
 
 
+class Sink(Protocol):
+    """Where a body goes as it arrives; `write` may refuse it (an exception ends the fetch)."""
+
+    async def write(self, chunk: bytes) -> None: ...
+
+
+class Buffer:
+    """A body held in memory."""
+
+    def __init__(self) -> None:
+        self.body = io.BytesIO()  # getvalue() hands over its buffer: the body is never held twice
+
+    async def write(self, chunk: bytes) -> None:
+        self.body.write(chunk)
+
+
+async def in_memory(fill: Callable[[Sink], Awaitable[None]]) -> bytes:
+    """What `fill` writes, held in memory; freed at once if it fails (not when its traceback is collected)."""
+    buffer = Buffer()
+    try:
+        await fill(buffer)
+    except BaseException:
+        buffer.body.close()
+        raise
+    return buffer.body.getvalue()
+
+
 async def fetch(url: str, max_bytes: int, timeout_s: float, allowlist: list[str]) -> bytes:
+    """The decoded body, held in memory; FetchError says why not, for the client."""
+    return await in_memory(lambda sink: fetch_into(url, sink, max_bytes, timeout_s, allowlist))
+
+
+async def fetch_into(url: str, sink: Sink, max_bytes: int, timeout_s: float, allowlist: list[str]) -> None:
+    """The decoded body into `sink` as it arrives; FetchError as soon as it passes `max_bytes` or fails."""
     try:
         async with (
             asyncio.timeout(timeout_s),
@@ -43,9 +80,9 @@ async def fetch(url: str, max_bytes: int, timeout_s: float, allowlist: list[str]
             httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout_s) as client,
         ):
             for _ in range(MAX_REDIRECTS + 1):
-                location = await _get(client, url, max_bytes, allowlist)
-                if isinstance(location, bytes):
-                    return location
+                location = await _get(client, url, sink, max_bytes, allowlist)
+                if location is None:
+                    return
                 url = urljoin(url, location)
     except (TimeoutError, httpx.TimeoutException):  # httpx's timeout too means timeout_s has run out
         raise FetchError(f"fetching the URL took longer than {timeout_s:g} s") from None
@@ -56,8 +93,8 @@ async def fetch(url: str, max_bytes: int, timeout_s: float, allowlist: list[str]
     raise FetchError(f"more than {MAX_REDIRECTS} redirects")
 
 
-async def _get(client: httpx.AsyncClient, url: str, max_bytes: int, allowlist: list[str]) -> bytes | str:
-    """The body, or the Location of a redirect."""
+async def _get(client: httpx.AsyncClient, url: str, sink: Sink, max_bytes: int, allowlist: list[str]) -> str | None:
+    """The Location of a redirect, or None once the body went to `sink`."""
     parsed, port = target(url)
     assert parsed.host
     pinned, headers, extensions = pin(parsed, await resolve(parsed.host, port), allowlist)
@@ -72,45 +109,38 @@ async def _get(client: httpx.AsyncClient, url: str, max_bytes: int, allowlist: l
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
-        return await _bounded_body(response, max_bytes)
+        await _bounded_body(response, sink, max_bytes)
+        return None
     finally:
         await response.aclose()
 
 
-async def _bounded_body(response: httpx.Response, max_bytes: int) -> bytes:
-    """The decoded body, read as it streams; FetchError as soon as it would pass `max_bytes`."""
+async def _bounded_body(response: httpx.Response, sink: Sink, max_bytes: int) -> None:
+    """The decoded body into `sink`, as it streams; FetchError as soon as it would pass `max_bytes`."""
     codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",") if c.strip()]
     codings = [c for c in codings if c != "identity"]
     if len(codings) > 1 or (codings and codings[0] not in _WBITS):
         raise FetchError(f"the URL's content is encoded as {', '.join(codings)}; only gzip or deflate are read")
     inflate: zlib._Decompress | None = None
-    body = io.BytesIO()  # getvalue() hands over its buffer: the body is never held twice
     size = 0
-    try:
-        async for raw in response.aiter_raw():
-            if codings and inflate is None:
-                inflate = _inflater(codings[0], raw)
-            pending = raw
-            while pending:  # a network read of gzip may hold a thousand times its size: inflated a piece at a time
-                try:
-                    chunk = (
-                        pending if inflate is None else inflate.decompress(pending, min(max_bytes - size + 1, PIECE))
-                    )
-                except zlib.error:
-                    raise FetchError(f"the URL's content is not valid {codings[0]}") from None
-                pending = b"" if inflate is None else inflate.unconsumed_tail
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
-                body.write(chunk)
-                if pending:
-                    await asyncio.sleep(0)  # other requests' turn between pieces
-        if codings and (inflate is None or not inflate.eof):
-            raise FetchError(f"the URL's content ends before its {codings[0]} stream does")
-    except BaseException:
-        body.close()  # now, not when the traceback that holds this frame is collected
-        raise
-    return body.getvalue()
+    async for raw in response.aiter_raw():
+        if codings and inflate is None:
+            inflate = _inflater(codings[0], raw)
+        pending = raw
+        while pending:  # a network read of gzip may hold a thousand times its size: inflated a piece at a time
+            try:
+                chunk = pending if inflate is None else inflate.decompress(pending, min(max_bytes - size + 1, PIECE))
+            except zlib.error:
+                raise FetchError(f"the URL's content is not valid {codings[0]}") from None
+            pending = b"" if inflate is None else inflate.unconsumed_tail
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchError(f"the URL's content is larger than {max_bytes} bytes")
+            await sink.write(chunk)
+            if pending:
+                await asyncio.sleep(0)  # other requests' turn between pieces
+    if codings and (inflate is None or not inflate.eof):
+        raise FetchError(f"the URL's content ends before its {codings[0]} stream does")
 
 
 def _inflater(coding: str, first: bytes) -> zlib._Decompress:

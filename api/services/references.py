@@ -1,4 +1,5 @@
-"""Reference images from a request — uploads, URLs, base64 data URIs — checked and loaded as bytes.
+"""Reference images from a request — uploads, URLs, base64 data URIs — checked and loaded as bytes (in
+memory: Pillow reads an image whole, and each is at most KLEIN_MAX_IMAGE_BYTES).
 
 A URL of a file uploaded to this server is read from storage, not fetched over HTTP; any other
 URL goes through the SSRF-safe fetcher. Every image is size-checked and decoded before it is
@@ -19,8 +20,8 @@ from fastapi import Request
 
 from api.context import AppContext, public_base_url
 from api.errors import Invalid, ServiceError
-from api.infra.fetch import FetchError, fetch
-from api.infra.objects import read_object
+from api.infra.fetch import FetchError, Sink, fetch_into, in_memory
+from api.infra.objects import read_object_into
 from api.routes.files import inspect_image, stored_file
 from api.services.auth import Principal
 from core import images
@@ -61,9 +62,9 @@ def own_hosts(request: Request, ctx: AppContext) -> set[str]:
     return {urlsplit(public_base_url(request, ctx.settings)).netloc, request.url.netloc}
 
 
-async def read_url(ctx: AppContext, principal: Principal, url: str, ours: set[str], max_bytes: int) -> bytes:
-    """The bytes an http(s) URL names: the tenant's upload when it is one of ours (from storage, not over HTTP),
-    else what the SSRF-safe fetcher gets. FetchError says why not, for the client."""
+async def read_url(ctx: AppContext, principal: Principal, url: str, ours: set[str], sink: Sink, max_bytes: int) -> None:
+    """The bytes an http(s) URL names into `sink`, as they arrive: the tenant's upload when it is one of ours
+    (from storage, not over HTTP), else what the SSRF-safe fetcher gets. FetchError says why not, for the client."""
     parts = urlsplit(url.strip())
     own = OWN_FILE_PATH.match(parts.path)
     if own and parts.netloc in ours:
@@ -71,11 +72,12 @@ async def read_url(ctx: AppContext, principal: Principal, url: str, ours: set[st
             row = await stored_file(ctx, principal, own.group(1))
         except ServiceError as exc:
             raise FetchError(exc.message) from None
-        return await read_object(ctx, row["key"])
+        await read_object_into(ctx, row["key"], sink, max_bytes)
+        return
     if parts.scheme not in ("http", "https"):
         raise FetchError("must be an http(s) URL")
     settings = ctx.settings
-    return await fetch(url.strip(), max_bytes, settings.fetch_timeout_s, settings.fetch_allowlist)
+    await fetch_into(url.strip(), sink, max_bytes, settings.fetch_timeout_s, settings.fetch_allowlist)
 
 
 async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[str]) -> bytes:
@@ -84,7 +86,7 @@ async def _load(ctx: AppContext, principal: Principal, source: str, ours: set[st
         return _data_uri(source, ctx.settings.max_image_bytes)
     if urlsplit(source).scheme not in ("http", "https"):
         raise images.BadImage("must be an http(s) URL or a base64 data URI (data:image/png;base64,...)")
-    return await read_url(ctx, principal, source, ours, ctx.settings.max_image_bytes)
+    return await in_memory(lambda sink: read_url(ctx, principal, source, ours, sink, ctx.settings.max_image_bytes))
 
 
 def _data_uri(uri: str, max_bytes: int) -> bytes:

@@ -3,12 +3,15 @@ weights), uploaded or fetched, checked, stored, cached by the worker and applied
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +23,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
+from bench.lora_memory import file_server, gzip_bomb, large_lora, watch
+from core.storage import make_s3_client
+from ops.embedded import start_api
 from tests.conftest import Stack, make_tenant
 from tests.images import image_server
 
@@ -79,6 +85,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("a tensor named twice", safetensors(json.dumps(GOOD)[:-1] + f', "{A}": {json.dumps(GOOD[A])}}}'), "twice"),
     ("metadata not strings", safetensors(GOOD | {"__metadata__": {"rank": 2}}), "__metadata__ must map"),
     ("a 2 MiB header", safetensors(GOOD | {"__metadata__": {"x": "x" * 2**21}}), "at most 1048576 are read"),
+    ("JSON nested 100,000 deep", safetensors('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "header is not JSON"),
 ]
 
 
@@ -231,3 +238,49 @@ def test_a_malformed_lora_is_a_422_naming_the_problem_uploaded_or_by_url(client:
     assert wavespeed.status_code == 422 and "data_offsets must be two" in wavespeed.json()["message"], wavespeed.text
     generate = client.post("/v1/generate", json={"prompt": "x"} | lying)
     assert generate.status_code == 422 and "loras[0].path: tensor" in generate.json()["detail"], generate.text
+
+
+def test_a_lora_is_streamed_a_bomb_stops_where_its_header_says_the_file_ends(stack: Stack) -> None:
+    """Issue 29: each LoRA was held whole in the API (up to 256 MiB decoded) before it was checked: three valid
+    headers followed by 255 MiB of zeros, 260 KB of gzip each, grew the API by 770 MiB. Now the fetch stops as
+    soon as a file passes the size its header declares, and a legitimate file larger than the spool's 1 MiB goes
+    through a temporary file and is stored in parts (storage has its exact bytes); no temporary file stays open."""
+    served = {"KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]'}  # no worker publishes the base's
+    api, url = start_api(stack.env | served, stack.logs / "api-lora-stream.log")  # layers: it takes any LoRA
+    assert api.process is not None
+    large = large_lora(24, seed=29)
+    paths = {"/bomb.safetensors": ("gzip", gzip_bomb(255)), "/large.safetensors": (None, large)}
+    try:
+        with (
+            file_server(paths | {"/small.safetensors": (None, safetensors(GOOD, ONES + bytes(8)))}) as files,
+            httpx.Client(base_url=url, headers={"apikey": make_tenant(stack.engine).key}, timeout=120) as client,
+        ):
+            lying = {"input": INPUT | {"loras": [{"path": f"{files}/small.safetensors"}]}}
+            warm = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=lying)
+            assert warm.status_code == 422 and "8 bytes after its last tensor" in warm.text, warm.text
+            bombs = {"input": INPUT | {"loras": [{"path": f"{files}/bomb.safetensors"}] * 3}}
+            with watch(api.process.pid) as peak:
+                refused = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=bombs)
+            assert refused.status_code == 422, refused.text
+            assert peak.growth_mib < 64, f"the API grew by {peak.growth_mib:.0f} MiB reading the bombs"
+            assert "bytes after its last tensor (its header declares 692 bytes" in refused.json()["error"]
+
+            body = {"input": INPUT | {"loras": [{"path": f"{files}/large.safetensors"}]}}
+            accepted = client.post("/v1/predictions", headers={"Model": "flux-klein-4b-base"}, json=body)
+            assert accepted.status_code == 201, accepted.text
+            client.post(f"/v1/predictions/{accepted.json()['id']}/cancel")
+        key = f"loras/{hashlib.sha256(large).hexdigest()}.safetensors"
+        stored = make_s3_client(stack.settings).get_object(Bucket=stack.settings.s3_bucket, Key=key)["Body"].read()
+        assert stored == large
+        assert open_temporary_files(api.process.pid) == []
+    finally:
+        api.stop()
+
+
+def open_temporary_files(pid: int) -> list[str]:
+    """The unnamed temporary files a process holds open (each reads `/tmp/#123 (deleted)`)."""
+    where, held = os.path.realpath(tempfile.gettempdir()) + "/", []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed in between
+            held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return [path for path in held if path.startswith(where) and path.endswith(" (deleted)")]
