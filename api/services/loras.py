@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 from api.context import AppContext
 from api.errors import Invalid
 from api.infra.objects import put_file
-from api.routes.files import inspect_lora
+from api.services.files import inspect_lora
 from api.services.principals import Principal
 from api.services.references import own_hosts, read_url
 from api.services.retention import duration

@@ -53,6 +53,28 @@ async def submit(
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
     api.services.webhooks.accept."""
+    try:
+        return await _submit(
+            ctx, principal, spec, request_input, params, references, wait_s, idempotency_key, slot, webhook, adapters
+        )
+    finally:  # stored or refused, the LoRAs' spooled files go now (loras.store closes those it stored)
+        for adapter in adapters:
+            adapter.close()
+
+
+async def _submit(
+    ctx: AppContext,
+    principal: Principal,
+    spec: ModelSpec,
+    request_input: dict[str, Any],
+    params: GenerationParams,
+    references: Sequence[Reference],
+    wait_s: float,
+    idempotency_key: str | None,
+    slot: Slot | None,
+    webhook: dict[str, Any] | None,
+    adapters: Sequence[loras.Adapter],
+) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
     if idempotency_key is not None:

@@ -22,8 +22,8 @@ from api.context import AppContext, public_base_url
 from api.errors import Invalid, ServiceError
 from api.infra.fetch import FetchError, Sink, fetch_into, in_memory
 from api.infra.objects import read_object_into
-from api.routes.files import inspect_image, stored_file
 from api.services.auth import Principal
+from api.services.files import inspect_image, stored_file
 from core import images
 from models.klein import MAX_REFERENCES
 

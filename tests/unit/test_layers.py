@@ -91,6 +91,7 @@ def test_each_tier_imports_only_the_shared_layers() -> None:
 
 
 def test_services_sit_above_plumbing_and_below_routes() -> None:
+    assert list(_edges("api.services", "api.routes")) == []
     below = [edge for target in ("api.services", "api.routes", "api.errors") for edge in _edges("api.infra", target)]
     assert below == []
 

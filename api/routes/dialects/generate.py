@@ -19,10 +19,10 @@ from api.context import AppContext, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
 from api.routes.delivery import read_output
 from api.routes.dialects.common import completed, seed_or_random, served_model
-from api.routes.files import read_upload
 from api.routes.openapi_errors import KleinError, errors, image
 from api.services import loras, predictions, references, retention, webhooks
 from api.services.auth import Authenticated
+from api.services.files import read_upload
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Loras, Prompt
 from models.registry import ModelSpec
 
