@@ -1,6 +1,7 @@
-"""Monitoring files: every metric the dashboard and the alert rules name is one our processes export, the
-Operator's copies match their schemas (`cloudcoil-models-prometheus-operator`, made strict) and the rules,
-and every scrape target is where the processes listen."""
+"""Monitoring files: every metric the dashboard and the alert rules name is one our processes export, each process
+exports only its own series and each rule's job exports what it matches, platform gauges are aggregated over API
+replicas with max/min, the Operator's copies match their schemas (`cloudcoil-models-prometheus-operator`, made
+strict) and the rules, and every scrape target is where the processes listen."""
 
 from __future__ import annotations
 
