@@ -167,18 +167,25 @@ def start_api(
     return api, url
 
 
-def start_worker(
+def worker_service(
     env: dict[str, str], log: Path, name: str = "worker", app: str = "worker.app", queue: str | None = None
 ) -> Service:
     """A Celery worker of `app` (the GPU worker unless told otherwise) on `queue` (by default its model's queue:
-    core.queue.model_queue of KLEIN_QUEUE_NAME and KLEIN_MODEL_ID), once ready."""
+    core.queue.model_queue of KLEIN_QUEUE_NAME and KLEIN_MODEL_ID), not started."""
     from core.queue import model_queue
     from models.registry import DEFAULT_MODEL
 
     queue = queue or model_queue(env["KLEIN_QUEUE_NAME"], env.get("KLEIN_MODEL_ID", DEFAULT_MODEL.id))
     args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue]
     args += ["-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
-    worker = Service(args, env, log).start()
+    return Service(args, env, log)
+
+
+def start_worker(
+    env: dict[str, str], log: Path, name: str = "worker", app: str = "worker.app", queue: str | None = None
+) -> Service:
+    """worker_service(...) started, once ready."""
+    worker = worker_service(env, log, name, app, queue).start()
 
     def ready() -> bool:
         worker.ensure_alive("worker")

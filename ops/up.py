@@ -90,9 +90,9 @@ def supervise(
 
 
 def _worker_env(index: int, pinned: bool, model_id: str, model_path: str) -> dict[str, str]:
-    """GPU worker `index`'s environment: its model, its one device (`pinned`), its own metrics port (9101, …)."""
+    """GPU worker `index`'s environment: its model, its one device (`pinned`), its own metrics port (29101, …)."""
     env = os.environ | {"KLEIN_MODEL_ID": model_id, "KLEIN_MODEL_PATH": model_path}
-    env["KLEIN_WORKER_METRICS_PORT"] = str(int(env.get("KLEIN_WORKER_METRICS_PORT", "9101")) + index)
+    env["KLEIN_WORKER_METRICS_PORT"] = str(int(env.get("KLEIN_WORKER_METRICS_PORT", "29101")) + index)
     if pinned:  # the device it sees as cuda:0; with one worker, whatever the machine sets stays
         env["CUDA_VISIBLE_DEVICES"] = str(index)
     return env

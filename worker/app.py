@@ -13,7 +13,7 @@ from celery.signals import setup_logging, task_postrun, task_prerun, worker_proc
 from core import logs, tracing
 from core.queue import PREDICT_TASK, make_celery, model_queue
 from core.settings import get_settings
-from worker import metrics
+from worker import exposition, metrics
 from worker.runtime import WorkerRuntime
 
 settings = get_settings()
@@ -44,7 +44,8 @@ def _unbind_task(**_: Any) -> None:
 def _start_runtime(**_: Any) -> None:
     global _runtime
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
-    metrics.serve(settings.worker_metrics_port)  # the pipeline's state is readable while it loads
+    # The pipeline's state is readable while it loads; a port already taken ends the worker.
+    exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT")
     metrics.register_gpu_collector()
     _runtime = WorkerRuntime.start(settings)
 

@@ -1,6 +1,9 @@
-"""A worker's Prometheus metrics, on a port of its own (`KLEIN_WORKER_METRICS_PORT`, the webhook worker's
-`KLEIN_WEBHOOK_METRICS_PORT`; 0: none). Each Celery worker here is one process (solo or threads pool), so
-the default registry is the process's, without multiprocess mode.
+"""The GPU worker's Prometheus series, served on `KLEIN_WORKER_METRICS_PORT` (worker/exposition.py); the webhook
+worker's are worker/webhook_metrics.py, which this process never imports.
+
+Every series of a worker is told apart by Prometheus' `instance` label (its scrape target); which worker, model
+and host stand behind a target is `klein_worker_info{worker, model, hostname} 1`, joined by instance where a
+query wants it (`... * on (instance) group_left (model) klein_worker_info`) rather than a label on every series.
 
 GPU memory, utilisation and temperature come from NVML (`nvidia-ml-py`) at each scrape; where no NVIDIA GPU
 or driver is, those series are absent rather than zero.
@@ -9,10 +12,11 @@ or driver is, those series are absent rather than zero.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any, get_args
 
-from prometheus_client import REGISTRY, Counter, Enum, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Enum, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,13 +45,7 @@ BATCH_PREDICTIONS = Histogram(
 MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipeline's weights at start")
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])
-
-WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
-WEBHOOK_SECONDS = Histogram(
-    "klein_webhook_attempt_seconds",
-    "A webhook send, from connecting to the answer's first bytes",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
-)
+WORKER_INFO = Info("klein_worker", "The worker behind this target: its id (as in the logs), model and host")
 
 # The sizes clients pick by name (aspect ratios) are labels; any other is "other", so the labels stay few.
 _KNOWN_SIZES = {f"{w}x{h}" for w, h in NAMED_SIZES.values()} | {
@@ -67,15 +65,8 @@ def record_run(timings: dict[str, int], width: int, height: int) -> None:
             STAGE_SECONDS.labels(stage, label).observe(timings[f"{stage}_ms"] / 1000)
 
 
-def serve(port: int) -> None:
-    """Expose the default registry on `port` (0: not at all). A port taken is logged, not fatal: the worker
-    still serves predictions, and an operator sees the missing target in Prometheus."""
-    if not port:
-        return
-    try:
-        start_http_server(port)
-    except OSError as exc:
-        log.error("metrics not served: port %d: %s", port, exc)
+def identify(worker_id: str, model_id: str) -> None:
+    WORKER_INFO.info({"worker": worker_id, "model": model_id, "hostname": socket.gethostname()})
 
 
 class GpuCollector(Collector):

@@ -78,6 +78,8 @@ class WorkerRuntime:
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
         started = time.perf_counter()
+        worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        metrics.identify(worker_id, settings.model_id)
         s3 = make_s3_client(settings)
         ensure_bucket(s3, settings.s3_bucket)
         metrics.PIPELINE_STATE.state("loading")
@@ -99,7 +101,7 @@ class WorkerRuntime:
             leases=make_sync_engine(settings, pool_size=2, pre_ping=False, durable=False),
             s3=s3,
             redis=client,
-            worker_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            worker_id=worker_id,
             loras=LoraCache(settings, s3, pipeline.lora_targets, pipeline.prepare_lora),
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper

@@ -34,7 +34,7 @@ from core.queue import DELIVER_TASK, make_celery, webhooks_queue
 from core.settings import Settings, get_settings
 from core.tables import predictions
 from views import render  # each dialect's prediction shape (no HTTP tier, no torch)
-from worker import metrics
+from worker import exposition, webhook_metrics
 
 log = logging.getLogger(__name__)
 USER_AGENT = "klein-serve-webhooks/1"
@@ -165,8 +165,8 @@ class Sender:
             error = f"no answer within {deadline.seconds:g} s" if late else f"could not deliver: {type(exc).__name__}"
         latency_ms = round((time.perf_counter() - started) * 1000)
         outcome, next_at = self._outcome(delivery, status_code)
-        metrics.WEBHOOK_ATTEMPTS.labels("retry" if outcome == "pending" else outcome).inc()
-        metrics.WEBHOOK_SECONDS.observe(latency_ms / 1000)
+        webhook_metrics.WEBHOOK_ATTEMPTS.labels("retry" if outcome == "pending" else outcome).inc()
+        webhook_metrics.WEBHOOK_SECONDS.observe(latency_ms / 1000)
         with self.engine.begin() as conn:
             conn.execute(webhooks.log_attempt(delivery["id"], at, status_code, latency_ms, head, error))
             recorded = conn.execute(webhooks.record(delivery["id"], delivery["attempts"], outcome, next_at)).first()
@@ -282,8 +282,11 @@ _poller = Poller(settings, _engine)
 
 
 @worker_init.connect
-def _start_tracing(**_: Any) -> None:
+def _start_tracing_and_metrics(**_: Any) -> None:
     tracing.configure("klein-webhooks", celery=True)  # threads: no fork after this
+    # Before the worker starts: a port already taken ends the process here, before it takes any task.
+    exposition.serve(settings.webhook_metrics_port, "KLEIN_WEBHOOK_METRICS_PORT")
+    webhook_metrics.identify()
 
 
 @setup_logging.connect
@@ -293,7 +296,6 @@ def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging s
 
 @worker_ready.connect
 def _start_poller(**_: Any) -> None:
-    metrics.serve(settings.webhook_metrics_port)
     threading.Thread(target=_poller.run, name="webhook-poller", daemon=True).start()
 
 

@@ -10,7 +10,8 @@ scrape with the sum (prometheus-client's multiprocess mode). Without it, each pr
 from __future__ import annotations
 
 import os
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import Counter, Gauge, Histogram
@@ -18,8 +19,8 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-# The routes that accept work: their refusals are counted by reason.
-SUBMITS = {"/v1/predictions", "/v1/generate", "/api/v3/{model_path:path}", "/v1/images/generations", "/api/features"}
+_SUBMIT_MARK: Final = "_klein_creates_predictions"
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 LAST: Final = "mostrecent"  # multiprocess mode: the value last written, by whichever process read it
@@ -36,6 +37,17 @@ STREAMS = Gauge(
 )
 
 
+def submit_route(endpoint: Endpoint) -> Endpoint:
+    """Mark a route's endpoint as one that creates predictions: its answers count in `klein_submits_total`, its
+    refusals by reason (tests/unit/test_submit_metrics.py holds every such POST route of the app to it)."""
+    setattr(endpoint, _SUBMIT_MARK, True)
+    return endpoint
+
+
+def is_submit(route: object) -> bool:
+    return bool(getattr(getattr(route, "endpoint", None), _SUBMIT_MARK, False))
+
+
 def record(scope: Scope, status: int, seconds: float) -> None:
     """Count one answered request by its route template, the route's dialect (its tag) and status."""
     route = scope.get("route")
@@ -44,7 +56,7 @@ def record(scope: Scope, status: int, seconds: float) -> None:
     method = scope["method"]
     REQUESTS.labels(template, method, dialect, str(status)).inc()
     LATENCY.labels(template, method, dialect).observe(seconds)
-    if method == "POST" and template in SUBMITS:
+    if method == "POST" and is_submit(route):
         reason = scope.get("state", {}).get("refusal") or ("" if status < 400 else f"http_{status}")
         SUBMITTED.labels(dialect, "accepted" if status < 400 else "refused", reason).inc()
 

@@ -60,6 +60,9 @@ TENANT_IN_FLIGHT = Gauge(
     "klein_tenant_in_flight", "Queued + processing, per tenant", ["tenant"], multiprocess_mode=metrics.LAST
 )
 
+# Read from PostgreSQL and Redis by every API replica alike: a query aggregates them over replicas with max (or
+# min), never sum, which would multiply them by the replica count (tests/deploy/test_observability.py holds it).
+PLATFORM_GAUGES = (QUEUE_DEPTH, QUEUE_AGE, LIVE_WORKERS, WEBHOOK_BACKLOG, WEBHOOK_AGE, TENANT_IMAGES, TENANT_IN_FLIGHT)
 
 REFRESHES = Counter(
     "klein_metrics_refreshes", "Reads of the platform gauges from PostgreSQL and Redis (at most one per interval)"

@@ -1,20 +1,21 @@
-"""Monitoring files: every metric the dashboard and the alert rules name is one our processes export, the
-Operator's copies match their schemas (`cloudcoil-models-prometheus-operator`, made strict) and the rules,
-and every scrape target is where the processes listen."""
+"""Monitoring files: every metric the dashboard and the alert rules name is one our processes export, each process
+exports only its own series and each rule's job exports what it matches, platform gauges are aggregated over API
+replicas with max/min, the Operator's copies match their schemas (`cloudcoil-models-prometheus-operator`, made
+strict) and the rules, and every scrape target is where the processes listen."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import re
+import subprocess
+import sys
 from functools import cache
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-from prometheus_client import REGISTRY
-from prometheus_client.metrics_core import Metric
 
 from core.settings import Settings
 from tests.deploy.test_deploy_manifests import ROOT, _errors, _strict, compose, container, k8s, keda_validator
@@ -29,19 +30,43 @@ GPU_SERIES = {  # worker.metrics.GpuCollector's, present only where NVML answers
     "klein_gpu_utilization_ratio",
     "klein_gpu_temperature_celsius",
 }
-SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"), "gauge": ("",)}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
+
+
+# Each Prometheus job (deploy/prometheus/prometheus.yml; the Kubernetes monitors' jobLabel) and the module its
+# process starts from.
+JOBS = {"klein-api": "api.app", "klein-worker": "worker.app", "klein-webhooks": "worker.webhooks"}
+_LISTING = """
+import importlib, sys
+from prometheus_client import REGISTRY
+importlib.import_module(sys.argv[1])
+for family in REGISTRY.collect():
+    print(family.name, family.type)
+"""
+
+
+@cache
+def exported_by(job: str) -> frozenset[str]:
+    """The klein_ sample names the process behind `job` would export: its start module imported in a fresh
+    interpreter (nothing started), its default registry listed; the GPU series where NVML answers."""
+    listing = subprocess.run(
+        [sys.executable, "-c", _LISTING, JOBS[job]], cwd=ROOT, capture_output=True, text=True, timeout=180, check=True
+    ).stdout
+    names = set(GPU_SERIES) if job == "klein-worker" else set()
+    for line in listing.splitlines():
+        name, kind = line.split()
+        names |= {name + suffix for suffix in SUFFIXES.get(kind, ("",))}
+    return frozenset(name for name in names if name.startswith("klein_"))
 
 
 def exported() -> set[str]:
-    """The sample names of every metric the API, the workers and the webhook worker register."""
-    importlib.import_module("api.infra.metrics")
-    importlib.import_module("api.routes.metrics")
-    importlib.import_module("worker.metrics")
-    names = set(GPU_SERIES)
-    family: Metric
-    for family in REGISTRY.collect():
-        names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
-    return {name for name in names if name.startswith("klein_")}
+    """The sample names of every metric the API, the workers and the webhook worker export."""
+    return set().union(*(exported_by(job) for job in JOBS))
 
 
 def named_in(expressions: list[str]) -> set[str]:
@@ -181,3 +206,103 @@ def test_prometheus_sends_the_apis_metrics_token_where_it_is_set() -> None:
     (endpoint,) = monitoring("servicemonitor.yaml")["spec"]["endpoints"]
     credentials = {"name": "klein-secrets", "key": "KLEIN_METRICS_TOKEN"}
     assert endpoint["authorization"] == {"type": "Bearer", "credentials": credentials}
+
+
+def keda_query() -> str:
+    query = monitoring("worker-scaledobject-queue-age.yaml")["spec"]["triggers"][0]["metadata"]["query"]
+    assert isinstance(query, str)
+    return query
+
+
+def test_each_process_exports_only_its_own_series() -> None:
+    """The webhook worker once exported the GPU worker's pipeline state (`loading` forever), paging
+    KleinWorkerNotReady 15 minutes after each start."""
+    api, worker, webhooks = (exported_by(job) for job in ("klein-api", "klein-worker", "klein-webhooks"))
+    assert {"klein_http_requests_total", "klein_queue_depth", "klein_submits_total"} <= api
+    assert {"klein_worker_pipeline_state", "klein_worker_info", "klein_worker_predictions_total"} <= worker
+    assert {"klein_webhook_attempts_total", "klein_webhook_worker_info"} <= webhooks
+    assert not {n for n in webhooks if n.startswith(("klein_worker_", "klein_gpu_", "klein_http_"))}
+    assert not {n for n in worker - GPU_SERIES if n.startswith(("klein_webhook_", "klein_http_", "klein_gpu_"))}
+    assert not {n for n in api if n.startswith(("klein_worker_", "klein_gpu_", "klein_webhook_attempt"))}
+
+
+def selectors(expr: str) -> list[tuple[str, str | None]]:
+    """Each klein_ series an expression selects, with the job its matcher names (None: no job matcher)."""
+    found = []
+    for match in re.finditer(r"\b(klein_[a-z0-9_]+)\b(?!\s*[=!~]~?\s*\")(\s*\{[^}]*\})?", expr):
+        job = re.search(r'\bjob\s*=\s*"([^"]*)"', match.group(2) or "")
+        found.append((match.group(1), job.group(1) if job else None))
+    return found
+
+
+def test_each_rule_about_one_kind_of_process_names_the_job_that_exports_its_series() -> None:
+    for expr in [*rule_expressions(), keda_query()]:
+        for name, job in selectors(expr):
+            assert job in JOBS, f"{name} in {expr!r} has no job matcher naming one of {sorted(JOBS)}"
+            assert name in exported_by(job), f"{name} in {expr!r}: job {job} does not export it"
+
+
+def test_the_job_checker_catches_a_series_under_the_wrong_job() -> None:
+    assert selectors('klein_worker_pipeline_state{job="klein-webhooks", x="1"} == 0') == [
+        ("klein_worker_pipeline_state", "klein-webhooks")
+    ]
+    assert "klein_worker_pipeline_state" not in exported_by("klein-webhooks")
+    assert selectors("max(klein_live_workers) == 0") == [("klein_live_workers", None)]
+
+
+AGGREGATORS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
+               "quantile", "limitk", "limit_ratio"}  # fmt: skip
+
+
+def platform_gauges() -> set[str]:
+    module = importlib.import_module("api.routes.metrics")
+    return {gauge.describe()[0].name for gauge in module.PLATFORM_GAUGES}
+
+
+def innermost_aggregations(expr: str) -> list[tuple[str, str | None]]:
+    """Each klein_ series an expression names, with the aggregation operator closest around it (None: none)."""
+    tokens = re.findall(r'"[^"]*"|\{[^}]*\}|\[[^\]]*\]|[A-Za-z_:][A-Za-z0-9_:]*|\(|\)|[^\sA-Za-z_(){}\["]+', expr)
+    stack: list[str | None] = []  # what each open parenthesis belongs to: an aggregation's name, else None
+    grouping_of: list[str | None] = []  # the aggregation a by/without (...) belongs to
+    previous, pending, found = "", None, []
+    for token in tokens:
+        if token == "(":
+            if previous in ("by", "without"):
+                stack.append("grouping")
+                grouping_of.append(pending)
+            else:
+                stack.append(previous if previous in AGGREGATORS else pending if previous == ")" else None)
+            pending = None
+        elif token == ")":
+            closed = stack.pop() if stack else None
+            pending = grouping_of.pop() if closed == "grouping" and grouping_of else None
+        elif token in ("by", "without"):
+            pending = previous if previous in AGGREGATORS else None
+        elif token.startswith("klein_"):
+            aggregations = [frame for frame in stack if frame not in (None, "grouping")]
+            found.append((token, aggregations[-1] if aggregations else None))
+        previous = token
+    return found
+
+
+def test_platform_gauges_are_aggregated_over_api_replicas_with_max_or_min() -> None:
+    """Every API replica reads the same queue, workers, webhooks and tenants: summing over replicas multiplies."""
+    gauges = platform_gauges()
+    assert {"klein_queue_depth", "klein_live_workers", "klein_tenant_in_flight"} <= gauges
+    for expr in [*dashboard_expressions(), *rule_expressions(), keda_query()]:
+        for name, aggregation in innermost_aggregations(expr):
+            if name in gauges:
+                assert aggregation in ("max", "min"), f"{name} in {expr!r} is aggregated by {aggregation}"
+
+
+def test_the_aggregation_checker_sees_through_grouping_and_nesting() -> None:
+    assert innermost_aggregations("sum by (priority) (klein_queue_depth)") == [("klein_queue_depth", "sum")]
+    assert innermost_aggregations('topk(10, max by (tenant) (klein_tenant_in_flight{job="a"}))') == [
+        ("klein_tenant_in_flight", "max")
+    ]
+    assert innermost_aggregations("klein_tenant_images_24h") == [("klein_tenant_images_24h", None)]
+    assert innermost_aggregations("max(sum(klein_live_workers) by (instance))") == [("klein_live_workers", "sum")]
+    assert innermost_aggregations("sum(rate(klein_x_total[5m])) / max(klein_y)") == [
+        ("klein_x_total", "sum"),
+        ("klein_y", "max"),
+    ]

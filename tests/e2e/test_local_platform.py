@@ -36,7 +36,7 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(children) >= 5  # 2 GPU workers, the webhook worker, API, SeaweedFS (PostgreSQL, Valkey detached)
         workers = [c for c in children if "worker.app" in c.cmdline()]
         assert sorted(c.environ().get("CUDA_VISIBLE_DEVICES") for c in workers) == ["0", "1"], "one device each"
-        for metrics_port in (9101, 9102):  # each GPU worker's own /metrics, its pipeline loaded
+        for metrics_port in (29101, 29102):  # each GPU worker's own /metrics, its pipeline loaded
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
 

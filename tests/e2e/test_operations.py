@@ -4,6 +4,8 @@ them) moving as predictions run and fail, multiprocess mode, and the JSON log li
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.tenants import IssuedKey
-from ops.embedded import Service, free_port, start_api, wait_until
+from ops.embedded import Service, free_port, start_api, wait_until, worker_service
 from tests.conftest import Stack, make_tenant
 from tests.e2e.test_worker import poison_prediction, wait_for
 
@@ -88,6 +90,25 @@ def test_api_metrics_move_as_predictions_run_and_are_refused(stack: Stack, clien
     assert not any(name.startswith("klein_tenant_in_flight") for name in names(after)), "per tenant: off"
 
 
+def test_wavespeed_and_replicate_model_path_submits_are_counted_with_their_dialect(
+    stack: Stack, client: httpx.Client
+) -> None:
+    before = scrape(f"{stack.api_url}/metrics")
+    wavespeed = client.post(
+        "/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image", json={"prompt": "counted", "size": "512*512"}
+    )
+    assert wavespeed.status_code == 200, wavespeed.text
+    replicate = client.post(
+        "/v1/models/black-forest-labs/flux-2-klein-4b/predictions",
+        json={"input": {"prompt": "counted", "aspect_ratio": "1:1"}},
+    )
+    assert replicate.status_code == 201, replicate.text
+    after = scrape(f"{stack.api_url}/metrics")
+    for dialect in ("wavespeed", "replicate"):
+        labels = {"dialect": dialect, "outcome": "accepted", "reason": ""}
+        assert value(after, "klein_submits_total", **labels) == value(before, "klein_submits_total", **labels) + 1
+
+
 def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     stack: Stack, tenant: IssuedKey, client: httpx.Client
 ) -> None:
@@ -112,6 +133,33 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready") == 1
     assert value(after, "klein_worker_model_load_seconds") > 0
     assert not any(name.startswith("klein_gpu_") for name in names(after)), "no GPU here: absent, not zero"
+    (labels,) = [dict(labels) for name, labels in after if name == "klein_worker_info"]
+    assert labels["model"] == "flux-klein-4b" and labels["hostname"] == socket.gethostname()
+    assert labels["worker"].startswith(f"{socket.gethostname()}:")  # as its log lines name it
+    assert not any(name.startswith(("klein_webhook_", "klein_http_")) for name in names(after))
+
+
+@pytest.mark.parametrize(
+    ("app", "setting"), [("worker.app", "KLEIN_WORKER_METRICS_PORT"), ("worker.webhooks", "KLEIN_WEBHOOK_METRICS_PORT")]
+)
+def test_a_worker_whose_metrics_port_is_taken_exits_naming_the_port_and_the_setting(
+    settings_env: dict[str, str], tmp_path: Path, app: str, setting: str
+) -> None:
+    """Carrying on would leave Prometheus scraping whatever else answers on that port as if it were this worker."""
+    log = tmp_path / "worker.log"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        queue = f"{settings_env['KLEIN_QUEUE_NAME']}.port-taken"  # nothing is sent there
+        worker = worker_service(settings_env | {setting: str(port)}, log, "port-taken", app, queue).start()
+        try:
+            wait_until(lambda: not worker.alive(), 120, "the worker's exit", log)
+        finally:
+            worker.stop()
+    assert worker.returncode == os.EX_CONFIG
+    text = log.read_text()
+    assert f"metrics port {port} ({setting}) cannot be bound" in text, text[-2000:]
 
 
 def test_several_api_processes_answer_one_sum(stack: Stack, tenant: IssuedKey, tmp_path: Path) -> None:

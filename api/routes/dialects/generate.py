@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Answer, Invalid, dialect_route, validation_error
+from api.infra import metrics
 from api.routes.delivery import read_output
 from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.openapi_errors import KleinError, errors, image
@@ -130,6 +131,7 @@ _REQUEST_BODY = {
     openapi_extra={"requestBody": _REQUEST_BODY},
     responses={**image("The generated PNG", "image/png"), **errors(400, 413, 422, 500, 504, shape=KleinError)},
 )
+@metrics.submit_route
 async def generate(
     request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> Response:

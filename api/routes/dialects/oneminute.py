@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.context import AppContext, get_ctx, public_base_url
+from api.infra import metrics
 from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
 from api.services import predictions
@@ -57,6 +58,7 @@ class FeatureRequest(BaseModel):
 
 
 @router.post("/api/features", responses=errors(400, 413, 422))
+@metrics.submit_route
 async def features(
     body: FeatureRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, dialect_route
+from api.infra import metrics
 from api.routes.delivery import outputs_base64
 from api.routes.dialects.common import completed, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import OpenAIError, errors
@@ -127,6 +128,7 @@ class ImagesRequest(BaseModel):
 
 
 @router.post("/v1/images/generations", responses=errors(400, 404, 413, 422, 500, 504, shape=OpenAIError))
+@metrics.submit_route
 async def generate(
     body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:

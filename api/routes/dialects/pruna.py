@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import TOO_DEEP, Invalid, validation_error
+from api.infra import metrics
 from api.infra.jsonresponse import JSON
 from api.routes.dialects import replicate
 from api.routes.dialects.common import seed_or_random, served_model
@@ -70,6 +71,7 @@ _SUBMIT_HEADERS = [
         **errors(404, 409, 413, 422),
     },
 )
+@metrics.submit_route
 async def create_prediction(request: Request) -> Response:
     principal, slot = await authenticate_submit(request)  # the slot costs no round trip of its own
     try:

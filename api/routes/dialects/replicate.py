@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from api.context import AppContext, context, get_ctx, public_base_url
 from api.errors import NotFound, Renderer, answered, dialect_route, problem_details, validation_error
+from api.infra import metrics
 from api.infra.jsonresponse import JSON
 from api.routes import meta
 from api.routes.dialects.common import lookup_model, served_model
@@ -112,6 +113,7 @@ _WAIT_HEADERS = [
         **_documented(400, 404, 409, 413, 422),
     },
 )
+@metrics.submit_route
 async def create_prediction(
     owner: str, name: str, body: PredictionRequest, request: Request, principal: Authenticated, ctx: Ctx
 ) -> Response:

@@ -18,6 +18,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
+from api.infra import metrics
 from api.routes.delivery import gone, outputs_base64
 from api.routes.dialects.common import parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import WaveSpeedError, errors
@@ -121,6 +122,7 @@ register_url_convertor("any_path", AnyPath())
 
 
 @router.post("/api/v3/{model_path:any_path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
+@metrics.submit_route
 async def submit(
     model_path: str,
     body: WaveSpeedRequest,

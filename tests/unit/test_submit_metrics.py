@@ -1,0 +1,46 @@
+"""Every route that creates predictions, of every dialect, is counted in `klein_submits_total`: the set is the
+app's own routes marked with api.infra.metrics.submit_route, so a new dialect's route cannot be missed by a list
+kept elsewhere."""
+
+from __future__ import annotations
+
+from fastapi.routing import APIRoute
+from prometheus_client import REGISTRY
+
+from api.app import create_app
+from api.infra import metrics
+
+# POST routes that create no prediction: each new POST route is one or the other, on purpose.
+NOT_SUBMITS = {
+    "/v1/predictions/{prediction_id}/cancel",
+    "/v1/files",
+    "/v1/keys",
+    "/v1/webhooks/default/secret/rotate",
+    "/v1/webhooks/deliveries/{delivery_id}/replay",
+    "/admin/v1/tenants",
+    "/admin/v1/tenants/{tenant_id}/keys",
+}
+DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai"}
+
+
+def post_routes() -> list[APIRoute]:
+    return [route for route in create_app().routes if isinstance(route, APIRoute) and "POST" in (route.methods or ())]
+
+
+def test_every_post_route_that_creates_predictions_is_counted() -> None:
+    counted = {route.path for route in post_routes() if metrics.is_submit(route)}
+    assert {"/api/v3/{model_path:any_path}", "/v1/models/{owner}/{name}/predictions"} <= counted
+    assert {route.path for route in post_routes()} - counted == NOT_SUBMITS
+    assert {route.tags[0] for route in post_routes() if metrics.is_submit(route)} == DIALECTS, "each dialect's"
+
+
+def test_a_wavespeed_and_a_replicate_model_path_submit_count_with_their_dialect() -> None:
+    routes = {route.path: route for route in post_routes()}
+    for path, dialect in (
+        ("/api/v3/{model_path:any_path}", "wavespeed"),
+        ("/v1/models/{owner}/{name}/predictions", "replicate"),
+    ):
+        labels = {"dialect": dialect, "outcome": "accepted", "reason": ""}
+        before = REGISTRY.get_sample_value("klein_submits_total", labels) or 0.0
+        metrics.record({"route": routes[path], "method": "POST", "state": {}}, 201, 0.01)
+        assert REGISTRY.get_sample_value("klein_submits_total", labels) == before + 1, path

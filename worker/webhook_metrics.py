@@ -1,0 +1,21 @@
+"""The webhook worker's own Prometheus series (served by worker/exposition.py); the GPU worker's are
+worker/metrics.py, which this process never imports."""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import Counter, Histogram, Info
+
+WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
+WEBHOOK_SECONDS = Histogram(
+    "klein_webhook_attempt_seconds",
+    "A webhook send, from connecting to the answer's first bytes",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20),
+)
+# Which webhook worker answers on this target: `klein_webhook_worker_info{hostname=…} 1`, joined by instance.
+WEBHOOK_WORKER_INFO = Info("klein_webhook_worker", "The webhook worker behind this target")
+
+
+def identify() -> None:
+    WEBHOOK_WORKER_INFO.info({"hostname": socket.gethostname()})
