@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 from sqlalchemy import func, select, text
 
-from core import retention
+from core import images, retention
 from core.storage import make_s3_client
 from core.tables import lora_uses, loras
 from core.tenants import IssuedKey
@@ -90,10 +90,19 @@ def test_references_wider_than_the_pipeline_takes_are_refused_at_submit(client: 
 
 
 def test_health_answers_while_big_images_are_decoded(stack: Stack, tenant: IssuedKey) -> None:
-    """Eight submits with three 4096² all-zero PNGs each: decoding runs off the event loop, one at a time."""
+    """Eight submits with three 4096² all-zero PNGs each: decoding runs off the event loop, one at a time. Were it
+    on the loop, a probe would wait for at least one whole decode; so no probe may take as long as one decode
+    takes on this machine now (measured here: a busy machine slows both alike)."""
     buffer = io.BytesIO()
     Image.new("RGB", (4096, 4096)).save(buffer, format="PNG")
     big = data_uri(buffer.getvalue())
+    settings = stack.settings
+    decodes = []
+    for _ in range(3):
+        started = time.perf_counter()
+        images.inspect(buffer.getvalue(), settings.max_image_bytes, settings.max_image_pixels)
+        decodes.append(time.perf_counter() - started)
+    one_decode = min(decodes)
     answers: list[httpx.Response] = []
 
     def heavy() -> None:
@@ -117,7 +126,7 @@ def test_health_answers_while_big_images_are_decoded(stack: Stack, tenant: Issue
     for thread in threads:
         thread.join()
     assert [a.status_code for a in answers] == [201] * 8
-    assert len(latencies) >= 5 and max(latencies) < 0.2, sorted(latencies)[-5:]
+    assert len(latencies) >= 5 and max(latencies) < max(one_decode, 0.2), (one_decode, sorted(latencies)[-5:])
 
 
 def test_only_configured_hosts_decide_our_urls(stack: Stack, client: httpx.Client) -> None:
