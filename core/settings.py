@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     # Operating it (docs/operations.md): logs, metrics.
     log_format: str = Field("json", pattern="^(json|console)$")  # console: readable lines (`klein up`)
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")  # DEBUG also logs prompts
+    # The workers' /metrics answer without a token: bind them where only Prometheus reaches (`klein up`: loopback).
+    worker_metrics_host: str = "0.0.0.0"
     worker_metrics_port: int = Field(29101, ge=0, le=65535)  # a GPU worker's /metrics; 0: none
     webhook_metrics_port: int = Field(29100, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
     access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)

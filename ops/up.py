@@ -231,6 +231,8 @@ def up(argv: list[str]) -> int:
             # /metrics wants this bearer token (kept like the API key; give Prometheus its file).
             "KLEIN_METRICS_TOKEN": os.environ.get("KLEIN_METRICS_TOKEN")
             or _persistent_secret(data_dir / "metrics-token"),
+            # The workers' /metrics have no token: this machine's Prometheus only (the API's has the token).
+            "KLEIN_WORKER_METRICS_HOST": os.environ.get("KLEIN_WORKER_METRICS_HOST", "127.0.0.1"),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
         }

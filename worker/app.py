@@ -45,7 +45,7 @@ def _start_runtime(**_: Any) -> None:
     global _runtime
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
-    exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT")
+    exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT", settings.worker_metrics_host)
     metrics.register_gpu_collector()
     _runtime = WorkerRuntime.start(settings)
 

@@ -14,13 +14,13 @@ from prometheus_client import start_http_server
 log = logging.getLogger(__name__)
 
 
-def serve(port: int, setting: str) -> None:
-    """Expose the default registry on `port` (0: not at all). A port already taken ends the process (exit status
-    EX_CONFIG): carrying on would leave Prometheus scraping whatever else answers there."""
+def serve(port: int, setting: str, host: str = "0.0.0.0") -> None:
+    """Expose the default registry on `host`:`port` (port 0: not at all). A port already taken ends the process
+    (exit status EX_CONFIG): carrying on would leave Prometheus scraping whatever else answers there."""
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
         log.critical(
             "metrics port %d (%s) cannot be bound: %s; set %s to a free port, or 0 for none",

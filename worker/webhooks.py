@@ -285,7 +285,7 @@ _poller = Poller(settings, _engine)
 def _start_tracing_and_metrics(**_: Any) -> None:
     tracing.configure("klein-webhooks", celery=True)  # threads: no fork after this
     # Before the worker starts: a port already taken ends the process here, before it takes any task.
-    exposition.serve(settings.webhook_metrics_port, "KLEIN_WEBHOOK_METRICS_PORT")
+    exposition.serve(settings.webhook_metrics_port, "KLEIN_WEBHOOK_METRICS_PORT", settings.worker_metrics_host)
     webhook_metrics.identify()
 
 

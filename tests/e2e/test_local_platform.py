@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,9 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         for metrics_port in (29101, 29102):  # each GPU worker's own /metrics, its pipeline loaded
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
+        # The workers' /metrics have no token: `up` binds them to loopback only.
+        listening = {(c.laddr.ip, c.laddr.port) for w in workers for c in w.net_connections() if c.status == "LISTEN"}
+        assert {port for ip, port in listening if ip != "127.0.0.1"} & {29101, 29102} == set(), listening
 
         key = (data / "api-key").read_text().strip()
         token = (data / "metrics-token").read_text().strip()  # /metrics is closed by default
@@ -47,6 +51,10 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert key in log.read_text()
         headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
         body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=180).json()
+        deadline = time.monotonic() + 300  # a busy machine may outlast the Try-Sync wait (then 201): follow it
+        while body["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            body = httpx.get(body["get_url"], headers={"apikey": key}).json()
         assert body["status"] == "succeeded", body
         image = httpx.get(body["generation_url"], headers={"apikey": key})
         assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
