@@ -138,16 +138,17 @@ def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_at
     )
 
 
-def next_with_loras(model: str, sha256s: list[str], max_attempts: int) -> Select:
-    """The oldest queued prediction of `model` whose LoRAs are `sha256s` (in order, any scales), if it is in the
-    most urgent priority class queued now. A worker with those LoRAs loaded takes it ahead of the queue's order
-    (worker/runtime.py, a few in a row at most), but never ahead of a more urgent tenant's prediction."""
+def next_with_loras(model: str, tenant_id: str, sha256s: list[str], max_attempts: int) -> Select:
+    """The oldest queued prediction of `model` and of `tenant_id` whose LoRAs are `sha256s` (in order, any
+    scales), if it is in the most urgent priority class queued now. A worker with the tenant's LoRAs loaded takes
+    it ahead of the queue's order (worker/runtime.py, a few in a row at most), but never ahead of a more urgent
+    tenant's prediction, and never another tenant's (what it is told would tell what this one ran)."""
     queued = and_(p.c.status == Status.CREATED, p.c.model == model, p.c.attempts < max_attempts)
     most_urgent = select(func.min(p.c.priority)).where(queued).scalar_subquery()
     every_sha = cast(literal("$[*].sha256"), JSONPATH)
     shas = func.jsonb_path_query_array(func.coalesce(p.c.params["loras"], cast([], JSONB)), every_sha)
-    same = shas == cast(sha256s, JSONB)
-    return select(p.c.id).where(queued, same, p.c.priority == most_urgent).order_by(p.c.created_at).limit(1)
+    same = p.c.tenant_id == tenant_id, shas == cast(sha256s, JSONB)
+    return select(p.c.id).where(queued, *same, p.c.priority == most_urgent).order_by(p.c.created_at).limit(1)
 
 
 def claim_companions(worker_id: str, lease_s: float, max_attempts: int) -> Update:

@@ -52,9 +52,10 @@ def looks_like_safetensors(first: bytes, size: int) -> bool:
     return size > 9 and first[8:9] == b"{" and struct.unpack("<Q", first[:8])[0] < size
 
 
-def object_key(sha256: str) -> str:
-    """Where a LoRA is stored, once for every request and tenant naming the same bytes."""
-    return f"loras/{sha256}.safetensors"
+def object_key(tenant_id: str, sha256: str) -> str:
+    """Where a tenant's LoRA is stored: once per tenant and content, never shared with another tenant (whether
+    it is there already would tell what that tenant ran)."""
+    return f"loras/{tenant_id}/{sha256}.safetensors"
 
 
 def targets_key(queue_name: str, model: str) -> str:

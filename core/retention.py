@@ -4,8 +4,8 @@ A prediction expires `retention_s` after it finished: its tenant's, else `defaul
 reaper runs, so a changed retention applies to what the tenant already has. The reaper (run by the sweeper,
 core/sweeper.py) deletes everything stored under `<tenant>/<prediction>/` (outputs and references), then
 marks the row `expired_at`; the row and its usage record stay. Uploads past `expires_at` go, object then row.
-A tenant's use of a stored LoRA goes `lora_retention_s` after a request last named it, unless one of its queued
-or running predictions still does; then a LoRA object no tenant uses any more goes, object then row.
+A tenant's stored LoRA goes `lora_retention_s` after a request last named it, unless one of its queued or
+running predictions still does, object then row.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, Engine, delete, exists, func, select, true
 from core import lora
 from core.lifecycle import TERMINAL
 from core.settings import Settings
-from core.tables import files, lora_uses, loras, tenants
+from core.tables import files, loras, tenants
 from core.tables import predictions as p
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ DELETE_PAGE = 1000  # keys per DeleteObjects request, S3's maximum
 class ReapReport:
     predictions: int = 0
     files: int = 0
-    lora_uses: int = 0
     loras: int = 0
     objects: int = 0
 
@@ -78,8 +77,6 @@ def reap(settings: Settings, engine: Engine, s3: S3Client, batch: int = BATCH) -
     while _expire_predictions(settings, engine, s3, batch, report) == batch and time.monotonic() < deadline:
         pass
     while _delete_files(settings, engine, s3, batch, report) == batch and time.monotonic() < deadline:
-        pass
-    while _forget_lora_uses(settings, engine, batch, report) == batch and time.monotonic() < deadline:
         pass
     while _delete_loras(settings, engine, s3, batch, report) == batch and time.monotonic() < deadline:
         pass
@@ -137,34 +134,21 @@ def _unused_since(settings: Settings) -> ColumnElement[Any]:
     return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lora_retention_s)
 
 
-def _forget_lora_uses(settings: Settings, engine: Engine, batch: int, report: ReapReport) -> int:
-    named = p.c.params["loras"].op("@>")(func.jsonb_build_array(func.jsonb_build_object("sha256", lora_uses.c.sha256)))
-    still_wanted = exists().where(p.c.tenant_id == lora_uses.c.tenant_id, p.c.status.not_in(TERMINAL), named)
-    due = (
-        select(lora_uses.c.tenant_id, lora_uses.c.sha256)
-        .where(lora_uses.c.last_used_at < _unused_since(settings), ~still_wanted)
-        .limit(batch)
-        .with_for_update(skip_locked=True)  # a request naming it again holds it; its new time then keeps it
-    )
-    with engine.begin() as conn:
-        gone = conn.execute(delete(lora_uses).where(tuple_(lora_uses.c.tenant_id, lora_uses.c.sha256).in_(due)))
-    report.lora_uses += gone.rowcount
-    return gone.rowcount
-
-
 def _delete_loras(settings: Settings, engine: Engine, s3: S3Client, batch: int, report: ReapReport) -> int:
+    named = p.c.params["loras"].op("@>")(func.jsonb_build_array(func.jsonb_build_object("sha256", loras.c.sha256)))
+    still_wanted = exists().where(p.c.tenant_id == loras.c.tenant_id, p.c.status.not_in(TERMINAL), named)
     due = (
-        select(loras.c.sha256)
-        .where(loras.c.last_used_at < _unused_since(settings), ~exists().where(lora_uses.c.sha256 == loras.c.sha256))
+        select(loras.c.tenant_id, loras.c.sha256)
+        .where(loras.c.last_used_at < _unused_since(settings), ~still_wanted)
         .limit(batch)
-        .with_for_update(skip_locked=True)  # a request storing it again waits, then stores it anew
+        .with_for_update(skip_locked=True)  # a request naming it again waits, then stores it anew
     )
     with engine.begin() as conn:
-        hashes = list(conn.execute(due).scalars())
-        if not hashes:
+        rows = conn.execute(due).all()
+        if not rows:
             return 0
-        delete_keys(s3, settings.s3_bucket, [lora.object_key(sha256) for sha256 in hashes])
-        conn.execute(delete(loras).where(loras.c.sha256.in_(hashes)))
-    report.loras += len(hashes)
-    report.objects += len(hashes)
-    return len(hashes)
+        delete_keys(s3, settings.s3_bucket, [lora.object_key(r.tenant_id, r.sha256) for r in rows])
+        conn.execute(delete(loras).where(tuple_(loras.c.tenant_id, loras.c.sha256).in_([tuple(r) for r in rows])))
+    report.loras += len(rows)
+    report.objects += len(rows)
+    return len(rows)

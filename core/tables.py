@@ -130,28 +130,19 @@ files = Table(
     Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)
 )
 
-# LoRA adapters accepted with a prediction (api/services/loras.py), stored once by content at
-# `loras/<sha256>.safetensors`; each tenant that named one has a use, which counts its bytes against the tenant
-# (KLEIN_MAX_TENANT_LORA_BYTES). The reaper (core/retention.py) drops uses and then objects unused for
-# KLEIN_LORA_RETENTION_S that no queued or running prediction names.
+# LoRA adapters accepted with a prediction (api/services/loras.py), stored per tenant and content at
+# `loras/<tenant_id>/<sha256>.safetensors` (never shared: docs/lora.md); their bytes count against the tenant
+# (KLEIN_MAX_TENANT_LORA_BYTES). The reaper (core/retention.py) deletes those unused for KLEIN_LORA_RETENTION_S
+# that none of the tenant's queued or running predictions names, object then row.
 loras = Table(
     "loras",
     metadata,
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
     Column("sha256", String(64), primary_key=True),
     Column("bytes", BigInteger, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_used_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("loras_last_used", "last_used_at"),
-)
-
-lora_uses = Table(
-    "lora_uses",
-    metadata,
-    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
-    Column("sha256", String(64), ForeignKey("loras.sha256", ondelete="CASCADE"), primary_key=True),
-    Column("last_used_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Index("lora_uses_last_used", "last_used_at"),
-    Index("lora_uses_sha256", "sha256"),
 )
 
 

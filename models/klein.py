@@ -98,20 +98,29 @@ class LoraInput(BaseModel):
 
 
 class LoraRef(BaseModel):
-    """A LoRA as a worker gets it: stored by content (`loras/<sha256>.safetensors`), and its scale."""
+    """A LoRA as a worker gets it: its tenant's copy (`loras/<tenant_id>/<sha256>.safetensors`), and its scale.
+    Stored, cached and loaded per tenant, so that nothing of it depends on what other tenants ran."""
 
     model_config = ConfigDict(frozen=True)
 
+    tenant_id: str
     sha256: str
     scale: float
 
     @property
     def key(self) -> str:
-        return lora.object_key(self.sha256)
+        return lora.object_key(self.tenant_id, self.sha256)
 
     @property
     def adapter_name(self) -> str:
-        return f"lora_{self.sha256}"  # whole: the worker reads the loaded set back from the names
+        """Its name in the worker's caches and pipeline; whole: the worker reads the loaded set back from it."""
+        return f"lora_{self.tenant_id}_{self.sha256}"
+
+
+def loaded_by(adapter_name: str) -> tuple[str, str]:
+    """(tenant_id, sha256) of a LoraRef.adapter_name (a hash has no `_`)."""
+    tenant_id, _, sha256 = adapter_name.removeprefix("lora_").rpartition("_")
+    return tenant_id, sha256
 
 
 Loras = Annotated[

@@ -90,9 +90,9 @@ class Generator:
                 item.error = exc
 
     def _use_loras(self, params: GenerationParams, batch: list[Item]) -> None:
-        """Make the prediction's LoRAs (all of a batch's are the same) the pipeline's active set; none: the base
-        model exactly. The tenant's logs name each one applied; where it came from (memory, disk, storage) and how
-        long it took go to the worker's log only, as they tell what other tenants ran."""
+        """Make the prediction's LoRAs (all of a batch's are the same, its tenant's copies) the pipeline's active
+        set; none: the base model exactly. The tenant's logs name each one applied; where it came from (memory,
+        disk, storage) and how long it took go to the worker's log only, for operators."""
         adapters = []
         for ref in params.loras:
             loaded = self.loras.get(ref)

@@ -1,6 +1,7 @@
-"""A worker's LoRA adapters by content hash: in memory (LRU by bytes) over its disk (LRU by bytes) over storage,
-where the API put them (api/services/loras.py). Read with safetensors (never a pickle), checked against the
-transformer, and prepared for its layout once (models/lora.prepare)."""
+"""A worker's LoRA adapters by tenant and content hash (LoraRef.adapter_name: a tenant never gets another
+tenant's copy, so how fast it comes tells nothing of what others ran): in memory (LRU by bytes) over its disk
+(LRU by bytes) over storage, where the API put them (api/services/loras.py). Read with safetensors (never a
+pickle), checked against the transformer, and prepared for its layout once (models/lora.prepare)."""
 
 from __future__ import annotations
 
@@ -44,29 +45,30 @@ class LoraCache:
         self.settings, self.s3, self.targets, self.prepare = settings, s3, targets, prepare
         self.folder = Path(settings.lora_cache_dir)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.memory: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()  # sha → (tensors, bytes)
-        # sha → bytes on disk, least recently used first; what an earlier process left, oldest first
+        # By LoraRef.adapter_name (tenant and hash): → (tensors, bytes) in memory, → bytes on disk, least recently
+        # used first; on disk what an earlier process left too, oldest first.
+        self.memory: OrderedDict[str, tuple[dict[str, torch.Tensor], int]] = OrderedDict()
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         self.disk: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in files)
 
     def get(self, ref: LoraRef) -> Loaded:
-        started = time.perf_counter()
-        if ref.sha256 in self.memory:
-            self.memory.move_to_end(ref.sha256)
-            return Loaded(self.memory[ref.sha256][0], "memory", time.perf_counter() - started)
-        path = self.folder / f"{ref.sha256}.safetensors"
-        if ref.sha256 in self.disk and path.is_file():
+        started, name = time.perf_counter(), ref.adapter_name
+        if name in self.memory:
+            self.memory.move_to_end(name)
+            return Loaded(self.memory[name][0], "memory", time.perf_counter() - started)
+        path = self.folder / f"{name}.safetensors"
+        if name in self.disk and path.is_file():
             data, source = path.read_bytes(), "disk"
-            self.disk.move_to_end(ref.sha256)
+            self.disk.move_to_end(name)
             os.utime(path)  # for the next process's order
         else:
             data, source = self._fetch(ref), "storage"
-            self._keep_on_disk(ref.sha256, path, data)
+            self._keep_on_disk(name, path, data)
         problems = lora.misfits(lora.pairs(lora.read_header(data)), self.targets)
         if problems:
             raise lora.LoraError(f"LoRA {ref.sha256[:12]} does not fit this model: " + "; ".join(problems[:3]))
         tensors = self.prepare(load_safetensors(data))
-        self._keep_in_memory(ref.sha256, tensors, len(data))
+        self._keep_in_memory(name, tensors, len(data))
         return Loaded(tensors, source, time.perf_counter() - started)
 
     def _fetch(self, ref: LoraRef) -> bytes:
@@ -75,7 +77,7 @@ class LoraCache:
             raise lora.LoraError(f"LoRA {ref.sha256[:12]}: the stored file does not match its hash")
         return data
 
-    def _keep_on_disk(self, sha256: str, path: Path, data: bytes) -> None:
+    def _keep_on_disk(self, name: str, path: Path, data: bytes) -> None:
         """Written whole (a rename), then the least recently used files go until the folder fits its bytes."""
         limit = self.settings.lora_disk_cache_bytes
         if len(data) > limit:
@@ -83,15 +85,15 @@ class LoraCache:
         partial = path.with_suffix(".partial")
         partial.write_bytes(data)
         partial.replace(path)
-        self.disk[sha256] = len(data)
+        self.disk[name] = len(data)
         while sum(self.disk.values()) > limit:
             old, _ = self.disk.popitem(last=False)
             (self.folder / f"{old}.safetensors").unlink(missing_ok=True)
 
-    def _keep_in_memory(self, sha256: str, tensors: dict[str, torch.Tensor], size: int) -> None:
+    def _keep_in_memory(self, name: str, tensors: dict[str, torch.Tensor], size: int) -> None:
         limit = self.settings.lora_memory_cache_bytes
         if size > limit:
             return
-        self.memory[sha256] = (tensors, size)
+        self.memory[name] = (tensors, size)
         while sum(size for _, size in self.memory.values()) > limit:
             self.memory.popitem(last=False)

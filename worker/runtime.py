@@ -26,6 +26,7 @@ from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client
 from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
+from models.klein import loaded_by
 from models.klein_pipeline import KleinPipeline
 from worker import metrics
 from worker.batch import Batcher, Item, ms
@@ -111,15 +112,17 @@ class WorkerRuntime:
 
     def run(self, prediction_id: str) -> None:
         """Run the prediction (`_run`); then, while LoRAs are loaded, up to `lora_affinity_streak` queued
-        predictions wanting the same ones (lifecycle.next_with_loras): loading them again elsewhere costs more
-        than the wait it saves. Their own Celery messages find them claimed."""
+        predictions of the same tenant wanting the same ones (lifecycle.next_with_loras): loading them again
+        elsewhere costs more than the wait it saves. Their own Celery messages find them claimed. Never another
+        tenant's: its note would tell that someone just ran those LoRAs (and its copies are not these)."""
         self._run(prediction_id)
         for _ in range(self.settings.lora_affinity_streak):
             loaded = self.pipeline.adapters.loaded
             if not loaded:
                 return
-            shas = [name.removeprefix("lora_") for name in loaded]
-            look = lifecycle.next_with_loras(self.settings.model_id, shas, self.settings.max_attempts)
+            owners = [loaded_by(name) for name in loaded]  # one tenant's: a batch shares its LoRAs' refs
+            shas = [sha256 for _, sha256 in owners]
+            look = lifecycle.next_with_loras(self.settings.model_id, owners[0][0], shas, self.settings.max_attempts)
             try:
                 following = self.db.run(functools.partial(scalar, statement=look), durable=False)
             except DB_ERRORS:

@@ -3,8 +3,8 @@ SSRF-safe fetcher, at most KLEIN_MAX_LORA_BYTES decoded) into a `Spool` (memory 
 unnamed temporary file), which refuses a file as soon as it passes what its header declares; then checked in a
 thread, read in steps (safetensors only; a well-formed LoRA with finite weights; the layers and sizes of the
 model's transformer as its workers published them), and stored from the file only once the whole request is
-accepted (`store`, called by predictions.submit right before the insert): once by content hash, counted against
-each tenant naming it, deleted by the reaper once unused (core/retention.py). No LoRA is ever held whole in
+accepted (`store`, called by predictions.submit right before the insert): once per tenant and content hash,
+counted against the tenant, deleted by the reaper once unused (core/retention.py). No LoRA is ever held whole in
 the API's memory."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from api.services.references import own_hosts, read_url
 from api.services.retention import duration
 from core import lora
 from core.netguard import FetchError
-from core.tables import lora_uses, loras, tenants
+from core.tables import loras, tenants
 from models.klein import LoraInput, LoraRef
 
 TARGETS_TTL_S = 30.0
@@ -126,7 +126,12 @@ async def resolve(
             file, inspected = await open_url(ctx, principal, named.path, ours)
         except (lora.LoraError, FetchError) as exc:
             raise Invalid(f"invalid request: {where}: {exc}") from None
-        adapter = Adapter(LoraRef(sha256=inspected.sha256, scale=named.scale), file, inspected.size, where)
+        adapter = Adapter(
+            LoraRef(tenant_id=principal.tenant_id, sha256=inspected.sha256, scale=named.scale),
+            file,
+            inspected.size,
+            where,
+        )
         problems = lora.misfits(inspected.layers, fits) if fits else []
         if problems:
             adapter.close()
@@ -179,10 +184,10 @@ async def _store(ctx: AppContext, principal: Principal, adapters: Sequence[Adapt
     async with ctx.engine.begin() as conn:
         # A tenant's LoRAs are counted one request at a time (the row lock), so two cannot both squeeze in.
         await conn.execute(select(tenants.c.id).where(tenants.c.id == tenant_id).with_for_update(key_share=True))
-        held = select(func.coalesce(func.sum(loras.c.bytes), 0)).select_from(lora_uses.join(loras))
-        used = (await conn.execute(held.where(lora_uses.c.tenant_id == tenant_id))).scalar_one()
-        named = lora_uses.c.tenant_id == tenant_id, lora_uses.c.sha256.in_(unique)
-        known = set((await conn.execute(select(lora_uses.c.sha256).where(*named))).scalars())
+        held = select(func.coalesce(func.sum(loras.c.bytes), 0)).where(loras.c.tenant_id == tenant_id)
+        used = (await conn.execute(held)).scalar_one()
+        named = loras.c.tenant_id == tenant_id, loras.c.sha256.in_(unique)
+        known = set((await conn.execute(select(loras.c.sha256).where(*named))).scalars())
         new = [adapter for sha256, adapter in unique.items() if sha256 not in known]
         if new and used + sum(adapter.size for adapter in new) > settings.max_tenant_lora_bytes:
             raise Invalid(
@@ -191,13 +196,9 @@ async def _store(ctx: AppContext, principal: Principal, adapters: Sequence[Adapt
                 f"{duration(settings.lora_retention_s)} after a request last named it"
             )
         ordered = sorted(unique)  # rows locked in one order by every request
-        rows = [{"sha256": sha256, "bytes": unique[sha256].size} for sha256 in ordered]
-        touched = {"last_used_at": func.now()}
-        upsert = insert(loras).values(rows).on_conflict_do_update(index_elements=[loras.c.sha256], set_=touched)
-        await conn.execute(upsert)
-        uses = insert(lora_uses).values([{"tenant_id": tenant_id, "sha256": sha256} for sha256 in ordered])
-        keys = [lora_uses.c.tenant_id, lora_uses.c.sha256]
-        await conn.execute(uses.on_conflict_do_update(index_elements=keys, set_=touched))
+        rows = [{"tenant_id": tenant_id, "sha256": sha256, "bytes": unique[sha256].size} for sha256 in ordered]
+        keys, touched = [loras.c.tenant_id, loras.c.sha256], {"last_used_at": func.now()}
+        await conn.execute(insert(loras).values(rows).on_conflict_do_update(index_elements=keys, set_=touched))
     stored = await asyncio.gather(*(_put_once(ctx, adapter) for adapter in unique.values()), return_exceptions=True)
     for outcome in stored:  # each put finished with its file before `store` closes them
         if isinstance(outcome, BaseException):
@@ -206,7 +207,8 @@ async def _store(ctx: AppContext, principal: Principal, adapters: Sequence[Adapt
 
 
 async def _put_once(ctx: AppContext, adapter: Adapter) -> None:
-    """Stored once: the same bytes from any request or tenant are the same object."""
+    """Stored once per tenant: the same bytes from any of its requests are the same object. Whether the object
+    is there tells only what this tenant sent before, as it is never another tenant's (lora.object_key)."""
     try:
         await asyncio.to_thread(ctx.s3.head_object, Bucket=ctx.settings.s3_bucket, Key=adapter.ref.key)
     except ClientError:

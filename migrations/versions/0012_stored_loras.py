@@ -1,9 +1,9 @@
 """stored LoRA adapters, counted per tenant and reaped once unused (docs/lora.md)
 
-`loras`: one row per object `loras/<sha256>.safetensors`; `lora_uses`: each tenant that named it and when last.
-A tenant's LoRA bytes are the sum over its uses (KLEIN_MAX_TENANT_LORA_BYTES); the reaper (core/retention.py)
-drops uses, then objects, unused for KLEIN_LORA_RETENTION_S. Objects stored before this revision have no row
-and are not reaped: delete `loras/` objects by hand once, or leave them.
+`loras`: one row per object `loras/<tenant_id>/<sha256>.safetensors` (each tenant its own copy), with its bytes
+(a tenant's sum is bounded by KLEIN_MAX_TENANT_LORA_BYTES) and when a request last named it; the reaper
+(core/retention.py) deletes objects, then rows, unused for KLEIN_LORA_RETENTION_S. Objects stored before this
+revision have no row and are not reaped: delete `loras/` objects by hand once, or leave them.
 
 Revision ID: 0012
 Revises: 0011
@@ -24,22 +24,14 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "loras",
+        sa.Column("tenant_id", sa.String(32), sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("sha256", sa.String(64), primary_key=True),
         sa.Column("bytes", sa.BigInteger, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
     op.create_index("loras_last_used", "loras", ["last_used_at"])
-    op.create_table(
-        "lora_uses",
-        sa.Column("tenant_id", sa.String(32), sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
-        sa.Column("sha256", sa.String(64), sa.ForeignKey("loras.sha256", ondelete="CASCADE"), primary_key=True),
-        sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    )
-    op.create_index("lora_uses_last_used", "lora_uses", ["last_used_at"])
-    op.create_index("lora_uses_sha256", "lora_uses", ["sha256"])
 
 
 def downgrade() -> None:
-    op.drop_table("lora_uses")
     op.drop_table("loras")

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text
 
 from core import images, retention
 from core.storage import make_s3_client
-from core.tables import lora_uses, loras
+from core.tables import loras
 from core.tenants import IssuedKey
 from ops.embedded import start_api
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
@@ -201,16 +201,19 @@ def test_smaller_holes(stack: Stack) -> None:
     assert admin.get(f"/tenants/{name}/keys").status_code == 200
 
 
-def lora_stored(stack: Stack, data: bytes) -> bool:
-    """Whether the LoRA's object is in storage; its row in `loras` must say the same."""
+def lora_stored(stack: Stack, tenant_id: str, data: bytes) -> bool:
+    """Whether the tenant's copy of the LoRA is in storage; its row in `loras` must say the same."""
     sha256 = hashlib.sha256(data).hexdigest()
+    key = f"loras/{tenant_id}/{sha256}.safetensors"
     try:
-        make_s3_client(stack.settings).head_object(Bucket=stack.settings.s3_bucket, Key=f"loras/{sha256}.safetensors")
+        make_s3_client(stack.settings).head_object(Bucket=stack.settings.s3_bucket, Key=key)
         in_storage = True
     except ClientError:
         in_storage = False
     with stack.engine.connect() as conn:
-        row = conn.execute(select(loras.c.sha256).where(loras.c.sha256 == sha256)).first()
+        row = conn.execute(
+            select(loras.c.sha256).where(loras.c.tenant_id == tenant_id, loras.c.sha256 == sha256)
+        ).first()
     assert in_storage == (row is not None), (in_storage, row)
     return in_storage
 
@@ -224,15 +227,15 @@ def with_loras(client: httpx.Client, paths: list[str], model: str = "flux-klein-
     return answer
 
 
-def test_a_lora_of_a_refused_request_is_never_stored(stack: Stack, client: httpx.Client) -> None:
+def test_a_lora_of_a_refused_request_is_never_stored(stack: Stack, client: httpx.Client, tenant: IssuedKey) -> None:
     """Issue 29: each LoRA was stored before the rest of the request (here its webhook) was checked."""
     adapter = tiny_lora(30)
     with image_server("http://127.0.0.1/", {"/a.safetensors": adapter}) as files:
         refused = with_loras(client, [f"{files}/a.safetensors"], webhook="http://10.0.0.1/hook")
         assert refused.status_code == 422 and "webhook" in refused.json()["error"], refused.text
-        assert not lora_stored(stack, adapter)
+        assert not lora_stored(stack, tenant.tenant_id, adapter)
         assert with_loras(client, [f"{files}/a.safetensors"]).status_code == 201
-    assert lora_stored(stack, adapter)
+    assert lora_stored(stack, tenant.tenant_id, adapter)
 
 
 def test_stored_loras_count_against_their_tenant_and_go_once_unused(stack: Stack) -> None:
@@ -257,37 +260,36 @@ def test_stored_loras_count_against_their_tenant_and_go_once_unused(stack: Stack
             over = with_loras(client, [third])
             assert over.status_code == 422, over.text
             assert "input.loras[0].path: this account's stored LoRAs would exceed" in over.json()["error"]
-            assert not lora_stored(stack, adapters[2])
+            assert not lora_stored(stack, one.tenant_id, adapters[2])
             assert with_loras(client, [first]).status_code == 201  # already counted
             assert with_loras(neighbour, [third]).status_code == 201  # the bound is each tenant's
             queued = with_loras(client, [first], model="flux-klein-4b-base")
             assert queued.status_code == 201, queued.text
 
-            age_uses(stack, [one.tenant_id, other.tenant_id])
+            age_loras(stack, [one.tenant_id, other.tenant_id])
             retention.reap(stack.settings, stack.engine, s3)
-            assert uses(stack, one.tenant_id) == [hashlib.sha256(adapters[0]).hexdigest()]  # the queued one's
-            assert uses(stack, other.tenant_id) == []
-            assert lora_stored(stack, adapters[0])
-            assert not lora_stored(stack, adapters[1]) and not lora_stored(stack, adapters[2])
+            assert stored_hashes(stack, one.tenant_id) == [hashlib.sha256(adapters[0]).hexdigest()]  # the queued one's
+            assert stored_hashes(stack, other.tenant_id) == []
+            assert lora_stored(stack, one.tenant_id, adapters[0])
+            assert not lora_stored(stack, one.tenant_id, adapters[1])
+            assert not lora_stored(stack, other.tenant_id, adapters[2])
             assert with_loras(client, [third]).status_code == 201  # room again
 
             client.post(f"/v1/predictions/{queued.json()['id']}/cancel")
-            age_uses(stack, [one.tenant_id])
+            age_loras(stack, [one.tenant_id])
             retention.reap(stack.settings, stack.engine, s3)
-            assert uses(stack, one.tenant_id) == [] and not lora_stored(stack, adapters[0])
+            assert stored_hashes(stack, one.tenant_id) == [] and not lora_stored(stack, one.tenant_id, adapters[0])
     finally:
         api.stop()
 
 
-def age_uses(stack: Stack, tenant_ids: list[str]) -> None:
+def age_loras(stack: Stack, tenant_ids: list[str]) -> None:
     """As if the tenants' LoRAs were last named a day longer ago than they are kept."""
     ago = func.now() - text(f"interval '{stack.settings.lora_retention_s + 86400} seconds'")
     with stack.engine.begin() as conn:
-        named = select(lora_uses.c.sha256).where(lora_uses.c.tenant_id.in_(tenant_ids))
-        conn.execute(loras.update().where(loras.c.sha256.in_(named)).values(last_used_at=ago))
-        conn.execute(lora_uses.update().where(lora_uses.c.tenant_id.in_(tenant_ids)).values(last_used_at=ago))
+        conn.execute(loras.update().where(loras.c.tenant_id.in_(tenant_ids)).values(last_used_at=ago))
 
 
-def uses(stack: Stack, tenant_id: str) -> list[str]:
+def stored_hashes(stack: Stack, tenant_id: str) -> list[str]:
     with stack.engine.connect() as conn:
-        return list(conn.execute(select(lora_uses.c.sha256).where(lora_uses.c.tenant_id == tenant_id)).scalars())
+        return list(conn.execute(select(loras.c.sha256).where(loras.c.tenant_id == tenant_id)).scalars())

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from bench.lora_memory import file_server, gzip_bomb, large_lora, watch
 from core.storage import make_s3_client
+from core.tenants import IssuedKey
 from ops.embedded import start_api
 from tests.conftest import Stack, make_tenant
 from tests.images import image_server
@@ -150,14 +151,17 @@ def tenant_view(answer: dict[str, Any], lora_sha: str) -> dict[str, Any]:
     }
 
 
-def test_what_a_tenant_sees_of_a_lora_prediction_does_not_tell_whether_another_tenant_ran_it(
-    stack: Stack, client: httpx.Client
+def test_a_lora_another_tenant_just_ran_is_stored_and_loaded_as_this_tenants_own(
+    stack: Stack, client: httpx.Client, tenant: IssuedKey
 ) -> None:
-    """The worker's LoRA cache is shared by all tenants: whether a LoRA came from memory (another tenant just ran
-    it) or from storage shows in the worker's log only, never in what the tenant reads."""
+    """Issue 29, item 9: the stored objects, the worker's caches and its loaded adapters were shared by all
+    tenants, so the time to submit a LoRA (no upload) and to apply it (from memory, adapters already loaded) told
+    a tenant whether another had used it. After tenant B ran LoRA X, tenant A's X is stored under A's own prefix
+    and its worker loads it from storage, as a LoRA nobody ran; what A reads is the same for both."""
     shared, fresh = tiny_lora(11), tiny_lora(12)
-    with httpx.Client(base_url=stack.api_url, headers={"apikey": make_tenant(stack.engine).key}, timeout=60) as other:
-        render(other, [{"path": upload(other, shared).json()["url"], "scale": 1.0}])  # now in the worker's memory
+    neighbour = make_tenant(stack.engine)
+    with httpx.Client(base_url=stack.api_url, headers={"apikey": neighbour.key}, timeout=60) as other:
+        render(other, [{"path": upload(other, shared).json()["url"], "scale": 1.0}])  # B's X: in the worker's memory
     views, sources = [], []
     for data in (shared, fresh):
         sha = hashlib.sha256(data).hexdigest()[:12]
@@ -165,8 +169,12 @@ def test_what_a_tenant_sees_of_a_lora_prediction_does_not_tell_whether_another_t
         views.append(tenant_view(answer, sha))
         sources += [line for line in worker_log(stack, answer["id"]) if line.startswith(f"LoRA {sha} from")]
     assert views[0] == views[1], views
-    assert sources == [f"LoRA {hashlib.sha256(shared).hexdigest()[:12]} from memory",
+    assert sources == [f"LoRA {hashlib.sha256(shared).hexdigest()[:12]} from storage",
                        f"LoRA {hashlib.sha256(fresh).hexdigest()[:12]} from storage"]  # fmt: skip
+    s3, sha256 = make_s3_client(stack.settings), hashlib.sha256(shared).hexdigest()
+    for owner in (tenant, neighbour):  # two copies, each under its tenant's prefix
+        key = f"loras/{owner.tenant_id}/{sha256}.safetensors"
+        assert s3.get_object(Bucket=stack.settings.s3_bucket, Key=key)["Body"].read() == shared
 
 
 def test_a_lora_that_does_not_fit_or_is_no_safetensors_is_refused_with_422(client: httpx.Client) -> None:
@@ -248,12 +256,12 @@ def test_a_lora_is_streamed_a_bomb_stops_where_its_header_says_the_file_ends(sta
     served = {"KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]'}  # no worker publishes the base's
     api, url = start_api(stack.env | served, stack.logs / "api-lora-stream.log")  # layers: it takes any LoRA
     assert api.process is not None
-    large = large_lora(24, seed=29)
+    large, owner = large_lora(24, seed=29), make_tenant(stack.engine)
     paths = {"/bomb.safetensors": ("gzip", gzip_bomb(255)), "/large.safetensors": (None, large)}
     try:
         with (
             file_server(paths | {"/small.safetensors": (None, safetensors(GOOD, ONES + bytes(8)))}) as files,
-            httpx.Client(base_url=url, headers={"apikey": make_tenant(stack.engine).key}, timeout=120) as client,
+            httpx.Client(base_url=url, headers={"apikey": owner.key}, timeout=120) as client,
         ):
             lying = {"input": INPUT | {"loras": [{"path": f"{files}/small.safetensors"}]}}
             warm = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=lying)
@@ -269,7 +277,7 @@ def test_a_lora_is_streamed_a_bomb_stops_where_its_header_says_the_file_ends(sta
             accepted = client.post("/v1/predictions", headers={"Model": "flux-klein-4b-base"}, json=body)
             assert accepted.status_code == 201, accepted.text
             client.post(f"/v1/predictions/{accepted.json()['id']}/cancel")
-        key = f"loras/{hashlib.sha256(large).hexdigest()}.safetensors"
+        key = f"loras/{owner.tenant_id}/{hashlib.sha256(large).hexdigest()}.safetensors"
         stored = make_s3_client(stack.settings).get_object(Bucket=stack.settings.s3_bucket, Key=key)["Body"].read()
         assert stored == large
         assert open_temporary_files(api.process.pid) == []

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Update
+from sqlalchemy import Engine, Update, update
 
 from core import lifecycle
 from core.ids import new_id
 from core.lifecycle import Status
+from core.tables import predictions
 from core.tenants import IssuedKey
 from models.klein import KleinInput
+from tests.conftest import make_tenant
 
 TIMINGS = {"inference_ms": 1}
 
@@ -93,10 +95,6 @@ def test_a_lapsed_lease_is_requeued_until_the_attempts_run_out(engine: Engine, t
 
 def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(engine: Engine, tenant: IssuedKey) -> None:
     """Same model, size, steps, guidance and text length, no references; priority first, then age."""
-    from sqlalchemy import update
-
-    from core.tables import predictions
-
     model = f"batch-test-{new_id()[:6]}"  # this test's rows only
     base = KleinInput(prompt="a cat").to_params(1).model_dump()
 
@@ -141,44 +139,56 @@ def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(eng
     taken.close()
 
 
+def queued_with_loras(engine: Engine, tenant: IssuedKey, model: str, shas: list[str], **changes: Any) -> str:
+    """A queued prediction of the tenant naming its copies of the LoRAs `shas` (scale 1 unless `scale`)."""
+    pid, scale, priority = new_id(), changes.pop("scale", 1.0), changes.pop("priority", 9)
+    loras = [{"tenant_id": tenant.tenant_id, "sha256": sha, "scale": scale} for sha in shas]
+    params = KleinInput(prompt="a cat").to_params(1).model_dump() | {"loras": loras}
+    with engine.begin() as conn:
+        conn.execute(
+            lifecycle.create(
+                prediction_id=pid,
+                tenant_id=tenant.tenant_id,
+                api_key_id=tenant.key_id,
+                model=model,
+                input={},
+                params=params,
+            )
+        )
+        conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
+    return pid
+
+
+def next_with_loras(engine: Engine, model: str, tenant: IssuedKey, shas: list[str]) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(lifecycle.next_with_loras(model, tenant.tenant_id, shas, 3)).scalar()
+
+
 def test_a_worker_with_loras_loaded_takes_them_first_only_from_the_most_urgent_class(
     engine: Engine, tenant: IssuedKey
 ) -> None:
     """lifecycle.next_with_loras: same adapters in order (any scales), oldest first, never past a more urgent one."""
-    from sqlalchemy import update
-
-    from core.tables import predictions
-
     model = f"affinity-test-{new_id()[:6]}"
     style, other = "aa" * 32, "bb" * 32
-    base = KleinInput(prompt="a cat").to_params(1).model_dump()
 
-    def queued(priority: int, shas: list[str], scale: float = 1.0) -> str:
-        pid = new_id()
-        loras = [{"sha256": sha, "scale": scale} for sha in shas]
-        with engine.begin() as conn:
-            conn.execute(
-                lifecycle.create(
-                    prediction_id=pid,
-                    tenant_id=tenant.tenant_id,
-                    api_key_id=tenant.key_id,
-                    model=model,
-                    input={},
-                    params=base | {"loras": loras},
-                )
-            )
-            conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
-        return pid
+    queued_with_loras(engine, tenant, model, [])
+    queued_with_loras(engine, tenant, model, [other, style])  # the same adapters in another order: another set
+    wanted = queued_with_loras(engine, tenant, model, [style, other], scale=0.5)
+    queued_with_loras(engine, tenant, model, [style, other])
+    assert next_with_loras(engine, model, tenant, [style, other]) == wanted  # the oldest, whatever its scales
+    assert next_with_loras(engine, model, tenant, [style]) is None
+    queued_with_loras(engine, tenant, model, [], priority=0)  # a quieter tenant's is more urgent: nothing jumps it
+    assert next_with_loras(engine, model, tenant, [style, other]) is None
 
-    def next_for(shas: list[str]) -> Any:
-        with engine.connect() as conn:
-            return conn.execute(lifecycle.next_with_loras(model, shas, 3)).scalar()
 
-    queued(9, [])
-    queued(9, [other, style])  # the same adapters in another order: another set
-    wanted = queued(9, [style, other], scale=0.5)
-    queued(9, [style, other])
-    assert next_for([style, other]) == wanted  # the oldest with the set, whatever its scales
-    assert next_for([style]) is None
-    queued(0, [])  # a quieter tenant's prediction is more urgent: nothing jumps ahead of it
-    assert next_for([style, other]) is None
+def test_a_worker_with_one_tenants_loras_loaded_never_takes_another_tenants_prediction_ahead(
+    engine: Engine, tenant: IssuedKey
+) -> None:
+    """Issue 29, item 9: after tenant B's prediction with LoRA X ran, A's queued prediction with X was taken
+    ahead of the queue, and its note ("taken ahead … with its LoRAs loaded") told A that someone just ran X.
+    Only the same tenant's predictions are taken ahead now."""
+    model = f"affinity-test-{new_id()[:6]}"
+    neighbour, shared = make_tenant(engine), "cc" * 32
+    waiting = queued_with_loras(engine, tenant, model, [shared])
+    assert next_with_loras(engine, model, neighbour, [shared]) is None  # B's X just ran: A's waits its turn
+    assert next_with_loras(engine, model, tenant, [shared]) == waiting  # A's own X just ran: taken ahead

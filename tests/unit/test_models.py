@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from models.klein import KleinInput, size_for_aspect_ratio
+from models.klein import KleinInput, LoraRef, loaded_by, size_for_aspect_ratio
 from models.registry import FLUX_KLEIN_4B, resolve
 
 
@@ -67,6 +67,20 @@ def test_tiny_pipeline_round_trips_through_from_pretrained(tiny_model: Path) -> 
     )
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert loaded.tokenizer.decode(loaded.tokenizer("héllo")["input_ids"]) == "héllo"
+
+
+def test_a_lora_is_stored_cached_and_loaded_under_its_tenants_name() -> None:
+    """Issue 29, item 9: one LoRA's object, cache entries and pipeline adapter were shared by every tenant (named
+    by hash alone), so a tenant's timing told whether another had used it. The pipeline keeps a loaded set only
+    for the same names (models/lora.Adapters): another tenant's set is unloaded and its own copy loaded."""
+    sha256 = "ab" * 32
+    ours, theirs = (
+        LoraRef(tenant_id="tenant-a", sha256=sha256, scale=1.0),
+        LoraRef(tenant_id="b", sha256=sha256, scale=1.0),
+    )
+    assert ours.key == f"loras/tenant-a/{sha256}.safetensors" and theirs.key == f"loras/b/{sha256}.safetensors"
+    assert ours.adapter_name != theirs.adapter_name
+    assert loaded_by(ours.adapter_name) == ("tenant-a", sha256)  # the worker's affinity reads the tenant back
 
 
 def test_the_api_process_never_imports_torch() -> None:
