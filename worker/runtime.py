@@ -160,8 +160,11 @@ class WorkerRuntime:
         if ahead:  # say why it ran before its turn
             batch[0].report.note("taken ahead of the queue by a worker with its LoRAs loaded")
         if len(batch) > 1:
-            for item in batch:
-                item.report.note(f"batched: one pipeline call for {len(batch)} predictions")
+            log.info("batched: one pipeline call for %d predictions", len(batch))
+            for item in batch:  # a tenant hears of its own predictions only, never of other tenants' activity
+                own = sum(other.row["tenant_id"] == item.row["tenant_id"] for other in batch)
+                if own > 1:
+                    item.report.note(f"batched: one pipeline call for {own} of your predictions")
             metrics.BATCH_PREDICTIONS.observe(len(batch))
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
             self.generator.generate(batch, leases)

@@ -300,15 +300,26 @@ def test_a_batch_gives_each_prediction_the_image_it_gets_alone_and_a_bad_one_fai
     shared = {"num_inference_steps": 4, "output_format": "png", "aspect_ratio": "1:1"}
     ids = [submit(api, key, {"prompt": f"batched {i}", "seed": 10 + i} | shared).json()["id"] for i in range(3)]
     other_size = submit(api, key, {"prompt": "wide", "seed": 5, "aspect_ratio": "16:9", "output_format": "png"})
+    stranger_id, create = tenants.create_tenant(f"t-{time.time_ns()}")
+    stranger, issue = tenants.issue_key(stranger_id)
+    with faults.engine.begin() as conn:
+        conn.execute(create)
+        conn.execute(issue)
+    strangers = submit(api, stranger.key, {"prompt": "another tenant's", "seed": 3} | shared).json()["id"]
     bad = ids[1]
     change_params(faults, bad, output_format="bmp")  # no longer valid, as if written by another version
     worker = faults.worker("batching", **BATCHING)
     try:
         done = {pid: wait_for(faults, pid, {"completed", "failed"}) for pid in [*ids, other_size.json()["id"]]}
+        theirs = wait_for(faults, strangers, {"completed", "failed"})
     finally:
         worker.stop()
-    batched = [pid for pid, r in done.items() if any("call for 3" in line["message"] for line in r["logs"])]
+    # One call for all four 1:1 predictions; each tenant hears only of its own (issue 29: nothing a tenant sees
+    # tells of another's activity), the operator's log of the whole call.
+    batched = [pid for pid, r in done.items() if any("call for 3 of your" in line["message"] for line in r["logs"])]
     assert batched == ids  # the 16:9 one cannot share a 1:1 call: it ran alone
+    assert theirs["status"] == "completed" and not [e for e in theirs["logs"] if "batched" in e["message"]]
+    assert "one pipeline call for 4 predictions" in (faults.root / "batching.log").read_text()
     assert done[bad]["status"] == "failed" and "internal error" in done[bad]["error"]
     assert stored_objects(faults, f"{done[bad]['tenant_id']}/{bad}/") == []
     assert bills(faults, bad) == 0
