@@ -2,10 +2,10 @@
 SSRF-safe fetcher, at most KLEIN_MAX_LORA_BYTES decoded) into a `Spool` (memory up to SPOOL_BYTES, then an
 unnamed temporary file), which refuses a file as soon as its header names layers the model's transformer lacks
 or has in other sizes (as its workers published them) or its bytes pass what its header declares; then checked
-in a thread, read in steps (safetensors only; a well-formed LoRA with finite weights), and stored from the file only once the whole request is
-accepted (`store`, called by predictions.submit right before the insert): once by content hash, counted against
-each tenant naming it, deleted by the reaper once unused (core/retention.py). No LoRA is ever held whole in
-the API's memory."""
+in a thread, read in steps (safetensors only; a well-formed LoRA with finite weights), and stored from the file
+only once the whole request is accepted (`store`, called by predictions.submit right before the insert): once by
+content hash, counted against each tenant naming it, deleted by the reaper once unused (core/retention.py). No
+LoRA is ever held whole in the API's memory."""
 
 from __future__ import annotations
 
