@@ -125,10 +125,12 @@ def header_length(first: bytes) -> int:
     return length
 
 
-def declared_size(head: bytes) -> int:
-    """The size of the file whose first bytes, its header included, are `head`: what the header says it is."""
+def read_head(head: bytes) -> tuple[int, dict[str, Pair]]:
+    """The size and the layers of the file whose first bytes, its header included, are `head`: what the header
+    says they are (LoraError unless it is a LoRA's header)."""
     length = header_length(head)
-    return 8 + length + _data_end(parse_header(head[8 : 8 + length]))
+    header = parse_header(head[8 : 8 + length])
+    return 8 + length + _data_end(header), pairs(header)
 
 
 def _read_header(file: IO[bytes], size: int) -> tuple[dict[str, Tensor], bytes]:

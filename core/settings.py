@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     # Hosts or networks (CIDR) whose URLs may be fetched although they are private (private deployments, tests).
     fetch_allowlist: list[str] = []
     upload_ttl_s: int = Field(24 * 3600, ge=60)  # how long an uploaded file stays referenceable
+    max_tenant_upload_bytes: int = Field(2 * 2**30, ge=0)  # a tenant's unexpired uploads (/v1/files), at most
     # How long a finished prediction's outputs and references are kept, unless its tenant sets its own
     # (core/retention.py; 0: nothing after a synchronous answer delivered them).
     default_retention_s: int = Field(7 * 24 * 3600, ge=0)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, insert
 from starlette.datastructures import UploadFile
 
 from api.context import AppContext, get_ctx, public_base_url
@@ -16,7 +14,6 @@ from api.infra.objects import file_response, read_object
 from api.routes.openapi_errors import errors, image
 from api.services.auth import Authenticated
 from api.services.files import file_url, store_upload, stored_file
-from core.tables import files
 
 router = APIRouter(tags=["files"], responses=errors(401, 429, 503))
 Ctx = Annotated[AppContext, Depends(get_ctx)]
@@ -48,10 +45,7 @@ async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> J
         upload = form.get("content") or form.get("file")
         if not isinstance(upload, UploadFile):
             raise Invalid("invalid request: content: send the image as multipart form field `content`")
-        values = await store_upload(ctx, principal, upload)
-    values["expires_at"] = func.now() + timedelta(seconds=ctx.settings.upload_ttl_s)
-    async with ctx.engine.begin() as conn:
-        row = (await conn.execute(insert(files).values(**values).returning(files))).mappings().one()
+        row = await store_upload(ctx, principal, upload)
     url = file_url(public_base_url(request, ctx.settings), row["id"])
     body = {name: row[name] for name in ("id", "content_type", "bytes", "width", "height")}
     body |= {"url": url, "urls": {"get": url}, "expires_at": row["expires_at"].isoformat()}

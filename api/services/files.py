@@ -4,18 +4,22 @@ and the tenant's stored files looked up. The routes are api/routes/files.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import IO, Any
 
-from sqlalchemy import RowMapping, func, select
+from sqlalchemy import RowMapping, delete, func, insert, select
 from starlette.datastructures import UploadFile
 
 from api.context import AppContext
 from api.errors import Invalid, NotFound, TooLarge
 from api.infra.objects import put_file, put_object
 from api.services.principals import Principal
+from api.services.retention import duration
 from core import images, lora
 from core.ids import new_id
-from core.tables import files
+from core.tables import files, tenants
 
 
 def file_url(base_url: str, file_id: str) -> str:
@@ -57,9 +61,24 @@ async def stored_file(ctx: AppContext, principal: Principal, file_id: str) -> Ro
     return row
 
 
-async def store_upload(ctx: AppContext, principal: Principal, upload: UploadFile) -> dict[str, Any]:
+async def store_upload(ctx: AppContext, principal: Principal, upload: UploadFile) -> RowMapping:
     """Check an uploaded image or LoRA where Starlette spooled it (in memory up to 1 MiB, then an unnamed
-    temporary file) and store it; the files row's values."""
+    temporary file), count it against the tenant's unexpired uploads, and store it; its files row."""
+    values, store = await _checked(ctx, principal, upload)
+    row = await _counted(ctx, principal, values)
+    try:
+        await store()
+    except BaseException:
+        async with ctx.engine.begin() as conn:
+            await conn.execute(delete(files).where(files.c.id == row["id"]))
+        raise
+    return row
+
+
+async def _checked(
+    ctx: AppContext, principal: Principal, upload: UploadFile
+) -> tuple[dict[str, Any], Callable[[], Awaitable[None]]]:
+    """The upload's files row values, once it proved to be an image or a LoRA we take, and how to store it."""
     settings, size = ctx.settings, upload.size or 0
     if size > max(settings.max_image_bytes, settings.max_lora_bytes):
         raise TooLarge(f"file larger than {max(settings.max_image_bytes, settings.max_lora_bytes)} bytes")
@@ -74,8 +93,7 @@ async def store_upload(ctx: AppContext, principal: Principal, upload: UploadFile
         except lora.LoraError as exc:
             raise Invalid(f"invalid request: content: {exc}") from None
         values |= {"content_type": lora.CONTENT_TYPE, "key": f"{principal.tenant_id}/files/{file_id}.safetensors"}
-        await put_file(ctx, values["key"], upload.file, lora.CONTENT_TYPE)
-        return values
+        return values, functools.partial(put_file, ctx, values["key"], upload.file, lora.CONTENT_TYPE)
     data = await read_upload(upload, settings.max_image_bytes)
     try:
         info = await inspect_image(ctx, data)
@@ -83,5 +101,22 @@ async def store_upload(ctx: AppContext, principal: Principal, upload: UploadFile
         raise Invalid(f"invalid request: content: {exc}") from None
     key = f"{principal.tenant_id}/files/{file_id}.{info.extension}"
     values |= {"content_type": info.content_type, "key": key, "width": info.width, "height": info.height}
-    await put_object(ctx, key, data, info.content_type)
-    return values
+    return values, functools.partial(put_object, ctx, key, data, info.content_type)
+
+
+async def _counted(ctx: AppContext, principal: Principal, values: dict[str, Any]) -> RowMapping:
+    """The upload's row, inserted once the tenant's unexpired uploads with it stay within
+    KLEIN_MAX_TENANT_UPLOAD_BYTES (else a 413). A tenant's uploads are counted one at a time (the row lock, as
+    its LoRAs are), so two cannot both squeeze in."""
+    settings, tenant_id = ctx.settings, principal.tenant_id
+    async with ctx.engine.begin() as conn:
+        await conn.execute(select(tenants.c.id).where(tenants.c.id == tenant_id).with_for_update(key_share=True))
+        unexpired = files.c.tenant_id == tenant_id, files.c.expires_at > func.now()
+        used = (await conn.execute(select(func.coalesce(func.sum(files.c.bytes), 0)).where(*unexpired))).scalar_one()
+        if used + values["bytes"] > settings.max_tenant_upload_bytes:
+            raise TooLarge(
+                f"this account's unexpired uploads would exceed {settings.max_tenant_upload_bytes} bytes ({used} "
+                f"held); an upload expires {duration(settings.upload_ttl_s)} after it was made"
+            )
+        values |= {"expires_at": func.now() + timedelta(seconds=settings.upload_ttl_s)}
+        return (await conn.execute(insert(files).values(**values).returning(files))).mappings().one()

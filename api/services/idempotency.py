@@ -56,6 +56,15 @@ async def reserve(
     return stored_id
 
 
+async def replays(ctx: AppContext, principal: Principal, idempotency_key: str, request_fingerprint: str) -> bool:
+    """Whether the key already holds this very request (a retry, answered with the original); reserves nothing."""
+    try:
+        existing = cast(bytes | None, await ctx.redis.get(_redis_key(ctx, principal, idempotency_key)))
+    except RedisError as exc:
+        raise Unavailable("idempotency store unavailable, try again shortly", retry_after=1) from exc
+    return existing is not None and existing.decode().partition(":")[0] == request_fingerprint
+
+
 async def forget(ctx: AppContext, principal: Principal, idempotency_key: str) -> None:
     """Release a reservation whose request was not accepted, so that a retry can go through."""
     try:

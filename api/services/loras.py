@@ -1,11 +1,11 @@
 """LoRA adapters named by a request: read as they arrive (our uploads from storage, other URLs through the
 SSRF-safe fetcher, at most KLEIN_MAX_LORA_BYTES decoded) into a `Spool` (memory up to SPOOL_BYTES, then an
-unnamed temporary file), which refuses a file as soon as it passes what its header declares; then checked in a
-thread, read in steps (safetensors only; a well-formed LoRA with finite weights; the layers and sizes of the
-model's transformer as its workers published them), and stored from the file only once the whole request is
-accepted (`store`, called by predictions.submit right before the insert): once per tenant and content hash,
-counted against the tenant, deleted by the reaper once unused (core/retention.py). No LoRA is ever held whole in
-the API's memory."""
+unnamed temporary file), which refuses a file as soon as its header names layers the model's transformer lacks
+or has in other sizes (as its workers published them) or its bytes pass what its header declares; then checked
+in a thread, read in steps (safetensors only; a well-formed LoRA with finite weights), and stored from the file
+only once the whole request is accepted (`store`, called by predictions.submit right before the insert): once per
+tenant and content hash, counted against the tenant, deleted by the reaper once unused (core/retention.py). No
+LoRA is ever held whole in the API's memory."""
 
 from __future__ import annotations
 
@@ -56,14 +56,23 @@ class Adapter:
         self.file.close()
 
 
+class Misfit(lora.LoraError):
+    """A LoRA whose header names layers the model lacks or has in other sizes; the problems, for the client."""
+
+    def __init__(self, problems: list[str]) -> None:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        super().__init__(shown)
+
+
 class Spool:
     """A LoRA file as it arrives (an api.infra.fetch.Sink): in memory up to SPOOL_BYTES, then in an unnamed
     file in the temporary directory (tempfile's: $TMPDIR, else /tmp). Refused as soon as its first bytes show a
-    lie: a header over lora.MAX_HEADER_BYTES, a header declaring a file over `max_bytes`, or more bytes than
-    the header declares (a gzip bomb behind a valid header costs about a MiB, not `max_bytes`)."""
+    lie or a misfit: a header over lora.MAX_HEADER_BYTES, a header declaring a file over `max_bytes` or layers
+    that do not fit `fits` (the model's LoRA targets, when known), or more bytes than the header declares (a gzip
+    bomb behind a valid header costs about a MiB, not `max_bytes`)."""
 
-    def __init__(self, ctx: AppContext, max_bytes: int) -> None:
-        self.ctx, self.max_bytes = ctx, max_bytes
+    def __init__(self, ctx: AppContext, max_bytes: int, fits: dict[str, tuple[int, int]] | None = None) -> None:
+        self.ctx, self.max_bytes, self.fits = ctx, max_bytes, fits
         self.file: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_BYTES)  # noqa: SIM115 (closed by its owner)
         self.size = 0
         self.head = bytearray()  # the first bytes, until the header is in
@@ -88,18 +97,24 @@ class Spool:
         if len(self.head) < 9 or len(self.head) < 8 + lora.header_length(bytes(self.head[:9])):
             return
         async with self.ctx.decodes:  # parsing up to a MiB of JSON: off the loop, like the other checks
-            declared = await asyncio.to_thread(lora.declared_size, bytes(self.head))
+            declared, layers = await asyncio.to_thread(lora.read_head, bytes(self.head))
         self.head = bytearray()
         if declared > self.max_bytes:
             raise lora.LoraError(f"its header declares a file of {declared} bytes; at most {self.max_bytes} are read")
+        problems = lora.misfits(layers, self.fits) if self.fits else []
+        if problems:  # refused before the tensors are read
+            raise Misfit(problems)
         self.declared = declared
 
 
-async def open_url(ctx: AppContext, principal: Principal, url: str, ours: set[str]) -> tuple[IO[bytes], lora.Inspected]:
-    """The LoRA a URL names, spooled and checked; the caller closes the file. LoraError or FetchError say why
-    not, for the client; the file is closed then."""
+async def open_url(
+    ctx: AppContext, principal: Principal, url: str, ours: set[str], fits: dict[str, tuple[int, int]] | None = None
+) -> tuple[IO[bytes], lora.Inspected]:
+    """The LoRA a URL names, spooled and checked (against `fits`, the model's LoRA targets, as soon as its
+    header is in); the caller closes the file. LoraError (Misfit included) or FetchError say why not, for the
+    client; the file is closed then."""
     max_bytes = ctx.settings.max_lora_bytes
-    spool = Spool(ctx, max_bytes)
+    spool = Spool(ctx, max_bytes, fits)
     try:
         await read_url(ctx, principal, url, ours, spool, max_bytes)
         return spool.file, await inspect_lora(ctx, spool.file)
@@ -123,21 +138,17 @@ async def resolve(
     async def one(index: int, named: LoraInput) -> Adapter:
         where = f"{field}[{index}].path"
         try:
-            file, inspected = await open_url(ctx, principal, named.path, ours)
+            file, inspected = await open_url(ctx, principal, named.path, ours, fits)
+        except Misfit as exc:
+            raise Invalid(f"invalid request: {where}: this LoRA does not fit {model}: {exc}") from None
         except (lora.LoraError, FetchError) as exc:
             raise Invalid(f"invalid request: {where}: {exc}") from None
-        adapter = Adapter(
+        return Adapter(
             LoraRef(tenant_id=principal.tenant_id, sha256=inspected.sha256, scale=named.scale),
             file,
             inspected.size,
             where,
         )
-        problems = lora.misfits(inspected.layers, fits) if fits else []
-        if problems:
-            adapter.close()
-            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            raise Invalid(f"invalid request: {where}: this LoRA does not fit {model}: {shown}")
-        return adapter
 
     tasks: list[asyncio.Task[Adapter]] = []
     try:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -32,6 +33,30 @@ from models.klein import GenerationParams
 from models.registry import ModelSpec
 
 log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def in_flight(
+    ctx: AppContext,
+    principal: Principal,
+    spec: ModelSpec,
+    request_input: dict[str, Any],
+    idempotency_key: str | None = None,
+    slot: Slot | None = None,
+) -> AsyncIterator[Slot]:
+    """The submit's in-flight slot (`slot`, taken with the rate-limit hit, else taken now), required before the
+    request's LoRAs and reference images are fetched: a tenant at its cap is answered 429 at no download. A retry
+    of a request stored before (its Idempotency-Key and input) passes; `submit` answers it with the original.
+    Given back on every way out but a stored prediction, which keeps it."""
+    slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
+    try:
+        if not slot.granted:
+            fingerprint = idempotency.fingerprint(spec.id, request_input)
+            if not (idempotency_key and await idempotency.replays(ctx, principal, idempotency_key, fingerprint)):
+                slot.require()
+        yield slot
+    finally:
+        await slot.give_back()
 
 
 async def submit(

@@ -484,3 +484,18 @@ def test_migration_job_runs_alembic() -> None:
     assert container(job)["command"] == ["alembic", "upgrade", "head"]
     assert container(job)["image"] == container(k8s("Deployment", "klein-api"))["image"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def test_the_apis_temporary_directory_is_bounded_and_holds_a_few_requests_loras() -> None:
+    """The API spools LoRAs being checked (and uploads) to /tmp, an emptyDir that had no size limit: requests
+    naming large LoRAs could fill the node's disk. It is bounded, with room for a few requests' worth."""
+    (api,) = [d for d in kustomize(K8S_DIR) if d["kind"] == "Deployment" and d["metadata"]["name"] == "klein-api"]
+    (mount,) = [m for m in container(api)["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (volume,) = [v for v in api["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    limit = re.fullmatch(r"(\d+)(Mi|Gi)", volume["emptyDir"]["sizeLimit"])
+    assert limit is not None, volume
+    size = int(limit[1]) * {"Mi": 2**20, "Gi": 2**30}[limit[2]]
+    env = {e["name"]: e.get("value") for e in container(api).get("env", [])}
+    assert "KLEIN_MAX_LORAS" not in env and "KLEIN_MAX_LORA_BYTES" not in env  # else the bound follows them
+    per_request = Settings.model_fields["max_loras"].default * Settings.model_fields["max_lora_bytes"].default
+    assert 4 * per_request <= size <= 16 * per_request

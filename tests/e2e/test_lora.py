@@ -267,8 +267,8 @@ def test_a_lora_is_streamed_a_bomb_stops_where_its_header_says_the_file_ends(sta
             warm = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=lying)
             assert warm.status_code == 422 and "8 bytes after its last tensor" in warm.text, warm.text
             bombs = {"input": INPUT | {"loras": [{"path": f"{files}/bomb.safetensors"}] * 3}}
-            with watch(api.process.pid) as peak:
-                refused = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json=bombs)
+            with watch(api.process.pid) as peak:  # the base: the bombs' layer fits no published model
+                refused = client.post("/v1/predictions", headers={"Model": "flux-klein-4b-base"}, json=bombs)
             assert refused.status_code == 422, refused.text
             assert peak.growth_mib < 64, f"the API grew by {peak.growth_mib:.0f} MiB reading the bombs"
             assert "bytes after its last tensor (its header declares 692 bytes" in refused.json()["error"]

@@ -143,22 +143,23 @@ async def generate(
     spec = served_model(body.model, ctx.settings, body_field="model")
     sources: list[str | bytes] = list(uploads) if uploads else list(body.image_uris)
     field = "images" if uploads else "image_uris"
-    refs = await references.resolve(ctx, principal, request, sources, field)
-    webhook = await webhooks.accept(
-        ctx,
-        "generate",
-        public_base_url(request, ctx.settings),
-        body.webhook_url,
-        "webhook_url",
-        secret=body.webhook_secret,
-    )
-    adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
-    params = body.to_params(spec)
     echo = body.model_dump(exclude={"webhook_url", "webhook_secret"}) | {"images": len(uploads)}
-    wait_s = ctx.settings.try_sync_timeout_s
-    submitted = await predictions.submit(
-        ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook, adapters=adapters
-    )
+    async with predictions.in_flight(ctx, principal, spec, echo) as slot:
+        refs = await references.resolve(ctx, principal, request, sources, field)
+        webhook = await webhooks.accept(
+            ctx,
+            "generate",
+            public_base_url(request, ctx.settings),
+            body.webhook_url,
+            "webhook_url",
+            secret=body.webhook_secret,
+        )
+        adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
+        params = body.to_params(spec)
+        wait_s = ctx.settings.try_sync_timeout_s
+        submitted = await predictions.submit(
+            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=webhook, adapters=adapters
+        )
     row = completed(submitted, wait_s)
     png = await read_output(ctx, row, row["outputs"][0])
     await retention.after_sync_delivery(ctx, principal, row)

@@ -133,19 +133,22 @@ async def generate(
     body: ImagesRequest, request: Request, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> dict[str, Any]:
     spec = served_model(body.model, ctx.settings)  # OpenAI answers an unknown model 404
-    refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
-    webhook = await webhooks.accept(
-        ctx,
-        "openai",
-        public_base_url(request, ctx.settings),
-        body.webhook_url,
-        "webhook_url",
-        secret=body.webhook_secret,
-    )
-    params = body.to_params(spec)
     echo = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_secret"})
-    wait_s = ctx.settings.try_sync_timeout_s
-    submitted = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, webhook=webhook)
+    async with predictions.in_flight(ctx, principal, spec, echo) as slot:
+        refs = await references.resolve(ctx, principal, request, body.reference_urls(), "images")
+        webhook = await webhooks.accept(
+            ctx,
+            "openai",
+            public_base_url(request, ctx.settings),
+            body.webhook_url,
+            "webhook_url",
+            secret=body.webhook_secret,
+        )
+        params = body.to_params(spec)
+        wait_s = ctx.settings.try_sync_timeout_s
+        submitted = await predictions.submit(
+            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=webhook
+        )
     row = completed(submitted, wait_s)
     if body.response_format == "b64_json" or body.return_base64:
         data = [{"b64_json": b64, "revised_prompt": None} for b64 in await outputs_base64(ctx, row)]

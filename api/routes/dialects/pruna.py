@@ -100,20 +100,21 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
         validated = spec.input_model.model_validate(raw_input)
     except ValidationError as exc:
         raise validation_error(exc.errors(), prefix=("input",)) from None
-    refs = await references.resolve(ctx, principal, request, validated.images, "input.images")
-    adapters = await loras.resolve(ctx, principal, request, spec.id, validated.loras, "input.loras")
-    params = validated.to_params(
-        seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
-    )
-    base_url = public_base_url(request, ctx.settings)
-    webhook = await webhooks.accept(
-        ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")
-    )
-    wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
-    idempotency_key = request.headers.get("idempotency-key")
-    row = await predictions.submit(
-        ctx, principal, spec, validated.model_dump(), params, refs, wait_s, idempotency_key, slot, webhook, adapters
-    )
+    request_input, idempotency_key = validated.model_dump(), request.headers.get("idempotency-key")
+    async with predictions.in_flight(ctx, principal, spec, request_input, idempotency_key, slot):
+        refs = await references.resolve(ctx, principal, request, validated.images, "input.images")
+        adapters = await loras.resolve(ctx, principal, request, spec.id, validated.loras, "input.loras")
+        params = validated.to_params(
+            seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
+        )
+        base_url = public_base_url(request, ctx.settings)
+        webhook = await webhooks.accept(
+            ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")
+        )
+        wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
+        row = await predictions.submit(
+            ctx, principal, spec, request_input, params, refs, wait_s, idempotency_key, slot, webhook, adapters
+        )
     if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
         return JSON(view(row, base_url, live.of_final(row)), status_code=200)
     return JSON(view(row, base_url), status_code=201)

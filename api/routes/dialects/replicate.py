@@ -85,14 +85,14 @@ async def _submit(
     ctx = context(request)
     wait_s = prefer_wait(request.headers.get("prefer"), ctx.settings)
     given, own = parse_input(spec, body.input)
-    urls, field = given.references
-    refs = await references.resolve(ctx, principal, request, urls, field)
-    params = to_params(given, own, (refs[0].info.width, refs[0].info.height) if refs else None)
-    base_url = public_base_url(request, ctx.settings)
-    webhook = await webhooks.accept(ctx, "replicate", base_url, body.webhook, "webhook", body.webhook_events_filter)
-    idempotency_key = request.headers.get("idempotency-key")
-    echo = given.model_dump(exclude_none=True)
-    row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook)
+    echo, idempotency_key = given.model_dump(exclude_none=True), request.headers.get("idempotency-key")
+    async with predictions.in_flight(ctx, principal, spec, echo, idempotency_key, slot) as slot:
+        urls, field = given.references
+        refs = await references.resolve(ctx, principal, request, urls, field)
+        params = to_params(given, own, (refs[0].info.width, refs[0].info.height) if refs else None)
+        base_url = public_base_url(request, ctx.settings)
+        webhook = await webhooks.accept(ctx, "replicate", base_url, body.webhook, "webhook", body.webhook_events_filter)
+        row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook)
     logs = row["logs"] if Status(row["status"]).terminal else []
     return JSON(view(row, base_url, ctx.settings, logs, waited=wait_s > 0), status_code=201)
 

@@ -142,16 +142,17 @@ async def submit(
         raise Invalid("images: text-to-image takes no images; use the edit endpoint")
     if body.loras and not with_loras:
         raise Invalid(f"loras: {task} takes no LoRAs; use {task}-lora")
-    refs = await references.resolve(ctx, principal, request, body.images, "images")
-    adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
-    base_url = public_base_url(request, ctx.settings)
-    accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
-    params = body.to_params(spec)
     echo = body.model_dump(exclude_none=True) | {"model": model_path}
-    wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
-    row = await predictions.submit(
-        ctx, principal, spec, echo, params, refs, wait_s, webhook=accepted, adapters=adapters
-    )
+    async with predictions.in_flight(ctx, principal, spec, echo) as slot:
+        refs = await references.resolve(ctx, principal, request, body.images, "images")
+        adapters = await loras.resolve(ctx, principal, request, spec.id, body.loras, "loras")
+        base_url = public_base_url(request, ctx.settings)
+        accepted = await webhooks.accept(ctx, "wavespeed", base_url, webhook, "webhook")
+        params = body.to_params(spec)
+        wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
+        row = await predictions.submit(
+            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=accepted, adapters=adapters
+        )
     answer = await _answer(ctx, request, row, live.of_final(row) if Status(row["status"]).terminal else None)
     if body.enable_sync_mode and body.enable_base64_output and row["status"] == Status.COMPLETED:
         await retention.after_sync_delivery(ctx, principal, row)  # the answer carries the bytes
