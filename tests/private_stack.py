@@ -56,6 +56,8 @@ class PrivateStack:
                 "KLEIN_MODEL_PATH": str(self.model_path),
                 "KLEIN_DEVICE": "cpu",
                 "KLEIN_DEFAULT_RATE_LIMIT_PER_MINUTE": "100000",
+                "KLEIN_WORKER_METRICS_PORT": "0",  # a taken metrics port stops a worker: none here to collide on
+                "KLEIN_WEBHOOK_METRICS_PORT": "0",
                 "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
                 "HF_HUB_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1",

@@ -296,6 +296,8 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         "KLEIN_ADMIN_API_KEY": "admin-" + secrets.token_hex(8),
         "KLEIN_URL_SIGNING_KEY": secrets.token_hex(16),
         "KLEIN_TRY_SYNC_TIMEOUT_S": "20",
+        "KLEIN_WORKER_METRICS_PORT": "0",  # a taken metrics port stops a worker: none here to collide on
+        "KLEIN_WEBHOOK_METRICS_PORT": "0",
         # A lost queue message (writes to a primary that was then demoted) is put back within seconds.
         "KLEIN_LEASE_S": "2",
         "KLEIN_SWEEP_INTERVAL_S": "0.5",

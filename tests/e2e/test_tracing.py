@@ -162,6 +162,7 @@ def test_one_trace_spans_api_queue_worker_and_upload(
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",
         "KLEIN_QUEUE_NAME": f"klein-tracing-{secrets.token_hex(4)}",  # not the session workers' queues
+        "KLEIN_WORKER_METRICS_PORT": "0",  # the session's worker holds its port (a taken port stops a worker)
     }
     services: list[Service] = []
     try:
