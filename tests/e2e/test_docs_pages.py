@@ -4,28 +4,16 @@ Content-Security-Policy, and working in a real Chromium with every other host ou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-import pytest
-from playwright.sync_api import Browser, Route, sync_playwright
+from playwright.sync_api import Browser, Route
 
 from api.routes.web import CSP
-from tests.browser import CHROMIUM, DESKTOP, Tab, launch, wait_js
+from tests.browser import DESKTOP, Tab, wait_js
 from tests.conftest import Stack
 
 SCRIPT = re.compile(r"<script\b([^>]*)>(.*?)</script>", re.S | re.I)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (bash deploy/local.sh test does)")
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield browser
-        browser.close()
 
 
 def test_the_reference_loads_only_this_origins_scripts_under_the_policy(stack: Stack) -> None:

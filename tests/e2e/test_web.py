@@ -19,18 +19,16 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from core.tenants import IssuedKey
 from models.klein import size_for_aspect_ratio, size_for_ratio
 from tests.browser import (
-    CHROMIUM,
     DESKTOP,
     PHONE,
     ROOT,
     Tab,
     document_width,
-    launch,
     screenshot,
     unlabeled_controls,
     wait_js,
@@ -43,16 +41,6 @@ STATIC = ROOT / "api" / "static"
 XSS = "<img src=x onerror=alert(1)><script>alert(2)</script>"
 # Quotes, a variable, a command substitution and a backslash: each snippet has to carry them through its own quoting.
 TRICKY = 'a tin robot\'s "$HOME" `id` \\ sonnet'
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (bash deploy/local.sh test does)")
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

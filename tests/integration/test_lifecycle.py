@@ -99,21 +99,7 @@ def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(eng
     base = KleinInput(prompt="a cat").to_params(1).model_dump()
 
     def queued(priority: int, **changes: Any) -> str:
-        pid = new_id()
-        with engine.begin() as conn:
-            params = base | changes
-            conn.execute(
-                lifecycle.create(
-                    prediction_id=pid,
-                    tenant_id=tenant.tenant_id,
-                    api_key_id=tenant.key_id,
-                    model=model,
-                    input={},
-                    params=params,
-                )
-            )
-            conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
-        return pid
+        return insert_queued(engine, tenant, model, base | changes, priority)
 
     claimed = queued(0)
     noisy_old, quiet_new = queued(9, seed=2), queued(0, seed=3, num_outputs=2, output_format="png")
@@ -139,11 +125,9 @@ def test_batch_candidates_are_the_compatible_queued_ones_in_the_queues_order(eng
     taken.close()
 
 
-def queued_with_loras(engine: Engine, tenant: IssuedKey, model: str, shas: list[str], **changes: Any) -> str:
-    """A queued prediction of the tenant naming its copies of the LoRAs `shas` (scale 1 unless `scale`)."""
-    pid, scale, priority = new_id(), changes.pop("scale", 1.0), changes.pop("priority", 9)
-    loras = [{"tenant_id": tenant.tenant_id, "sha256": sha, "scale": scale} for sha in shas]
-    params = KleinInput(prompt="a cat").to_params(1).model_dump() | {"loras": loras}
+def insert_queued(engine: Engine, tenant: IssuedKey, model: str, params: dict[str, Any], priority: int) -> str:
+    """A queued prediction of the tenant with these parameters, in priority class `priority`."""
+    pid = new_id()
     with engine.begin() as conn:
         conn.execute(
             lifecycle.create(
@@ -157,6 +141,14 @@ def queued_with_loras(engine: Engine, tenant: IssuedKey, model: str, shas: list[
         )
         conn.execute(update(predictions).where(predictions.c.id == pid).values(priority=priority))
     return pid
+
+
+def queued_with_loras(engine: Engine, tenant: IssuedKey, model: str, shas: list[str], **changes: Any) -> str:
+    """A queued prediction of the tenant naming its copies of the LoRAs `shas` (scale 1 unless `scale`)."""
+    scale, priority = changes.pop("scale", 1.0), changes.pop("priority", 9)
+    loras = [{"tenant_id": tenant.tenant_id, "sha256": sha, "scale": scale} for sha in shas]
+    params = KleinInput(prompt="a cat").to_params(1).model_dump() | {"loras": loras}
+    return insert_queued(engine, tenant, model, params, priority)
 
 
 def next_with_loras(engine: Engine, model: str, tenant: IssuedKey, shas: list[str]) -> Any:
