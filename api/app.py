@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from api.context import AppContext
 from api.errors import install_error_handlers
 from api.infra.body_limit import BodySizeLimit
+from api.infra.hosts import TrustedHosts
 from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # The Host header decides the URLs we hand out (api/context.py): only hosts we were told about.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts, www_redirect=False)
+    app.add_middleware(TrustedHosts, allowed_hosts=settings.trusted_hosts)
     app.add_middleware(
         Observe, access_log=settings.access_log
     )  # outermost: every answer gets its request id, log context and metrics

@@ -16,9 +16,18 @@ setup() {
   local stamp
   stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
-    .venv/bin/python -m pip install -q -e ".[worker,local,dev]"
+    # pip's detail goes to a log; its last lines are shown if it fails.
+    local log=.venv/install.log started=$SECONDS
+    echo -n "installing dependencies (a few minutes the first time; detail in $log) … "
+    if ! {
+      .venv/bin/python -m pip install -q --upgrade pip &&
+        { .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"; } &&
+        .venv/bin/python -m pip install -q -e ".[worker,local,dev]"
+    } >"$log" 2>&1; then
+      echo "failed"; tail -n 30 "$log"; echo "the whole log: $log" >&2
+      return 1
+    fi
+    echo "$((SECONDS - started)) s"
     touch "$stamp"
   fi
 }

