@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
     admin_failures_per_minute: int = Field(10, ge=1)  # wrong admin keys per client address, then 429
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    # How long an Idempotency-Key outlives an API process that died while accepting its request (renewed while alive).
+    idempotency_lease_s: float = Field(10.0, ge=1, le=300)
     key_cache_ttl_s: float = Field(10.0, ge=0)  # API-process cache of key lookups; revocations clear it at once
 
     # API

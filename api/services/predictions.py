@@ -6,6 +6,7 @@ Dialect routers translate their request shapes into `GenerationParams` and call 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -102,32 +103,40 @@ async def _submit(
 ) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
+    reservation: idempotency.Reservation | None = None
     if idempotency_key is not None:
         fingerprint = idempotency.fingerprint(spec.id, request_input)
-        original = await idempotency.reserve(ctx, principal, idempotency_key, fingerprint, prediction_id)
-        if original is not None:
-            if slot is not None:
-                await slot.give_back()  # the original holds its own
-            return await _replay(ctx, principal, original, wait_s)
+        while reservation is None:
+            held = await idempotency.reserve(ctx, principal, idempotency_key, fingerprint, prediction_id)
+            if isinstance(held, idempotency.Reservation):
+                reservation = held
+            elif (original := await _replay(ctx, principal, idempotency_key, held, wait_s)) is not None:
+                if slot is not None:
+                    await slot.give_back()  # the original holds its own
+                return original
+            # else its holder died before storing it and its lease lapsed: this request takes the key over
     try:
-        slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
-        slot.require()
-        try:
-            if references:
-                keys = await _store_references(ctx, principal, prediction_id, references)
-                params = params.model_copy(update={"reference_keys": keys})
-            if adapters:
-                params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
-            priority = queue_priority(slot.held)
-            row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
-        except Exception:
-            await slot.give_back()
-            raise
-        slot.keep()
+        async with reservation.leased() if reservation else contextlib.nullcontext():
+            slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
+            slot.require()
+            try:
+                if references:
+                    keys = await _store_references(ctx, principal, prediction_id, references)
+                    params = params.model_copy(update={"reference_keys": keys})
+                if adapters:
+                    params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
+                priority = queue_priority(slot.held)
+                row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
+            except Exception:
+                await slot.give_back()
+                raise
+            slot.keep()
     except Exception:
-        if idempotency_key is not None:
-            await idempotency.forget(ctx, principal, idempotency_key)
+        if reservation is not None:
+            await reservation.release()
         raise
+    if reservation is not None:
+        await reservation.keep()
 
     if wait_s <= 0:
         await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, slot.held)
@@ -201,10 +210,17 @@ async def _insert(
     return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 
 
-async def _replay(ctx: AppContext, principal: Principal, prediction_id: str, wait_s: float) -> Row:
-    """The prediction an earlier request with the same Idempotency-Key created (it may still be storing it)."""
-    deadline = time.monotonic() + 5
+async def _replay(
+    ctx: AppContext, principal: Principal, idempotency_key: str, prediction_id: str, wait_s: float
+) -> Row | None:
+    """The prediction an earlier request with the same Idempotency-Key created (it may still be storing it); None
+    if that request's lease lapsed without storing it (its API process died)."""
+    deadline = time.monotonic() + ctx.settings.idempotency_lease_s + 5
     while (row := await fetch(ctx, principal, prediction_id)) is None:
+        if not await idempotency.names(ctx, principal, idempotency_key, prediction_id):
+            if (row := await fetch(ctx, principal, prediction_id)) is not None:  # stored just as it let go
+                break
+            return None
         if time.monotonic() > deadline:
             raise Conflict("a request with this Idempotency-Key is still being accepted; retry shortly")
         await asyncio.sleep(0.05)
