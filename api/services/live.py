@@ -3,9 +3,8 @@
 with the result).
 
 The queue position counts the predictions that run first: those queued at a better priority, and those at
-its own queued before it (Celery takes its priority lists in order, each first in, first out), from a
-snapshot of the queue's order at most a second old. The ETA is
-that work spread over the live workers at the recent time per image.
+its own queued before it, from a view of the queue at most a second old that every API replica shares. The ETA
+is that work spread over the live workers at the recent time per image.
 """
 
 from __future__ import annotations
@@ -14,9 +13,12 @@ import asyncio
 import bisect
 import statistics
 import time
-from datetime import datetime
-from typing import Any
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
+import orjson
 from sqlalchemy import bindparam, select
 
 from api.context import AppContext
@@ -27,10 +29,13 @@ from core.lifecycle import Status
 from core.queue import model_queue
 from core.tables import predictions as p
 
-# The queue's order, read at most every QUEUE_TTL_S per process and at most QUEUE_DEPTH_READ deep: a status
-# read then places its prediction by bisection, without a query of its own (a count per read cost each status
-# of a queued prediction about a millisecond behind a deep queue: docs/performance.md, "Events").
-QUEUE_TTL_S = 1.0
+# One view of each model's queue and pace, shared by every API replica through Redis (a hash that lives VIEW_TTL_S):
+# the first replica to find it gone reads it (PostgreSQL: the queue's order at most QUEUE_DEPTH_READ deep; Redis:
+# live workers and recent times per image) and offers it; a replica reads the view's stamp on each status read and
+# the view itself only when the stamp moved. Snapshots per replica would disagree: a client polling through a load
+# balancer saw its position go 1 → 2 and its ETA jump. A status read places its prediction by bisection, without a
+# query of its own (docs/performance.md, "Events").
+VIEW_TTL_S = 1.0
 QUEUE_DEPTH_READ = 5000
 _QUEUED = Statement(
     select(p.c.priority, p.c.created_at)
@@ -38,42 +43,70 @@ _QUEUED = Statement(
     .order_by(p.c.priority, p.c.created_at)
     .limit(QUEUE_DEPTH_READ)
 )
-_queue: dict[str, tuple[float, list[tuple[int, datetime]]]] = {}  # model's queue → (read at, ordered keys)
-_queue_lock = asyncio.Lock()
+_OFFER = (  # the first offer of a view stands until it expires
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end "
+    "redis.call('HSET', KEYS[1], 'stamp', ARGV[1], 'view', ARGV[2]) redis.call('PEXPIRE', KEYS[1], ARGV[3]) return 1"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-async def queued_ahead(ctx: AppContext, model: str, priority: int, created_at: datetime) -> int:
-    """How many queued predictions of `model` run before one queued at `priority` and `created_at` (at most the
-    depth read: past it, the position is "at least" that)."""
-    name = model_queue(ctx.settings.queue_name, model)
-    cached = _queue.get(name)
-    if cached is None or time.monotonic() - cached[0] >= QUEUE_TTL_S:
-        async with _queue_lock:  # one read per process however many ask at once
-            cached = _queue.get(name)
-            if cached is None or time.monotonic() - cached[0] >= QUEUE_TTL_S:
-                rows = await _QUEUED.all(ctx.pg, model=model)
-                cached = _queue[name] = (time.monotonic(), [(r["priority"], r["created_at"]) for r in rows])
-    return bisect.bisect_left(cached[1], (priority, created_at))
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-PACE_TTL_S = 2.0
-_pace: dict[str, tuple[float, int, float | None]] = {}  # queue → (read at, live workers, ms per image)
+@dataclass(frozen=True)
+class View:
+    stamp: bytes
+    workers: int  # live workers of the model
+    per_image_ms: float | None  # the median of their last runs
+    queue: list[tuple[int, int]]  # (priority, created_at in µs) of the queued, in the order they run
 
 
-async def pace(ctx: AppContext, model: str) -> tuple[int, float | None]:
-    """(live workers of `model`, median ms per image of their last runs), read at most every PACE_TTL_S per
-    process."""
-    name = model_queue(ctx.settings.queue_name, model)
-    cached = _pace.get(name)
-    if cached is not None and time.monotonic() - cached[0] < PACE_TTL_S:
-        return cached[1], cached[2]
+_views: dict[str, View] = {}  # the last view this process read, per model
+_view_lock = asyncio.Lock()
+
+
+def _view_key(ctx: AppContext, model: str) -> str:
+    return f"{model_queue(ctx.settings.queue_name, model)}:view"
+
+
+async def view(ctx: AppContext, model: str) -> View:
+    key = _view_key(ctx, model)
+    stamp = cast(bytes | None, await ctx.redis.hget(key, "stamp"))
+    known = _views.get(model)
+    if stamp is not None and known is not None and known.stamp == stamp:
+        return known
+    async with _view_lock:  # one read per process however many ask at once
+        shared = cast(list[bytes | None], await ctx.redis.hmget(key, ["stamp", "view"]))
+        if shared[0] is None or shared[1] is None:
+            fresh = await _read(ctx, model)
+            offered = orjson.dumps([fresh.workers, fresh.per_image_ms, fresh.queue])
+            await ctx.redis.eval(_OFFER, 1, key, fresh.stamp, offered, int(VIEW_TTL_S * 1000))
+            shared = cast(list[bytes | None], await ctx.redis.hmget(key, ["stamp", "view"]))
+            if shared[0] is None or shared[1] is None:  # expired at once (a stalled process): ours stands alone
+                return fresh
+        known = _views.get(model)
+        if known is None or known.stamp != shared[0]:
+            workers, per_image_ms, queue = orjson.loads(cast(bytes, shared[1]))
+            known = _views[model] = View(cast(bytes, shared[0]), workers, per_image_ms, [tuple(q) for q in queue])
+        return known
+
+
+async def _read(ctx: AppContext, model: str) -> View:
+    rows = await _QUEUED.all(ctx.pg, model=model)
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.zcount(progress.workers_key(ctx.settings, model), time.time() - progress.LIVE_WORKER_S, "+inf")
         pipe.lrange(progress.recent_key(ctx.settings, model), 0, -1)
         workers, recent = await pipe.execute()
     per_image = statistics.median(int(ms) for ms in recent) if recent else None
-    _pace[name] = (time.monotonic(), int(workers), per_image)
-    return int(workers), per_image
+    queue = [(r["priority"], _micros(r["created_at"])) for r in rows]
+    return View(uuid.uuid4().hex.encode(), int(workers), per_image, queue)
+
+
+def queued_ahead(shared: View, priority: int, created_at: datetime) -> int:
+    """How many queued predictions run before one queued at `priority` and `created_at` (at most the depth read:
+    past it, the position is "at least" that). Celery takes its priority lists in order, each first in, first out."""
+    return bisect.bisect_left(shared.queue, (priority, _micros(created_at)))
 
 
 def of_final(row: Row) -> dict[str, Any]:
@@ -87,9 +120,10 @@ async def extras(ctx: AppContext, row: Row) -> dict[str, Any]:
         return of_final(row)
     queued = progress.log_line("queued", row["created_at"])
     images = row["params"].get("num_outputs", 1)
-    workers, per_image_ms = await pace(ctx, row["model"])
+    shared = await view(ctx, row["model"])
+    workers, per_image_ms = shared.workers, shared.per_image_ms
     if status is Status.CREATED:
-        ahead = await queued_ahead(ctx, row["model"], row["priority"], row["created_at"])
+        ahead = queued_ahead(shared, row["priority"], row["created_at"])
         eta = None
         if workers and per_image_ms is not None:
             eta = round((ahead // workers + 1) * per_image_ms * images / 1000, 1)

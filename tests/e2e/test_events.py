@@ -403,7 +403,7 @@ def test_queue_position_counts_what_runs_first_and_eta_uses_the_fleets_pace(
     while client.get(f"/v1/predictions/status/{first['id']}").json()["status"] != "succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    time.sleep(live.PACE_TTL_S)  # the API's reading of the fleet's pace, from before that run, has expired
+    time.sleep(live.VIEW_TTL_S)  # the shared view of the fleet's pace, from before that run, has expired
     ids = {name: new_id() for name in ("early", "late", "urgent")}
     params = {"prompt": PROMPT, "width": 256, "height": 256, "num_inference_steps": 4, "guidance_scale": 1.0}
     for name, priority in (("early", 6), ("late", 6), ("urgent", 0)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import socket
 import threading
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from core import lifecycle
+from core.ids import new_id
 from core.tables import predictions
 from core.tenants import IssuedKey
 from ops.embedded import start_api, wait_until
@@ -72,3 +75,42 @@ def test_a_replica_killed_between_reserving_a_key_and_storing_its_prediction_doe
     with stack.engine.connect() as conn:
         count = select(func.count()).select_from(predictions).where(predictions.c.tenant_id == tenant.tenant_id)
         assert conn.execute(count).scalar_one() == 1
+
+
+def test_a_poller_through_two_replicas_never_sees_its_queue_position_go_back(
+    stack: Stack, tenant: IssuedKey, tmp_path: Path
+) -> None:
+    other, other_url = start_api(stack.env, tmp_path / "second-replica.log")
+    ids = [new_id() for _ in range(8)]
+    params = {"prompt": "q", "width": 256, "height": 256, "num_inference_steps": 4, "guidance_scale": 1.0}
+    for prediction_id in ids:  # stored (one transaction each: one created_at each), not enqueued: no worker takes them
+        with stack.engine.begin() as conn:
+            conn.execute(
+                lifecycle.create(
+                    prediction_id=prediction_id,
+                    tenant_id=tenant.tenant_id,
+                    api_key_id=tenant.key_id,
+                    model="flux-klein-4b",
+                    input={"prompt": "q"},
+                    params=params | {"seed": 1, "output_format": "png", "output_quality": 80},
+                )
+            )
+    last = ids[-1]
+    seen: list[int] = []
+    try:
+        with httpx.Client(headers={"apikey": tenant.key}, timeout=30) as http:
+            replicas = [stack.api_url, other_url]
+            for ahead in ids[:-1]:  # those ahead leave one by one while the client polls through both replicas
+                with stack.engine.begin() as conn:
+                    conn.execute(update(predictions).where(predictions.c.id == ahead).values(status="canceled"))
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    url = replicas[len(seen) % 2]
+                    seen.append(http.get(f"{url}/v1/predictions/status/{last}").json()["queue_position"])
+    finally:
+        other.stop()
+        with stack.engine.begin() as conn:
+            conn.execute(update(predictions).where(predictions.c.id.in_(ids)).values(status="canceled"))
+    backwards = [(a, b) for a, b in itertools.pairwise(seen) if b > a]
+    assert backwards == [], f"{len(backwards)} of {len(seen)} reads went back: {backwards[:5]}"
+    assert seen[-1] < seen[0]  # it did move forward
