@@ -16,7 +16,7 @@ from typing import get_args
 
 from prometheus_client import Counter, Enum, Gauge, Histogram, Info
 
-from core.build import build_labels
+from core import build
 from models.klein import NAMED_SIZES, AspectRatio, size_for_aspect_ratio
 
 STAGES = ("queue", "inference", "encode", "upload", "total")
@@ -42,8 +42,7 @@ MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipel
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])
 WORKER_INFO = Info("klein_worker", "The worker behind this target: its id (as in the logs), model and host")
-BUILD_INFO = Gauge("klein_build_info", "The build this process runs", ["version", "revision", "python"])
-BUILD_INFO.labels(**build_labels()).set(1)
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 
 # The sizes clients pick by name (aspect ratios) are labels; any other is "other", so the labels stay few.
 _KNOWN_SIZES = {f"{w}x{h}" for w, h in NAMED_SIZES.values()} | {

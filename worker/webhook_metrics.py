@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Histogram, Info
 
-from core.build import build_labels
+from core import build
 
 WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
 WEBHOOK_SECONDS = Histogram(
@@ -17,8 +17,7 @@ WEBHOOK_SECONDS = Histogram(
 )
 # Which webhook worker answers on this target: `klein_webhook_worker_info{hostname=…} 1`, joined by instance.
 WEBHOOK_WORKER_INFO = Info("klein_webhook_worker", "The webhook worker behind this target")
-BUILD_INFO = Gauge("klein_build_info", "The build this process runs", ["version", "revision", "python"])
-BUILD_INFO.labels(**build_labels()).set(1)
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 
 
 def identify() -> None:

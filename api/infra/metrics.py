@@ -19,8 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.types import Scope
 
-from core import logs
-from core.build import build_labels
+from core import build, logs
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _SUBMIT_MARK: Final = "_klein_creates_predictions"
@@ -49,10 +48,7 @@ CANCELED = Counter(
 STREAMS = Gauge(
     "klein_event_streams", "Open event streams (GET /v1/predictions/{id}/stream)", multiprocess_mode="livesum"
 )
-BUILD_INFO = Gauge(
-    "klein_build_info", "The build this process runs", ["version", "revision", "python"], multiprocess_mode="max"
-)
-BUILD_INFO.labels(**build_labels()).set(1)
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 # Prometheus' scrapes and the orchestrator's probes are no API traffic: counting them would hide it.
 UNCOUNTED = ("/metrics", "/healthz", "/readyz")
 
