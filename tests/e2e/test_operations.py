@@ -113,7 +113,8 @@ def test_scrapes_and_probes_are_no_requests_a_cancel_is_counted_and_the_build_is
     moved = value(after, "klein_predictions_canceled_total", **canceled)
     assert moved == value(before, "klein_predictions_canceled_total", **canceled) + 1
     (build,) = [dict(labels) for name, labels in after if name == "klein_build_info"]
-    assert build == {"version": metadata.version("klein-serve"), "revision": "unknown", "python": python_version()}
+    revision = stack.env.get("KLEIN_REVISION", "").strip() or "unknown"  # an image's build argument; none here
+    assert build == {"version": metadata.version("klein-serve"), "revision": revision, "python": python_version()}
 
 
 def queued_prediction(stack: Stack, tenant: IssuedKey) -> str:
