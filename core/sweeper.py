@@ -22,6 +22,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, cast
@@ -53,6 +54,8 @@ class SweepReport:
     counters_reconciled: int = 0
     expired_predictions: int = 0
     deleted_files: int = 0
+    deleted_loras: int = 0
+    retention: str = ""  # the retention pass: "" (not due, or no storage), "ok", "failed"
     seconds: float = 0.0
 
 
@@ -94,8 +97,14 @@ class Sweeper:
             reaped = retention.reap(self.settings, self.engine, self.s3)
         except Exception:
             log.warning("retention pass failed; retrying in %.0f s", REAP_EVERY_S, exc_info=True)
+            report.retention = "failed"
             return
-        report.expired_predictions, report.deleted_files = reaped.predictions, reaped.files
+        report.retention = "ok"
+        report.expired_predictions, report.deleted_files, report.deleted_loras = (
+            reaped.predictions,
+            reaped.files,
+            reaped.loras,
+        )
 
     def _lapsed(self, report: SweepReport) -> None:
         with self.engine.connect() as conn:
@@ -184,14 +193,26 @@ class Sweeper:
         self.redis.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))
 
 
-def run_forever(sweeper: Sweeper, stop: threading.Event) -> None:
-    """The worker's sweeper thread: survives database and Redis outages, logs what it did."""
-    while not stop.wait(sweeper.settings.sweep_interval_s):
+Observer = Callable[[str, SweepReport | None, float], None]
+
+
+def run_forever(sweeper: Sweeper, stop: threading.Event, observe: Observer | None = None) -> None:
+    """The worker's sweeper thread: survives database and Redis outages, logs what it did. `observe` hears of each
+    pass: its outcome ("swept", "skipped": another sweeper held the lock, "failed"), its report and how many
+    seconds late it started against its schedule (one interval after the previous pass ended)."""
+    interval = sweeper.settings.sweep_interval_s
+    due = time.monotonic() + interval
+    while not stop.wait(max(due - time.monotonic(), 0.0)):
+        lag = time.monotonic() - due
         try:
             report = sweeper.sweep()
+            outcome = "skipped" if report is None else "swept"
         except Exception:
-            log.warning("sweep failed; retrying in %.0f s", sweeper.settings.sweep_interval_s, exc_info=True)
-            continue
+            log.warning("sweep failed; retrying in %.0f s", interval, exc_info=True)
+            report, outcome = None, "failed"
+        due = time.monotonic() + interval
+        if observe is not None:
+            observe(outcome, report, lag)
         if report and any(
             (
                 report.requeued_lapsed,
@@ -200,6 +221,7 @@ def run_forever(sweeper: Sweeper, stop: threading.Event) -> None:
                 report.counters_reconciled,
                 report.expired_predictions,
                 report.deleted_files,
+                report.deleted_loras,
             )
         ):
             log.info("sweep: %s", report)

@@ -13,7 +13,7 @@ from celery.signals import setup_logging, task_postrun, task_prerun, worker_proc
 from core import logs, tracing
 from core.queue import PREDICT_TASK, make_celery, model_queue
 from core.settings import get_settings
-from worker import exposition, metrics
+from worker import exposition, gpu
 from worker.runtime import WorkerRuntime
 
 settings = get_settings()
@@ -46,7 +46,7 @@ def _start_runtime(**_: Any) -> None:
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
     exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT", settings.worker_metrics_host)
-    metrics.register_gpu_collector()
+    gpu.register_collector()
     _runtime = WorkerRuntime.start(settings)
 
 

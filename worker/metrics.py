@@ -5,24 +5,19 @@ Every series of a worker is told apart by Prometheus' `instance` label (its scra
 and host stand behind a target is `klein_worker_info{worker, model, hostname} 1`, joined by instance where a
 query wants it (`... * on (instance) group_left (model) klein_worker_info`) rather than a label on every series.
 
-GPU memory, utilisation and temperature come from NVML (`nvidia-ml-py`) at each scrape; where no NVIDIA GPU
-or driver is, those series are absent rather than zero.
+GPU memory, utilisation and temperature of the worker's own GPUs are worker/gpu.py's; the sweeper's series (any
+GPU worker may run a pass) are worker/sweep_metrics.py's.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
-from collections.abc import Iterator
-from typing import Any, get_args
+from typing import get_args
 
-from prometheus_client import REGISTRY, Counter, Enum, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Enum, Gauge, Histogram, Info
 
+from core import build
 from models.klein import NAMED_SIZES, AspectRatio, size_for_aspect_ratio
-
-log = logging.getLogger(__name__)
 
 STAGES = ("queue", "inference", "encode", "upload", "total")
 # Seconds: from a tiny pipeline's milliseconds to a 4-megapixel image on a slow GPU.
@@ -31,6 +26,7 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 6
 PREDICTIONS = Counter(
     "klein_worker_predictions", "Predictions this worker ended, by outcome and failure reason", ["outcome", "reason"]
 )
+IMAGES = Counter("klein_worker_images", "Images of the predictions this worker completed (num_outputs each)")
 STAGE_SECONDS = Histogram(
     "klein_worker_stage_seconds",
     "Time per stage of a prediction (queue: created to claimed; total: created to stored), by output size",
@@ -46,6 +42,7 @@ MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipel
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])
 WORKER_INFO = Info("klein_worker", "The worker behind this target: its id (as in the logs), model and host")
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 
 # The sizes clients pick by name (aspect ratios) are labels; any other is "other", so the labels stay few.
 _KNOWN_SIZES = {f"{w}x{h}" for w, h in NAMED_SIZES.values()} | {
@@ -67,39 +64,3 @@ def record_run(timings: dict[str, int], width: int, height: int) -> None:
 
 def identify(worker_id: str, model_id: str) -> None:
     WORKER_INFO.info({"worker": worker_id, "model": model_id, "hostname": socket.gethostname()})
-
-
-class GpuCollector(Collector):
-    """NVML's figures for every GPU, read at scrape time; nothing where NVML cannot start."""
-
-    def __init__(self) -> None:
-        import pynvml
-
-        self.nvml: Any = pynvml
-        pynvml.nvmlInit()
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        nvml = self.nvml
-        used = GaugeMetricFamily("klein_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
-        total = GaugeMetricFamily("klein_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
-        busy = GaugeMetricFamily("klein_gpu_utilization_ratio", "GPU busy time, last sample period", labels=["gpu"])
-        heat = GaugeMetricFamily("klein_gpu_temperature_celsius", "GPU temperature", labels=["gpu"])
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            gpu = str(index)
-            used.add_metric([gpu], memory.used)
-            total.add_metric([gpu], memory.total)
-            busy.add_metric([gpu], nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-            heat.add_metric([gpu], nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
-        yield from (used, total, busy, heat)
-
-
-def register_gpu_collector() -> bool:
-    """Whether NVML answered (an NVIDIA driver is present); the GPU series exist only then."""
-    try:
-        REGISTRY.register(GpuCollector())
-    except Exception as exc:  # pynvml raises NVMLError_* (LibraryNotFound, DriverNotLoaded, ...) without a GPU
-        log.info("no GPU metrics: NVML unavailable (%s)", type(exc).__name__)
-        return False
-    return True

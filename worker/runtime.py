@@ -28,7 +28,7 @@ from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
 from models.klein import loaded_by
 from models.klein_pipeline import KleinPipeline
-from worker import metrics
+from worker import metrics, sweep_metrics
 from worker.batch import Batcher, Item, ms
 from worker.database import DB_ERRORS, Database, first, scalar
 from worker.generation import Generator, failure_reason, readable
@@ -106,7 +106,8 @@ class WorkerRuntime:
             loras=LoraCache(settings, s3, pipeline.lora_targets, pipeline.prepare_lora),
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper
-        threading.Thread(target=run_forever, args=(sweeper, runtime.stopping), name="sweeper", daemon=True).start()
+        sweeping = (sweeper, runtime.stopping, sweep_metrics.observe)
+        threading.Thread(target=run_forever, args=sweeping, name="sweeper", daemon=True).start()
         log.info("worker %s ready in %.2f s", runtime.worker_id, time.perf_counter() - started)
         return runtime
 
@@ -198,6 +199,7 @@ class WorkerRuntime:
             outcome, reason = "dropped", "canceled or taken over"
         elif outcome == "completed":
             metrics.record_run(timings, row["params"]["width"], row["params"]["height"])
+            metrics.IMAGES.inc(len(item.outputs))
         metrics.PREDICTIONS.labels(outcome, reason).inc()
         self._release_and_announce(prediction_id, finished, has_webhook=row["webhook"] is not None)
 

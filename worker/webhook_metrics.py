@@ -7,6 +7,8 @@ import socket
 
 from prometheus_client import Counter, Histogram, Info
 
+from core import build
+
 WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
 WEBHOOK_SECONDS = Histogram(
     "klein_webhook_attempt_seconds",
@@ -15,6 +17,7 @@ WEBHOOK_SECONDS = Histogram(
 )
 # Which webhook worker answers on this target: `klein_webhook_worker_info{hostname=…} 1`, joined by instance.
 WEBHOOK_WORKER_INFO = Info("klein_webhook_worker", "The webhook worker behind this target")
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 
 
 def identify() -> None:

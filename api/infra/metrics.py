@@ -1,6 +1,7 @@
 """The API's own Prometheus series: requests by route template (never the raw path: ids would make a series
-each), method, dialect and status; submits by outcome and refusal reason; Try-Sync waiters and open streams.
-Plumbing only: the scrape endpoint and the platform gauges it reads are api/routes/metrics.py.
+each), method, dialect and status, less Prometheus' scrapes and the probes; submits by outcome and refusal reason;
+Try-Sync waiters and how their waits ended; cancels; open streams; the build. Plumbing only: the scrape endpoint
+and the platform gauges it reads are api/routes/metrics.py.
 
 With several API processes on one host (uvicorn --workers, gunicorn), set `PROMETHEUS_MULTIPROC_DIR` to an
 empty directory shared by them: every process then writes its samples there and any of them answers a
@@ -18,8 +19,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.types import Scope
 
+from core import build, logs
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _SUBMIT_MARK: Final = "_klein_creates_predictions"
+_SYNC_WAIT: Final = "klein_sync_wait"
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -32,9 +36,21 @@ SUBMITTED = Counter(
     "klein_submits", "Submits by outcome (accepted, refused) and refusal reason", ["dialect", "outcome", "reason"]
 )
 SYNC_WAITERS = Gauge("klein_sync_waiters", "Requests waiting for a prediction (Try-Sync)", multiprocess_mode="livesum")
+SYNC_WAITS = Counter(
+    "klein_sync_waits",
+    "Try-Sync waits by how they ended: answered (final in time), fell_back (answered pending, 201/202), timed_out"
+    " (504), not_waited (the tenant's concurrent waits were all taken)",
+    ["dialect", "outcome"],
+)
+CANCELED = Counter(
+    "klein_predictions_canceled", "Predictions canceled, by where they were (queued, running)", ["dialect", "stage"]
+)
 STREAMS = Gauge(
     "klein_event_streams", "Open event streams (GET /v1/predictions/{id}/stream)", multiprocess_mode="livesum"
 )
+BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
+# Prometheus' scrapes and the orchestrator's probes are no API traffic: counting them would hide it.
+UNCOUNTED = ("/metrics", "/healthz", "/readyz")
 
 
 def submit_route(endpoint: Endpoint) -> Endpoint:
@@ -48,17 +64,41 @@ def is_submit(route: object) -> bool:
     return bool(getattr(getattr(route, "endpoint", None), _SUBMIT_MARK, False))
 
 
+def _dialect(scope: Scope) -> str:
+    return (getattr(scope.get("route"), "tags", None) or ["none"])[0]
+
+
 def record(scope: Scope, status: int, seconds: float) -> None:
-    """Count one answered request by its route template, the route's dialect (its tag) and status."""
+    """Count one answered request by its route template, the route's dialect (its tag) and status; and how its
+    Try-Sync wait ended, if it waited."""
     route = scope.get("route")
     template = getattr(route, "path", "unmatched")
-    dialect = (getattr(route, "tags", None) or ["none"])[0]
+    if any(template == path or template.startswith(f"{path}/") for path in UNCOUNTED):
+        return
+    dialect = _dialect(scope)
     method = scope["method"]
     REQUESTS.labels(template, method, dialect, str(status)).inc()
     LATENCY.labels(template, method, dialect).observe(seconds)
+    state = scope.get("state", {})
     if method == "POST" and is_submit(route):
-        reason = scope.get("state", {}).get("refusal") or ("" if status < 400 else f"http_{status}")
+        reason = state.get("refusal") or ("" if status < 400 else f"http_{status}")
         SUBMITTED.labels(dialect, "accepted" if status < 400 else "refused", reason).inc()
+    if waited := state.get(_SYNC_WAIT):
+        outcome = waited if waited != "pending" else "timed_out" if status == 504 else "fell_back"
+        SYNC_WAITS.labels(dialect, outcome).inc()
+
+
+def sync_waited(outcome: str) -> None:
+    """Note how the request's Try-Sync wait ended (answered, pending, not_waited), for `record` to count with the
+    answer's status: a pending row is answered 201/202 by some dialects, 504 by the synchronous ones."""
+    scope = logs.current_scope.get()
+    if scope is not None:
+        scope.setdefault("state", {})[_SYNC_WAIT] = outcome
+
+
+def canceled(running: bool) -> None:
+    scope = logs.current_scope.get()
+    CANCELED.labels("none" if scope is None else _dialect(scope), "running" if running else "queued").inc()
 
 
 def refused(request: Request, exc: BaseException) -> None:

@@ -146,6 +146,7 @@ async def _submit(
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             with metrics.SYNC_WAITERS.track_inprogress():
                 return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
+        metrics.sync_waited("not_waited")
     return row
 
 
@@ -249,11 +250,15 @@ async def _wait(
         finished.clear()
         final = finished.final_row
         if stored is not None and final is not None and final["tenant_id"] == principal.tenant_id:
+            metrics.sync_waited("answered")
             return {**stored, **final}
         row = await fetch(ctx, principal, prediction_id)
         if row is not None and lifecycle.Status(row["status"]).terminal:
+            metrics.sync_waited("answered")
             return row
-    return await fetch(ctx, principal, prediction_id)
+    row = await fetch(ctx, principal, prediction_id)
+    metrics.sync_waited("answered" if row is not None and lifecycle.Status(row["status"]).terminal else "pending")
+    return row
 
 
 async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Row | None:
@@ -274,6 +279,7 @@ async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> R
     async with ctx.engine.begin() as conn:
         canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
     if canceled is not None:
+        metrics.canceled(running=canceled["worker_id"] is not None)  # a queued one has no worker (yet, or again)
         await ctx.limiter.release_slot(principal.tenant_id)
         # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
         async with ctx.redis.pipeline(transaction=False) as pipe:

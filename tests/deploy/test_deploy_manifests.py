@@ -19,6 +19,7 @@ import json
 import re
 import shlex
 import subprocess
+import tomllib
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -284,6 +285,24 @@ def test_images_are_pinned_and_run_as_non_root(dockerfile: Path) -> None:
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "PYTHONDONTWRITEBYTECODE=1" in text
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE_API, DOCKERFILE_WORKER], ids=["api", "worker"])
+def test_images_hold_every_package_and_the_revision_they_were_built_from(dockerfile: Path) -> None:
+    """Every package the project installs is copied in (pip would install without one, the process fail to
+    start); KLEIN_REVISION, a build argument, reaches the processes' klein_build_info."""
+    text = dockerfile.read_text()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", text, re.M))
+    assert {package.rstrip("*") for package in packages} <= copied
+    assert re.search(r"^ARG KLEIN_REVISION=unknown$", text, re.M)
+    assert re.search(r"^ENV KLEIN_REVISION=\$\{KLEIN_REVISION\}$", text, re.M)
+    services = compose()["services"]
+    assert (
+        services["api"]["build"]["args"]
+        == services["worker"]["build"]["args"]
+        == {"KLEIN_REVISION": "${KLEIN_REVISION:-unknown}"}
+    )
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:

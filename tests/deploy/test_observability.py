@@ -24,11 +24,13 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "klein-serve.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 MONITORING = ROOT / "deploy" / "k8s" / "monitoring"
 PROMETHEUS_MADE = {"up"}  # series Prometheus makes itself
-GPU_SERIES = {  # worker.metrics.GpuCollector's, present only where NVML answers
+GPU_SERIES = {  # worker.gpu.GpuCollector's, registered as the worker starts; the first four only where NVML answers
     "klein_gpu_memory_used_bytes",
     "klein_gpu_memory_total_bytes",
     "klein_gpu_utilization_ratio",
     "klein_gpu_temperature_celsius",
+    "klein_gpu_collector_state",
+    "klein_gpu_collector_errors_total",
 }
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -221,6 +223,8 @@ def test_each_process_exports_only_its_own_series() -> None:
     assert {"klein_http_requests_total", "klein_queue_depth", "klein_submits_total"} <= api
     assert {"klein_worker_pipeline_state", "klein_worker_info", "klein_worker_predictions_total"} <= worker
     assert {"klein_webhook_attempts_total", "klein_webhook_worker_info"} <= webhooks
+    assert {"klein_build_info"} <= api & worker & webhooks
+    assert {"klein_sweeper_passes_total", "klein_retention_reaped_total"} <= worker - api - webhooks
     assert not {n for n in webhooks if n.startswith(("klein_worker_", "klein_gpu_", "klein_http_"))}
     assert not {n for n in worker - GPU_SERIES if n.startswith(("klein_webhook_", "klein_http_", "klein_gpu_"))}
     assert not {n for n in api if n.startswith(("klein_worker_", "klein_gpu_", "klein_webhook_attempt"))}

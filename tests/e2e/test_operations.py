@@ -11,13 +11,18 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
+from platform import python_version
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from core import lifecycle
+from core.ids import new_id
 from core.tenants import IssuedKey
+from models.klein import KleinInput
 from ops.embedded import Service, free_port, start_api, wait_until, worker_service
 from tests.conftest import Stack, make_tenant
 from tests.e2e.test_worker import poison_prediction, wait_for
@@ -87,7 +92,46 @@ def test_api_metrics_move_as_predictions_run_and_are_refused(stack: Stack, clien
         assert ("klein_queue_oldest_age_seconds", (("priority", priority),)) in after
     assert value(after, "klein_live_workers") >= 1
     assert {"klein_sync_waiters", "klein_event_streams", "klein_webhook_backlog"} <= names(after)
+    answered = {"dialect": "pruna", "outcome": "answered"}
+    assert value(after, "klein_sync_waits_total", **answered) == value(before, "klein_sync_waits_total", **answered) + 1
     assert not any(name.startswith("klein_tenant_in_flight") for name in names(after)), "per tenant: off"
+
+
+def test_scrapes_and_probes_are_no_requests_a_cancel_is_counted_and_the_build_is_told(
+    stack: Stack, tenant: IssuedKey, client: httpx.Client
+) -> None:
+    before = scrape(f"{stack.api_url}/metrics")
+    for probe in ("/healthz", "/readyz"):
+        assert httpx.get(f"{stack.api_url}{probe}").status_code == 200
+    queued = queued_prediction(stack, tenant)  # never enqueued: no worker takes it before the cancel
+    assert client.post(f"/v1/predictions/{queued}/cancel").json()["status"] == "canceled"
+    after = scrape(f"{stack.api_url}/metrics")
+    routes = {dict(labels).get("route") for name, labels in after if name.startswith("klein_http_request")}
+    assert "/v1/predictions/{prediction_id}/cancel" in routes
+    assert not routes & {"/metrics", "/healthz", "/readyz"}, "Prometheus' scrapes and the probes are no traffic"
+    canceled = {"dialect": "pruna", "stage": "queued"}
+    moved = value(after, "klein_predictions_canceled_total", **canceled)
+    assert moved == value(before, "klein_predictions_canceled_total", **canceled) + 1
+    (build,) = [dict(labels) for name, labels in after if name == "klein_build_info"]
+    revision = stack.env.get("KLEIN_REVISION", "").strip() or "unknown"  # an image's build argument; none here
+    assert build == {"version": metadata.version("klein-serve"), "revision": revision, "python": python_version()}
+
+
+def queued_prediction(stack: Stack, tenant: IssuedKey) -> str:
+    prediction_id = new_id()
+    params = KleinInput(prompt="waits").to_params(5).model_dump()
+    with stack.engine.begin() as conn:
+        conn.execute(
+            lifecycle.create(
+                prediction_id=prediction_id,
+                tenant_id=tenant.tenant_id,
+                api_key_id=tenant.key_id,
+                model="flux-klein-4b",
+                input={"prompt": "waits"},
+                params=params,
+            )
+        )
+    return prediction_id
 
 
 def test_wavespeed_and_replicate_model_path_submits_are_counted_with_their_dialect(
@@ -120,19 +164,45 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
         json={"input": {"prompt": "stages", "aspect_ratio": "16:9"}},
     )
     assert done.json()["status"] == "succeeded"
+    after_one = scrape(worker)
+    two = client.post(
+        "/v1/models/black-forest-labs/flux-2-klein-4b/predictions",
+        headers={"Prefer": "wait"},
+        json={"input": {"prompt": "two", "aspect_ratio": "1:1", "output_megapixels": "0.25", "num_outputs": 2}},
+    )
+    assert two.json()["status"] == "succeeded" and len(two.json()["output"]) == 2
+    after_two = scrape(worker)
     assert wait_for(stack, poison_prediction(stack, tenant))["status"] == "failed"
     after = scrape(worker)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 1
+    assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 2
+    # Counted apart: the 2-output prediction adds 1 prediction and 2 images. Another test's leftover 1-output
+    # prediction may complete meanwhile on this worker, adding one of each: the difference is what holds.
+    completed = value(after_two, "klein_worker_predictions_total", outcome="completed", reason="") - value(
+        after_one, "klein_worker_predictions_total", outcome="completed", reason=""
+    )
+    images = value(after_two, "klein_worker_images_total") - value(after_one, "klein_worker_images_total")
+    assert completed >= 1 and images - completed == 1, (completed, images)
     assert moved("klein_worker_predictions_total", outcome="failed", reason="internal") == 1
     for stage in ("queue", "inference", "encode", "upload", "total"):
         assert moved("klein_worker_stage_seconds_count", stage=stage, resolution="1360x768") >= 1, stage
     assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready") == 1
     assert value(after, "klein_worker_model_load_seconds") > 0
-    assert not any(name.startswith("klein_gpu_") for name in names(after)), "no GPU here: absent, not zero"
+    gpu_series = {name for name in names(after) if name.startswith("klein_gpu_")}
+    assert gpu_series == {"klein_gpu_collector_state", "klein_gpu_collector_errors_total"}, "no GPU here: absent"
+    assert value(after, "klein_gpu_collector_state", state="absent") == 1, "told apart from a broken collector"
+    assert value(after, "klein_gpu_collector_errors_total") == 0
+
+    def swept() -> float:  # the sweeper thread's passes (its first comes one KLEIN_SWEEP_INTERVAL_S after start)
+        samples = scrape(worker)
+        return sum(value(samples, "klein_sweeper_passes_total", outcome=o) for o in ("swept", "skipped", "failed"))
+
+    wait_until(lambda: swept() >= 1, 60, "a sweeper pass")
+    (build,) = [dict(labels) for name, labels in after if name == "klein_build_info"]
+    assert build["version"] == metadata.version("klein-serve")
     (labels,) = [dict(labels) for name, labels in after if name == "klein_worker_info"]
     assert labels["model"] == "flux-klein-4b" and labels["hostname"] == socket.gethostname()
     assert labels["worker"].startswith(f"{socket.gethostname()}:")  # as its log lines name it

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import redis
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, update
 
 from core.ids import new_id
@@ -21,6 +22,7 @@ from core.sweeper import Sweeper
 from core.tables import predictions
 from core.tenants import IssuedKey
 from tests.stack import REDIS_URL
+from worker import sweep_metrics
 
 
 def test_task_message_matches_what_celery_publishes() -> None:
@@ -121,9 +123,13 @@ def test_a_prediction_the_sweeper_gives_up_on_leaves_the_queued_set(
     )
     client.sadd(queued_key(own), pid)
     try:
+        failed = {"outcome": "failed"}
+        before = REGISTRY.get_sample_value("klein_sweeper_leases_lapsed_total", failed) or 0.0
         report = Sweeper(own, engine, client).sweep()
         assert report is not None and report.failed_lapsed == 1
         assert not client.sismember(queued_key(own), pid)
+        sweep_metrics.observe("swept", report, 0.0)  # as the worker's sweeper thread does with its report
+        assert REGISTRY.get_sample_value("klein_sweeper_leases_lapsed_total", failed) == before + 1
     finally:
         client.delete(platform_lock, *client.keys(f"{own.queue_name}*"))
         client.close()

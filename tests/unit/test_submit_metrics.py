@@ -44,3 +44,31 @@ def test_a_wavespeed_and_a_replicate_model_path_submit_count_with_their_dialect(
         before = REGISTRY.get_sample_value("klein_submits_total", labels) or 0.0
         metrics.record({"route": routes[path], "method": "POST", "state": {}}, 201, 0.01)
         assert REGISTRY.get_sample_value("klein_submits_total", labels) == before + 1, path
+
+
+def test_a_try_sync_wait_counts_by_how_it_ended_and_the_answers_status() -> None:
+    """The service notes answered/pending/not_waited; the answer's status tells a 201 fallback from a 504."""
+    routes = {route.path: route for route in post_routes()}
+    cases = [
+        ("/v1/predictions", "pruna", "answered", 200, "answered"),
+        ("/v1/predictions", "pruna", "pending", 201, "fell_back"),
+        ("/v1/images/generations", "openai", "pending", 504, "timed_out"),
+        ("/v1/images/generations", "openai", "answered", 500, "answered"),  # final in time, though failed
+        ("/v1/predictions", "pruna", "not_waited", 201, "not_waited"),
+    ]
+    for path, dialect, noted, status, outcome in cases:
+        labels = {"dialect": dialect, "outcome": outcome}
+        before = REGISTRY.get_sample_value("klein_sync_waits_total", labels) or 0.0
+        metrics.record({"route": routes[path], "method": "POST", "state": {"klein_sync_wait": noted}}, status, 0.1)
+        assert REGISTRY.get_sample_value("klein_sync_waits_total", labels) == before + 1, (path, noted, status)
+
+
+def test_scrapes_and_probes_are_not_counted_as_requests() -> None:
+    routes = {getattr(route, "path", ""): route for route in create_app().routes}
+    for path in ("/metrics", "/healthz", "/readyz"):
+        metrics.record({"route": routes[path], "method": "GET", "state": {}}, 200, 0.01)
+    counted = {s.labels["route"] for f in REGISTRY.collect() if f.name == "klein_http_requests" for s in f.samples}
+    assert not counted & {"/metrics", "/healthz", "/readyz"}
+    metrics.record({"route": routes["/v1/keys"], "method": "GET", "state": {}}, 200, 0.01)
+    assert REGISTRY.get_sample_value("klein_http_requests_total", {"route": "/v1/keys", "method": "GET",
+                                     "dialect": "account", "status": "200"})  # fmt: skip
