@@ -31,6 +31,7 @@ DASHBOARD = ROOT / "deploy/grafana/dashboards/klein-serve.json"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TOKEN = "scrape-" + "s" * 24
 
+JOBS = ("klein-api", "klein-worker", "klein-webhooks")
 # Empty on a healthy stack without a GPU, and rightly so: no GPU series here, no 5xx answered.
 RIGHTLY_EMPTY = ("klein_gpu_", 'status=~"5.."')
 
@@ -52,7 +53,7 @@ def scraped(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     prometheus: subprocess.Popen[bytes] | None = None
     try:
         webhooks = start_webhook_worker(env, workdir / "webhooks.log", "webhooks-prometheus")
-        targets = {
+        targets = {  # JOBS
             "klein-api": api_url.removeprefix("http://"),
             "klein-worker": f"127.0.0.1:{stack.env['KLEIN_WORKER_METRICS_PORT']}",
             "klein-webhooks": f"127.0.0.1:{env['KLEIN_WEBHOOK_METRICS_PORT']}",
@@ -157,6 +158,10 @@ def test_a_real_prometheus_sees_every_panel_and_no_alert_on_a_healthy_stack(
     empty = [e for e in expressions if not _query(url, e)]
     assert sorted(e for e in empty if not any(mark in e for mark in RIGHTLY_EMPTY)) == [], "panels without data"
     assert [e for e in expressions if any(m in e for m in RIGHTLY_EMPTY) and _query(url, e)] == []
+
+    # Prometheus' own scrapes are no API traffic; every process says what build it runs.
+    assert _query(url, 'klein_http_requests_total{route=~"/metrics|/healthz.*|/readyz"}') == []
+    assert {r["metric"]["job"] for r in _query(url, "klein_build_info")} == set(JOBS)
 
     def rules_evaluated_after_traffic() -> bool:
         groups = httpx.get(f"{url}/api/v1/rules").json()["data"]["groups"]
