@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.exceptions import Reject
+from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_process_init
 
-from core import logs, tracing
+from core import logs, tracing, workers
 from core.queue import PREDICT_TASK, make_celery, model_queue
 from core.settings import get_settings
 from worker import exposition, metrics
@@ -21,6 +22,13 @@ app = make_celery(settings)
 # Without -Q the worker consumes its model's queue: flux-klein-4b's is KLEIN_QUEUE_NAME, another's "<name>.<id>".
 app.conf.task_default_queue = model_queue(settings.queue_name, settings.model_id)
 _runtime: WorkerRuntime | None = None
+_node = ""  # the Celery node name (-n), for the drain (core/workers.py)
+
+
+@celeryd_after_setup.connect
+def _name_node(sender: str, **_: Any) -> None:  # before the pool starts, so before _start_runtime
+    global _node
+    _node = sender
 
 
 @setup_logging.connect
@@ -45,14 +53,20 @@ def _start_runtime(**_: Any) -> None:
     global _runtime
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
-    exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT", settings.worker_metrics_host)
+    port, host = settings.worker_metrics_port, settings.worker_metrics_host
+    exposition.serve(port, "KLEIN_WORKER_METRICS_PORT", host, labels={"model": settings.model_id})
     metrics.register_gpu_collector()
-    _runtime = WorkerRuntime.start(settings)
+    _runtime = WorkerRuntime.start(settings, _node)
 
 
 @app.task(name=PREDICT_TASK)
 def predict(prediction_id: str) -> None:
     global _runtime
     if _runtime is None:  # not started through the worker signal (e.g. a direct call)
-        _runtime = WorkerRuntime.start(settings)
+        _runtime = WorkerRuntime.start(settings, _node)
+    if _runtime.heartbeat.draining.is_set():
+        # Drained, but the message came before the node read its cancel_consumer (sent again here, in case it was
+        # lost): back to the queue for another worker, untouched.
+        workers.stop_consuming(settings, app.conf.task_default_queue, _node)
+        raise Reject("draining", requeue=True)
     _runtime.run(prediction_id)
