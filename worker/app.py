@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.exceptions import Reject
-from celery.signals import celeryd_after_setup, setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
 from core import logs, tracing, workers
 from core.queue import PREDICT_TASK, make_celery, model_queue
@@ -23,12 +23,6 @@ app = make_celery(settings)
 app.conf.task_default_queue = model_queue(settings.queue_name, settings.model_id)
 _runtime: WorkerRuntime | None = None
 _node = ""  # the Celery node name (-n), for the drain (core/workers.py)
-
-
-@celeryd_after_setup.connect
-def _name_node(sender: str, **_: Any) -> None:  # before the pool starts, so before _start_runtime
-    global _node
-    _node = sender
 
 
 @setup_logging.connect
@@ -49,8 +43,9 @@ def _unbind_task(**_: Any) -> None:
 
 
 @worker_process_init.connect
-def _start_runtime(**_: Any) -> None:
-    global _runtime
+def _start_runtime(sender: Any = None, **_: Any) -> None:
+    global _runtime, _node
+    _node = sender if isinstance(sender, str) else ""  # the solo pool sends the node name
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
     port, host = settings.worker_metrics_port, settings.worker_metrics_host
