@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert sorted(c.environ().get("CUDA_VISIBLE_DEVICES") for c in workers) == ["0", "1"], "one device each"
         for metrics_port in (29101, 29102):  # each GPU worker's own /metrics, its pipeline loaded
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-            assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
+            ready = r'klein_worker_pipeline_state\{model="[a-z0-9.-]+",klein_worker_pipeline_state="ready"\} 1\.0'
+            assert re.search(ready, scraped), scraped
         # The workers' /metrics have no token: `up` binds them to loopback only.
         listening = {(c.laddr.ip, c.laddr.port) for w in workers for c in w.net_connections() if c.status == "LISTEN"}
         assert {port for ip, port in listening if ip != "127.0.0.1"} & {29101, 29102} == set(), listening
