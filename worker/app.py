@@ -6,6 +6,7 @@ with every client the task uses; the solo pool then runs one prediction at a tim
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.exceptions import Reject
@@ -17,6 +18,7 @@ from core.settings import get_settings
 from worker import exposition, metrics
 from worker.runtime import WorkerRuntime
 
+log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
 # Without -Q the worker consumes its model's queue: flux-klein-4b's is KLEIN_QUEUE_NAME, another's "<name>.<id>".
@@ -54,14 +56,16 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     _runtime = WorkerRuntime.start(settings, _node)
 
 
-@app.task(name=PREDICT_TASK)
-def predict(prediction_id: str) -> None:
+@app.task(name=PREDICT_TASK, bind=True)
+def predict(task: Any, prediction_id: str) -> None:
     global _runtime
     if _runtime is None:  # not started through the worker signal (e.g. a direct call)
         _runtime = WorkerRuntime.start(settings, _node)
     if _runtime.heartbeat.draining.is_set():
-        # Drained, but the message came before the node read its cancel_consumer (sent again here, in case it was
-        # lost): back to the queue for another worker, untouched.
-        workers.stop_consuming(settings, app.conf.task_default_queue, _node)
+        # Drained, but the message came before the node read its cancel_consumer: back to its queue for another
+        # worker, untouched, and the queue it came from cancelled here too (in case the command was lost).
+        queue = (task.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+        log.info("draining: %s handed back to %s", prediction_id, queue)
+        workers.stop_consuming(settings, queue, _node)
         raise Reject("draining", requeue=True)
     _runtime.run(prediction_id)

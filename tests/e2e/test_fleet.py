@@ -92,7 +92,15 @@ def test_a_drained_worker_finishes_its_prediction_takes_no_new_ones_and_is_not_c
             done = wait_for(stack, pid)
             assert done["status"] == "completed" and done["worker_id"] == session_worker["worker"]
         assert worker_named(stack, f"drained@{host}")["state"] == "draining"  # type: ignore[index]
-        assert "draining: taking no new predictions" in (stack.logs / "drained-worker.log").read_text()
+        log = stack.logs / "drained-worker.log"
+        assert "draining: taking no new predictions" in log.read_text()
+
+        # Its own queue it still consumes (the drain cancelled its model's): a message arriving there is handed
+        # back untouched, and that queue cancelled too.
+        handed_back = queued(stack, tenant, own_queue, 256, 1)
+        wait_until(lambda: f"draining: {handed_back} handed back" in log.read_text(), 30, "the message handed back")
+        wait_until(lambda: broker(stack).llen(own_queue) == 1, 10, "the message back in its queue")
+        assert row(stack, handed_back)["status"] == "created" and row(stack, handed_back)["attempts"] == 0
 
         unknown = httpx.post(f"{stack.api_url}/admin/v1/workers/nobody@nowhere/drain", headers=ADMIN)
         assert unknown.status_code == 404 and "nobody@nowhere" in unknown.json()["error"]
@@ -100,6 +108,7 @@ def test_a_drained_worker_finishes_its_prediction_takes_no_new_ones_and_is_not_c
     finally:
         extra.stop()
         forget_worker(stack, f"drained@{host}")
+        broker(stack).delete(own_queue)
 
 
 def forget_worker(stack: Stack, node: str) -> None:
