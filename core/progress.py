@@ -7,18 +7,17 @@ stream for `progress` and `logs`; event streams (api/routes/stream.py) replay it
 woken by one subscription per API process. A stream expires an hour after its last entry; the logs stay
 with the result in the row (`predictions.logs`).
 
-The fleet's pace, for queue ETAs: live workers in a sorted set by last heartbeat (`<queue>:workers`), and
+The fleet's pace, for queue ETAs: live workers in a sorted set by last heartbeat (`<queue>:workers`, written by
+core/workers.py), and
 the last images' run times in a list (`<queue>:recent-ms`).
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis
 
 from core.queue import model_queue
 from core.settings import Settings
@@ -62,15 +61,6 @@ def entries(raw: Any) -> list[tuple[str, str, dict[str, Any]]]:
         data = fields.get(b"data", fields.get("data", b"{}"))
         parsed.append((_text(entry_id), _text(kind), orjson.loads(data)))
     return parsed
-
-
-def heartbeat(client: redis.Redis, settings: Settings, worker_id: str) -> None:
-    """The worker serving settings.model_id is alive."""
-    now, key = time.time(), workers_key(settings, settings.model_id)
-    pipe = client.pipeline(transaction=False)
-    pipe.zadd(key, {worker_id: now})
-    pipe.zremrangebyscore(key, "-inf", now - 10 * LIVE_WORKER_S)
-    pipe.execute()
 
 
 def record_run(pipe: Any, settings: Settings, run_ms: int, images: int) -> None:

@@ -153,13 +153,14 @@ def enqueue(client: redis.Redis, settings: Settings, prediction_id: str, model: 
     (task_message)."""
     client.sadd(queued_key(settings), prediction_id)
     queue = model_queue(settings.queue_name, model)
-    _publisher(settings).send_task(PREDICT_TASK, args=[prediction_id], queue=queue, priority=priority)
+    publisher(settings).send_task(PREDICT_TASK, args=[prediction_id], queue=queue, priority=priority)
 
 
 _publishers: dict[int, tuple[Settings, Celery]] = {}  # by the settings' identity, which the entry keeps alive
 
 
-def _publisher(settings: Settings) -> Celery:
+def publisher(settings: Settings) -> Celery:
+    """One Celery app per settings, for publishing tasks and control commands from outside a worker."""
     if id(settings) not in _publishers:
         _publishers[id(settings)] = (settings, make_celery(settings))
     return _publishers[id(settings)][1]

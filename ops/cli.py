@@ -10,6 +10,8 @@
     klein revoke-key KEY_ID                  revoke a key, effective on its next request
     klein usage [--tenant T] [--start D] [--end D]
     klein build-tiny DIR                     save the tiny random-weights Klein pipeline to DIR
+    klein workers                            list the GPU workers: model, Celery node, state, last seen
+    klein drain-worker NAME                  drain a GPU worker (Celery node name or id): no new work
 
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
 --tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
@@ -88,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--end", type=date.fromisoformat)
     tiny = sub.add_parser("build-tiny", help="save the tiny random-weights pipeline")
     tiny.add_argument("directory", type=Path)
+    sub.add_parser("workers", help="list the GPU workers")
+    drain = sub.add_parser("drain-worker", help="drain a GPU worker: it finishes what it holds, takes nothing new")
+    drain.add_argument("name", help="its Celery node name (as `celery inspect` shows it) or worker id")
     return parser
 
 
@@ -171,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.tiny import save_tiny_pipeline
 
         print(save_tiny_pipeline(args.directory))
+    elif args.command in ("workers", "drain-worker"):
+        from ops import workers
+
+        return workers.list_workers() if args.command == "workers" else workers.drain(args.name)
     else:
         return _admin(args)
     return 0

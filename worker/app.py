@@ -6,21 +6,25 @@ with every client the task uses; the solo pool then runs one prediction at a tim
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from celery.exceptions import Reject
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
 
-from core import logs, tracing
+from core import logs, tracing, workers
 from core.queue import PREDICT_TASK, make_celery, model_queue
 from core.settings import get_settings
 from worker import exposition, gpu
 from worker.runtime import WorkerRuntime
 
+log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
 # Without -Q the worker consumes its model's queue: flux-klein-4b's is KLEIN_QUEUE_NAME, another's "<name>.<id>".
 app.conf.task_default_queue = model_queue(settings.queue_name, settings.model_id)
 _runtime: WorkerRuntime | None = None
+_node = ""  # the Celery node name (-n), for the drain (core/workers.py)
 
 
 @setup_logging.connect
@@ -41,18 +45,27 @@ def _unbind_task(**_: Any) -> None:
 
 
 @worker_process_init.connect
-def _start_runtime(**_: Any) -> None:
-    global _runtime
+def _start_runtime(sender: Any = None, **_: Any) -> None:
+    global _runtime, _node
+    _node = sender if isinstance(sender, str) else ""  # the solo pool sends the node name
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
-    exposition.serve(settings.worker_metrics_port, "KLEIN_WORKER_METRICS_PORT", settings.worker_metrics_host)
+    port, host = settings.worker_metrics_port, settings.worker_metrics_host
+    exposition.serve(port, "KLEIN_WORKER_METRICS_PORT", host, labels={"model": settings.model_id})
     gpu.register_collector()
-    _runtime = WorkerRuntime.start(settings)
+    _runtime = WorkerRuntime.start(settings, _node)
 
 
-@app.task(name=PREDICT_TASK)
-def predict(prediction_id: str) -> None:
+@app.task(name=PREDICT_TASK, bind=True)
+def predict(task: Any, prediction_id: str) -> None:
     global _runtime
     if _runtime is None:  # not started through the worker signal (e.g. a direct call)
-        _runtime = WorkerRuntime.start(settings)
+        _runtime = WorkerRuntime.start(settings, _node)
+    if _runtime.heartbeat.draining.is_set():
+        # Drained, but the message came before the node read its cancel_consumer: back to its queue for another
+        # worker, untouched, and the queue it came from cancelled here too (in case the command was lost).
+        queue = (task.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+        log.info("draining: %s handed back to %s", prediction_id, queue)
+        workers.stop_consuming(settings, queue, _node)
+        raise Reject("draining", requeue=True)
     _runtime.run(prediction_id)

@@ -1,5 +1,6 @@
 """The lease a worker holds on the predictions it runs: the heartbeat thread that renews it (and announces the
-worker as live), each prediction's `Lease` with its reason to stop, and the stop of a batch's pipeline call."""
+worker: live, busy or idle, draining: core/workers.py), each prediction's `Lease` with its reason to stop, and
+the stop of a batch's pipeline call."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy import Engine
 
-from core import lifecycle, progress
+from core import lifecycle, workers
 from core.settings import Settings
+from worker import metrics
 from worker.database import DB_ERRORS
 
 log = logging.getLogger(__name__)
@@ -27,14 +29,23 @@ class Heartbeat:
     Renewals come every `min(lease_s / 3, 2 s)` from the claim, often enough to keep the lease and to
     notice a cancel within about two seconds; stops are checked between denoising steps. `leases` is the
     engine of the claim (autocommit, not waiting for the disk); the thread ends when `stopping` is set.
+    `draining` is set once an operator drained the worker (its announcement's answer).
     """
 
     def __init__(
-        self, settings: Settings, client: redis.Redis, worker_id: str, leases: Engine, stopping: threading.Event
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        worker_id: str,
+        leases: Engine,
+        stopping: threading.Event,
+        node: str = "",
     ) -> None:
         self.settings = settings
         self.redis = client
         self.worker_id = worker_id
+        self.node = node  # its Celery node name, for the drain's cancel_consumer
+        self.draining = threading.Event()
         self.leases = leases
         self.stopping = stopping
         self.every_s = min(settings.lease_s / 3, 2.0)
@@ -48,21 +59,20 @@ class Heartbeat:
         with self._changed:
             self._current = leases
             self._changed.notify()
+        metrics.BUSY.set(len(leases))
         try:
             yield leases
         finally:
+            metrics.BUSY.set(0)
             with self._changed:
                 self._current = []
 
     def _beat(self) -> None:
         announced_at = 0.0
         while not self.stopping.is_set():
-            if time.monotonic() - announced_at >= self.every_s:  # alive, for the queue's ETA (core/progress.py)
+            if time.monotonic() - announced_at >= self.every_s:  # alive, for the fleet's counts and queue ETAs
                 announced_at = time.monotonic()
-                try:
-                    progress.heartbeat(self.redis, self.settings, self.worker_id)
-                except redis.RedisError:
-                    log.warning("could not announce worker %s as live", self.worker_id)
+                self._announce()
             with self._changed:
                 leases = self._current
                 if not leases:
@@ -85,6 +95,17 @@ class Heartbeat:
                 lease.renewed_at = renewed_at
                 if kept is not None:
                     lease.lost = lease.prediction_id not in kept
+
+    def _announce(self) -> None:
+        try:
+            draining = workers.announce(self.redis, self.settings, self.worker_id, self.node, bool(self._current))
+        except redis.RedisError:
+            log.warning("could not announce worker %s as live", self.worker_id)
+            return
+        if draining and not self.draining.is_set():
+            log.info("draining: taking no new predictions, finishing those in hand")
+            self.draining.set()
+            metrics.DRAINING.set(1)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The GPU worker's Prometheus series, served on `KLEIN_WORKER_METRICS_PORT` (worker/exposition.py); the webhook
 worker's are worker/webhook_metrics.py, which this process never imports.
 
-Every series of a worker is told apart by Prometheus' `instance` label (its scrape target); which worker, model
-and host stand behind a target is `klein_worker_info{worker, model, hostname} 1`, joined by instance where a
-query wants it (`... * on (instance) group_left (model) klein_worker_info`) rather than a label on every series.
+Every series of a worker carries the model it serves (`model`, added at exposition: worker/exposition.py) and is
+told apart by Prometheus' `instance` label (its scrape target); which worker and host stand behind a target is
+`klein_worker_info{worker, model, hostname} 1`.
 
 GPU memory, utilisation and temperature of the worker's own GPUs are worker/gpu.py's; the sweeper's series (any
 GPU worker may run a pass) are worker/sweep_metrics.py's.
@@ -41,6 +41,8 @@ BATCH_PREDICTIONS = Histogram(
 MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipeline's weights at start")
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])
+BUSY = Gauge("klein_worker_busy", "Predictions this worker is running now (0: idle)")
+DRAINING = Gauge("klein_worker_draining", "1 once an operator drained this worker: it takes no new predictions")
 WORKER_INFO = Info("klein_worker", "The worker behind this target: its id (as in the logs), model and host")
 BUILD_INFO = build.BUILD_INFO  # klein_build_info, as in every process
 

@@ -55,6 +55,7 @@ class WorkerRuntime:
     redis: redis.Redis
     worker_id: str
     loras: LoraCache
+    node: str = ""  # the Celery node name
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -74,10 +75,10 @@ class WorkerRuntime:
         self.complete = usage.finish_and_bill(completed, price)
         self.fail = usage.finish_and_bill(failed, price)
         self.generator = Generator(s, self.pipeline, self.loras, self.s3)
-        self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping)
+        self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
 
     @classmethod
-    def start(cls, settings: Settings) -> WorkerRuntime:
+    def start(cls, settings: Settings, node: str = "") -> WorkerRuntime:
         started = time.perf_counter()
         worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         metrics.identify(worker_id, settings.model_id)
@@ -104,6 +105,7 @@ class WorkerRuntime:
             redis=client,
             worker_id=worker_id,
             loras=LoraCache(settings, s3, pipeline.lora_targets, pipeline.prepare_lora),
+            node=node,
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper
         sweeping = (sweeper, runtime.stopping, sweep_metrics.observe)

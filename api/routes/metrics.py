@@ -1,10 +1,11 @@
 """`GET /metrics`: the API process's series (api/infra/metrics.py) and the platform's gauges in Prometheus' text
 format (prometheus-client).
 
-Queue depth and age, webhook backlog, live workers and (behind `KLEIN_METRICS_PER_TENANT`, for its label
-cardinality) in-flight per tenant are read from PostgreSQL and Redis (api/services/fleet.py) at most once per
-`KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait for the same read). With
-`KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer <token>`.
+Queue depth and age and live and draining workers (per served model), webhook backlog and (behind
+`KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read from PostgreSQL and Redis
+(api/services/fleet.py) at most once per `KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait
+for the same read). With `KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer
+<token>`.
 """
 
 from __future__ import annotations
@@ -30,17 +31,30 @@ from api.context import AppContext
 from api.infra import metrics
 from api.services import fleet
 
+# `model`: the served models (KLEIN_SERVED_MODELS), so the label's values are as few as the configured models.
 QUEUE_DEPTH = Gauge(
-    "klein_queue_depth", "Messages in the broker, by priority", ["priority"], multiprocess_mode=metrics.LAST
+    "klein_queue_depth",
+    "Messages in the broker, by model and priority",
+    ["model", "priority"],
+    multiprocess_mode=metrics.LAST,
 )
 QUEUE_AGE = Gauge(
     "klein_queue_oldest_age_seconds",
-    "Age of the oldest queued prediction, by priority (0: none queued)",
-    ["priority"],
+    "Age of the oldest queued prediction, by model and priority (0: none queued)",
+    ["model", "priority"],
     multiprocess_mode=metrics.LAST,
 )
 LIVE_WORKERS = Gauge(
-    "klein_live_workers", "GPU workers that announced themselves lately", multiprocess_mode=metrics.LAST
+    "klein_live_workers",
+    "GPU workers of the model that announced themselves lately and take work (draining ones not counted)",
+    ["model"],
+    multiprocess_mode=metrics.LAST,
+)
+DRAINING_WORKERS = Gauge(
+    "klein_draining_workers",
+    "GPU workers of the model an operator drained, still finishing or idle until they exit",
+    ["model"],
+    multiprocess_mode=metrics.LAST,
 )
 WEBHOOK_BACKLOG = Gauge(
     "klein_webhook_backlog", "Webhook deliveries pending or being sent", multiprocess_mode=metrics.LAST
@@ -62,7 +76,16 @@ TENANT_IN_FLIGHT = Gauge(
 
 # Read from PostgreSQL and Redis by every API replica alike: a query aggregates them over replicas with max (or
 # min), never sum, which would multiply them by the replica count (tests/deploy/test_observability.py holds it).
-PLATFORM_GAUGES = (QUEUE_DEPTH, QUEUE_AGE, LIVE_WORKERS, WEBHOOK_BACKLOG, WEBHOOK_AGE, TENANT_IMAGES, TENANT_IN_FLIGHT)
+PLATFORM_GAUGES = (
+    QUEUE_DEPTH,
+    QUEUE_AGE,
+    LIVE_WORKERS,
+    DRAINING_WORKERS,
+    WEBHOOK_BACKLOG,
+    WEBHOOK_AGE,
+    TENANT_IMAGES,
+    TENANT_IN_FLIGHT,
+)
 
 REFRESHES = Counter(
     "klein_metrics_refreshes", "Reads of the platform gauges from PostgreSQL and Redis (at most one per interval)"
@@ -116,10 +139,12 @@ _gauges = _Gauges()
 async def _read_gauges(ctx: AppContext) -> None:
     per_tenant = ctx.settings.metrics_per_tenant
     state = await fleet.read(ctx, per_tenant)
-    for priority, depth in state.depth.items():
-        QUEUE_DEPTH.labels(str(priority)).set(depth)
-        QUEUE_AGE.labels(str(priority)).set(state.oldest_age_s[priority])
-    LIVE_WORKERS.set(state.live_workers)
+    for model, queue in state.models.items():
+        for priority, depth in queue.depth.items():
+            QUEUE_DEPTH.labels(model, str(priority)).set(depth)
+            QUEUE_AGE.labels(model, str(priority)).set(queue.oldest_age_s[priority])
+        LIVE_WORKERS.labels(model).set(queue.live_workers)
+        DRAINING_WORKERS.labels(model).set(queue.draining_workers)
     WEBHOOK_BACKLOG.set(state.webhook_backlog)
     WEBHOOK_AGE.set(state.webhook_oldest_age_s)
     if per_tenant:

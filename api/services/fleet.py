@@ -1,6 +1,6 @@
-"""The platform's state as operators read it (the API's /metrics and the console's `GET /admin/v1/queue`):
-the broker's depth and the oldest wait per priority, live GPU workers, the webhook backlog; per tenant on
-request (a row per tenant)."""
+"""The platform's state as operators read it (the API's /metrics and the console's `GET /admin/v1/queue`): per
+served model, the broker's depth and the oldest wait per priority and its live and draining GPU workers; the
+webhook backlog; per tenant on request (a row per tenant). The GPU workers one by one: `workers`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, text
 
-from core import progress
+from core import progress, workers
 from core.lifecycle import Status
 from core.queue import PRIORITY_STEPS, list_key, model_queue
 from core.tables import predictions as p
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from api.context import AppContext
 
 _OLDEST_QUEUED = (
-    select(p.c.priority, func.extract("epoch", func.now() - func.min(p.c.created_at)))
+    select(p.c.model, p.c.priority, func.extract("epoch", func.now() - func.min(p.c.created_at)))
     .where(p.c.status == Status.CREATED)
-    .group_by(p.c.priority)
+    .group_by(p.c.model, p.c.priority)
 )
 _BACKLOG = select(func.count(), func.extract("epoch", func.now() - func.min(d.c.created_at))).where(
     d.c.status.in_(("pending", "sending"))
@@ -41,51 +41,79 @@ _IMAGES_24H = (
 
 
 @dataclass
-class Fleet:
+class ModelQueue:
     depth: dict[int, int]  # messages in the broker, by priority
     oldest_age_s: dict[int, float]  # the oldest queued prediction's wait, by priority (0: none)
-    live_workers: int
-    webhook_backlog: int
-    webhook_oldest_age_s: float
-    in_flight: dict[str, int] = field(default_factory=dict)  # per tenant, when asked
-    images_24h: dict[str, float] = field(default_factory=dict)
+    live_workers: int  # announced lately and not draining
+    draining_workers: int
 
     def view(self) -> dict[str, Any]:
         return {
             "depth": {str(k): v for k, v in self.depth.items()},
             "oldest_age_s": {str(k): round(v, 3) for k, v in self.oldest_age_s.items()},
             "live_workers": self.live_workers,
+            "draining_workers": self.draining_workers,
+        }
+
+
+@dataclass
+class Fleet:
+    models: dict[str, ModelQueue]  # by served model
+    webhook_backlog: int
+    webhook_oldest_age_s: float
+    in_flight: dict[str, int] = field(default_factory=dict)  # per tenant, when asked
+    images_24h: dict[str, float] = field(default_factory=dict)
+
+    def view(self) -> dict[str, Any]:
+        """Every model together (depths and workers summed, the oldest wait), then each model."""
+        queues = self.models.values()
+        return {
+            "depth": {str(k): sum(q.depth[k] for q in queues) for k in PRIORITY_STEPS},
+            "oldest_age_s": {str(k): round(max(q.oldest_age_s[k] for q in queues), 3) for k in PRIORITY_STEPS},
+            "live_workers": sum(q.live_workers for q in queues),
+            "draining_workers": sum(q.draining_workers for q in queues),
             "webhook_backlog": self.webhook_backlog,
             "webhook_oldest_age_s": round(self.webhook_oldest_age_s, 3),
+            "models": {model: queue.view() for model, queue in self.models.items()},
         }
 
 
 async def read(ctx: AppContext, per_tenant: bool = False) -> Fleet:
     settings = ctx.settings
     models = settings.served_models
-    async with ctx.redis.pipeline(transaction=False) as pipe:  # every served model's queue and workers, summed
+    since = time.time() - progress.LIVE_WORKER_S
+    async with ctx.redis.pipeline(transaction=False) as pipe:  # every served model's queue and workers
         for model in models:
             for priority in PRIORITY_STEPS:
                 pipe.llen(list_key(model_queue(settings.queue_name, model), priority))
-        for model in models:
-            pipe.zcount(progress.workers_key(settings, model), time.time() - progress.LIVE_WORKER_S, "+inf")
-        answers = await pipe.execute()
-    queues, live = answers[: -len(models)], answers[-len(models) :]
-    depths = [
-        sum(int(queues[m * len(PRIORITY_STEPS) + i]) for m in range(len(models))) for i in range(len(PRIORITY_STEPS))
-    ]
-    workers = sum(int(n) for n in live)
+            pipe.zcount(progress.workers_key(settings, model), since, "+inf")
+            pipe.zcount(workers.draining_key(settings, model), since, "+inf")
+        answers = [int(answer) for answer in await pipe.execute()]
+    per_model = len(PRIORITY_STEPS) + 2
     async with ctx.engine.connect() as conn:
-        ages = {int(priority): float(age) for priority, age in await conn.execute(_OLDEST_QUEUED)}
+        ages = {(model, int(priority)): float(age) for model, priority, age in await conn.execute(_OLDEST_QUEUED)}
         waiting, age = (await conn.execute(_BACKLOG)).one()
-        fleet = Fleet(
-            depth=dict(zip(PRIORITY_STEPS, (int(depth) for depth in depths), strict=True)),
-            oldest_age_s={priority: ages.get(priority, 0.0) for priority in PRIORITY_STEPS},
-            live_workers=int(workers),
-            webhook_backlog=int(waiting),
-            webhook_oldest_age_s=float(age or 0.0),
-        )
+        queues = {}
+        for m, model in enumerate(models):
+            *depths, live, draining = answers[m * per_model : (m + 1) * per_model]
+            queues[model] = ModelQueue(
+                depth=dict(zip(PRIORITY_STEPS, depths, strict=True)),
+                oldest_age_s={priority: ages.get((model, priority), 0.0) for priority in PRIORITY_STEPS},
+                live_workers=live,
+                draining_workers=draining,
+            )
+        fleet = Fleet(models=queues, webhook_backlog=int(waiting), webhook_oldest_age_s=float(age or 0.0))
         if per_tenant:
             fleet.in_flight = {tenant: int(count) for tenant, count in await conn.execute(_IN_FLIGHT)}
             fleet.images_24h = {tenant: float(total) for tenant, total in await conn.execute(_IMAGES_24H)}
     return fleet
+
+
+async def worker_list(ctx: AppContext) -> list[workers.Worker]:
+    """The GPU workers heard of lately (core/workers.py); the entries of those long gone are dropped."""
+    found, forgotten = workers.read(await ctx.redis.hgetall(workers.registry_key(ctx.settings)))
+    if forgotten:
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            workers.forget(pipe, ctx.settings, forgotten)
+            await pipe.execute()
+    return found

@@ -317,7 +317,8 @@ def test_compose_services_come_up_in_order() -> None:
     services = compose()["services"]
     core = {"postgres", "redis", "minio", "minio-init", "migrate", "api", "worker", "webhooks"}
     more_gpus = {f"worker-gpu{i}" for i in range(1, 8)}  # the `gpus-N` profiles
-    profiles = {"prometheus", "grafana"} | more_gpus | {"worker-base"}  # observability, gpus-N, base-model
+    observability = {"prometheus", "alertmanager", "grafana"}
+    profiles = observability | more_gpus | {"worker-base"}  # observability, gpus-N, base-model
     assert set(services) == core | profiles
     conditions = {
         name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in services.items()

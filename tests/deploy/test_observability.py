@@ -18,11 +18,20 @@ import pytest
 import yaml
 
 from core.settings import Settings
-from tests.deploy.test_deploy_manifests import ROOT, _errors, _strict, compose, container, k8s, keda_validator
+from tests.deploy.test_deploy_manifests import (
+    ROOT,
+    _errors,
+    _strict,
+    compose,
+    container,
+    k8s,
+    keda_validator,
+)
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "klein-serve.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 MONITORING = ROOT / "deploy" / "k8s" / "monitoring"
+QUEUE_AGE = "queue-age/worker-scaledobject-queue-age.yaml"
 PROMETHEUS_MADE = {"up"}  # series Prometheus makes itself
 GPU_SERIES = {  # worker.gpu.GpuCollector's, registered as the worker starts; the first four only where NVML answers
     "klein_gpu_memory_used_bytes",
@@ -155,26 +164,31 @@ def test_the_operator_rules_are_the_compose_rules() -> None:
 
 
 def test_the_queue_age_scaled_object_matches_the_keda_schema_and_queries_our_metric() -> None:
-    scaled = monitoring("worker-scaledobject-queue-age.yaml")
+    scaled = monitoring(QUEUE_AGE)
     assert _errors(keda_validator(), scaled) == []
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and named_in([trigger["metadata"]["query"]]) <= exported()
 
 
+def scrape_config() -> dict[str, Any]:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert isinstance(config, dict)
+    return config
+
+
 def test_scrape_targets_are_where_the_processes_listen() -> None:
     defaults = Settings()
     services = compose()["services"]
-    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    assert targets == {
-        "klein-api": ["api:8000"],
-        "klein-worker": [f"worker:{defaults.worker_metrics_port}"],
-        "klein-webhooks": [f"webhooks:{defaults.webhook_metrics_port}"],
-    }
+    jobs = {job["job_name"]: job for job in scrape_config()["scrape_configs"]}
+    assert set(jobs) == set(JOBS)
+    assert jobs["klein-api"]["static_configs"][0]["targets"] == ["api:8000"]
+    assert jobs["klein-webhooks"]["static_configs"][0]["targets"] == [f"webhooks:{defaults.webhook_metrics_port}"]
+    (workers,) = jobs["klein-worker"]["dns_sd_configs"]
+    assert (workers["type"], workers["port"]) == ("A", defaults.worker_metrics_port)
     mounted = {volume.split(":")[1] for volume in services["prometheus"]["volumes"] if volume.startswith("./")}
     assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
-    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
-    for service in ("prometheus", "grafana"):
+    assert scrape_config()["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    for service in ("prometheus", "alertmanager", "grafana"):
         assert services[service]["profiles"] == ["observability"]
     ports = {
         name: {p["name"]: p["containerPort"] for p in container(k8s("Deployment", name)).get("ports", [])}
@@ -184,11 +198,6 @@ def test_scrape_targets_are_where_the_processes_listen() -> None:
         "klein-worker": {"metrics": defaults.worker_metrics_port},
         "klein-webhooks": {"metrics": defaults.webhook_metrics_port},
     }
-    selected = monitoring("podmonitor.yaml")["spec"]["selector"]["matchExpressions"][0]["values"]
-    components = {
-        k8s("Deployment", n)["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for n in ports
-    }
-    assert set(selected) == components
 
 
 def test_prometheus_sends_the_apis_metrics_token_where_it_is_set() -> None:
@@ -211,7 +220,7 @@ def test_prometheus_sends_the_apis_metrics_token_where_it_is_set() -> None:
 
 
 def keda_query() -> str:
-    query = monitoring("worker-scaledobject-queue-age.yaml")["spec"]["triggers"][0]["metadata"]["query"]
+    query = monitoring(QUEUE_AGE)["spec"]["triggers"][0]["metadata"]["query"]
     assert isinstance(query, str)
     return query
 

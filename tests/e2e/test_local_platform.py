@@ -75,7 +75,8 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         ports = worker_ports(terminal)
         for metrics_port in ports:  # each GPU worker's own /metrics, its pipeline loaded
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-            assert 'klein_worker_pipeline_state{klein_worker_pipeline_state="ready"} 1.0' in scraped
+            ready = r'klein_worker_pipeline_state\{model="[a-z0-9.-]+",klein_worker_pipeline_state="ready"\} 1\.0'
+            assert re.search(ready, scraped), scraped
         # The workers' /metrics have no token: `up` binds them to loopback only.
         listening = {(c.laddr.ip, c.laddr.port) for w in workers for c in w.net_connections() if c.status == "LISTEN"}
         assert {port for ip, port in listening if ip != "127.0.0.1"} & set(ports) == set(), listening

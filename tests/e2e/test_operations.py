@@ -87,10 +87,12 @@ def test_api_metrics_move_as_predictions_run_and_are_refused(stack: Stack, clien
     status_route = {"route": "/v1/predictions/status/{prediction_id}", "method": "GET", "dialect": "pruna"}
     assert value(after, "klein_http_requests_total", **status_route, status="200") >= 1, "templates, not raw paths"
     assert not any(accepted.json()["id"] in str(labels) for _, labels in after)
-    for priority in ("0", "3", "6", "9"):
-        assert ("klein_queue_depth", (("priority", priority),)) in after
-        assert ("klein_queue_oldest_age_seconds", (("priority", priority),)) in after
-    assert value(after, "klein_live_workers") >= 1
+    for priority in ("0", "3", "6", "9"):  # per served model: the session's one
+        assert ("klein_queue_depth", (("model", "flux-klein-4b"), ("priority", priority))) in after
+        assert ("klein_queue_oldest_age_seconds", (("model", "flux-klein-4b"), ("priority", priority))) in after
+    assert value(after, "klein_live_workers", model="flux-klein-4b") >= 1
+    assert ("klein_draining_workers", (("model", "flux-klein-4b"),)) in after
+    assert not [name for name, labels in after if name.startswith(("klein_queue_", "klein_live_")) and not labels]
     assert {"klein_sync_waiters", "klein_event_streams", "klein_webhook_backlog"} <= names(after)
     answered = {"dialect": "pruna", "outcome": "answered"}
     assert value(after, "klein_sync_waits_total", **answered) == value(before, "klein_sync_waits_total", **answered) + 1
@@ -175,7 +177,8 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert wait_for(stack, poison_prediction(stack, tenant))["status"] == "failed"
     after = scrape(worker)
 
-    def moved(name: str, **labels: str) -> float:
+    def moved(name: str, **labels: str) -> float:  # the worker's series, each with its model
+        labels["model"] = "flux-klein-4b"
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 2
@@ -189,16 +192,19 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert moved("klein_worker_predictions_total", outcome="failed", reason="internal") == 1
     for stage in ("queue", "inference", "encode", "upload", "total"):
         assert moved("klein_worker_stage_seconds_count", stage=stage, resolution="1360x768") >= 1, stage
-    assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready") == 1
-    assert value(after, "klein_worker_model_load_seconds") > 0
+    model = {"model": "flux-klein-4b"}
+    assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready", **model) == 1
+    assert value(after, "klein_worker_model_load_seconds", **model) > 0
     gpu_series = {name for name in names(after) if name.startswith("klein_gpu_")}
     assert gpu_series == {"klein_gpu_collector_state", "klein_gpu_collector_errors_total"}, "no GPU here: absent"
-    assert value(after, "klein_gpu_collector_state", state="absent") == 1, "told apart from a broken collector"
-    assert value(after, "klein_gpu_collector_errors_total") == 0
+    assert value(after, "klein_gpu_collector_state", state="absent", **model) == 1, "told from a broken collector"
+    assert value(after, "klein_gpu_collector_errors_total", **model) == 0
 
     def swept() -> float:  # the sweeper thread's passes (its first comes one KLEIN_SWEEP_INTERVAL_S after start)
         samples = scrape(worker)
-        return sum(value(samples, "klein_sweeper_passes_total", outcome=o) for o in ("swept", "skipped", "failed"))
+        return sum(
+            value(samples, "klein_sweeper_passes_total", outcome=o, **model) for o in ("swept", "skipped", "failed")
+        )
 
     wait_until(lambda: swept() >= 1, 60, "a sweeper pass")
     (build,) = [dict(labels) for name, labels in after if name == "klein_build_info"]
@@ -207,6 +213,10 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert labels["model"] == "flux-klein-4b" and labels["hostname"] == socket.gethostname()
     assert labels["worker"].startswith(f"{socket.gethostname()}:")  # as its log lines name it
     assert not any(name.startswith(("klein_webhook_", "klein_http_")) for name in names(after))
+    unlabelled = {name for name, labels in after if dict(labels).get("model") != "flux-klein-4b"}
+    assert not unlabelled, f"every worker series carries its model: {sorted(unlabelled)}"
+    assert value(after, "klein_worker_busy", **model) == 0  # idle between predictions
+    assert value(after, "klein_worker_draining", **model) == 0
 
 
 @pytest.mark.parametrize(

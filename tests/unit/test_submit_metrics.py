@@ -19,6 +19,7 @@ NOT_SUBMITS = {
     "/v1/webhooks/deliveries/{delivery_id}/replay",
     "/admin/v1/tenants",
     "/admin/v1/tenants/{tenant_id}/keys",
+    "/admin/v1/workers/{name}/drain",
 }
 DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai"}
 
