@@ -177,22 +177,26 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert wait_for(stack, poison_prediction(stack, tenant))["status"] == "failed"
     after = scrape(worker)
 
-    def moved(name: str, **labels: str) -> float:  # the worker's series, each with its model
-        labels["model"] = "flux-klein-4b"
+    model = {"model": "flux-klein-4b"}  # on each of the worker's series
+
+    def moved(name: str, **labels: str) -> float:
+        labels |= model
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 2
     # Counted apart: the 2-output prediction adds 1 prediction and 2 images. Another test's leftover 1-output
     # prediction may complete meanwhile on this worker, adding one of each: the difference is what holds.
-    completed = value(after_two, "klein_worker_predictions_total", outcome="completed", reason="") - value(
-        after_one, "klein_worker_predictions_total", outcome="completed", reason=""
+    done = {"outcome": "completed", "reason": ""} | model
+    completed = value(after_two, "klein_worker_predictions_total", **done) - value(
+        after_one, "klein_worker_predictions_total", **done
     )
-    images = value(after_two, "klein_worker_images_total") - value(after_one, "klein_worker_images_total")
+    images = value(after_two, "klein_worker_images_total", **model) - value(
+        after_one, "klein_worker_images_total", **model
+    )
     assert completed >= 1 and images - completed == 1, (completed, images)
     assert moved("klein_worker_predictions_total", outcome="failed", reason="internal") == 1
     for stage in ("queue", "inference", "encode", "upload", "total"):
         assert moved("klein_worker_stage_seconds_count", stage=stage, resolution="1360x768") >= 1, stage
-    model = {"model": "flux-klein-4b"}
     assert value(after, "klein_worker_pipeline_state", klein_worker_pipeline_state="ready", **model) == 1
     assert value(after, "klein_worker_model_load_seconds", **model) > 0
     gpu_series = {name for name in names(after) if name.startswith("klein_gpu_")}
