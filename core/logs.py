@@ -2,12 +2,13 @@
 which `klein up` sets).
 
 Every line carries what is bound in its context: the API binds `request_id` (taken from `X-Request-ID` or
-made, and returned in it), `tenant_id`, `prediction_id` and `dialect`; a worker binds `prediction_id` and
-`tenant_id` for the prediction it runs. The code logs through the standard `logging` module; structlog
-formats those records too. Credentials (API keys, `Authorization` values, webhook secrets and signatures, URL
-signatures, the process's own secrets) are masked in every rendered line, whatever logged them and however deep
-in its fields (uvicorn's and Celery's records included); tracebacks never show locals; prompts are logged only at
-debug level.
+made, and returned in it), `tenant_id`, `prediction_id` and `dialect`; a worker binds `prediction_id`,
+`tenant_id` and the submit's `request_id` for the prediction it runs; with tracing on (core/tracing.py), a line
+logged inside a span carries its `trace_id` and `span_id`. Python's warnings are logged too (captureWarnings).
+The code logs through the standard `logging` module; structlog formats those records too. Credentials (API keys,
+`Authorization` values, webhook secrets and signatures, URL signatures, the process's own secrets) are masked in
+every rendered line, whatever logged them and however deep in its fields (uvicorn's and Celery's records
+included); tracebacks never show locals; prompts are logged only at debug level.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from contextvars import ContextVar
 from typing import Any
 
 import structlog
+
+from core import tracing
 
 # The ASGI scope of the request being served: its route (and so its dialect) is known only after routing.
 current_scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("current_scope", default=None)
@@ -69,6 +72,20 @@ def _dialect(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping
     return event
 
 
+def _trace(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if tracing.enabled:
+        ids = tracing.current_ids()
+        if ids is not None:
+            event.setdefault("trace_id", ids[0])
+            event.setdefault("span_id", ids[1])
+    return event
+
+
+# Lines these libraries write once per request or task, which ours replace (the API's access line, the
+# workers' line per prediction and per webhook attempt): shown at DEBUG only.
+_REPLACED = ("uvicorn.access", "celery.app.trace", "celery.worker.strategy")
+
+
 def configure(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     """Route every `logging` record (ours, uvicorn's, Celery's) through structlog to stderr, credentials masked
     (`Redactor`; `secrets`: this process's own, e.g. Settings.secret_values()).
@@ -78,6 +95,7 @@ def configure(log_format: str = "json", level: str = "INFO", secrets: Iterable[s
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _dialect,
+        _trace,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -111,10 +129,22 @@ def configure(log_format: str = "json", level: str = "INFO", secrets: Iterable[s
         logger = logging.getLogger(name)
         logger.handlers.clear()  # theirs would print a second, unformatted copy
         logger.propagate = True
+    for name in _REPLACED:
+        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
+    logging.captureWarnings(True)  # `warnings` output as log lines (py.warnings), not bare stderr text
 
 
 def bind(**fields: Any) -> None:
     structlog.contextvars.bind_contextvars(**fields)
+
+
+def unbind(*names: str) -> None:
+    structlog.contextvars.unbind_contextvars(*names)
+
+
+def current(name: str) -> Any:
+    """A field bound in this context (e.g. `request_id`), or None."""
+    return structlog.contextvars.get_contextvars().get(name)
 
 
 def clear() -> None:

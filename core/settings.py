@@ -138,7 +138,8 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "0.0.0.0"
     worker_metrics_port: int = Field(29101, ge=0, le=65535)  # a GPU worker's /metrics; 0: none
     webhook_metrics_port: int = Field(29100, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
-    access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)
+    # The API logs a line per answer (with request id, tenant, prediction, dialect); probes at debug level only.
+    access_log: bool = True
     metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
     metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often
