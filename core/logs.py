@@ -82,8 +82,9 @@ def _trace(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
 
 
 # Lines these libraries write once per request or task, which ours replace (the API's access line, the
-# workers' line per prediction and per webhook attempt): shown at DEBUG only.
-_REPLACED = ("uvicorn.access", "celery.app.trace", "celery.worker.strategy")
+# workers' line per prediction and per webhook attempt; httpx's names the whole URL fetched or posted to):
+# shown at DEBUG only.
+_REPLACED = ("uvicorn.access", "celery.app.trace", "celery.worker.strategy", "httpx")
 
 
 def configure(log_format: str = "json", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
