@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     requeue_grace_s: float = Field(30.0, ge=0)  # a `created` row this old and not in the broker is re-enqueued
     db_retry_s: float = Field(60.0, ge=0)  # workers retry database writes this long (e.g. across a restart)
     s3_max_attempts: int = Field(4, ge=1)  # boto3 retries with exponential backoff
+    # Each S3 attempt's waits: to connect, and for each read of an answer (a stalled server fails the attempt).
+    s3_connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    s3_read_timeout_s: float = Field(10.0, gt=0, le=300)
     # Micro-batching (worker/batch.py): a claim takes along queued predictions that can share its pipeline
     # call, up to batch_size images in all, looking again once after batch_window_ms. 1: off.
     batch_size: int = Field(1, ge=1, le=16)

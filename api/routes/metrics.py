@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from api.context import AppContext
 from api.infra import metrics
-from api.services import fleet
+from api.services import dependencies, fleet
 
 QUEUE_DEPTH = Gauge(
     "klein_queue_depth", "Messages in the broker, by priority", ["priority"], multiprocess_mode=metrics.LAST
@@ -71,8 +71,9 @@ REFRESHES = Counter(
 
 async def endpoint(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    if not _authorized(request, ctx):
+    if not authorized(request, ctx):
         return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
+    await dependencies.refresh_gauges(ctx)
     await _gauges.refresh(ctx)
     if metrics.MULTIPROCESS:
         registry = CollectorRegistry()
@@ -82,7 +83,7 @@ async def endpoint(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _authorized(request: Request, ctx: AppContext) -> bool:
+def authorized(request: Request, ctx: AppContext) -> bool:
     token = ctx.settings.metrics_token
     if token is None:
         return True
