@@ -114,7 +114,7 @@ def span(name: str, **attributes: AttributeValue) -> AbstractContextManager[Span
 
 class _Untraced:
     """No spans at all under a probe or a scrape: its request is not traced (excluded_urls), and the calls it
-    makes (the S3 HeadBucket of /readyz) would each start a trace of their own."""
+    makes (the dependency probes of /metrics: an S3 HeadBucket) would each start a trace of their own."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

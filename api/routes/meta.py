@@ -101,8 +101,8 @@ async def readyz(ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
     second. Not S3: submits and status go without it, and an S3 outage must not take every replica out of
     service (`/healthz/deps` and `klein_dependency_up` report it)."""
     results = await asyncio.gather(
-        dependencies.check(functools.partial(dependencies.postgres, ctx)),
-        dependencies.check(functools.partial(dependencies.redis, ctx)),
+        dependencies.check(functools.partial(dependencies.postgres, ctx), timeout_s=1.0),
+        dependencies.check(functools.partial(dependencies.redis, ctx), timeout_s=1.0),
     )
     checks = {
         name: "ok" if result.ok else f"error: {result.error}"

@@ -56,10 +56,10 @@ class Check:
         )
 
 
-async def check(probe: Callable[[], Awaitable[object]]) -> Check:
+async def check(probe: Callable[[], Awaitable[object]], timeout_s: float = PROBE_TIMEOUT_S) -> Check:
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
+        await asyncio.wait_for(probe(), timeout_s)
     except Exception as exc:
         error: str | None = type(exc).__name__
     else:
