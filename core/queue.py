@@ -26,6 +26,8 @@ from models.registry import DEFAULT_MODEL
 
 PREDICT_TASK = "klein.predict"
 DELIVER_TASK = "klein.webhooks.deliver"  # worker/webhooks.py, on `webhooks_queue(settings)`
+# A submit's X-Request-ID, in its task's message headers: the worker logs the prediction's lines under it.
+REQUEST_ID_HEADER = "klein_request_id"
 PRIORITY_STEPS = (0, 3, 6, 9)
 _KOMBU_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue><sep><priority>" for priorities > 0
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
@@ -94,9 +96,11 @@ def list_key(queue: str, priority: int) -> str:
     return queue if priority == 0 else f"{queue}{_KOMBU_SEPARATOR}{priority}"
 
 
-def task_message(queue: str, prediction_id: str, priority: int, task: str = PREDICT_TASK) -> tuple[str, bytes]:
+def task_message(
+    queue: str, prediction_id: str, priority: int, task: str = PREDICT_TASK, request_id: str | None = None
+) -> tuple[str, bytes]:
     """(Redis list, message) of a task taking a prediction's id (`klein.predict` unless told otherwise), as
-    Celery's producer would LPUSH it."""
+    Celery's producer would LPUSH it; `request_id` in its headers (REQUEST_ID_HEADER) if given."""
     if priority not in PRIORITY_STEPS:
         raise ValueError(f"priority must be one of {PRIORITY_STEPS}")
     task_id = _uuid4()
@@ -136,6 +140,8 @@ def task_message(queue: str, prediction_id: str, priority: int, task: str = PRED
             "delivery_tag": _uuid4(),
         },
     }
+    if request_id is not None:
+        message["headers"][REQUEST_ID_HEADER] = request_id
     if tracing.enabled:  # the trace goes on in the worker, whose Celery instrumentation reads these headers
         tracing.inject(message["headers"])
     return list_key(queue, priority), orjson.dumps(message)

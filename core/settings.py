@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     requeue_grace_s: float = Field(30.0, ge=0)  # a `created` row this old and not in the broker is re-enqueued
     db_retry_s: float = Field(60.0, ge=0)  # workers retry database writes this long (e.g. across a restart)
     s3_max_attempts: int = Field(4, ge=1)  # boto3 retries with exponential backoff
+    # Each S3 attempt's waits: to connect, and for each read of an answer (a stalled server fails the attempt).
+    s3_connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    s3_read_timeout_s: float = Field(10.0, gt=0, le=300)
     # Micro-batching (worker/batch.py): a claim takes along queued predictions that can share its pipeline
     # call, up to batch_size images in all, looking again once after batch_window_ms. 1: off.
     batch_size: int = Field(1, ge=1, le=16)
@@ -140,7 +143,8 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "0.0.0.0"
     worker_metrics_port: int = Field(29101, ge=0, le=65535)  # a GPU worker's /metrics; 0: none
     webhook_metrics_port: int = Field(29100, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
-    access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)
+    # The API logs a line per answer (with request id, tenant, prediction, dialect); probes at debug level only.
+    access_log: bool = True
     metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
     metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
-def make_s3_client(settings: Settings) -> S3Client:
+def make_s3_client(
+    settings: Settings, max_attempts: int | None = None, read_timeout_s: float | None = None
+) -> S3Client:
+    """A client whose every call ends within `max_attempts` (default: s3_max_attempts) attempts of at most
+    s3_connect_timeout_s to connect and `read_timeout_s` (default: s3_read_timeout_s) per read, plus backoff."""
     secret = settings.s3_secret_access_key
     return boto3.client(
         "s3",
@@ -24,9 +28,9 @@ def make_s3_client(settings: Settings) -> S3Client:
         aws_secret_access_key=secret.get_secret_value() if secret else None,
         config=Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={"max_attempts": max_attempts or settings.s3_max_attempts, "mode": "standard"},
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=read_timeout_s or settings.s3_read_timeout_s,
         ),
     )
 

@@ -28,6 +28,7 @@ enabled = False
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
 _tracer: Tracer | None = None
 _inject: Callable[[dict[str, Any]], None] | None = None
+_current_span: Callable[[], Span] | None = None
 
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
@@ -42,7 +43,7 @@ def configure(service_name: str, *, app: FastAPI | None = None, celery: bool = F
     reads from the standard OTEL_* variables, as `service.name` = OTEL_SERVICE_NAME or `service_name`.
     Instruments `app` (FastAPI), Celery's task signals (call it after the worker's fork: worker_process_init)
     and botocore (`s3`). Returns whether tracing is on; calling it again only adds instrumentations."""
-    global enabled, _tracer, _inject
+    global enabled, _tracer, _inject, _current_span
     if not wanted():
         return False
     if not enabled:
@@ -59,6 +60,7 @@ def configure(service_name: str, *, app: FastAPI | None = None, celery: bool = F
         trace.set_tracer_provider(provider)
         _tracer = trace.get_tracer("klein-serve")
         _inject = propagate.inject
+        _current_span = trace.get_current_span
         enabled = True
     if app is not None:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -92,6 +94,16 @@ def inject(carrier: dict[str, Any]) -> None:
         _inject(carrier)
 
 
+def current_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in hex of the span this code runs in, for the logs (core/logs.py); None outside one."""
+    if _current_span is None:
+        return None
+    context = _current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
 def span(name: str, **attributes: AttributeValue) -> AbstractContextManager[Span | None]:
     """A span around a stage of the current trace, its attributes named `klein.<keyword>`; when tracing is
     off, a null context that costs nothing."""
@@ -102,7 +114,7 @@ def span(name: str, **attributes: AttributeValue) -> AbstractContextManager[Span
 
 class _Untraced:
     """No spans at all under a probe or a scrape: its request is not traced (excluded_urls), and the calls it
-    makes (the S3 HeadBucket of /readyz) would each start a trace of their own."""
+    makes (the dependency probes of /metrics: an S3 HeadBucket) would each start a trace of their own."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -7,16 +7,18 @@ with every client the task uses; the solo pool then runs one prediction at a tim
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Reject
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init
 
 from core import logs, tracing, workers
-from core.queue import PREDICT_TASK, make_celery, model_queue
+from core.queue import PREDICT_TASK, REQUEST_ID_HEADER, make_celery, model_queue
 from core.settings import get_settings
-from worker import exposition, gpu
-from worker.runtime import WorkerRuntime
+from worker import celery_logs, exposition, gpu
+
+if TYPE_CHECKING:  # imported once the logging is set up (celery_logs): torch and diffusers log as they load
+    from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -25,18 +27,18 @@ app = make_celery(settings)
 app.conf.task_default_queue = model_queue(settings.queue_name, settings.model_id)
 _runtime: WorkerRuntime | None = None
 _node = ""  # the Celery node name (-n), for the drain (core/workers.py)
-
-
-@setup_logging.connect
-def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging setup to us
-    logs.configure(settings.log_format, settings.log_level, settings.secret_values())
+celery_logs.install(settings, model_libraries=True)
 
 
 @task_prerun.connect
-def _bind_task(args: Any = (), **_: Any) -> None:  # every line of a task names its prediction
+def _bind_task(task: Any = None, args: Any = (), **_: Any) -> None:
+    """Every line of a task names its prediction, and the submit's request id when its message carries one."""
     logs.clear()
     if args:
         logs.bind(prediction_id=args[0])
+    request_id = task.request.get(REQUEST_ID_HEADER) if task is not None else None
+    if request_id:
+        logs.bind(request_id=request_id)
 
 
 @task_postrun.connect
@@ -47,6 +49,8 @@ def _unbind_task(**_: Any) -> None:
 @worker_process_init.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     global _runtime, _node
+    from worker.runtime import WorkerRuntime
+
     _node = sender if isinstance(sender, str) else ""  # the solo pool sends the node name
     tracing.configure("klein-worker", celery=True, s3=True)  # after the fork, as its threads must be
     # The pipeline's state is readable while it loads; a port already taken ends the worker.
@@ -60,6 +64,8 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
 def predict(task: Any, prediction_id: str) -> None:
     global _runtime
     if _runtime is None:  # not started through the worker signal (e.g. a direct call)
+        from worker.runtime import WorkerRuntime
+
         _runtime = WorkerRuntime.start(settings, _node)
     if _runtime.heartbeat.draining.is_set():
         # Drained, but the message came before the node read its cancel_consumer: back to its queue for another

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
+import structlog
 from sqlalchemy import BindParameter, Engine, bindparam, select
 
 from core import events, lifecycle, logs, lora, progress, quota, redis_connection, tracing, usage
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
+finished_log = structlog.get_logger("klein.prediction")
 
 
 @dataclass
@@ -132,6 +134,7 @@ class WorkerRuntime:
                 return
             if following is None:
                 return
+            logs.unbind("request_id")  # another submit's prediction, whose request id its own message carries
             self._run(following, ahead=True)
 
     def _run(self, prediction_id: str, ahead: bool = False) -> None:
@@ -171,14 +174,15 @@ class WorkerRuntime:
             metrics.BATCH_PREDICTIONS.observe(len(batch))
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
             self.generator.generate(batch, leases)
-        for item in batch:
-            self._finish(item, claimed_at)
+        for index, item in enumerate(batch):
+            self._finish(item, claimed_at, head=index == 0)
 
     def _item(self, row: dict[str, Any]) -> Item:
         return Item(row, Report(self.redis, self.settings, row["id"], row["created_at"]))
 
-    def _finish(self, item: Item, claimed_at: float) -> None:
-        """Record one prediction's result or failure, bill it, release its slot and announce it."""
+    def _finish(self, item: Item, claimed_at: float, head: bool = True) -> None:
+        """Record one prediction's result or failure, bill it, release its slot and announce it, and log its
+        line (`head`: the prediction whose task claimed the batch, under whose request id the task logs)."""
         row, report, timings = item.row, item.report, item.timings
         prediction_id = row["id"]
         timings["total_ms"] = timings["queue_ms"] + ms(time.perf_counter() - claimed_at)
@@ -204,6 +208,7 @@ class WorkerRuntime:
             metrics.IMAGES.inc(len(item.outputs))
         metrics.PREDICTIONS.labels(outcome, reason).inc()
         self._release_and_announce(prediction_id, finished, has_webhook=row["webhook"] is not None)
+        _log_finished(row, timings, outcome, reason, head)
 
     def _after_a_lost_finish(self, row: Mapping[str, Any], outputs: list[dict[str, Any]]) -> None:
         """The finish found the prediction no longer ours. Canceled (or given up): nothing may stay stored, so
@@ -249,3 +254,25 @@ class WorkerRuntime:
             pipe.execute()
         except redis.RedisError:
             log.warning("could not release the slot of or announce %s", prediction_id, exc_info=True)
+
+
+def _log_finished(row: Mapping[str, Any], timings: dict[str, int], outcome: str, reason: str, head: bool) -> None:
+    """The worker's one line per prediction: what it ran, how long each stage took, how it ended."""
+    params = row["params"]
+    fields = {
+        "prediction_id": row["id"],
+        "tenant_id": row["tenant_id"],
+        **({} if head else {"request_id": None}),  # a batch companion's submit is not the task's
+        "model": row["model"],
+        "size": f"{params['width']}x{params['height']}",
+        "steps": params["num_inference_steps"],
+        "num_outputs": params["num_outputs"],
+        "attempt": row["attempts"],
+        **timings,
+        "outcome": outcome,
+        **({"reason": reason} if reason else {}),
+    }
+    if outcome == "failed":
+        finished_log.warning(f"prediction {outcome}", **fields)
+    else:
+        finished_log.info(f"prediction {outcome}", **fields)

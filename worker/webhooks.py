@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import orjson
-from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 from sqlalchemy import Connection, Engine, select
 
 from core import logs, netguard, tracing, webhooks
@@ -34,7 +34,7 @@ from core.queue import DELIVER_TASK, make_celery, webhooks_queue
 from core.settings import Settings, get_settings
 from core.tables import predictions
 from views import render  # each dialect's prediction shape (no HTTP tier, no torch)
-from worker import exposition, webhook_metrics
+from worker import celery_logs, exposition, webhook_metrics
 
 log = logging.getLogger(__name__)
 USER_AGENT = "klein-serve-webhooks/1"
@@ -152,12 +152,15 @@ class Sender:
 
     def _attempt(self, delivery: dict[str, Any], row: Any, signing: list[str], deadline: Deadline) -> None:
         at = webhooks.now()
+        request_id = row["webhook"].get("request_id") if row is not None else None
+        if request_id:  # the submit's: the attempt's lines carry it, as the receiver's X-Request-ID does
+            logs.bind(request_id=request_id)
         status_code: int | None = None
         head, error = b"", None
         started = time.perf_counter()
         try:
             body = self._payload(delivery, row)
-            status_code, head = self._post(delivery["url"], delivery["id"], at, body, signing, deadline)
+            status_code, head = self._post(delivery["url"], delivery["id"], at, body, signing, deadline, request_id)
         except netguard.FetchError as exc:
             error = str(exc)
         except httpx.HTTPError as exc:
@@ -202,7 +205,14 @@ class Sender:
         return orjson.dumps(payload).decode()
 
     def _post(
-        self, url: str, msg_id: str, at: datetime, body: str, signing: list[str], deadline: Deadline
+        self,
+        url: str,
+        msg_id: str,
+        at: datetime,
+        body: str,
+        signing: list[str],
+        deadline: Deadline,
+        request_id: str | None = None,
     ) -> tuple[int, bytes]:
         """The answer's status and first bytes. Once the status has come, the deadline cuts only the log's
         copy of the answer short: the receiver has taken the event."""
@@ -217,6 +227,7 @@ class Sender:
             "webhook-id": msg_id,
             "webhook-timestamp": str(int(at.timestamp())),
             "webhook-signature": webhooks.signature(signing, msg_id, at, body),
+            **({"x-request-id": request_id} if request_id else {}),
         }
         if deadline.left() <= 0:  # DNS (or the claim) took it all: no connection after the deadline
             raise httpx.ConnectTimeout("the attempt's deadline passed before connecting")
@@ -289,9 +300,7 @@ def _start_tracing_and_metrics(**_: Any) -> None:
     webhook_metrics.identify()
 
 
-@setup_logging.connect
-def _configure_logs(**_: Any) -> None:  # connected: Celery leaves the logging setup to us
-    logs.configure(settings.log_format, settings.log_level, settings.secret_values())
+celery_logs.install(settings)
 
 
 @worker_ready.connect

@@ -11,17 +11,18 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.infra import metrics
-from core import logs
+from core import logs, tracing
 
 access = structlog.get_logger("klein.access")
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class Observe:
-    """`access_log`: also one line per answer (method, route template, status, milliseconds) with the bound
-    fields; off by default, as each line costs the request path a little."""
+    """`access_log`: also one line per answer, `request` (method, route template, status, duration_ms) with
+    the bound fields (request_id, tenant_id, prediction_id, dialect, trace_id); probes and scrapes (/healthz,
+    /readyz, /metrics) at debug level only, as they come every few seconds and say nothing of the traffic."""
 
-    def __init__(self, app: ASGIApp, access_log: bool = False) -> None:
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
         self.app = app
         self.access_log = access_log
 
@@ -51,4 +52,6 @@ class Observe:
             metrics.record(scope, status, seconds)
             if self.access_log:
                 route = getattr(scope.get("route"), "path", "unmatched")
-                access.info("request", method=scope["method"], route=route, status=status, ms=round(seconds * 1000, 1))
+                line = access.debug if scope["path"] in tracing.UNTRACED_PATHS else access.info
+                ms = round(seconds * 1000, 1)
+                line("request", method=scope["method"], route=route, status=status, duration_ms=ms)

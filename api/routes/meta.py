@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 from api.context import AppContext, get_ctx
+from api.routes import metrics as scrape
 from api.routes.dialects.common import lookup_model
 from api.routes.dialects.generate import GenerateRequest
 from api.routes.dialects.oneminute import PromptObject
 from api.routes.dialects.openai import ImagesRequest
 from api.routes.dialects.wavespeed import WaveSpeedRequest
 from api.routes.openapi_errors import errors
+from api.services import dependencies
 from api.services.auth import authenticate, presented_key
 from core.settings import Settings
 from models.registry import MODELS, ModelSpec
@@ -90,35 +92,55 @@ class Readiness(BaseModel):
 @router.get(
     "/readyz",
     responses={
-        200: {"model": Readiness, "description": "Every dependency answers"},
-        503: {"model": Readiness, "description": "A dependency does not answer; `checks` says which"},
+        200: {"model": Readiness, "description": "PostgreSQL, Redis and the event subscription answer"},
+        503: {"model": Readiness, "description": "One of them does not; `checks` says which"},
     },
 )
 async def readyz(ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
-    """Readiness: every dependency answers within a second."""
-
-    async def database() -> None:
-        async with ctx.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-
-    async def redis() -> None:
-        await ctx.redis.ping()
-
-    async def storage() -> None:
-        await asyncio.to_thread(ctx.s3.head_bucket, Bucket=ctx.settings.s3_bucket)
-
-    async def check(probe: Any) -> str:
-        try:
-            await asyncio.wait_for(probe(), 1.0)
-        except Exception as exc:
-            return f"error: {type(exc).__name__}"
-        return "ok"
-
-    names = ("database", "redis", "storage")
-    results = await asyncio.gather(*(check(p) for p in (database, redis, storage)))
-    checks = dict(zip(names, results, strict=True))
+    """Readiness: what the API cannot serve without (PostgreSQL, Redis, the event subscription), each within a
+    second. Not S3: submits and status go without it, and an S3 outage must not take every replica out of
+    service (`/healthz/deps` and `klein_dependency_up` report it)."""
+    results = await asyncio.gather(
+        dependencies.check(functools.partial(dependencies.postgres, ctx), timeout_s=1.0),
+        dependencies.check(functools.partial(dependencies.redis, ctx), timeout_s=1.0),
+    )
+    checks = {
+        name: "ok" if result.ok else f"error: {result.error}"
+        for name, result in zip(("database", "redis"), results, strict=True)
+    }
     checks["events"] = "ok" if ctx.waiter.subscribed.is_set() else "error: not subscribed"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
     )
+
+
+class DependencyCheck(BaseModel):
+    status: str
+    latency_ms: float
+    error: str | None = None
+
+
+class DependencyReport(BaseModel):
+    status: str
+    dependencies: dict[str, DependencyCheck]
+
+
+@router.get(
+    "/healthz/deps",
+    responses={
+        200: {"model": DependencyReport, "description": "Every dependency answers"},
+        401: {"description": "KLEIN_METRICS_TOKEN is set and the bearer token is not it"},
+        503: {"model": DependencyReport, "description": "A dependency does not answer; its entry says how it failed"},
+    },
+)
+async def dependency_health(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> JSONResponse:
+    """Each dependency (postgres, redis, s3) probed now: `ok` or `error` (the exception's class), and the
+    probe's milliseconds. It tells of the infrastructure, so it wants what /metrics wants: the bearer token
+    of KLEIN_METRICS_TOKEN when that is set. Not a probe for Kubernetes: /readyz is."""
+    if not scrape.authorized(request, ctx):
+        return JSONResponse({"error": "this report needs the bearer token set in KLEIN_METRICS_TOKEN"}, 401)
+    checks = await dependencies.probe(ctx)
+    healthy = all(check.ok for check in checks.values())
+    body = {"status": "ok" if healthy else "degraded", "dependencies": {n: c.report() for n, c in checks.items()}}
+    return JSONResponse(body, status_code=200 if healthy else 503)

@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from api.context import AppContext
 from api.infra import metrics
-from api.services import fleet
+from api.services import dependencies, fleet
 
 # `model`: the served models (KLEIN_SERVED_MODELS), so the label's values are as few as the configured models.
 QUEUE_DEPTH = Gauge(
@@ -94,8 +94,9 @@ REFRESHES = Counter(
 
 async def endpoint(request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
-    if not _authorized(request, ctx):
+    if not authorized(request, ctx):
         return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
+    await dependencies.refresh_gauges(ctx)
     await _gauges.refresh(ctx)
     if metrics.MULTIPROCESS:
         registry = CollectorRegistry()
@@ -105,7 +106,7 @@ async def endpoint(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _authorized(request: Request, ctx: AppContext) -> bool:
+def authorized(request: Request, ctx: AppContext) -> bool:
     token = ctx.settings.metrics_token
     if token is None:
         return True

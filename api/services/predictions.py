@@ -166,7 +166,8 @@ async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id:
 async def _enqueue(ctx: AppContext, prediction_id: str, model: str, priority: int) -> None:
     """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task on its model's queue, one
     round trip."""
-    key, message = task_message(model_queue(ctx.settings.queue_name, model), prediction_id, priority)
+    queue = model_queue(ctx.settings.queue_name, model)
+    key, message = task_message(queue, prediction_id, priority, request_id=logs.current("request_id"))
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.sadd(queued_key(ctx.settings), prediction_id)
         pipe.lpush(key, message)

@@ -13,7 +13,7 @@ from api.context import AppContext
 from api.errors import Invalid, NotFound
 from api.infra.fetch import FetchError, check
 from api.services.principals import Principal
-from core import webhooks
+from core import logs, webhooks
 from core.queue import kick_webhooks
 from core.tables import webhook_attempts, webhook_deliveries
 
@@ -49,6 +49,9 @@ async def accept(
         "dialect": dialect,
         "base_url": base_url,  # the payload's links, as the client's own requests see them
     }
+    request_id = logs.current("request_id")
+    if request_id is not None:  # the webhook worker logs its attempts under it and sends it as X-Request-ID
+        webhook["request_id"] = request_id
     if secret is not None and secret != "":
         if not isinstance(secret, str) or not 8 <= len(secret) <= MAX_SECRET_CHARS:
             raise Invalid(f"invalid request: {secret_field}: must be a string of 8–{MAX_SECRET_CHARS} characters")

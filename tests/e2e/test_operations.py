@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from platform import python_version
+from typing import Any
 
 import httpx
 import pytest
@@ -50,8 +51,9 @@ def names(samples: Samples) -> set[str]:
 
 @pytest.fixture(scope="module")
 def logged_api(stack: Stack) -> Iterator[str]:
-    """An API of its own with the access log on, so each request leaves a line."""
-    api, url = start_api(stack.env | {"KLEIN_ACCESS_LOG": "true"}, stack.logs / "api-access.log")
+    """An API of its own, logging as `klein up` starts it with JSON logs (the access log on by default): its
+    whole log, start-up included, is read."""
+    api, url = start_api(stack.env | {"KLEIN_LOG_FORMAT": "json"}, stack.logs / "api-access.log")
     yield url
     api.stop()
 
@@ -186,9 +188,9 @@ def test_worker_metrics_count_outcomes_and_stages_and_show_no_gpu_here(
     assert moved("klein_worker_predictions_total", outcome="completed", reason="") >= 2
     # Counted apart: the 2-output prediction adds 1 prediction and 2 images. Another test's leftover 1-output
     # prediction may complete meanwhile on this worker, adding one of each: the difference is what holds.
-    done = {"outcome": "completed", "reason": ""} | model
-    completed = value(after_two, "klein_worker_predictions_total", **done) - value(
-        after_one, "klein_worker_predictions_total", **done
+    completed_labels = {"outcome": "completed", "reason": ""} | model
+    completed = value(after_two, "klein_worker_predictions_total", **completed_labels) - value(
+        after_one, "klein_worker_predictions_total", **completed_labels
     )
     images = value(after_two, "klein_worker_images_total", **model) - value(
         after_one, "klein_worker_images_total", **model
@@ -275,7 +277,12 @@ def _ready(url: str) -> bool:
 def test_log_lines_are_json_with_the_bound_fields_and_no_secrets(
     stack: Stack, tenant: IssuedKey, logged_api: str
 ) -> None:
+    """Every line of the API's and the GPU worker's logs (start-up included: no banner, no progress bar) is a JSON
+    object; one line per request with its fields (probes only at debug level); the worker's one line per
+    prediction under the submit's request id, and a failed prediction's says so (Celery's "succeeded" is not
+    logged)."""
     prompt = "a secret prompt about a lighthouse"
+    poisoned = poison_prediction(stack, tenant)  # fails in the pipeline, while the task itself returns normally
     with httpx.Client(base_url=logged_api, headers={"apikey": tenant.key}, timeout=180) as http:
         answer = http.post(
             "/v1/predictions",
@@ -290,16 +297,35 @@ def test_log_lines_are_json_with_the_bound_fields_and_no_secrets(
         signed = answer.json()["generation_url"]
         http.get(signed)
     prediction_id = answer.json()["id"]
+    assert wait_for(stack, poisoned)["status"] == "failed"
     api_lines = _json_lines(stack.logs / "api-access.log")
-    request = next(line for line in api_lines if line.get("request_id") == "req-ops-1")
+    (request,) = [line for line in api_lines if line.get("request_id") == "req-ops-1" and line["event"] == "request"]
     assert request["tenant_id"] == tenant.tenant_id and request["prediction_id"] == prediction_id
     assert request["dialect"] == "pruna" and request["route"] == "/v1/predictions" and request["status"] == 200
+    assert request["method"] == "POST" and request["level"] == "info" and request["duration_ms"] > 0
+    assert not [line for line in api_lines if line.get("route") == "/healthz"], "probes only at debug level"
+
+    def finished(pid: str) -> list[dict[str, object]]:
+        return [
+            line
+            for line in _json_lines(stack.logs / "worker.log")
+            if line.get("logger") == "klein.prediction" and line.get("prediction_id") == pid
+        ]
+
     deadline = time.monotonic() + 10
-    while not any(line.get("prediction_id") == prediction_id for line in _json_lines(stack.logs / "worker.log")):
-        assert time.monotonic() < deadline, "no worker line names the prediction"
+    while not (finished(prediction_id) and finished(poisoned)):
+        assert time.monotonic() < deadline, "no worker line for the predictions"
         time.sleep(0.2)
-    worker_line = next(line for line in _json_lines(stack.logs / "worker.log") if line.get("tenant_id"))
-    assert {"event", "level", "logger", "timestamp", "prediction_id"} <= set(worker_line)
+    (done,) = finished(prediction_id)
+    assert done["event"] == "prediction completed" and done["outcome"] == "completed" and done["level"] == "info"
+    assert done["request_id"] == "req-ops-1" and done["tenant_id"] == tenant.tenant_id
+    assert (done["model"], done["size"], done["steps"], done["num_outputs"]) == ("flux-klein-4b", "1024x1024", 4, 1)
+    assert {"queue_ms", "inference_ms", "encode_ms", "upload_ms", "total_ms"} <= set(done)
+    (failed,) = finished(poisoned)
+    assert failed["event"] == "prediction failed" and failed["outcome"] == "failed" and failed["level"] == "warning"
+    assert failed["reason"] == "internal" and failed["size"] == "8x8"
+    worker_log = (stack.logs / "worker.log").read_text()
+    assert "succeeded" not in worker_log, "Celery's line per task is left to DEBUG: the worker's own says how it ended"
     everything = (stack.logs / "api-access.log").read_text() + (stack.logs / "worker.log").read_text()
     assert tenant.key not in everything and tenant.key[:12] not in everything
     assert prompt not in everything, "prompts only at debug level"
@@ -310,20 +336,23 @@ def test_secrets_are_masked_whoever_logs_them(tmp_path: Path) -> None:
     script = tmp_path / "log.py"
     script.write_text(
         "import logging\nfrom core import logs\nlogs.configure('json')\n"
-        "logging.getLogger('uvicorn.access').info('GET /x?expires=1&signature=%s 200', 'ab' * 32)\n"
+        "logging.getLogger('uvicorn.error').info('GET /x?expires=1&signature=%s 200', 'ab' * 32)\n"
         "logging.getLogger('x').warning('key kl_%s and secret whsec_%s', 'Q' * 40, 'Zm9v' * 10)\n"
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=Path.cwd(), check=True)
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     assert "ab" * 32 not in done.stderr and "Q" * 40 not in done.stderr and "Zm9v" * 10 not in done.stderr
-    assert lines[0]["logger"] == "uvicorn.access" and "signature=…" in lines[0]["event"]
+    assert lines[0]["logger"] == "uvicorn.error" and "signature=…" in lines[0]["event"]
 
 
-def _json_lines(path: Path) -> list[dict[str, object]]:
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of the log, each of which must be a JSON object."""
     lines = []
-    for text in path.read_text().splitlines():
-        if text.startswith("{"):
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        try:
             lines.append(json.loads(text))
+        except ValueError:
+            raise AssertionError(f"{path.name}:{number} is not JSON: {text[:300]!r}") from None
     return lines
 
 

@@ -5,6 +5,7 @@ webhook's delivery."""
 from __future__ import annotations
 
 import gzip
+import json
 import secrets
 import threading
 import time
@@ -27,6 +28,8 @@ from sqlalchemy import Engine
 from ops.embedded import Service, start_api, start_webhook_worker, start_worker
 from tests.conftest import make_tenant
 from tests.receiver import Receiver
+
+REQUEST_ID = "trace-req-" + secrets.token_hex(4)
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def test_one_trace_spans_api_queue_worker_and_upload(
         with httpx.Client(base_url=api_url, headers={"apikey": key}, timeout=180) as client:
             answer = client.post(
                 "/v1/predictions",
-                headers={"Model": "flux-klein-4b", "Try-Sync": "true"},
+                headers={"Model": "flux-klein-4b", "Try-Sync": "true", "X-Request-ID": REQUEST_ID},
                 json={
                     "input": {"prompt": "A lighthouse on a cliff at dusk", "aspect_ratio": "1:1"},
                     "webhook": receiver.url,
@@ -194,6 +197,9 @@ def test_one_trace_spans_api_queue_worker_and_upload(
         deadline = time.monotonic() + 30
         while (found := _trace_of(collector.snapshot(), prediction["id"])) is None:
             assert time.monotonic() < deadline, sorted({(s.service, s.name) for s in collector.snapshot()})
+            time.sleep(0.1)
+        while not _lines(tmp_path / "webhooks.log", request_id=REQUEST_ID):
+            assert time.monotonic() < deadline, "the webhook worker logged no attempt under the request id"
             time.sleep(0.1)
     finally:
         for service in reversed(services):
@@ -226,3 +232,29 @@ def test_one_trace_spans_api_queue_worker_and_upload(
     assert by_id[put.parent_id].name == "upload"
     # The readiness probes the test started the API with (and their S3 HeadBucket) left no trace.
     assert [s.name for s in collector.snapshot() if s.service == "klein-api" and s.trace_id != request.trace_id] == []
+
+    # The client's X-Request-ID went with the job to the worker and the webhook; each line in the trace has its id.
+    (access,) = _lines(tmp_path / "api.log", request_id=REQUEST_ID, event="request")
+    assert access["trace_id"] == request.trace_id and access["prediction_id"] == prediction["id"]
+    (finished,) = _lines(tmp_path / "worker.log", request_id=REQUEST_ID, logger="klein.prediction")
+    assert finished["trace_id"] == request.trace_id and finished["outcome"] == "completed"
+    worker_lines = _lines(tmp_path / "worker.log", prediction_id=prediction["id"])
+    assert worker_lines and all(line["trace_id"] == request.trace_id for line in worker_lines)
+    (attempt,) = _lines(tmp_path / "webhooks.log", request_id=REQUEST_ID)  # httpx's own line only at DEBUG
+    assert attempt["trace_id"] == request.trace_id and "→ delivered" in attempt["event"]
+    (sent,) = receiver.received
+    assert sent.headers.get("x-request-id", sent.headers.get("X-Request-ID")) == REQUEST_ID
+
+
+def _lines(path: Path, **fields: str) -> list[dict[str, Any]]:
+    """The log's JSON lines having these fields (Celery's plain notice on stopping aside)."""
+    if not path.exists():
+        return []
+    found = []
+    for text in path.read_text().splitlines():
+        if not text.startswith("{"):
+            continue
+        line = json.loads(text)
+        if all(line.get(name) == value for name, value in fields.items()):
+            found.append(line)
+    return found

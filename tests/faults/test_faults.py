@@ -7,6 +7,7 @@ never billed twice.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -19,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from core import quota, tenants
@@ -41,6 +43,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
             "KLEIN_REQUEUE_GRACE_S": "1",
             "KLEIN_S3_MAX_ATTEMPTS": "2",
             "KLEIN_TRY_SYNC_TIMEOUT_S": "4",
+            "KLEIN_S3_CONNECT_TIMEOUT_S": "1",
+            "KLEIN_S3_READ_TIMEOUT_S": "2",
+            "KLEIN_METRICS_REFRESH_S": "0",
         },
     ).start()
     try:
@@ -51,7 +56,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
 
 @pytest.fixture(scope="module")
 def api(faults: PrivateStack) -> Iterator[str]:
-    first = faults.worker("bootstrap")  # creates the bucket the API's readiness check looks for
+    first = faults.worker("bootstrap")  # creates the bucket
     _, url = faults.api()
     first.stop()
     yield url
@@ -189,21 +194,87 @@ def test_postgres_restart_gives_503_then_recovers(faults: PrivateStack, api: str
 
 
 def test_storage_outage_fails_the_prediction_cleanly_then_recovers(faults: PrivateStack, api: str, key: str) -> None:
+    """S3 stopped (refused connections), then stalled (SIGSTOP: connections taken, never answered): the API stays
+    ready and takes submits, /healthz/deps and klein_dependency_up say S3 is down, a download answers 503 within
+    its bound (KLEIN_S3_MAX_ATTEMPTS × KLEIN_S3_READ_TIMEOUT_S, plus backoff); the prediction that needs S3
+    fails cleanly; all is well again once S3 is back."""
     worker = faults.worker("through-s3")
     try:
+        before = submit(api, key, QUICK).json()["id"]
+        assert wait_for(faults, before, {"completed", "failed"})["status"] == "completed"
+        status = httpx.get(f"{api}/v1/predictions/status/{before}", headers={"apikey": key}).json()
+        download = status["generation_url"]
         faults.s3.stop()
         try:
-            pid = submit(api, key, {"prompt": "no storage"}).json()["id"]
+            storage_down(api, key, download)
+            pid = submit(api, key, QUICK | {"prompt": "no storage"}).json()["id"]
             failed = wait_for(faults, pid, {"completed", "failed"})
             assert failed["status"] == "failed" and failed["error"].startswith("storage unavailable after 2 attempts")
             assert failed["outputs"] == [] and bills(faults, pid) == 0
-            assert httpx.get(f"{api}/readyz").status_code == 503
         finally:
             faults.s3.start()
-        back = submit(api, key, {"prompt": "storage is back"}).json()["id"]
+        storage_up(api, key, download)
+        back = submit(api, key, QUICK | {"prompt": "storage is back"}).json()["id"]
         assert wait_for(faults, back, {"completed", "failed"})["status"] == "completed"
+
+        assert faults.s3.process is not None
+        faults.s3.process.send_signal(signal.SIGSTOP)
+        try:
+            storage_down(api, key, download)
+        finally:
+            faults.s3.process.send_signal(signal.SIGCONT)
+        storage_up(api, key, download)
     finally:
         worker.stop()
+    answered = [json.loads(line) for line in api_log(faults, api).read_text().splitlines() if line.startswith("{")]
+    downloads = [line["status"] for line in answered if line.get("route", "").startswith("/v1/predictions/delivery")]
+    assert downloads == [503, 200, 503, 200], "each download logged as it was answered"
+
+
+QUICK = {"prompt": "quick", "num_inference_steps": 1}
+# The stack's attempts × read timeout (2 × 2 s), botocore's backoff between them, and a busy machine's slack.
+DOWNLOAD_BOUND_S = 10
+
+
+def storage_down(api: str, key: str, download: str) -> None:
+    assert httpx.get(f"{api}/readyz").status_code == 200, "S3 is no reason to take the API out of service"
+    assert submit(api, key, QUICK).status_code == 201  # submits need no S3 (the worker's upload will fail)
+    deps = httpx.get(f"{api}/healthz/deps", timeout=10)
+    assert deps.status_code == 503, deps.text
+    report = deps.json()["dependencies"]
+    assert report["s3"]["status"] == "error" and report["s3"]["error"], report
+    assert report["postgres"]["status"] == report["redis"]["status"] == "ok"
+    assert "http" not in deps.text, "no address of the infrastructure in the report"
+    assert dependency_up(api) == {"postgres": 1.0, "redis": 1.0, "s3": 0.0}
+    started = time.monotonic()
+    answer = httpx.get(download, headers={"apikey": key}, timeout=60)
+    took = time.monotonic() - started
+    assert answer.status_code == 503 and answer.json() == {"error": "storage unavailable, try again shortly"}
+    assert answer.headers["retry-after"] and took < DOWNLOAD_BOUND_S, f"503 after {took:.1f} s"
+
+
+def storage_up(api: str, key: str, download: str) -> None:
+    deps = httpx.get(f"{api}/healthz/deps", timeout=10)
+    assert deps.status_code == 200 and deps.json()["status"] == "ok", deps.text
+    assert dependency_up(api) == {"postgres": 1.0, "redis": 1.0, "s3": 1.0}
+    assert httpx.get(download, headers={"apikey": key}, timeout=60).status_code == 200
+
+
+def dependency_up(api: str) -> dict[str, float]:
+    """klein_dependency_up from the API's /metrics (the stack reads it at every scrape: refresh interval 0)."""
+    text = httpx.get(f"{api}/metrics", timeout=10).text
+    return {
+        sample.labels["dependency"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "klein_dependency_up"
+    }
+
+
+def api_log(faults: PrivateStack, url: str) -> Path:
+    port = url.rsplit(":", 1)[1]
+    (api,) = [service for service in faults.services if "uvicorn" in service.args and port in service.args]
+    return api.log
 
 
 def test_a_prediction_over_its_time_limit_fails_with_a_timeout(faults: PrivateStack, api: str, key: str) -> None:

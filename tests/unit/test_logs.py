@@ -56,3 +56,30 @@ def test_credentials_are_masked_however_deep_and_tracebacks_show_no_locals(log_f
         lines = [json.loads(line) for line in text.splitlines()]
         assert [line["logger"] for line in lines] == ["klein.test", "uvicorn.error"]
         assert "Traceback (most recent call last)" in lines[1]["exception"]
+
+
+def test_the_quick_look_for_a_credential_misses_none_the_full_pattern_masks() -> None:
+    """Redactor looks for where a credential could start before it runs its full pattern: whatever the full
+    pattern masks, the look finds (in any case), and a line with nothing to mask comes back as it was."""
+    from core.logs import Redactor
+
+    redactor = Redactor([ADMIN, "MiXeD-Case-Secret-Value"])
+    lines = [
+        f"key {KEY}",
+        f"GET /x?expires=1&signature={'ab' * 32} 200",
+        f"secret {WHSEC} and {SIGNATURE}",
+        f"Authorization: Bearer {BEARER}",
+        f"AUTHORIZATION = Token {BEARER}",
+        "postgresql://klein:localpassword@db/klein",
+        f'{{"X-Admin-Key": "{ADMIN}"}}',
+        "(b'APIKEY', b'anything')",
+        "Password=hunter2",
+        "the value mixed-case-secret-value and MiXeD-Case-Secret-Value",
+        f"fal Key {FAL}",
+    ]
+    for line in lines:
+        masked = redactor.pattern.sub(redactor._mask, line)
+        assert masked != line, line
+        assert redactor(None, "", line) == masked, line
+    plain = '{"method": "GET", "route": "/v1/predictions/{prediction_id}", "status": 200, "event": "request"}'
+    assert redactor(None, "", plain) == plain
