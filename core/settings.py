@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(29101, ge=0, le=65535)  # a GPU worker's /metrics; 0: none
     webhook_metrics_port: int = Field(29100, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
     access_log: bool = False  # the API logs a line per answer (with request id, tenant, prediction, dialect)
+    # Receiver hosts with a webhook backlog series of their own (the most waiting); the rest are summed as "other".
+    metrics_webhook_receivers: int = Field(10, ge=1, le=100)
     metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
     metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often

@@ -1,9 +1,10 @@
 """`GET /metrics`: the API process's series (api/infra/metrics.py) and the platform's gauges in Prometheus' text
 format (prometheus-client).
 
-Queue depth and age, webhook backlog, live workers and (behind `KLEIN_METRICS_PER_TENANT`, for its label
-cardinality) in-flight per tenant are read from PostgreSQL and Redis (api/services/fleet.py) at most once per
-`KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait for the same read). With
+Queue depth and age, webhook backlog (by receiver host, the top `KLEIN_METRICS_WEBHOOK_RECEIVERS` and "other"),
+live workers and (behind `KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read
+from PostgreSQL and Redis (api/services/fleet.py) at most once per `KLEIN_METRICS_REFRESH_S` however many
+scrapes come (concurrent ones wait for the same read). With
 `KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer <token>`.
 """
 
@@ -42,12 +43,17 @@ QUEUE_AGE = Gauge(
 LIVE_WORKERS = Gauge(
     "klein_live_workers", "GPU workers that announced themselves lately", multiprocess_mode=metrics.LAST
 )
+# By receiver host: the KLEIN_METRICS_WEBHOOK_RECEIVERS with the most waiting, the rest as receiver="other".
 WEBHOOK_BACKLOG = Gauge(
-    "klein_webhook_backlog", "Webhook deliveries pending or being sent", multiprocess_mode=metrics.LAST
+    "klein_webhook_backlog",
+    "Webhook deliveries pending or being sent, by receiver host",
+    ["receiver"],
+    multiprocess_mode=metrics.LAST,
 )
 WEBHOOK_AGE = Gauge(
     "klein_webhook_oldest_pending_age_seconds",
-    "Age of the oldest webhook event not yet delivered (0: none)",
+    "Age of the oldest webhook event not yet delivered, by receiver host (0: none)",
+    ["receiver"],
     multiprocess_mode=metrics.LAST,
 )
 TENANT_IMAGES = Gauge(
@@ -120,8 +126,7 @@ async def _read_gauges(ctx: AppContext) -> None:
         QUEUE_DEPTH.labels(str(priority)).set(depth)
         QUEUE_AGE.labels(str(priority)).set(state.oldest_age_s[priority])
     LIVE_WORKERS.set(state.live_workers)
-    WEBHOOK_BACKLOG.set(state.webhook_backlog)
-    WEBHOOK_AGE.set(state.webhook_oldest_age_s)
+    _set_by_receiver(state.webhook_backlog, state.webhook_oldest_age_s)
     if per_tenant:
         TENANT_IN_FLIGHT.clear()
         TENANT_IMAGES.clear()
@@ -129,3 +134,20 @@ async def _read_gauges(ctx: AppContext) -> None:
             TENANT_IN_FLIGHT.labels(tenant_id).set(count)
         for tenant_id, total in state.images_24h.items():
             TENANT_IMAGES.labels(tenant_id).set(total)
+
+
+_receivers_shown: set[str] = set()
+
+
+def _set_by_receiver(backlog: dict[str, int], ages: dict[str, float]) -> None:
+    """A receiver that no longer waits (or left the top N) loses its series: zeroed first, since multiprocess
+    mode keeps a removed series' last value in its file (its alert must resolve)."""
+    for gone in _receivers_shown - set(backlog):
+        for gauge in (WEBHOOK_BACKLOG, WEBHOOK_AGE):
+            gauge.labels(gone).set(0)
+            gauge.remove(gone)
+    for name, count in backlog.items():
+        WEBHOOK_BACKLOG.labels(name).set(count)
+        WEBHOOK_AGE.labels(name).set(ages[name])
+    _receivers_shown.clear()
+    _receivers_shown.update(backlog)

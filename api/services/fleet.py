@@ -5,6 +5,7 @@ request (a row per tenant)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from core.queue import PRIORITY_STEPS, list_key, model_queue
 from core.tables import predictions as p
 from core.tables import usage_records as u
 from core.tables import webhook_deliveries as d
+from core.webhooks import receiver
 
 if TYPE_CHECKING:
     from api.context import AppContext
@@ -25,9 +27,13 @@ _OLDEST_QUEUED = (
     .where(p.c.status == Status.CREATED)
     .group_by(p.c.priority)
 )
-_BACKLOG = select(func.count(), func.extract("epoch", func.now() - func.min(d.c.created_at))).where(
-    d.c.status.in_(("pending", "sending"))
+_RECEIVER = receiver(d.c.url)
+_BACKLOG = (
+    select(_RECEIVER, func.count(), func.extract("epoch", func.now() - func.min(d.c.created_at)))
+    .where(d.c.status.in_(("pending", "sending")))
+    .group_by(_RECEIVER)
 )
+OTHER_RECEIVERS = "other"  # the backlog of every receiver beyond the top N, as one
 _IN_FLIGHT = (
     select(p.c.tenant_id, func.count())
     .where(p.c.status.in_((Status.CREATED, Status.PROCESSING)))
@@ -45,8 +51,8 @@ class Fleet:
     depth: dict[int, int]  # messages in the broker, by priority
     oldest_age_s: dict[int, float]  # the oldest queued prediction's wait, by priority (0: none)
     live_workers: int
-    webhook_backlog: int
-    webhook_oldest_age_s: float
+    webhook_backlog: dict[str, int]  # deliveries pending or being sent, by receiver host (top N, then "other")
+    webhook_oldest_age_s: dict[str, float]  # the oldest undelivered event's age, by receiver as above
     in_flight: dict[str, int] = field(default_factory=dict)  # per tenant, when asked
     images_24h: dict[str, float] = field(default_factory=dict)
 
@@ -55,8 +61,12 @@ class Fleet:
             "depth": {str(k): v for k, v in self.depth.items()},
             "oldest_age_s": {str(k): round(v, 3) for k, v in self.oldest_age_s.items()},
             "live_workers": self.live_workers,
-            "webhook_backlog": self.webhook_backlog,
-            "webhook_oldest_age_s": round(self.webhook_oldest_age_s, 3),
+            "webhook_backlog": sum(self.webhook_backlog.values()),
+            "webhook_oldest_age_s": round(max(self.webhook_oldest_age_s.values(), default=0.0), 3),
+            "webhook_receivers": [
+                {"receiver": name, "backlog": count, "oldest_age_s": round(self.webhook_oldest_age_s[name], 3)}
+                for name, count in self.webhook_backlog.items()
+            ],
         }
 
 
@@ -77,15 +87,27 @@ async def read(ctx: AppContext, per_tenant: bool = False) -> Fleet:
     workers = sum(int(n) for n in live)
     async with ctx.engine.connect() as conn:
         ages = {int(priority): float(age) for priority, age in await conn.execute(_OLDEST_QUEUED)}
-        waiting, age = (await conn.execute(_BACKLOG)).one()
+        backlog, backlog_age = _by_receiver(await conn.execute(_BACKLOG), settings.metrics_webhook_receivers)
         fleet = Fleet(
             depth=dict(zip(PRIORITY_STEPS, (int(depth) for depth in depths), strict=True)),
             oldest_age_s={priority: ages.get(priority, 0.0) for priority in PRIORITY_STEPS},
             live_workers=int(workers),
-            webhook_backlog=int(waiting),
-            webhook_oldest_age_s=float(age or 0.0),
+            webhook_backlog=backlog,
+            webhook_oldest_age_s=backlog_age,
         )
         if per_tenant:
             fleet.in_flight = {tenant: int(count) for tenant, count in await conn.execute(_IN_FLIGHT)}
             fleet.images_24h = {tenant: float(total) for tenant, total in await conn.execute(_IMAGES_24H)}
     return fleet
+
+
+def _by_receiver(rows: Iterable[Any], top: int) -> tuple[dict[str, int], dict[str, float]]:
+    """The `top` receivers with the most deliveries waiting by name, the rest summed as "other" (always present,
+    0 when nothing waits: the series stays, and its alerts resolve): a bounded label whatever the tenants send."""
+    ranked = sorted(((str(name or ""), int(count), float(age)) for name, count, age in rows), key=lambda r: -r[1])
+    backlog, ages = {OTHER_RECEIVERS: 0}, {OTHER_RECEIVERS: 0.0}
+    for rank, (name, count, age) in enumerate(ranked):
+        shown = name if rank < top and name not in ("", OTHER_RECEIVERS) else OTHER_RECEIVERS
+        backlog[shown] = backlog.get(shown, 0) + count
+        ages[shown] = max(ages.get(shown, 0.0), age)
+    return backlog, ages
