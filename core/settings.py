@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     default_max_in_flight: int = Field(500, ge=1)  # per tenant, queued + processing
     default_price_per_image: float = Field(0.0001, ge=0)  # USD
     admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
+    admin_url: str = "http://127.0.0.1:8000"  # where the `klein` CLI's operator actions reach the API (ops/actions.py)
     admin_failures_per_minute: int = Field(10, ge=1)  # wrong admin keys per client address, then 429
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     key_cache_ttl_s: float = Field(10.0, ge=0)  # API-process cache of key lookups; revocations clear it at once

@@ -11,6 +11,13 @@
     klein usage [--tenant T] [--start D] [--end D]
     klein build-tiny DIR                     save the tiny random-weights Klein pipeline to DIR
 
+Operator actions, through the admin API (KLEIN_ADMIN_URL, KLEIN_ADMIN_API_KEY; ops/actions.py):
+    klein prediction ID | cancel ID | delete ID
+    klein requeue [ID] [--tenant T] [--model M] [--failed-since TIME] [--limit N]
+    klein suspend TENANT | resume TENANT
+    klein deliveries [--tenant T] [--status S] [--receiver HOST] [--limit N]
+    klein replay DELIVERY_ID | replay --tenant T [--status failed|gone] [--limit N]
+
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
 --tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
 --max-in-flight N (queued + processing), --price P (USD per image) and --retention-days D (how long
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
+from ops import actions
 from ops.migrate import migrate
 
 
@@ -88,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--end", type=date.fromisoformat)
     tiny = sub.add_parser("build-tiny", help="save the tiny random-weights pipeline")
     tiny.add_argument("directory", type=Path)
+    actions.add_commands(sub)
     return parser
 
 
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "migrate":
         migrate()
+    elif args.command in actions.COMMANDS:
+        return actions.run(args, get_settings())
     elif args.command == "build-tiny":
         from models.tiny import save_tiny_pipeline
 
