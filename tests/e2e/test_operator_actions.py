@@ -39,7 +39,7 @@ def admin(stack: Stack) -> Iterator[httpx.Client]:
 
 def stored(stack: Stack, tenant: IssuedKey, prompt: str = "ops") -> str:
     """A queued row that no task names (the sweeper's business only after minutes): cancelable at leisure."""
-    params = KleinInput(prompt=prompt, **FAST).to_params(7).model_dump()
+    params = KleinInput(prompt=prompt, num_inference_steps=FAST["num_inference_steps"]).to_params(7).model_dump()
     pid = new_id()
     with stack.engine.begin() as conn:
         conn.execute(
@@ -210,7 +210,7 @@ def test_the_backlog_is_shown_by_receiver_host(stack: Stack, admin: httpx.Client
         receivers = {r["receiver"]: r for r in admin.get("/queue").json()["webhook_receivers"]}
         assert receivers["hooks.slow.example"]["backlog"] == 2 and "other" in receivers
         listed = admin.get("/webhooks/deliveries", params={"receiver": "hooks.slow.example"}).json()["data"]
-        assert sorted(d["id"] for d in listed) == sorted(d["id"] for d in waiting)
+        assert {d["id"] for d in listed} == {str(d["id"]) for d in waiting}
     finally:
         with stack.engine.begin() as conn:
             conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.prediction_id == pid))
