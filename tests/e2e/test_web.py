@@ -529,7 +529,7 @@ def test_keyboard_only_labelled_and_readable_at_375_px(
     page.goto(f"{stack.api_url}/console")
     page.fill("#admin-key", ADMIN_KEY)
     page.press("#admin-key", "Enter")
-    page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"] button').click()
+    page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"] button', has_text="Edit").click()
     page.locator(f'#tenant-keys-body tr[data-key-id="{tenant.key_id}"]').wait_for()
     stats(page, "#queue-stats")
     expect(page.locator("#console-usage-charts svg")).to_have_count(2)
