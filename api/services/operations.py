@@ -17,7 +17,7 @@ from api.errors import Conflict, NotFound
 from api.infra.rows import Row
 from api.services import predictions
 from api.services.auth import keys_changed
-from core import lifecycle, quota, tenants
+from core import lifecycle, progress, quota, tenants
 from core.tables import predictions as p
 
 MAX_REQUEUE = 1000  # predictions one filtered requeue takes at most
@@ -60,7 +60,8 @@ async def requeue(
     failed_since: datetime | None = None,
 ) -> list[str]:
     """Failed predictions back in the queue, each as a new submit would be: a slot of its tenant's in-flight
-    count (the worker gives it back at the end), the sweeper's mark and a task on its model's queue."""
+    count (the worker gives it back at the end), the sweeper's mark and a task on its model's queue; the failed
+    run's event stream goes, so that a client streaming the new run does not read the old run's end."""
     statement = lifecycle.requeue_failed(limit, prediction_id, tenant_id, model, failed_since)
     async with ctx.engine.begin() as conn:
         requeued = (await conn.execute(statement)).all()
@@ -68,6 +69,7 @@ async def requeue(
         async with ctx.redis.pipeline(transaction=False) as pipe:
             for row in requeued:  # over the tenant's cap if need be: the operator decided
                 pipe.incr(quota.in_flight_key(ctx.settings.queue_name, row.tenant_id))
+                pipe.delete(progress.stream_key(ctx.settings, row.id))
             await pipe.execute()
     for row in requeued:
         await predictions.enqueue(ctx, row.id, row.model, row.priority)

@@ -14,9 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import delete, insert
 
-from core import lifecycle
+from core import lifecycle, progress
 from core.ids import new_id
 from core.tables import webhook_deliveries
 from core.tenants import IssuedKey
@@ -88,7 +89,10 @@ def test_lookup_cancel_and_delete_any_tenants_prediction(stack: Stack, admin: ht
 def test_a_requeued_failed_prediction_runs_again_on_the_worker(stack: Stack, admin: httpx.Client) -> None:
     owner, bystander = make_tenant(stack.engine), make_tenant(stack.engine)
     one = failed(stack, owner)
+    events = redis.Redis.from_url(stack.settings.redis_url)
+    old_run = events.xadd(progress.stream_key(stack.settings, one), {"log": '{"message": "the old run"}'})
     assert admin.post(f"/predictions/{one}/requeue").json() == {"requeued": [one]}
+    assert events.xrange(progress.stream_key(stack.settings, one), old_run, old_run) == [], "the old run's events go"
     rerun = wait_for(stack, one)
     assert rerun["status"] == "completed" and rerun["error"] is None and len(rerun["outputs"]) == 1
     refused = admin.post(f"/predictions/{one}/requeue")
