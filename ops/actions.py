@@ -53,7 +53,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except httpx.HTTPError as exc:
             raise SystemExit(f"the admin API at {settings.admin_url} did not answer: {exc}") from None
     if answer.status_code >= 400:
-        raise SystemExit(f"{answer.status_code}: {answer.json().get('error', answer.text)}")
+        is_json = answer.headers.get("content-type", "").startswith("application/json")
+        raise SystemExit(f"{answer.status_code}: {answer.json().get('error') if is_json else answer.text[:200]}")
     print(json.dumps(answer.json(), indent=2) if answer.content else f"{args.command}: done")
     return 0
 
