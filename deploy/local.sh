@@ -53,6 +53,12 @@ ensure_services() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl >/dev/null; }
   fi
+  # tests/deploy/test_alert_rules.py runs the alert rules' cases with promtool, from Debian's prometheus package.
+  if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing prometheus (promtool)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1
