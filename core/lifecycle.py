@@ -5,6 +5,7 @@
        │  └─────────┤  requeue: the holder's lease lapsed (worker lost), attempts left
        │            ├────▶ failed  (error, timeout, or no attempts left)
        └────────────┴────▶ canceled / failed
+    created ◀── failed: an operator's requeue (its attempts start over)
 
 Each transition is one compare-and-set UPDATE: it applies only if the row is still in the
 state the caller expects, so duplicate task deliveries and racing writers cannot both win.
@@ -14,7 +15,7 @@ API, sync in workers) and look at the returned row (None: the transition did not
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -232,6 +233,47 @@ def fail_unclaimed(prediction_id: str, error: str) -> Update:
         .where(p.c.id == prediction_id, p.c.status == Status.CREATED)
         .values(status=Status.FAILED, error=error, completed_at=func.now())
         .returning(p.c.id)
+    )
+
+
+def requeue_failed(
+    limit: int,
+    prediction_id: str | None = None,
+    tenant_id: str | None = None,
+    model: str | None = None,
+    failed_since: datetime | None = None,
+) -> Update:
+    """failed → created for up to `limit` failed predictions matching every filter given, latest failures first:
+    the operator's requeue. Attempts start over and the failed run's error, timings and logs go; a prediction
+    whose objects were deleted (its references with them: expired or deleted) stays failed."""
+    chosen = (
+        select(p.c.id)
+        .where(p.c.status == Status.FAILED, p.c.expired_at.is_(None))
+        .order_by(p.c.completed_at.desc())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    for column, value in (("id", prediction_id), ("tenant_id", tenant_id), ("model", model)):
+        if value is not None:
+            chosen = chosen.where(p.c[column] == value)
+    if failed_since is not None:
+        chosen = chosen.where(p.c.completed_at >= failed_since)
+    return (
+        update(p)
+        .where(p.c.id.in_(chosen.scalar_subquery()), p.c.status == Status.FAILED)
+        .values(
+            status=Status.CREATED,
+            error=None,
+            attempts=0,
+            worker_id=None,
+            lease_expires_at=None,
+            started_at=None,
+            completed_at=None,
+            outputs=[],
+            timings={},
+            logs=[],
+        )
+        .returning(p.c.id, p.c.tenant_id, p.c.model, p.c.priority)
     )
 
 

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     default_max_in_flight: int = Field(500, ge=1)  # per tenant, queued + processing
     default_price_per_image: float = Field(0.0001, ge=0)  # USD
     admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
+    admin_url: str = "http://127.0.0.1:8000"  # where the `klein` CLI's operator actions reach the API (ops/actions.py)
     admin_failures_per_minute: int = Field(10, ge=1)  # wrong admin keys per client address, then 429
     idempotency_ttl_s: int = Field(24 * 3600, ge=60)
     # How long an Idempotency-Key outlives an API process that died while accepting its request (renewed while alive).
@@ -145,6 +146,8 @@ class Settings(BaseSettings):
     webhook_metrics_port: int = Field(29100, ge=0, le=65535)  # the webhook worker's /metrics; 0: none
     # The API logs a line per answer (with request id, tenant, prediction, dialect); probes at debug level only.
     access_log: bool = True
+    # Receiver hosts with a webhook backlog series of their own (the most waiting); the rest are summed as "other".
+    metrics_webhook_receivers: int = Field(10, ge=1, le=100)
     metrics_per_tenant: bool = False  # in-flight per tenant on the API's /metrics (a series per tenant)
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
     metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often

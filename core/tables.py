@@ -35,6 +35,7 @@ tenants = Table(
     Column("price_per_image", Numeric(12, 6)),
     Column("tenant_rate_limit_per_minute", Integer),  # all keys together; NULL: the per-key limit
     Column("retention_s", Integer),  # outputs and references kept after a prediction finishes (core/retention.py)
+    Column("suspended_at", DateTime(timezone=True)),  # an operator suspended it: submits refused; NULL: active
 )
 
 api_keys = Table(

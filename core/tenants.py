@@ -58,6 +58,13 @@ def set_limits(tenant_id: str, **limits: Any) -> Update:
     return update(tenants).where(tenants.c.id == tenant_id).values(**_limits(limits)).returning(tenants)
 
 
+def set_suspended(tenant_id: str, suspended: bool) -> Update:
+    """Suspend a tenant (its submits refused: api/services/predictions.py) or resume it; suspending a suspended
+    tenant keeps the first suspension's time."""
+    when = func.coalesce(tenants.c.suspended_at, func.now()) if suspended else None
+    return update(tenants).where(tenants.c.id == tenant_id).values(suspended_at=when).returning(tenants)
+
+
 def find_tenant(name_or_id: str) -> Select[Any]:
     return select(tenants).where((tenants.c.name == name_or_id) | (tenants.c.id == name_or_id))
 

@@ -195,18 +195,44 @@ def kick_due(per_tenant: int, limit: int = 1000) -> Update:
     )
 
 
-def replay(delivery_id: str, tenant_id: str) -> Update:
-    """Send a delivery again now, under the same `webhook-id` (a finished one, or a pending one early)."""
+def replay(delivery_id: str, tenant_id: str | None) -> Update:
+    """Send a delivery again now, under the same `webhook-id` (a finished one, or a pending one early); scoped to
+    a tenant unless an operator replays it."""
+    statement = update(deliveries).where(deliveries.c.id == delivery_id, deliveries.c.status != "sending")
+    if tenant_id is not None:
+        statement = statement.where(deliveries.c.tenant_id == tenant_id)
+    return statement.values(_AGAIN_NOW).returning(deliveries.c.id, deliveries.c.prediction_id)
+
+
+def replay_finished(tenant_id: str, status: str, limit: int) -> Update:
+    """Send again up to `limit` of the tenant's deliveries that ended `status` (failed or gone), newest first."""
+    chosen = (
+        select(deliveries.c.id)
+        .where(deliveries.c.tenant_id == tenant_id, deliveries.c.status == status)
+        .order_by(deliveries.c.created_at.desc())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     return (
         update(deliveries)
-        .where(
-            deliveries.c.id == delivery_id,
-            deliveries.c.tenant_id == tenant_id,
-            deliveries.c.status != "sending",
-        )
-        .values(status="pending", next_attempt_at=func.now(), kicked_at=func.now(), finished_at=None)
+        .where(deliveries.c.id.in_(chosen), deliveries.c.status == status)
+        .values(_AGAIN_NOW)
         .returning(deliveries.c.id, deliveries.c.prediction_id)
     )
+
+
+# A replayed delivery: due now, its task queued by the caller (kicked: the poller leaves it alone meanwhile).
+_AGAIN_NOW = {"status": "pending", "next_attempt_at": func.now(), "kicked_at": func.now(), "finished_at": None}
+
+
+def receiver(url: ColumnElement[str]) -> ColumnElement[str]:
+    """The host a delivery's URL names, lower-cased (userinfo and port left out; an IPv6 address in its brackets):
+    the receiver that the backlog metric and the operators' delivery filter name."""
+    return func.lower(func.substring(url, RECEIVER_PATTERN))
+
+
+RECEIVER_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/?#]*@)?(\[[^]/?#]*\]|[^:/?#]*)"
 
 
 def now() -> datetime:

@@ -13,6 +13,13 @@
     klein workers                            list the GPU workers: model, Celery node, state, last seen
     klein drain-worker NAME                  drain a GPU worker (Celery node name or id): no new work
 
+Operator actions, through the admin API (KLEIN_ADMIN_URL, KLEIN_ADMIN_API_KEY; ops/actions.py):
+    klein prediction ID | cancel ID | delete ID
+    klein requeue [ID] [--tenant T] [--model M] [--failed-since TIME] [--limit N]
+    klein suspend TENANT | resume TENANT
+    klein deliveries [--tenant T] [--status S] [--receiver HOST] [--limit N]
+    klein replay DELIVERY_ID | replay --tenant T [--status failed|gone] [--limit N]
+
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
 --tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
 --max-in-flight N (queued + processing), --price P (USD per image) and --retention-days D (how long
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import get_settings
+from ops import actions
 from ops.migrate import migrate
 
 
@@ -93,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("workers", help="list the GPU workers")
     drain = sub.add_parser("drain-worker", help="drain a GPU worker: it finishes what it holds, takes nothing new")
     drain.add_argument("name", help="its Celery node name (as `celery inspect` shows it) or worker id")
+    actions.add_commands(sub)
     return parser
 
 
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "migrate":
         migrate()
+    elif args.command in actions.COMMANDS:
+        return actions.run(args, get_settings())
     elif args.command == "build-tiny":
         from models.tiny import save_tiny_pipeline
 

@@ -10,6 +10,14 @@ from prometheus_client import Counter, Histogram, Info
 from core import build
 
 WEBHOOK_ATTEMPTS = Counter("klein_webhook_attempts", "Webhook sends by outcome", ["outcome"])
+# The sender's own faults, no receiver involved: a poll or a task that raised (its database, its queue, a bug).
+# Together with klein_webhook_attempts_total it tells "our sender is failing" from "a receiver is down"
+# (KleinWebhookSenderFailing, docs/operations.md).
+WEBHOOK_SENDER_ERRORS = Counter(
+    "klein_webhook_sender_errors", "Webhook polls and tasks that raised, by stage", ["stage"]
+)
+for _stage in ("poll", "deliver"):  # both series from the start (0): a rate over them exists before an error
+    WEBHOOK_SENDER_ERRORS.labels(_stage)
 WEBHOOK_SECONDS = Histogram(
     "klein_webhook_attempt_seconds",
     "A webhook send, from connecting to the answer's first bytes",

@@ -284,6 +284,7 @@ class Poller:
             try:
                 self.poll()
             except Exception:
+                webhook_metrics.WEBHOOK_SENDER_ERRORS.labels("poll").inc()
                 log.exception("webhook poll failed; trying again")
 
 
@@ -317,4 +318,8 @@ def _stop_poller(**_: Any) -> None:
 def deliver(prediction_id: str) -> None:
     logs.clear()  # a thread of the pool runs one task after another
     logs.bind(prediction_id=prediction_id)
-    _sender.deliver(prediction_id)
+    try:
+        _sender.deliver(prediction_id)
+    except Exception:  # the poller queues its deliveries again (the rows are the truth)
+        webhook_metrics.WEBHOOK_SENDER_ERRORS.labels("deliver").inc()
+        raise

@@ -16,7 +16,7 @@ from api.context import AppContext, get_ctx
 from api.errors import Conflict, NotFound, RateLimited, Unauthenticated
 from api.routes.account import End, KeyRequest, Start, issue_key, key_view, list_keys, revoke_key, usage_report
 from api.routes.openapi_errors import errors
-from api.services import fleet
+from api.services import fleet, operations
 from api.services.auth import keys_changed, presented_key
 from core import tenants
 from core.lifecycle import Status
@@ -93,11 +93,7 @@ def tenant_view(row: RowMapping) -> dict[str, Any]:
 
 
 async def _tenant(ctx: AppContext, tenant_id: str) -> RowMapping:
-    async with ctx.engine.connect() as conn:
-        row = (await conn.execute(tenants.find_tenant(tenant_id))).mappings().first()
-    if row is None:
-        raise NotFound(f"tenant {tenant_id!r} not found")
-    return row
+    return await operations.find_tenant(ctx, tenant_id)
 
 
 @router.post("/tenants", status_code=201, responses=errors(400, 409, 413, 422))

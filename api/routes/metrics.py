@@ -1,11 +1,11 @@
 """`GET /metrics`: the API process's series (api/infra/metrics.py) and the platform's gauges in Prometheus' text
 format (prometheus-client).
 
-Queue depth and age and live and draining workers (per served model), webhook backlog and (behind
-`KLEIN_METRICS_PER_TENANT`, for its label cardinality) in-flight per tenant are read from PostgreSQL and Redis
-(api/services/fleet.py) at most once per `KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait
-for the same read). With `KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer
-<token>`.
+Queue depth and age and live and draining workers (per served model), the webhook backlog (by receiver host, the
+top `KLEIN_METRICS_WEBHOOK_RECEIVERS` and "other") and (behind `KLEIN_METRICS_PER_TENANT`, for its label
+cardinality) in-flight per tenant are read from PostgreSQL and Redis (api/services/fleet.py) at most once per
+`KLEIN_METRICS_REFRESH_S` however many scrapes come (concurrent ones wait for the same read). With
+`KLEIN_METRICS_TOKEN` set (`klein up` sets one) a scrape needs `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -56,12 +56,17 @@ DRAINING_WORKERS = Gauge(
     ["model"],
     multiprocess_mode=metrics.LAST,
 )
+# By receiver host: the KLEIN_METRICS_WEBHOOK_RECEIVERS with the most waiting, the rest as receiver="other".
 WEBHOOK_BACKLOG = Gauge(
-    "klein_webhook_backlog", "Webhook deliveries pending or being sent", multiprocess_mode=metrics.LAST
+    "klein_webhook_backlog",
+    "Webhook deliveries pending or being sent, by receiver host",
+    ["receiver"],
+    multiprocess_mode=metrics.LAST,
 )
 WEBHOOK_AGE = Gauge(
     "klein_webhook_oldest_pending_age_seconds",
-    "Age of the oldest webhook event not yet delivered (0: none)",
+    "Age of the oldest webhook event not yet delivered, by receiver host (0: none)",
+    ["receiver"],
     multiprocess_mode=metrics.LAST,
 )
 TENANT_IMAGES = Gauge(
@@ -146,8 +151,7 @@ async def _read_gauges(ctx: AppContext) -> None:
             QUEUE_AGE.labels(model, str(priority)).set(queue.oldest_age_s[priority])
         LIVE_WORKERS.labels(model).set(queue.live_workers)
         DRAINING_WORKERS.labels(model).set(queue.draining_workers)
-    WEBHOOK_BACKLOG.set(state.webhook_backlog)
-    WEBHOOK_AGE.set(state.webhook_oldest_age_s)
+    _set_by_receiver(state.webhook_backlog, state.webhook_oldest_age_s)
     if per_tenant:
         TENANT_IN_FLIGHT.clear()
         TENANT_IMAGES.clear()
@@ -155,3 +159,20 @@ async def _read_gauges(ctx: AppContext) -> None:
             TENANT_IN_FLIGHT.labels(tenant_id).set(count)
         for tenant_id, total in state.images_24h.items():
             TENANT_IMAGES.labels(tenant_id).set(total)
+
+
+_receivers_shown: set[str] = set()
+
+
+def _set_by_receiver(backlog: dict[str, int], ages: dict[str, float]) -> None:
+    """A receiver that no longer waits (or left the top N) loses its series: zeroed first, since multiprocess
+    mode keeps a removed series' last value in its file (its alert must resolve)."""
+    for gone in _receivers_shown - set(backlog):
+        for gauge in (WEBHOOK_BACKLOG, WEBHOOK_AGE):
+            gauge.labels(gone).set(0)
+            gauge.remove(gone)
+    for name, count in backlog.items():
+        WEBHOOK_BACKLOG.labels(name).set(count)
+        WEBHOOK_AGE.labels(name).set(ages[name])
+    _receivers_shown.clear()
+    _receivers_shown.update(backlog)

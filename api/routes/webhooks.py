@@ -46,12 +46,12 @@ async def deliveries(
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> dict[str, Any]:
     """Newest first, each with its attempts: time, status code, latency, the answer's first bytes."""
-    data = await webhooks.deliveries(ctx, principal, prediction_id, status, before, limit)
+    data = await webhooks.deliveries(ctx, principal.tenant_id, prediction_id, status, before, limit)
     return {"data": data, "next": data[-1]["created_at"] if len(data) == limit else None}
 
 
 @router.post("/v1/webhooks/deliveries/{delivery_id}/replay", status_code=202, responses=errors(404, 422))
 async def replay(delivery_id: str, principal: Authenticated, ctx: Ctx) -> JSONResponse:
     """Send it again now, with the same `webhook-id`."""
-    await webhooks.replay(ctx, principal, delivery_id)
+    await webhooks.replay(ctx, principal.tenant_id, delivery_id)
     return JSONResponse({"id": delivery_id, "status": "pending"}, status_code=202)

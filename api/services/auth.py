@@ -90,6 +90,7 @@ _LOOKUP = Statement(
         ).label("tenant_rate"),
         func.coalesce(tenants.c.max_in_flight, bindparam("default_in_flight")).label("in_flight"),
         func.coalesce(tenants.c.retention_s, bindparam("default_retention")).label("retention"),
+        tenants.c.suspended_at.is_not(None).label("suspended"),
     )
     .join(tenants, tenants.c.id == api_keys.c.tenant_id)
     .where(
@@ -118,13 +119,15 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
         row["in_flight"],
         row["expires_at"],
         row["retention"],
+        row["suspended"],
     )
     ctx.keys.put(key_hash, principal)
     return principal
 
 
 async def keys_changed(ctx: AppContext) -> None:
-    """After a revocation or a limits change: drop cached principals here at once, and on every replica."""
+    """After a revocation, a limits change or a suspension: drop cached principals here at once, and on every
+    replica (each clears its cache when the message arrives; KLEIN_KEY_CACHE_TTL_S bounds it should one be lost)."""
     ctx.keys.clear()
     await ctx.redis.publish(ctx.settings.keys_channel, "changed")
 

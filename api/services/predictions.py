@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 
 from api.context import AppContext
-from api.errors import Conflict, NotFound, Unavailable
+from api.errors import Conflict, Forbidden, NotFound, Unavailable
 from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
-from api.services import idempotency, loras
+from api.services import idempotency, loras, retention
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
@@ -49,6 +49,7 @@ async def in_flight(
     request's LoRAs and reference images are fetched: a tenant at its cap is answered 429 at no download. A retry
     of a request stored before (its Idempotency-Key and input) passes; `submit` answers it with the original.
     Given back on every way out but a stored prediction, which keeps it."""
+    require_active(principal)
     slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
     try:
         if not slot.granted:
@@ -58,6 +59,12 @@ async def in_flight(
         yield slot
     finally:
         await slot.give_back()
+
+
+def require_active(principal: Principal) -> None:
+    """A suspended tenant submits nothing (its reads, and the work it has in flight, go on)."""
+    if principal.suspended:
+        raise Forbidden("this account is suspended: new predictions are refused; existing ones can still be read")
 
 
 async def submit(
@@ -79,6 +86,7 @@ async def submit(
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
     api.services.webhooks.accept."""
+    require_active(principal)
     try:
         return await _submit(
             ctx, principal, spec, request_input, params, references, wait_s, idempotency_key, slot, webhook, adapters
@@ -153,7 +161,7 @@ async def _submit(
 async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id: str, model: str, held: int) -> None:
     """Enqueue, or fail the stored prediction (unless a worker already took it) and answer 503."""
     try:
-        await _enqueue(ctx, prediction_id, model, queue_priority(held))
+        await enqueue(ctx, prediction_id, model, queue_priority(held))
     except Exception as exc:
         log.error("enqueue of %s failed: %s", prediction_id, exc)
         async with ctx.engine.begin() as conn:
@@ -163,7 +171,7 @@ async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id:
         raise Unavailable("queue unavailable, try again shortly", retry_after=1, id=prediction_id) from exc
 
 
-async def _enqueue(ctx: AppContext, prediction_id: str, model: str, priority: int) -> None:
+async def enqueue(ctx: AppContext, prediction_id: str, model: str, priority: int) -> None:
     """core.queue.enqueue on the API's async Redis: the sweeper's mark and the task on its model's queue, one
     round trip."""
     queue = model_queue(ctx.settings.queue_name, model)
@@ -277,17 +285,30 @@ async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str
 
 async def cancel(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
     """Cancel a queued or running prediction; a finished one is returned unchanged."""
+    row = await cancel_of(ctx, principal.tenant_id, prediction_id)
+    return row if row is not None else await fetch_or_404(ctx, principal, prediction_id)
+
+
+async def cancel_of(ctx: AppContext, tenant_id: str, prediction_id: str) -> Row | None:
+    """The tenant's prediction canceled if it was queued or running (its slot given back, the sweeper's mark
+    cleared, the cancel announced); None if it was not (finished, absent, or another tenant's)."""
     async with ctx.engine.begin() as conn:
-        canceled = (await conn.execute(lifecycle.cancel(prediction_id, principal.tenant_id))).mappings().first()
-    if canceled is not None:
-        metrics.canceled(running=canceled["worker_id"] is not None)  # a queued one has no worker (yet, or again)
-        await ctx.limiter.release_slot(principal.tenant_id)
-        # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
-        async with ctx.redis.pipeline(transaction=False) as pipe:
-            pipe.srem(queued_key(ctx.settings), prediction_id)
-            pipe.publish(ctx.settings.events_channel, prediction_id)
-            if canceled["webhook"] is not None:  # its `completed` event was written with the cancel
-                kick_webhooks(pipe, ctx.settings, prediction_id)
-            await pipe.execute()
-        return dict(canceled)
-    return await fetch_or_404(ctx, principal, prediction_id)
+        canceled = (await conn.execute(lifecycle.cancel(prediction_id, tenant_id))).mappings().first()
+    if canceled is None:
+        return None
+    metrics.canceled(running=canceled["worker_id"] is not None)  # a queued one has no worker (yet, or again)
+    await ctx.limiter.release_slot(tenant_id)
+    # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.srem(queued_key(ctx.settings), prediction_id)
+        pipe.publish(ctx.settings.events_channel, prediction_id)
+        if canceled["webhook"] is not None:  # its `completed` event was written with the cancel
+            kick_webhooks(pipe, ctx.settings, prediction_id)
+        await pipe.execute()
+    return dict(canceled)
+
+
+async def delete(ctx: AppContext, tenant_id: str, prediction_id: str) -> None:
+    """Cancel the tenant's prediction if unfinished, then delete its outputs and references (usage stays)."""
+    await cancel_of(ctx, tenant_id, prediction_id)
+    await retention.expire(ctx, tenant_id, prediction_id)

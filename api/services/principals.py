@@ -16,13 +16,14 @@ class Principal:
     max_in_flight: int
     key_expires_at: datetime | None = None
     retention_s: int | None = None  # the tenant's, default applied (core/retention.py); None: not looked up
+    suspended: bool = False  # an operator suspended the tenant: its submits are refused (api/services/predictions.py)
 
 
 class KeyCache:
     """Principals by key hash, for `ttl_s` at most (and never past the key's expiry).
 
     Saves a database read per request. Every replica clears it the moment a key is revoked or a
-    tenant's limits change (Redis pub/sub, `settings.keys_channel`, see api/infra/waiter.py) and whenever
+    tenant's limits or suspension change (Redis pub/sub, `settings.keys_channel`, see api/infra/waiter.py) and whenever
     its subscription was interrupted; `ttl_s` bounds staleness should an invalidation be lost.
     """
 

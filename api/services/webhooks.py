@@ -92,19 +92,25 @@ async def rotate(ctx: AppContext, principal: Principal, overlap_s: int) -> dict[
 
 async def deliveries(
     ctx: AppContext,
-    principal: Principal,
+    tenant_id: str | None,
     prediction_id: str | None,
     status: str | None,
     before: datetime | None,
     limit: int,
+    receiver: str | None = None,
+    all_tenants: bool = False,
 ) -> list[dict[str, Any]]:
-    """The tenant's deliveries, newest first, each with its attempts (oldest first)."""
+    """A tenant's deliveries, newest first, each with its attempts (oldest first); `receiver`: only those to that
+    host (as the backlog metric names it, core.webhooks.receiver). `all_tenants` (operators): `tenant_id` None
+    reads every tenant's, and each delivery names its tenant."""
+    assert tenant_id is not None or all_tenants, "a tenant's request reads only its own deliveries"
     d = webhook_deliveries
-    query = select(d).where(d.c.tenant_id == principal.tenant_id).order_by(d.c.created_at.desc()).limit(limit)
-    if prediction_id is not None:
-        query = query.where(d.c.prediction_id == prediction_id)
-    if status is not None:
-        query = query.where(d.c.status == status)
+    query = select(d).order_by(d.c.created_at.desc()).limit(limit)
+    for column, value in (("tenant_id", tenant_id), ("prediction_id", prediction_id), ("status", status)):
+        if value is not None:
+            query = query.where(d.c[column] == value)
+    if receiver is not None:
+        query = query.where(webhooks.receiver(d.c.url) == receiver.lower())
     if before is not None:
         query = query.where(d.c.created_at < before)
     async with ctx.engine.connect() as conn:
@@ -120,23 +126,34 @@ async def deliveries(
         by_delivery: dict[str, list[dict[str, Any]]] = {delivery_id: [] for delivery_id in ids}
         for attempt in tried:
             by_delivery[attempt["delivery_id"]].append(_attempt(attempt))
-    return [_delivery(row, by_delivery[row["id"]]) for row in rows]
+    shown = [_delivery(row, by_delivery[row["id"]]) for row in rows]
+    if all_tenants:
+        return [view | {"tenant_id": row["tenant_id"]} for view, row in zip(shown, rows, strict=True)]
+    return shown
 
 
-async def replay(ctx: AppContext, principal: Principal, delivery_id: str) -> None:
+async def replay(ctx: AppContext, tenant_id: str | None, delivery_id: str) -> None:
+    """Send the delivery again now (a tenant's own; any tenant's: None, for operators)."""
     async with ctx.engine.begin() as conn:
-        replayed = (await conn.execute(webhooks.replay(delivery_id, principal.tenant_id))).first()
+        replayed = (await conn.execute(webhooks.replay(delivery_id, tenant_id))).first()
     if replayed is None:
         async with ctx.engine.connect() as conn:
-            exists = await conn.scalar(
-                select(webhook_deliveries.c.id).where(
-                    webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.tenant_id == principal.tenant_id
-                )
-            )
+            found = select(webhook_deliveries.c.id).where(webhook_deliveries.c.id == delivery_id)
+            if tenant_id is not None:
+                found = found.where(webhook_deliveries.c.tenant_id == tenant_id)
+            exists = await conn.scalar(found)
         if exists is None:
             raise NotFound(f"webhook delivery {delivery_id!r} not found")
         return  # being sent right now
     await kick(ctx, [replayed.prediction_id])
+
+
+async def replay_finished(ctx: AppContext, tenant_id: str, status: str, limit: int) -> list[str]:
+    """Send again up to `limit` of the tenant's deliveries that ended `status` (failed, gone), newest first."""
+    async with ctx.engine.begin() as conn:
+        replayed = (await conn.execute(webhooks.replay_finished(tenant_id, status, limit))).all()
+    await kick(ctx, {row.prediction_id for row in replayed})
+    return [row.id for row in replayed]
 
 
 async def kick(ctx: AppContext, prediction_ids: Iterable[str]) -> None:

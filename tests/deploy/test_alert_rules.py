@@ -1,7 +1,8 @@
 """The alert rules under Prometheus' own tool, promtool (Debian's `prometheus` package, which `bash deploy/local.sh
 test` installs): both copies (deploy/prometheus/alerts.yml and the Operator's PrometheusRule) pass `promtool check
 rules` and the scenarios of deploy/prometheus/alerts_test.yml, where each scenario says of every alert whether it
-fires, so that "exactly the intended alert" is what promtool checks."""
+fires, so that "exactly the intended alert" is what promtool checks; the finer cases of one family of alerts
+(deploy/prometheus/tests/*.test.yml: the webhook sender against one receiver) pass too."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.deploy.test_deploy_manifests import ROOT
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 SCENARIOS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 OPERATOR_RULES = ROOT / "deploy" / "k8s" / "monitoring" / "prometheusrule.yaml"
+CASES = sorted((ROOT / "deploy" / "prometheus" / "tests").glob("*.test.yml"))
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -73,7 +75,7 @@ def test_the_scenarios_are_the_failures_the_issue_names() -> None:
         "every GPU worker dies": {"KleinNoLiveWorker", "KleinTargetDown"},
         "the API dies; the workers are fine": {"KleinTargetDown"},
         "the queue is stuck though workers announce themselves": {"KleinQueueTooOld"},
-        "the webhook sender fails every attempt": {"KleinWebhookBacklog"},
+        "the webhook sender fails every attempt": {"KleinWebhookSenderFailing"},
     }
 
 
@@ -86,3 +88,13 @@ def test_a_rule_that_pages_when_the_api_is_down_fails_its_scenario(tmp_path: Pat
     tested = promtool("test", "rules", "alerts_test.yml", cwd=with_rules(tmp_path, naive))
     assert tested.returncode != 0
     assert "the API dies; the workers are fine" in tested.stdout + tested.stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda path: path.name)
+def test_the_finer_cases_pass(case: Path) -> None:
+    tested = promtool("test", "rules", case.name, cwd=case.parent)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_the_webhook_cases_exist() -> None:
+    assert [case.name for case in CASES if case.name.startswith("webhooks")] == ["webhooks.test.yml"]

@@ -130,7 +130,7 @@ def test_the_alerts_cover_the_failures_the_issue_names() -> None:
     assert "klein_live_workers" in alerts["KleinNoLiveWorker"]
     assert "klein_queue_oldest_age_seconds" in alerts["KleinQueueTooOld"]
     assert "klein_gpu_memory_used_bytes" in alerts["KleinGpuMemoryNearFull"]
-    assert "klein_webhook_oldest_pending_age_seconds" in alerts["KleinWebhookBacklog"]
+    assert "klein_webhook_oldest_pending_age_seconds" in alerts["KleinWebhookReceiverBacklog"]
     assert 'status=~"5.."' in alerts["KleinApiErrors"] and "failed" in alerts["KleinPredictionsFailing"]
 
 

@@ -35,6 +35,7 @@ from tests.browser import (
 )
 from tests.conftest import ADMIN_KEY, Stack
 from tests.e2e.test_worker import poison_prediction, start_slow_prediction, wait_for
+from tests.e2e.test_worker import row as prediction_row
 from tests.images import picture
 
 STATIC = ROOT / "api" / "static"
@@ -441,7 +442,25 @@ def test_the_console_edits_limits_and_shows_keys_queue_usage_and_failures(
     expect(failure.locator("td.error-text")).to_have_text(failed["error"])
     expect(page.locator("#console-usage-charts svg")).to_have_count(2)
 
-    row.locator("button").click()
+    failure.get_by_role("button", name=f"Open {failed['id']}").click()  # the operator's lookup, then requeue
+    expect(page.locator("#lookup-stats")).to_contain_text("failed")
+    page.click("#lookup-requeue")
+    expect(page.locator("#lookup-message")).to_have_text("Requeued.")
+    again = prediction_row(stack, failed["id"])  # the poison fails again soon: it ran once more
+    assert again["status"] != "failed" or again["completed_at"] > failed["completed_at"]
+
+    suspend = row.locator('button[data-action="suspend"]')
+    suspend.click()
+    expect(suspend).to_have_text("Confirm suspend")
+    suspend.click()
+    expect(row.locator(".badge")).to_have_text("suspended")
+    headers = {"apikey": tenant.key, "Model": "flux-klein-4b"}
+    submit = httpx.post(f"{stack.api_url}/v1/predictions", headers=headers, json={"input": {"prompt": "no"}})
+    assert submit.status_code == 403
+    row.locator('button[data-action="suspend"]').click()  # Resume
+    expect(row.locator(".badge")).to_have_count(0)
+
+    row.locator("button", has_text="Edit").click()
     expect(page.locator(f'#tenant-keys-body tr[data-key-id="{tenant.key_id}"]')).to_be_visible()
     page.fill("#edit-rate", "77")
     page.fill("#edit-price", "0.02")
@@ -510,7 +529,7 @@ def test_keyboard_only_labelled_and_readable_at_375_px(
     page.goto(f"{stack.api_url}/console")
     page.fill("#admin-key", ADMIN_KEY)
     page.press("#admin-key", "Enter")
-    page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"] button').click()
+    page.locator(f'#tenants-body tr[data-tenant-id="{tenant.tenant_id}"] button', has_text="Edit").click()
     page.locator(f'#tenant-keys-body tr[data-key-id="{tenant.key_id}"]').wait_for()
     stats(page, "#queue-stats")
     expect(page.locator("#console-usage-charts svg")).to_have_count(2)

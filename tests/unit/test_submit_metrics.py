@@ -20,6 +20,13 @@ NOT_SUBMITS = {
     "/admin/v1/tenants",
     "/admin/v1/tenants/{tenant_id}/keys",
     "/admin/v1/workers/{name}/drain",
+    "/admin/v1/tenants/{tenant_id}/suspend",
+    "/admin/v1/tenants/{tenant_id}/resume",
+    "/admin/v1/predictions/{prediction_id}/cancel",
+    "/admin/v1/predictions/{prediction_id}/requeue",  # runs a stored prediction again: no new one
+    "/admin/v1/predictions/requeue",
+    "/admin/v1/webhooks/deliveries/{delivery_id}/replay",
+    "/admin/v1/webhooks/deliveries/replay",
 }
 DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai"}
 

@@ -19,7 +19,7 @@ from api.infra.jsonresponse import JSON
 from api.routes.dialects import replicate
 from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
-from api.services import live, loras, predictions, references, retention, webhooks
+from api.services import live, loras, predictions, references, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -159,8 +159,8 @@ async def cancel_prediction(prediction_id: str, request: Request) -> Response:
 async def delete_prediction(
     prediction_id: str, principal: Authenticated, ctx: Annotated[AppContext, Depends(get_ctx)]
 ) -> Response:
-    await predictions.cancel(ctx, principal, prediction_id)  # a queued or running one first; another tenant's: 404
-    await retention.expire(ctx, principal.tenant_id, prediction_id)
+    await predictions.fetch_or_404(ctx, principal, prediction_id)  # another tenant's: 404
+    await predictions.delete(ctx, principal.tenant_id, prediction_id)
     return Response(status_code=204)
 
 

@@ -22,6 +22,21 @@ function start() {
   let tenants = [];
   let editing = null;
 
+  // Two clicks instead of a confirm() dialog (as a key's revoke): nothing modal, and it works from the keyboard.
+  function confirmed(button, question, action) {
+    const label = button.textContent;
+    button.addEventListener("click", () => {
+      if (button.dataset.confirm !== "yes") {
+        button.dataset.confirm = "yes";
+        button.textContent = question;
+        return;
+      }
+      delete button.dataset.confirm;
+      button.textContent = label;
+      action();
+    });
+  }
+
   const tenantName = (id) => tenants.find((t) => t.id === id)?.name ?? id;
   const fail = (error) => say(message, error.message, "error");
   const cell = (value, format = String) => h("td", { class: "num", text: format(value) });
@@ -56,22 +71,97 @@ function start() {
       const edit = h("button", { type: "button", class: "small", "data-tenant-id": tenant.id }, "Edit");
       edit.setAttribute("aria-label", `Edit ${tenant.name}`);
       edit.addEventListener("click", () => openEditor(tenant));
+      const suspended = Boolean(tenant.suspended_at);
+      const verb = suspended ? "Resume" : "Suspend";
+      const toggle = h("button", { type: "button", class: "small", "data-action": "suspend" }, verb);
+      toggle.setAttribute("aria-label", `${verb} ${tenant.name}`);
+      const act = () => setSuspended(tenant, !suspended).catch(fail);
+      if (suspended) toggle.addEventListener("click", act);
+      else confirmed(toggle, "Confirm suspend", act);
       body.append(
         h(
           "tr",
           { "data-tenant-id": tenant.id },
-          h("td", {}, h("strong", { text: tenant.name }), h("br"), h("code", { class: "hint", text: tenant.id })),
+          h(
+            "td",
+            {},
+            h("strong", { text: tenant.name }),
+            suspended ? " " : "",
+            suspended ? h("span", { class: "badge failed", title: when(tenant.suspended_at) }, "suspended") : "",
+            h("br"),
+            h("code", { class: "hint", text: tenant.id }),
+          ),
           limit(tenant.rate_limit_per_minute),
           limit(tenant.tenant_rate_limit_per_minute),
           limit(tenant.max_in_flight),
           limit(tenant.price_per_image, (v) => money(v)),
           limit(tenant.retention_s, (v) => `${v} s`),
-          h("td", {}, edit),
+          h("td", {}, edit, " ", toggle),
         ),
       );
     }
     if (!tenants.length) body.append(h("tr", {}, h("td", { colspan: 7, text: "No tenants yet." })));
   }
+
+  async function setSuspended(tenant, suspend) {
+    await api.post(`/admin/v1/tenants/${encodeURIComponent(tenant.id)}/${suspend ? "suspend" : "resume"}`);
+    say(message, `${tenant.name} ${suspend ? "suspended" : "resumed"}.`, "ok");
+    await loadTenants();
+  }
+
+  // --- one prediction, any tenant's -----------------------------------------------------------------
+  let shown = null;
+  const lookupNote = byId("lookup-message");
+
+  async function lookUp(id) {
+    byId("lookup-id").value = id;
+    say(lookupNote, "");
+    try {
+      shown = await api.get(`/admin/v1/predictions/${encodeURIComponent(id)}`);
+    } catch (error) {
+      shown = null;
+      show(byId("lookup-result"), false);
+      return say(lookupNote, error.message, "error");
+    }
+    const stats = [
+      ["Status", shown.status],
+      ["Tenant", tenantName(shown.tenant_id)],
+      ["Model", shown.model],
+      ["Created", when(shown.created_at)],
+      ["Finished", when(shown.completed_at)],
+      ["Attempts", String(shown.attempts)],
+      ["Worker", shown.worker_id || "—"],
+      ["Outputs", shown.expired_at ? "deleted" : String((shown.outputs || []).length)],
+    ];
+    clear(byId("lookup-stats")).append(
+      ...stats.map(([label, value]) => h("div", {}, h("dt", { text: label }), h("dd", { text: value }))),
+    );
+    byId("lookup-error").textContent = shown.error || "";
+    show(byId("lookup-cancel"), shown.status === "created" || shown.status === "processing");
+    show(byId("lookup-requeue"), shown.status === "failed" && !shown.expired_at);
+    show(byId("lookup-delete"), !shown.expired_at);
+    show(byId("lookup-result"));
+  }
+
+  async function act(run, done) {
+    const id = shown.id;
+    try {
+      await run(`/admin/v1/predictions/${encodeURIComponent(id)}`);
+    } catch (error) {
+      return say(lookupNote, error.message, "error");
+    }
+    await lookUp(id);
+    say(lookupNote, done, "ok");
+    await loadFailures();
+  }
+
+  byId("lookup-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    lookUp(byId("lookup-id").value.trim());
+  });
+  byId("lookup-cancel").addEventListener("click", () => act((path) => api.post(`${path}/cancel`), "Canceled."));
+  byId("lookup-requeue").addEventListener("click", () => act((path) => api.post(`${path}/requeue`), "Requeued."));
+  confirmed(byId("lookup-delete"), "Confirm delete", () => act((path) => api.del(path), "Deleted."));
 
   function openEditor(tenant) {
     editing = tenant;
@@ -208,11 +298,41 @@ function start() {
           h("td", { text: failure.model }),
           h("td", { class: "error-text", text: failure.error || "" }),
           h("td", {}, h("code", { text: failure.id })),
+          h("td", {}, failureActions(failure)),
         ),
       );
     }
-    if (!failures.length) body.append(h("tr", {}, h("td", { colspan: 5, text: "No failures." })));
+    if (!failures.length) body.append(h("tr", {}, h("td", { colspan: 6, text: "No failures." })));
+    shownFailures = failures;
   }
+
+  let shownFailures = [];
+
+  function failureActions(failure) {
+    const open = h("button", { type: "button", class: "small" }, "Open");
+    open.setAttribute("aria-label", `Open ${failure.id}`);
+    open.addEventListener("click", () => lookUp(failure.id));
+    const requeue = h("button", { type: "button", class: "small", "data-action": "requeue" }, "Requeue");
+    requeue.setAttribute("aria-label", `Requeue ${failure.id}`);
+    requeue.addEventListener("click", () => requeueFailures([failure.id]));
+    return h("span", { class: "inline" }, open, requeue);
+  }
+
+  async function requeueFailures(ids) {
+    const note = byId("failures-message");
+    try {
+      const path = "/admin/v1/predictions";
+      const answer = ids
+        ? await api.post(`${path}/${encodeURIComponent(ids[0])}/requeue`)
+        : await api.post(`${path}/requeue`, { json: { limit: Math.max(1, shownFailures.length) } });
+      say(note, `Requeued ${answer.requeued.length}.`, "ok");
+    } catch (error) {
+      say(note, error.message, "error");
+    }
+    await loadFailures();
+  }
+
+  confirmed(byId("requeue-failures"), "Confirm: run them again", () => requeueFailures(null));
 
   byId("console-usage-form").addEventListener("submit", (event) => {
     event.preventDefault();
