@@ -15,6 +15,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init
 from core import logs, tracing, workers
 from core.queue import PREDICT_TASK, REQUEST_ID_HEADER, make_celery, model_queue
 from core.settings import get_settings
+
 # metrics and sweep_metrics imported here: the worker's series exist from its start (its loading state)
 from worker import celery_logs, exposition, gpu, metrics, sweep_metrics  # noqa: F401
 
