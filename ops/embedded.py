@@ -149,10 +149,19 @@ class Service:
 
 
 def start_api(
-    env: dict[str, str], log: Path, port: int | None = None, host: str = "127.0.0.1", ready_path: str = "/readyz"
+    env: dict[str, str],
+    log: Path,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    ready_path: str = "/readyz",
+    processes: int = 1,
 ) -> tuple[Service, str]:
+    """The API on `port`; with `processes` > 1, that many on the one socket (uvicorn's --workers: the kernel
+    spreads the connections, uvicorn restarts a process that dies), which then need PROMETHEUS_MULTIPROC_DIR."""
     port = port or free_port()
     args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port)]
+    if processes > 1:
+        args += ["--workers", str(processes)]
     api = Service([*args, "--log-level", "warning"], env, log).start()
     url = f"http://127.0.0.1:{port}"
 

@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
-import socket
 import sys
 import time
 from collections import deque
@@ -28,6 +28,7 @@ import psycopg
 
 from ops.console import Console
 from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
+from ops.network import allowed_hosts, free_ports, listened_on, reachable_at
 
 log = logging.getLogger("klein.up")
 
@@ -101,55 +102,6 @@ def _worker_env(index: int, pinned: bool, model_id: str, model_path: str, metric
 
 def _worker_log(index: int) -> str:
     return "worker.log" if index == 0 else f"worker-{index}.log"
-
-
-def _listened_on(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def _free_ports(first: int, count: int, host: str, taken: set[int]) -> list[int]:
-    """`count` ports from `first` upwards that nothing listens on (another stack on this machine has the
-    defaults, say); those in `taken` are skipped."""
-    ports: list[int] = []
-    port = first
-    while len(ports) < count:
-        if port not in taken and not _listened_on(host, port):
-            ports.append(port)
-        port += 1
-    return ports
-
-
-def _allowed_hosts(bind: str) -> list[str]:
-    """The Host headers the API answers: localhost and the address it binds; on every interface, this machine's
-    name and every address of its interfaces too, so other machines reach it by any of them (set
-    KLEIN_ALLOWED_HOSTS or KLEIN_PUBLIC_BASE_URL for other names clients use)."""
-    hosts = ["localhost", "127.0.0.1"]
-    if bind in ("0.0.0.0", "::", ""):
-        import psutil
-
-        hosts.append(socket.gethostname())
-        for addresses in psutil.net_if_addrs().values():
-            for address in addresses:
-                ip = address.address
-                if address.family in (socket.AF_INET, socket.AF_INET6) and "%" not in ip and ip not in hosts:
-                    hosts.append(ip)  # link-local IPv6 (with a %zone) cannot be a Host header
-    elif bind not in hosts:
-        hosts.append(bind)
-    return hosts
-
-
-def _reachable_at(bind: str, port: int, hosts: list[str]) -> list[str]:
-    """The URLs to print: the bound address, or on every interface each non-loopback IPv4 address."""
-    if bind not in ("0.0.0.0", "::", ""):
-        return [f"http://{bind}:{port}"]
-    ips = [h for h in hosts if h.count(".") == 3 and h.replace(".", "").isdigit() and not h.startswith("127.")]
-    return [f"http://127.0.0.1:{port}", *(f"http://{ip}:{port}" for ip in ips)]
 
 
 def _choose_models(requested: list[str], data_dir: Path) -> list[tuple[str, str, bool]]:
@@ -247,9 +199,15 @@ def up(argv: list[str]) -> int:
         default=1,
         help="GPU workers per model, each pinned to its own device, in order across models (default 1)",
     )
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        default=1,
+        help="API processes, all on --port (default 1; one per core is the most that helps)",
+    )
     args = parser.parse_args(argv)
-    if args.gpus < 1:
-        parser.error("--gpus: at least 1")
+    if args.gpus < 1 or args.api_processes < 1:
+        parser.error("--gpus and --api-processes: at least 1")
     data_dir: Path = args.data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -269,7 +227,7 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
         stop = True
 
     console.say(f"klein up: data in {data_dir}, detail in {console.log_path}")
-    if _listened_on(args.host, args.port):  # else that server would answer our readiness probes
+    if listened_on(args.host, args.port):  # else that server would answer our readiness probes
         console.say(f"--port {args.port}: something already listens on {args.host}:{args.port}; choose another port")
         return 1
     with ExitStack() as running:
@@ -289,13 +247,13 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
         count = args.gpus * len(models)
         metrics_host = os.environ.get("KLEIN_WORKER_METRICS_HOST", "127.0.0.1")
         first_port = int(os.environ.get("KLEIN_WORKER_METRICS_PORT", "29101"))
-        worker_ports = _free_ports(first_port, count, metrics_host, set())
-        (webhook_port,) = _free_ports(
+        worker_ports = free_ports(first_port, count, metrics_host, set())
+        (webhook_port,) = free_ports(
             int(os.environ.get("KLEIN_WEBHOOK_METRICS_PORT", "29100")), 1, metrics_host, set(worker_ports)
         )
         admin_key, admin_key_created = _admin_key(data_dir)
         hosts = json.loads(os.environ["KLEIN_ALLOWED_HOSTS"]) if "KLEIN_ALLOWED_HOSTS" in os.environ else None
-        hosts = hosts or _allowed_hosts(args.host)
+        hosts = hosts or allowed_hosts(args.host)
         env = {
             "KLEIN_DATABASE_URL": database_url,
             "KLEIN_REDIS_URL": valkey.connection_url + "/0",
@@ -338,8 +296,14 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
         with console.step("webhook worker"):
             webhooks = start_webhook_worker(os.environ.copy(), logs / "webhooks.log")
             running.callback(webhooks.stop)
-        with console.step("API"):
-            api, _ = start_api(os.environ.copy(), logs / "api.log", port=args.port, host=args.host)
+        with console.step("API" if args.api_processes == 1 else f"API ({args.api_processes} processes)"):
+            api_env = os.environ.copy()
+            if args.api_processes > 1:  # their /metrics answer for them all (api/infra/metrics.py)
+                shared = data_dir / "metrics-multiproc"
+                shutil.rmtree(shared, ignore_errors=True)  # cleared at each start, as prometheus-client wants
+                shared.mkdir()
+                api_env["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+            api, _ = start_api(api_env, logs / "api.log", port=args.port, host=args.host, processes=args.api_processes)
             running.callback(api.stop)
         _banner(console, args, data_dir, hosts, worker_ports, webhook_port)
         _keys(console, data_dir, key, key_created, admin_key, admin_key_created, args.port)
@@ -354,7 +318,7 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
 def _banner(
     console: Console, args: argparse.Namespace, data_dir: Path, hosts: list[str], worker_ports: list[int], webhook: int
 ) -> None:
-    urls = _reachable_at(args.host, args.port, hosts)
+    urls = reachable_at(args.host, args.port, hosts)
     url = urls[0]
     console.say(
         f"\nklein-serve is up at {url}" + "".join(f"\n  also at {other}" for other in urls[1:]) + "\n"

@@ -112,12 +112,25 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         models = httpx.get(f"{url}/v1/models", headers={"apikey": key}).json()
         assert models["data"][0]["weights"]["random_weights"] is True
 
-        # A second stack on this machine: its own ports for everything it starts, both serving metrics.
-        with klein_up(tmp_path / "second", free_port()) as (_, second_out):
+        # A second stack on this machine: its own ports for everything it starts, both serving metrics; its API
+        # two processes on one port, whose /metrics answer for both.
+        second, second_port = tmp_path / "second", free_port()
+        with klein_up(second, second_port, "--api-processes", "2") as (second_up, second_out):
             second_ports = worker_ports(second_out.read_text())
             assert set(second_ports).isdisjoint(ports)
             for metrics_port in (*ports, *second_ports):
                 assert "klein_worker_info" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            apis = [p for p in psutil.Process(second_up.pid).children(recursive=True) if "uvicorn" in p.cmdline()]
+            assert len(apis) == 3, apis  # uvicorn's supervisor and its two processes
+            second_url, second_key = f"http://127.0.0.1:{second_port}", (second / "api-key").read_text().strip()
+            for _ in range(20):  # new connections: the kernel spreads them over both
+                assert httpx.get(f"{second_url}/v1/models", headers={"apikey": second_key}).status_code == 200
+            bearer = {"Authorization": f"Bearer {(second / 'metrics-token').read_text().strip()}"}
+            scraped = httpx.get(f"{second_url}/metrics", headers=bearer).text
+            (count,) = re.findall(
+                r'klein_http_requests_total\{[^}]*route="/v1/models"[^}]*status="200"\} (\S+)', scraped
+            )
+            assert float(count) == 20
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     # Nothing left running that holds the data folder (PostgreSQL, Valkey, SeaweedFS all stopped).
     holders = [
