@@ -68,6 +68,12 @@ ensure_services() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; }
   fi
+  # tests/e2e/test_replicas.py puts two API replicas behind the shipped deploy/proxy/ configs.
+  if { [ ! -x /usr/sbin/haproxy ] || [ ! -x /usr/sbin/nginx ]; } && command -v apt-get >/dev/null; then
+    echo "installing haproxy and nginx"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq haproxy nginx-light >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy nginx-light >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1
