@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -35,6 +36,13 @@ tenants = Table(
     Column("price_per_image", Numeric(12, 6)),
     Column("tenant_rate_limit_per_minute", Integer),  # all keys together; NULL: the per-key limit
     Column("retention_s", Integer),  # outputs and references kept after a prediction finishes (core/retention.py)
+    # Safety (core/safety.py, docs/safety.md): NULL means block, not allowed, no terms of its own.
+    Column("safety_policy", String(8)),
+    Column("allow_disable_safety_checker", Boolean),
+    Column("blocked_terms", JSONB),  # added to the operator's prompt blocklist
+    CheckConstraint(
+        "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
+    ),
 )
 
 api_keys = Table(
@@ -78,6 +86,7 @@ predictions = Table(
     Column("priority", SmallInteger, nullable=False, server_default="0"),  # the queue's (core.quota.queue_priority)
     Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
     Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
+    Column("safety", JSONB),  # what the image checker found and did (core/safety.py); NULL: from before it
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
@@ -24,6 +24,7 @@ from core.tables import predictions
 from models.registry import MODELS
 
 ADMIN_FAILURE_WINDOW_MS = 60_000
+MAX_TERMS, MAX_TERM_CHARS = 1000, 200  # a tenant's blocked terms
 
 
 async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> None:
@@ -78,6 +79,16 @@ class Limits(BaseModel):
         le=tenants.MAX_RETENTION_S,
         description="seconds outputs and references are kept after a prediction finishes; 0: none after a "
         "synchronous answer delivered them; null: platform default (docs/retention.md)",
+    )
+    # Safety (docs/safety.md)
+    safety_policy: Literal["block", "blur", "flag"] | None = Field(
+        None, description="what a flagged output does: block (default), blur or flag; null: block"
+    )
+    allow_disable_safety_checker: bool | None = Field(
+        None, description="may requests turn the image checker off (disable_safety_checker …); null: false"
+    )
+    blocked_terms: list[Annotated[str, Field(min_length=1, max_length=MAX_TERM_CHARS)]] | None = Field(
+        None, max_length=MAX_TERMS, description="the tenant's additions to the operator's prompt blocklist"
     )
 
 

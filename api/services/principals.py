@@ -16,6 +16,9 @@ class Principal:
     max_in_flight: int
     key_expires_at: datetime | None = None
     retention_s: int | None = None  # the tenant's, default applied (core/retention.py); None: not looked up
+    safety_policy: str | None = None  # block, blur, flag (core/safety.py); None: block
+    allow_disable_safety_checker: bool = False
+    blocked_terms: tuple[str, ...] = ()  # the tenant's additions to the prompt blocklist
 
 
 class KeyCache:
