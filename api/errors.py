@@ -47,10 +47,10 @@ class Invalid(ServiceError):
 
 class ContentRefused(ServiceError):
     """The content policy refused the request (its prompt) or its outputs (docs/safety.md). The message names the
-    policy, never the term that matched."""
+    policy, never the term that matched. Raised with `code=CONTENT_POLICY` (OpenAI's error code for it)."""
 
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message, code="content_policy_violation", **extra)
+
+CONTENT_POLICY = "content_policy_violation"
 
 
 class Unauthenticated(ServiceError):

@@ -7,7 +7,7 @@ import functools
 import logging
 
 from api.context import AppContext
-from api.errors import ContentRefused, Invalid
+from api.errors import CONTENT_POLICY, ContentRefused, Invalid
 from api.services.principals import Principal
 from core import prompt_policy, safety
 from models.klein import GenerationParams
@@ -34,7 +34,7 @@ def screen(
     terms = operator_terms(ctx.settings.prompt_blocklist) + principal.blocked_terms
     if prompt_policy.blocked(params.prompt, terms):
         log.info("prompt refused by the content policy")  # the tenant is bound to the log line; never the prompt
-        raise ContentRefused(PROMPT_REFUSED)
+        raise ContentRefused(PROMPT_REFUSED, code=CONTENT_POLICY)
     try:
         policy = safety.effective(
             principal.safety_policy, principal.allow_disable_safety_checker, disable_asked_by, asked

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from api.errors import ContentRefused, GenerationFailed, Invalid, NotFound, TimedOut
+from api.errors import CONTENT_POLICY, ContentRefused, GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
 from core.ids import random_seed
 from core.lifecycle import Status
@@ -64,7 +64,7 @@ def completed(row: Row, wait_s: float) -> Row:
     if status is Status.COMPLETED:
         return row
     if status is Status.FAILED and (row.get("safety") or {}).get("blocked"):
-        raise ContentRefused(row["error"], id=row["id"])
+        raise ContentRefused(row["error"], code=CONTENT_POLICY, id=row["id"])
     if status.terminal:
         raise GenerationFailed(f"generation {status.value}: {row['error'] or 'no reason recorded'}")
     raise TimedOut(f"generation exceeded the {wait_s:g} s time limit (id {row['id']})")
