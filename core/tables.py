@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
+FLAGGED = "safety @> '{\"flagged\": [true]}'"  # a prediction with an output the image checker flagged
 
 tenants = Table(
     "tenants",
@@ -97,6 +98,8 @@ predictions = Table(
     Index("predictions_failed", "completed_at", postgresql_where=text("status = 'failed'")),  # the console's
     # A worker's look for companions of its claim, in the queue's order (core/lifecycle.py, batch_candidates).
     Index("predictions_batchable", "model", "priority", "created_at", postgresql_where=text("status = 'created'")),
+    # The operators' list of what the image checker flagged (GET /admin/v1/flagged), newest first.
+    Index("predictions_flagged", "completed_at", postgresql_where=text(FLAGGED)),
     # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.
     Index(
         "predictions_unexpired",

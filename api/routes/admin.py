@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import RowMapping, select
+from sqlalchemy import RowMapping, select, text
 from sqlalchemy.exc import IntegrityError
 
 from api.context import AppContext, get_ctx
@@ -20,7 +20,7 @@ from api.services import fleet
 from api.services.auth import keys_changed, presented_key
 from core import tenants
 from core.lifecycle import Status
-from core.tables import predictions
+from core.tables import FLAGGED, predictions
 from models.registry import MODELS
 
 ADMIN_FAILURE_WINDOW_MS = 60_000
@@ -193,6 +193,21 @@ async def recent_failures(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] =
     query = (
         select(p.c.id, p.c.tenant_id, p.c.model, p.c.error, p.c.created_at, p.c.completed_at)
         .where(p.c.status == Status.FAILED)
+        .order_by(p.c.completed_at.desc().nulls_last())
+        .limit(limit)
+    )
+    async with ctx.engine.connect() as conn:
+        return {"data": [dict(row) for row in (await conn.execute(query)).mappings()]}
+
+
+@router.get("/flagged", responses=errors(422))
+async def flagged_predictions(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
+    """The latest predictions the image checker flagged across tenants (docs/safety.md): what the check found and
+    the policy applied; never the images (their delivery URLs need the tenant's key)."""
+    p = predictions
+    query = (
+        select(p.c.id, p.c.tenant_id, p.c.model, p.c.status, p.c.safety, p.c.error, p.c.completed_at)
+        .where(text(FLAGGED))  # the partial index's own predicate, as a literal: the planner then uses it
         .order_by(p.c.completed_at.desc().nulls_last())
         .limit(limit)
     )

@@ -29,9 +29,16 @@ def upgrade() -> None:
     op.add_column("tenants", sa.Column("allow_disable_safety_checker", sa.Boolean))
     op.add_column("tenants", sa.Column("blocked_terms", JSONB))
     op.add_column("predictions", sa.Column("safety", JSONB))
+    op.create_index(
+        "predictions_flagged",
+        "predictions",
+        ["completed_at"],
+        postgresql_where=sa.text("""safety @> '{"flagged": [true]}'"""),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("predictions_flagged", "predictions")
     op.drop_column("predictions", "safety")
     op.drop_column("tenants", "blocked_terms")
     op.drop_column("tenants", "allow_disable_safety_checker")

@@ -1,11 +1,14 @@
 """The safety checker end to end (docs/safety.md): a worker whose checker flags every image (the `nsfw` tiny
-classifier, loaded like a real one), an API with an operator's prompt blocklist; each tenant's policy (block,
+classifier, loaded like a real one) and an API with an operator's prompt blocklist, on a database and queue of
+their own (the session's sweeper would otherwise hand their slow predictions to the session's worker, which has
+no checker); each tenant's policy (block,
 blur, flag) through the real worker and API in several dialects, the checker turned off where allowed and
 refused where not; and, on the session's stack (no checker), every result saying that nothing was checked."""
 
 from __future__ import annotations
 
 import io
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +16,17 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
+from core.db import make_sync_engine
+from core.settings import Settings
 from core.storage import make_s3_client
 from core.tables import predictions, usage_records
 from core.tenants import IssuedKey
 from ops.embedded import start_api, start_worker
-from tests.conftest import Stack, make_tenant
+from ops.migrate import migrate
+from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.stack import create_database, drop_database
 
 WAVESPEED = "/api/v3/wavespeed-ai/flux-2-klein-4b/text-to-image"
 REPLICATE = "/v1/models/black-forest-labs/flux-2-klein-4b/predictions"
@@ -30,6 +37,7 @@ SMALL_WAVESPEED = {"size": "256*256", "enable_sync_mode": True}
 @dataclass
 class Checked:
     url: str
+    engine: Engine
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +47,14 @@ def checked(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from models.tiny_safety import save
 
     folder = tmp_path_factory.mktemp("safety")
+    database = f"klein_test_safety_{secrets.token_hex(4)}"
+    database_url = create_database(database)
+    migrate(Settings(database_url=database_url).sync_database_url)
+    engine = make_sync_engine(Settings(database_url=database_url))
     blocklist = folder / "blocklist.txt"
     blocklist.write_text("# the operator's terms\nforbidden thing\nzorblax\n")
     env = stack.env | {
+        "KLEIN_DATABASE_URL": database_url,
         "KLEIN_QUEUE_NAME": stack.env["KLEIN_QUEUE_NAME"] + "-safety",
         "KLEIN_SAFETY_MODEL": str(save(folder / "nsfw-classifier", "nsfw")),
         "KLEIN_PROMPT_BLOCKLIST": str(blocklist),
@@ -50,14 +63,16 @@ def checked(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     worker = start_worker(env, folder / "worker.log", "safety-worker")
     api, url = start_api(env, folder / "api.log")
     try:
-        yield Checked(url)
+        yield Checked(url, engine)
     finally:
         api.stop()
         worker.stop()
+        engine.dispose()
+        drop_database(database)
 
 
-def tenant_with(stack: Stack, **settings: Any) -> IssuedKey:
-    return make_tenant(stack.engine, **settings)
+def tenant_with(checked: Checked, **settings: Any) -> IssuedKey:
+    return make_tenant(checked.engine, **settings)
 
 
 def http(url: str, key: IssuedKey) -> httpx.Client:
@@ -70,8 +85,8 @@ def stored_objects(stack: Stack, key: IssuedKey) -> list[str]:
     return [item["Key"] for item in listed.get("Contents", [])]
 
 
-def billed(stack: Stack, key: IssuedKey) -> int:
-    with stack.engine.connect() as conn:
+def billed(checked: Checked, key: IssuedKey) -> int:
+    with checked.engine.connect() as conn:
         count = select(func.count()).where(usage_records.c.tenant_id == key.tenant_id)
         return int(conn.execute(count).scalar_one())
 
@@ -88,7 +103,7 @@ def sharpness(data: bytes) -> float:
 def test_block_fails_the_prediction_in_each_dialect_with_nothing_stored_or_billed(
     checked: Checked, stack: Stack
 ) -> None:
-    key = tenant_with(stack)  # the default policy: block
+    key = tenant_with(checked)  # the default policy: block
     with http(checked.url, key) as client:
         pruna = client.post("/v1/predictions", headers=PRUNA, json={"input": {"prompt": "a lake", "seed": 1}})
         assert pruna.status_code == 200, pruna.text
@@ -108,11 +123,11 @@ def test_block_fails_the_prediction_in_each_dialect_with_nothing_stored_or_bille
         wavespeed = client.post(WAVESPEED, json={"prompt": "a lake"} | SMALL_WAVESPEED).json()["data"]
         assert wavespeed["status"] == "failed" and wavespeed["outputs"] == [], wavespeed
         assert wavespeed["has_nsfw_contents"] == [True] and "content policy" in wavespeed["error"]
-    assert stored_objects(stack, key) == [] and billed(stack, key) == 0
+    assert stored_objects(stack, key) == [] and billed(checked, key) == 0
 
 
 def test_blur_stores_a_blurred_image_and_flag_stores_it_as_made(checked: Checked, stack: Stack) -> None:
-    blurring, flagging = tenant_with(stack, safety_policy="blur"), tenant_with(stack, safety_policy="flag")
+    blurring, flagging = tenant_with(checked, safety_policy="blur"), tenant_with(checked, safety_policy="flag")
     same = {"prompt": "a lake", "seed": 7} | SMALL_WAVESPEED
     images = {}
     for key in (blurring, flagging):
@@ -140,11 +155,16 @@ def test_blur_stores_a_blurred_image_and_flag_stores_it_as_made(checked: Checked
         assert record["status"] == "SUCCESS" and httpx.get(record["temporaryUrl"]).status_code == 200
         pruna = client.get(f"/v1/predictions/status/{record['uuid']}").json()
         assert pruna["safety"]["flagged"] == [True] and pruna["safety"]["policy"] == "flag"
-    assert billed(stack, flagging) == 2  # flagged outputs are stored and billed like any
+    assert billed(checked, flagging) == 2  # flagged outputs are stored and billed like any
+
+    listed = httpx.get(f"{checked.url}/admin/v1/flagged", headers={"X-Admin-Key": ADMIN_KEY}, timeout=30).json()
+    mine = [row for row in listed["data"] if row["tenant_id"] == blurring.tenant_id]
+    assert len(mine) == 2 and {row["safety"]["policy"] for row in mine} == {"blur"}
+    assert all("outputs" not in row for row in mine)  # what was found, never the images
 
 
 def test_turning_the_checker_off_is_refused_unless_the_tenant_allows_it(checked: Checked, stack: Stack) -> None:
-    strict, relaxed = tenant_with(stack), tenant_with(stack, allow_disable_safety_checker=True)
+    strict, relaxed = tenant_with(checked), tenant_with(checked, allow_disable_safety_checker=True)
     off_replicate = {"input": {"prompt": "a lake", "disable_safety_checker": True, "output_megapixels": "0.25"}}
     off_wavespeed = {"prompt": "a lake", "enable_safety_checker": False} | SMALL_WAVESPEED
     with http(checked.url, strict) as client:
@@ -154,7 +174,7 @@ def test_turning_the_checker_off_is_refused_unless_the_tenant_allows_it(checked:
         assert envelope["code"] == 422 and "enable_safety_checker: relaxing or turning off" in envelope["message"]
         low = client.post("/v1/images/generations", json={"prompt": "a lake", "size": "256x256", "moderation": "low"})
         assert low.status_code == 422 and "moderation" in low.json()["error"]["message"], low.text
-    with stack.engine.connect() as conn:
+    with checked.engine.connect() as conn:
         count = select(func.count()).where(predictions.c.tenant_id == strict.tenant_id)
         assert conn.execute(count).scalar_one() == 0  # nothing stored for a refused request
 
@@ -171,7 +191,7 @@ def test_turning_the_checker_off_is_refused_unless_the_tenant_allows_it(checked:
 
 
 def test_blocked_prompts_are_refused_before_anything_is_stored(checked: Checked, stack: Stack) -> None:
-    key = tenant_with(stack, safety_policy="flag", blocked_terms=["purple giraffe"])
+    key = tenant_with(checked, safety_policy="flag", blocked_terms=["purple giraffe"])
     with http(checked.url, key) as client:
         for prompt in ("a ZORBLAX in the sky", "a p u r p l e   giraffe", "a Ｆorbidden-thing"):
             openai = client.post("/v1/images/generations", json={"prompt": prompt, "size": "256x256"})
@@ -183,7 +203,7 @@ def test_blocked_prompts_are_refused_before_anything_is_stored(checked: Checked,
             assert envelope["code"] == 400 and "content policy" in envelope["message"], envelope
         passing = client.post(WAVESPEED, json={"prompt": "a purple giraffine shape, zorblaxian"} | SMALL_WAVESPEED)
         assert passing.json()["data"]["status"] == "completed", passing.text
-    with stack.engine.connect() as conn:
+    with checked.engine.connect() as conn:
         count = select(func.count()).where(predictions.c.tenant_id == key.tenant_id)
         assert conn.execute(count).scalar_one() == 1  # only the innocent one
 
