@@ -4,9 +4,8 @@ what a request asked for (a dialect's flag that turns the checker off), what a p
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
-
-import orjson
 
 Policy = Literal["block", "blur", "flag"]
 Effective = Literal["block", "blur", "flag", "off"]  # "off": the request turned the checker off, as allowed
@@ -49,7 +48,9 @@ def status_key(queue_name: str, model_id: str) -> str:
 
 
 def checker_status(model: str | None, labels: list[str], threshold: float) -> bytes:
-    return orjson.dumps({"checked": model is not None, "model": model, "labels": labels, "threshold": threshold})
+    # json, not orjson: models/klein.py imports this module, and the GPU bench's machines have no orjson
+    status = {"checked": model is not None, "model": model, "labels": labels, "threshold": threshold}
+    return json.dumps(status).encode()
 
 
 def unchecked(policy: str, reason: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from core.settings import Settings
 from core.storage import output_key
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
-from worker import safety
+from worker import safety, safety_audit
 from worker.batch import Item, ms
 from worker.encode import encode
 from worker.leases import Lease, all_stopped
@@ -102,7 +102,7 @@ class Generator:
             if checked.record["checked"]:
                 item.timings["safety_ms"] = check_ms
             item.safety = checked.record
-            safety.account(item, checked.record, self.settings.metrics_per_tenant)
+            safety_audit.account(item, checked.record, self.settings.metrics_per_tenant)
             reason = lease.stop_reason()  # canceled, or timed out, while the others ran on
             try:
                 if reason is not None:
