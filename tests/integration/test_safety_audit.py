@@ -20,10 +20,10 @@ from worker.safety_audit import account
 
 
 def item(tenant_id: str) -> Item:
-    now = datetime.now(UTC)
-    row = {"id": secrets.token_hex(8), "tenant_id": tenant_id, "created_at": now, "started_at": now}
+    now, prediction_id = datetime.now(UTC), secrets.token_hex(8)
+    row = {"id": prediction_id, "tenant_id": tenant_id, "created_at": now, "started_at": now}
     settings = Settings(queue_name=f"klein-test-audit-{secrets.token_hex(4)}")
-    return Item(row, Report(redis.Redis.from_url(REDIS_URL), settings, row["id"], now))
+    return Item(row, Report(redis.Redis.from_url(REDIS_URL), settings, prediction_id, now))
 
 
 def count(name: str, **labels: str) -> float:
