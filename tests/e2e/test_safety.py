@@ -8,9 +8,13 @@ refused where not; and, on the session's stack (no checker), every result saying
 from __future__ import annotations
 
 import io
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +42,7 @@ SMALL_WAVESPEED = {"size": "256*256", "enable_sync_mode": True}
 class Checked:
     url: str
     engine: Engine
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def checked(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     worker = start_worker(env, folder / "worker.log", "safety-worker")
     api, url = start_api(env, folder / "api.log")
     try:
-        yield Checked(url, engine)
+        yield Checked(url, engine, env)
     finally:
         api.stop()
         worker.stop()
@@ -222,3 +227,27 @@ def test_without_a_checker_every_result_says_nothing_was_checked(client: httpx.C
     assert "KLEIN_SAFETY_MODEL unset" in body["safety"]["reason"]
     data = client.post(WAVESPEED, json={"prompt": "a lake"} | SMALL_WAVESPEED).json()["data"]
     assert data["status"] == "completed" and data["has_nsfw_contents"] == [None], data
+
+
+def test_operators_set_the_policy_with_the_admin_api_and_the_cli(checked: Checked, tmp_path: Path) -> None:
+    key = tenant_with(checked)
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    url = f"{checked.url}/admin/v1/tenants/{key.tenant_id}"
+    for bad in ({"safety_policy": "hide"}, {"blocked_terms": ["x" * 201]}, {"allow_disable_safety_checker": "maybe"}):
+        assert httpx.patch(url, headers=admin, json=bad, timeout=30).status_code == 422, bad
+    changed = httpx.patch(url, headers=admin, json={"safety_policy": "flag"}, timeout=30).json()
+    assert changed["safety_policy"] == "flag" and changed["allow_disable_safety_checker"] is None
+    with http(checked.url, key) as client:  # at once: the API's cached key lookups were dropped
+        data = client.post(WAVESPEED, json={"prompt": "a lake"} | SMALL_WAVESPEED).json()["data"]
+        assert data["status"] == "completed" and data["has_nsfw_contents"] == [True], data
+
+    terms = tmp_path / "terms.txt"
+    terms.write_text("# this tenant's own\nteal walrus\n")
+    env = os.environ | {k: v for k, v in checked.env.items() if k.startswith("KLEIN_")}
+    args = ["set-limits", key.tenant_id, "--safety-policy", "blur", "--blocked-terms-file", str(terms)]
+    done = subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert '"safety_policy": "blur"' in done.stdout and '"teal walrus"' in done.stdout
+    with http(checked.url, key) as client:
+        refused = client.post(WAVESPEED, json={"prompt": "a Teal  Walrus"} | SMALL_WAVESPEED).json()
+        assert refused["code"] == 400 and "blocked terms" in refused["message"], refused
