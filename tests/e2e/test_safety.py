@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from playwright.sync_api import Browser, expect
 from sqlalchemy import Engine, func, select
 
 from core.db import make_sync_engine
@@ -29,6 +30,7 @@ from core.tables import predictions, usage_records
 from core.tenants import IssuedKey
 from ops.embedded import start_api, start_worker
 from ops.migrate import migrate
+from tests.browser import DESKTOP, Tab
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
 from tests.stack import create_database, drop_database
 
@@ -251,3 +253,24 @@ def test_operators_set_the_policy_with_the_admin_api_and_the_cli(checked: Checke
     with http(checked.url, key) as client:
         refused = client.post(WAVESPEED, json={"prompt": "a Teal  Walrus"} | SMALL_WAVESPEED).json()
         assert refused["code"] == 400 and "blocked terms" in refused["message"], refused
+
+
+def test_the_console_lists_flagged_predictions_without_their_images(checked: Checked, browser: Browser) -> None:
+    key = tenant_with(checked, safety_policy="blur")
+    with http(checked.url, key) as client:
+        made = client.post(WAVESPEED, json={"prompt": "a lake"} | SMALL_WAVESPEED).json()["data"]
+        assert made["status"] == "completed", made
+    tab = Tab.open(browser, DESKTOP)
+    try:
+        page = tab.page
+        page.goto(f"{checked.url}/console")
+        page.fill("#admin-key", ADMIN_KEY)
+        page.press("#admin-key", "Enter")
+        row = page.locator(f'#flagged-body tr[data-prediction-id="{made["id"]}"]')
+        expect(row.locator("td").nth(2)).to_have_text("blur")
+        expect(row.locator("td").nth(3)).to_have_text("1 of 1")
+        expect(page.locator("section[aria-labelledby=flagged-title] img")).to_have_count(0)
+        assert not [r.url for r in tab.requests if "/delivery/" in r.url]  # no image fetched either
+        tab.assert_clean()
+    finally:
+        tab.close()
