@@ -45,6 +45,14 @@ class Invalid(ServiceError):
     """The request's own values are wrong; the message names the field."""
 
 
+class ContentRefused(ServiceError):
+    """The content policy refused the request (its prompt) or its outputs (docs/safety.md). The message names the
+    policy, never the term that matched. Raised with `code=CONTENT_POLICY` (OpenAI's error code for it)."""
+
+
+CONTENT_POLICY = "content_policy_violation"
+
+
 class Unauthenticated(ServiceError):
     pass
 
@@ -95,6 +103,7 @@ class TimedOut(ServiceError):
 # The one table: what each kind of error answers.
 ANSWERS: dict[type[ServiceError], int] = {
     BadRequest: 400,
+    ContentRefused: 400,
     Unauthenticated: 401,
     Forbidden: 403,
     NotFound: 404,

@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="--compare: folder of the variants' own records")
     parser.add_argument("--breakdown", type=int, help="one more call per scenario, timed per part (1 on CUDA)")
     parser.add_argument("--fp8-error", action="store_true", help="FP8 vs bf16 relative error on the same inputs")
+    parser.add_argument("--no-safety", action="store_true", help="skip the image checker's scenario (bench/safety.py)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 rate of the floor")
     parser.add_argument("--json", type=Path, help="also write every figure here (after every variant)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # --compare's child: run this one variant
@@ -161,12 +162,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ERROR {error}", file=sys.stderr)
         report |= {k: record.get(k) for k in ("settings", "outcomes", "startup", "start_s", "status", "errors")}
         report |= {"speedups": record.get("outcomes"), "results": record["results"]}
+    if not args.no_safety:  # the image checker on the same device, its own scenario
+        report["safety_checker"] = measure_safety(device)
     if args.fp8_error:
         report["fp8_difference"] = measure_fp8_error(args, env, scenarios[0])
         print("FP8 vs bf16 on the same inputs:", json.dumps(report["fp8_difference"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0
+
+
+def measure_safety(device: Any) -> list[dict[str, Any]] | dict[str, str]:
+    """bench/safety.py's figures on this device, after the pipeline's scenarios (their memory released): the
+    reference checker's shape (ViT-base, random weights) on CUDA; the tiny one on CPU, where `python -m
+    bench.safety` is the command (the test suite runs the CPU modes)."""
+    from bench.safety import measure, table
+
+    try:
+        rows = measure(device, kinds=("vit-base",) if device.type == "cuda" else ("tiny",))
+    except Exception as exc:  # the pipeline's figures stand without it
+        print(f"ERROR safety checker scenario: {exc!r}", file=sys.stderr)
+        return {"error": repr(exc)}
+    print(table(rows, device, 1024), flush=True)
+    return rows
 
 
 def measure_fp8_error(args: argparse.Namespace, env: Any, scenario: Scenario) -> dict[str, Any]:

@@ -208,9 +208,16 @@ def complete(
     outputs: list[dict[str, Any]] | BindParameter[Any],
     timings: dict[str, int] | BindParameter[Any],
     logs: list[dict[str, str]] | BindParameter[Any] | None = None,
+    safety: dict[str, Any] | BindParameter[Any] | None = None,
 ) -> Update:
     return _finish(
-        prediction_id, worker_id, Status.COMPLETED, outputs=outputs, timings=timings, logs=[] if logs is None else logs
+        prediction_id,
+        worker_id,
+        Status.COMPLETED,
+        outputs=outputs,
+        timings=timings,
+        logs=[] if logs is None else logs,
+        safety=safety,
     )
 
 
@@ -220,9 +227,16 @@ def fail(
     error: str | BindParameter[Any],
     timings: dict[str, int] | BindParameter[Any],
     logs: list[dict[str, str]] | BindParameter[Any] | None = None,
+    safety: dict[str, Any] | BindParameter[Any] | None = None,
 ) -> Update:
     return _finish(
-        prediction_id, worker_id, Status.FAILED, error=error, timings=timings, logs=[] if logs is None else logs
+        prediction_id,
+        worker_id,
+        Status.FAILED,
+        error=error,
+        timings=timings,
+        logs=[] if logs is None else logs,
+        safety=safety,
     )
 
 

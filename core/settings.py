@@ -152,6 +152,15 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None  # if set, GET /metrics wants `Authorization: Bearer <token>`
     metrics_refresh_s: float = Field(5.0, ge=0)  # the API reads its platform gauges (SQL, Redis) at most this often
 
+    # Safety (docs/safety.md). The image checker: an image-classification folder or hub id (loaded offline like the
+    # Klein weights; unset: no checker runs, and every result says `checked: false`), the labels of its id2label
+    # that count as unsafe, and the probability (summed over those labels) from which an output is flagged.
+    safety_model: str | None = None
+    safety_labels: list[str] = ["nsfw"]
+    safety_threshold: float = Field(0.5, gt=0, le=1)
+    # The prompt policy's operator file: one blocked term or phrase per line (# comments); tenants add their own.
+    prompt_blocklist: str | None = None
+
     # Worker speed switches (see models/optimize.py); all off means the plain diffusers pipeline.
     dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")  # auto: bf16 on CUDA, fp32 on CPU
     attention_backend: str = "auto"  # auto: FA3, flash-attn, cuDNN SDPA (first that works) on CUDA; native on CPU

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -22,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
+FLAGGED = "safety @> '{\"flagged\": [true]}'"  # a prediction with an output the image checker flagged
 
 tenants = Table(
     "tenants",
@@ -36,6 +38,13 @@ tenants = Table(
     Column("tenant_rate_limit_per_minute", Integer),  # all keys together; NULL: the per-key limit
     Column("retention_s", Integer),  # outputs and references kept after a prediction finishes (core/retention.py)
     Column("suspended_at", DateTime(timezone=True)),  # an operator suspended it: submits refused; NULL: active
+    # Safety (core/safety.py, docs/safety.md): NULL means block, not allowed, no terms of its own.
+    Column("safety_policy", String(8)),
+    Column("allow_disable_safety_checker", Boolean),
+    Column("blocked_terms", JSONB),  # added to the operator's prompt blocklist
+    CheckConstraint(
+        "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
+    ),
 )
 
 api_keys = Table(
@@ -79,6 +88,7 @@ predictions = Table(
     Column("priority", SmallInteger, nullable=False, server_default="0"),  # the queue's (core.quota.queue_priority)
     Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
     Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
+    Column("safety", JSONB),  # what the image checker found and did (core/safety.py); NULL: from before it
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -89,6 +99,8 @@ predictions = Table(
     Index("predictions_failed", "completed_at", postgresql_where=text("status = 'failed'")),  # the console's
     # A worker's look for companions of its claim, in the queue's order (core/lifecycle.py, batch_candidates).
     Index("predictions_batchable", "model", "priority", "created_at", postgresql_where=text("status = 'created'")),
+    # The operators' list of what the image checker flagged (GET /admin/v1/flagged), newest first.
+    Index("predictions_flagged", "completed_at", postgresql_where=text(FLAGGED)),
     # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.
     Index(
         "predictions_unexpired",

@@ -21,6 +21,9 @@ LIMIT_FIELDS = (
     "max_in_flight",
     "price_per_image",
     "retention_s",  # seconds a finished prediction's objects are kept (core/retention.py)
+    "safety_policy",  # block, blur or flag (core/safety.py)
+    "allow_disable_safety_checker",
+    "blocked_terms",  # the tenant's additions to the prompt blocklist (core/prompt_policy.py)
 )
 MAX_RETENTION_S = 3650 * 86400  # ten years
 

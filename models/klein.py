@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core import lora
+from core.safety import Effective
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
 InputAspectRatio = Literal[
@@ -147,6 +148,8 @@ class GenerationParams(BaseModel):
     # stored with the prediction so a redelivered task sees the same inputs.
     reference_keys: tuple[str, ...] = ()
     loras: tuple[LoraRef, ...] = ()  # applied in this order with their scales
+    # The image checker's policy for this prediction (core/safety.py): its tenant's, or "off" as the request asked.
+    safety: Effective = "block"
 
     @property
     def megapixels(self) -> float:
@@ -176,6 +179,9 @@ class KleinInput(BaseModel):
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
     loras: Loras = []
+    disable_safety_checker: bool = Field(
+        False, description="Turn the output safety checker off; refused unless the account allows it (docs/safety.md)"
+    )
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):

@@ -19,12 +19,14 @@ Operator actions, through the admin API (KLEIN_ADMIN_URL, KLEIN_ADMIN_API_KEY; o
     klein suspend TENANT | resume TENANT
     klein deliveries [--tenant T] [--status S] [--receiver HOST] [--limit N]
     klein replay DELIVERY_ID | replay --tenant T [--status failed|gone] [--limit N]
+    klein build-tiny-safety DIR [--kind K]   save a test safety classifier (random, nsfw, normal, bright, vit-base)
 
 TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute per key),
 --tenant-rate-limit N (per minute, all keys together; default: the per-key limit),
 --max-in-flight N (queued + processing), --price P (USD per image) and --retention-days D (how long
 outputs and references are kept after a prediction finishes, e.g. 30 or 0.5; 0 keeps nothing after a
-synchronous answer delivered them; docs/retention.md); "default" resets one.
+synchronous answer delivered them; docs/retention.md); "default" resets one. Safety: --safety-policy
+block|blur|flag, --allow-disable-safety-checker yes|no, --blocked-terms-file FILE (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -70,6 +72,42 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
     )
+    _add_safety(parser)
+
+
+def _add_safety(parser: argparse.ArgumentParser) -> None:
+    """The tenant's safety settings (docs/safety.md); "default" resets one."""
+    policy = parser.add_argument_group("safety (docs/safety.md)")
+    policy.add_argument(
+        "--safety-policy", dest="safety_policy", choices=("block", "blur", "flag", "default"), default=argparse.SUPPRESS
+    )
+    policy.add_argument(
+        "--allow-disable-safety-checker",
+        dest="allow_disable_safety_checker",
+        type=_yes_no,
+        metavar="yes|no|default",
+        default=argparse.SUPPRESS,
+    )
+    policy.add_argument(
+        "--blocked-terms-file",
+        dest="blocked_terms",
+        metavar="FILE",
+        type=_terms_file,
+        default=argparse.SUPPRESS,
+        help="the tenant's own blocked terms, one a line (replaces its list; 'default' clears it)",
+    )
+
+
+def _yes_no(value: str) -> bool | None:
+    if value not in ("yes", "no", "default"):
+        raise argparse.ArgumentTypeError("yes, no or default")
+    return None if value == "default" else value == "yes"
+
+
+def _terms_file(value: str) -> list[str] | None:
+    from core.prompt_policy import read_terms
+
+    return None if value == "default" else list(read_terms(value))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain-worker", help="drain a GPU worker: it finishes what it holds, takes nothing new")
     drain.add_argument("name", help="its Celery node name (as `celery inspect` shows it) or worker id")
     actions.add_commands(sub)
+    checker = sub.add_parser("build-tiny-safety", help="save a test image classifier for the safety checker")
+    checker.add_argument("directory", type=Path)
+    checker.add_argument("--kind", choices=("random", "nsfw", "normal", "bright", "vit-base"), default="random")
     return parser
 
 
@@ -129,6 +170,8 @@ def _admin(args: argparse.Namespace) -> int:
     from core.db import make_sync_engine
 
     limits = {k: getattr(args, k) for k in tenants.LIMIT_FIELDS if hasattr(args, k)}
+    if limits.get("safety_policy") == "default":
+        limits["safety_policy"] = None
 
     def tenant_id(conn: Connection, name_or_id: str) -> str:
         found = conn.execute(tenants.find_tenant(name_or_id)).first()
@@ -191,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         from ops import workers
 
         return workers.list_workers() if args.command == "workers" else workers.drain(args.name)
+    elif args.command == "build-tiny-safety":
+        from models.tiny_safety import save
+
+        print(save(args.directory, args.kind))
     else:
         return _admin(args)
     return 0

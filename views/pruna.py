@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import safety
 from core.lifecycle import Status
 from views.common import STATUS_WORDS, Row, output_urls
 
@@ -24,6 +25,7 @@ def view(row: Row, base_url: str, live: dict[str, Any] | None = None) -> dict[st
         "completed_at": row["completed_at"],
         "timings": row["timings"],
         "error": row["error"],
+        "safety": safety.public(row.get("safety")),
     }
     if status == Status.COMPLETED:
         urls = output_urls(base_url, row)

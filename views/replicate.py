@@ -38,7 +38,9 @@ class ReplicateInput(BaseModel):
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(95, description="1–100, for jpg and webp")
     go_fast: bool = Field(False, description="Accepted without effect: the workers always run their fastest setup")
-    disable_safety_checker: bool = Field(False, description="Accepted without effect: no safety checker runs here")
+    disable_safety_checker: bool = Field(
+        False, description="Turn the output safety checker off; refused unless the account allows it (docs/safety.md)"
+    )
 
     @model_validator(mode="after")
     def _one_name_for_references(self) -> ReplicateInput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import safety
 from core.lifecycle import Status
 from views.common import Row, iso_z
 
@@ -27,7 +28,7 @@ def view(row: Row, base_url: str, outputs: list[str]) -> dict[str, Any]:
         "model": row["input"].get("model", row["model"]),
         "outputs": outputs if done else [],
         "urls": {"get": f"{base_url}/api/v3/predictions/{row['id']}/result"},
-        "has_nsfw_contents": [False] * len(row["outputs"]),  # no safety checker runs on this platform
+        "has_nsfw_contents": safety.has_nsfw_contents(row.get("safety"), len(row["outputs"])),
         "status": STATUS_WORDS[status],
         "created_at": iso_z(row["created_at"]),
         "error": row["error"] or ("canceled" if status is Status.CANCELED else ""),

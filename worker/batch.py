@@ -34,6 +34,7 @@ class Item:
     timings: dict[str, int] = field(default_factory=dict)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     error: BaseException | None = None
+    safety: dict[str, Any] | None = None  # the image checker's record (core/safety.py), kept with the prediction
 
     def __post_init__(self) -> None:
         self.timings["queue_ms"] = ms((self.row["started_at"] - self.row["created_at"]).total_seconds())

@@ -12,10 +12,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL.Image import Image
 
 from core import images, lora, tracing
+from core import safety as core_safety
 from core.settings import Settings
 from core.storage import output_key
 from models.klein import GenerationParams
 from models.klein_pipeline import KleinPipeline, Stop
+from worker import safety, safety_audit
 from worker.batch import Item, ms
 from worker.encode import encode
 from worker.leases import Lease, all_stopped
@@ -34,11 +36,19 @@ class StorageUnavailable(RuntimeError):
 class Generator:
     """Runs a batch through the worker's pipeline and stores its results."""
 
-    def __init__(self, settings: Settings, pipeline: KleinPipeline, loras: LoraCache, s3: S3Client) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: KleinPipeline,
+        loras: LoraCache,
+        s3: S3Client,
+        checker: safety.Checker | None = None,
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.loras = loras
         self.s3 = s3
+        self.checker = checker
 
     def generate(self, batch: list[Item], leases: list[Lease]) -> None:
         """Run the batch's pipeline call, then encode and upload each prediction's images. Sets each item's
@@ -77,15 +87,31 @@ class Generator:
                 item.error = exc
             return
         inference_ms = ms(time.perf_counter() - started)
-        for (item, lease, params), outputs in zip(live, results, strict=True):
+        started = time.perf_counter()
+        try:  # every output of the call in one pass, before anything is encoded or stored
+            with tracing.span("safety check", prediction_id=ids, images=count):
+                reviews = safety.review(self.checker, [params.safety for _, _, params in live], results)
+        except Exception as exc:  # fails closed: nothing unchecked is stored
+            log.exception("safety check for %s failed", ids)
+            for item, _, _ in live:
+                item.error = exc
+            return
+        check_ms = ms(time.perf_counter() - started)
+        for (item, lease, params), checked in zip(live, reviews, strict=True):
             item.timings["inference_ms"] = inference_ms
+            if checked.record["checked"]:
+                item.timings["safety_ms"] = check_ms
+            item.safety = checked.record
+            safety_audit.account(item, checked.record, self.settings.metrics_per_tenant)
             reason = lease.stop_reason()  # canceled, or timed out, while the others ran on
             try:
                 if reason is not None:
                     raise Stop(reason)
-                item.outputs = self._store(item, params, outputs)
+                if checked.blocked:
+                    raise safety.ContentBlocked(core_safety.BLOCKED_ERROR)
+                item.outputs = self._store(item, params, checked.outputs)
             except Exception as exc:
-                if not isinstance(exc, Stop | StorageUnavailable):
+                if not isinstance(exc, Stop | StorageUnavailable | safety.ContentBlocked):
                     log.exception("prediction %s failed", item.row["id"])
                 item.error = exc
 
@@ -151,6 +177,8 @@ def failure_reason(exc: BaseException) -> str:
         return "timeout" if "timed out" in str(exc) else "canceled"
     if isinstance(exc, StorageUnavailable):
         return "storage"
+    if isinstance(exc, safety.ContentBlocked):
+        return "content_policy"
     if isinstance(exc, lora.LoraError):
         return "lora"
     if "out of memory" in str(exc).lower():
@@ -160,7 +188,7 @@ def failure_reason(exc: BaseException) -> str:
 
 def readable(exc: BaseException) -> str:
     """The reason a client reads: ours where we wrote one, never an exception's own text (the log has it)."""
-    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError):  # written for the client already
+    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError | safety.ContentBlocked):  # written for clients
         return str(exc)
     if "out of memory" in str(exc).lower():
         return "the GPU ran out of memory for this request; try a smaller size or fewer images"

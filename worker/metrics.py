@@ -38,6 +38,15 @@ BATCH_PREDICTIONS = Histogram(
     "Predictions sharing one pipeline call, for calls of more than one (micro-batching, KLEIN_BATCH_SIZE)",
     buckets=(2, 3, 4, 6, 8, 12, 16),
 )
+# The image checker (worker/safety.py, docs/safety.md): predictions by what the check did (passed, flagged,
+# blurred, blocked; unchecked: no checker, or turned off by the request) and flagged outputs. The model is the
+# worker's (klein_worker_info); `tenant` is "" unless KLEIN_METRICS_PER_TENANT (a series per tenant).
+SAFETY_PREDICTIONS = Counter(
+    "klein_worker_safety_predictions", "Predictions by what the safety check did", ["outcome", "tenant"]
+)
+SAFETY_FLAGGED_OUTPUTS = Counter(
+    "klein_worker_safety_flagged_outputs", "Outputs the safety checker flagged", ["tenant"]
+)
 MODEL_LOAD_SECONDS = Gauge("klein_worker_model_load_seconds", "Loading the pipeline's weights at start")
 MODEL_WARMUP_SECONDS = Gauge("klein_worker_model_warmup_seconds", "Warming the pipeline up at start")
 PIPELINE_STATE = Enum("klein_worker_pipeline_state", "The pipeline's state", states=["loading", "warming", "ready"])

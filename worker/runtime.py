@@ -20,7 +20,7 @@ import redis
 import structlog
 from sqlalchemy import BindParameter, Engine, bindparam, select
 
-from core import events, lifecycle, logs, lora, progress, quota, redis_connection, tracing, usage
+from core import events, lifecycle, logs, lora, progress, quota, redis_connection, safety, tracing, usage
 from core.db import make_sync_engine
 from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
@@ -36,6 +36,7 @@ from worker.generation import Generator, failure_reason, readable
 from worker.leases import Heartbeat
 from worker.loras import LoraCache
 from worker.report import Report
+from worker.safety import Checker
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -58,6 +59,7 @@ class WorkerRuntime:
     worker_id: str
     loras: LoraCache
     node: str = ""  # the Celery node name
+    checker: Checker | None = None  # the image checker (worker/safety.py); None: none configured
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -72,11 +74,14 @@ class WorkerRuntime:
         )
         timings: BindParameter[Any] = bindparam("final_timings")
         logs: BindParameter[Any] = bindparam("final_logs")
-        completed = lifecycle.complete(bindparam("prediction_id"), wid, bindparam("final_outputs"), timings, logs)
-        failed = lifecycle.fail(bindparam("prediction_id"), wid, bindparam("final_error"), timings, logs)
+        checked: BindParameter[Any] = bindparam("final_safety")
+        outputs: BindParameter[Any] = bindparam("final_outputs")
+        error: BindParameter[Any] = bindparam("final_error")
+        completed = lifecycle.complete(bindparam("prediction_id"), wid, outputs, timings, logs, checked)
+        failed = lifecycle.fail(bindparam("prediction_id"), wid, error, timings, logs, checked)
         self.complete = usage.finish_and_bill(completed, price)
         self.fail = usage.finish_and_bill(failed, price)
-        self.generator = Generator(s, self.pipeline, self.loras, self.s3)
+        self.generator = Generator(s, self.pipeline, self.loras, self.s3, self.checker)
         self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
 
     @classmethod
@@ -93,7 +98,11 @@ class WorkerRuntime:
         metrics.MODEL_LOAD_SECONDS.set(pipeline.startup.load_s)
         metrics.MODEL_WARMUP_SECONDS.set(pipeline.startup.warmup_s)
         metrics.PIPELINE_STATE.state("ready")
+        checker = Checker.from_settings(settings, pipeline.device)  # after the pipeline: the same device
         client = redis_connection.sync_client(settings)  # TLS, ACL user, Sentinel; commands not retried
+        # What checker this model's workers run, for GET /v1/models (the last worker to start says it).
+        status = (checker.name, checker.labels, checker.threshold) if checker else (None, [], settings.safety_threshold)
+        client.set(safety.status_key(settings.queue_name, settings.model_id), safety.checker_status(*status))
         # What a LoRA of this model may name, for the API's checks at submit (api/services/loras.py).
         client.set(lora.targets_key(settings.queue_name, settings.model_id), orjson.dumps(pipeline.lora_targets))
         runtime = cls(
@@ -108,6 +117,7 @@ class WorkerRuntime:
             worker_id=worker_id,
             loras=LoraCache(settings, s3, pipeline.lora_targets, pipeline.prepare_lora),
             node=node,
+            checker=checker,
         )
         sweeper = Sweeper(settings, runtime.engine, runtime.redis, runtime.s3)  # s3: the retention reaper
         sweeping = (sweeper, runtime.stopping, sweep_metrics.observe)
@@ -196,6 +206,7 @@ class WorkerRuntime:
             report.note("completed")
             outcome, reason = "completed", ""
         values |= {"prediction_id": prediction_id, "final_timings": timings, "final_logs": report.logs}
+        values["final_safety"] = item.safety
         values |= usage.charges(row["params"], len(item.outputs))
         with tracing.span("finish", prediction_id=prediction_id, failed="final_error" in values):
             finished = self.db.run(lambda conn: first(conn, finish, values))

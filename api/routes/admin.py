@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import RowMapping, select
+from sqlalchemy import RowMapping, select, text
 from sqlalchemy.exc import IntegrityError
 
 from api.context import AppContext, get_ctx
@@ -20,10 +20,11 @@ from api.services import fleet, operations
 from api.services.auth import keys_changed, presented_key
 from core import tenants
 from core.lifecycle import Status
-from core.tables import predictions
+from core.tables import FLAGGED, predictions
 from models.registry import MODELS
 
 ADMIN_FAILURE_WINDOW_MS = 60_000
+MAX_TERMS, MAX_TERM_CHARS = 1000, 200  # a tenant's blocked terms
 
 
 async def require_admin(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> None:
@@ -78,6 +79,16 @@ class Limits(BaseModel):
         le=tenants.MAX_RETENTION_S,
         description="seconds outputs and references are kept after a prediction finishes; 0: none after a "
         "synchronous answer delivered them; null: platform default (docs/retention.md)",
+    )
+    # Safety (docs/safety.md)
+    safety_policy: Literal["block", "blur", "flag"] | None = Field(
+        None, description="what a flagged output does: block (default), blur or flag; null: block"
+    )
+    allow_disable_safety_checker: bool | None = Field(
+        None, description="may requests turn the image checker off (disable_safety_checker …); null: false"
+    )
+    blocked_terms: list[Annotated[str, Field(min_length=1, max_length=MAX_TERM_CHARS)]] | None = Field(
+        None, max_length=MAX_TERMS, description="the tenant's additions to the operator's prompt blocklist"
     )
 
 
@@ -178,6 +189,21 @@ async def recent_failures(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] =
     query = (
         select(p.c.id, p.c.tenant_id, p.c.model, p.c.error, p.c.created_at, p.c.completed_at)
         .where(p.c.status == Status.FAILED)
+        .order_by(p.c.completed_at.desc().nulls_last())
+        .limit(limit)
+    )
+    async with ctx.engine.connect() as conn:
+        return {"data": [dict(row) for row in (await conn.execute(query)).mappings()]}
+
+
+@router.get("/flagged", responses=errors(422))
+async def flagged_predictions(ctx: Ctx, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
+    """The latest predictions the image checker flagged across tenants (docs/safety.md): what the check found and
+    the policy applied; never the images (their delivery URLs need the tenant's key)."""
+    p = predictions
+    query = (
+        select(p.c.id, p.c.tenant_id, p.c.model, p.c.status, p.c.safety, p.c.error, p.c.completed_at)
+        .where(text(FLAGGED))  # the partial index's own predicate, as a literal: the planner then uses it
         .order_by(p.c.completed_at.desc().nulls_last())
         .limit(limit)
     )

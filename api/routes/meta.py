@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -21,6 +22,7 @@ from api.routes.dialects.wavespeed import WaveSpeedRequest
 from api.routes.openapi_errors import errors
 from api.services import dependencies
 from api.services.auth import authenticate, presented_key
+from core import safety
 from core.settings import Settings
 from models.registry import MODELS, ModelSpec
 from models.tiny import MARKER as TINY_MARKER
@@ -38,12 +40,26 @@ def _weights(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _describe(spec: ModelSpec, settings: Settings, signed_in: bool) -> dict[str, Any]:
+async def _checkers(ctx: AppContext, specs: list[ModelSpec]) -> list[dict[str, Any]]:
+    """What image checker each model's workers run, as the last of them to start published it (docs/safety.md)."""
+    keys = [safety.status_key(ctx.settings.queue_name, spec.id) for spec in specs]
+    found = await ctx.redis.mget(keys)
+    views = []
+    for raw in found:
+        if raw is None:
+            views.append({"checked": None, "model": None, "reason": "no worker of this model has started yet"})
+            continue
+        status = orjson.loads(raw)
+        views.append(status if status["checked"] else status | {"reason": safety.NOT_CONFIGURED})
+    return views
+
+
+def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dict[str, Any]) -> dict[str, Any]:
     """The model as every dialect's clients expect it: OpenAI's model object plus each request schema; the
-    weights only for a caller with a key."""
+    weights only for a caller with a key; the safety checker its workers run."""
     return (
         spec.describe()
-        | {"object": "model", "created": 0, "owned_by": "black-forest-labs"}
+        | {"object": "model", "created": 0, "owned_by": "black-forest-labs", "safety_checker": checker}
         | ({"weights": _weights(settings)} if signed_in else {})
         | {
             "schemas": {
@@ -68,14 +84,16 @@ async def _signed_in(request: Request) -> bool:
 @router.get("/v1/models", responses=errors(401, 429))
 async def list_models(request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
     signed_in = await _signed_in(request)
-    return {"object": "list", "data": [_describe(spec, ctx.settings, signed_in) for spec in MODELS]}
+    checkers = await _checkers(ctx, list(MODELS))
+    data = [_describe(spec, ctx.settings, signed_in, checker) for spec, checker in zip(MODELS, checkers, strict=True)]
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(401, 404, 422, 429))
 async def get_model(model_id: str, request: Request, ctx: Annotated[AppContext, Depends(get_ctx)]) -> dict[str, Any]:
     signed_in = await _signed_in(request)
     spec = lookup_model(model_id)
-    return _describe(spec, ctx.settings, signed_in)
+    return _describe(spec, ctx.settings, signed_in, (await _checkers(ctx, [spec]))[0])
 
 
 @router.get("/healthz")

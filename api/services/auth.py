@@ -91,6 +91,9 @@ _LOOKUP = Statement(
         func.coalesce(tenants.c.max_in_flight, bindparam("default_in_flight")).label("in_flight"),
         func.coalesce(tenants.c.retention_s, bindparam("default_retention")).label("retention"),
         tenants.c.suspended_at.is_not(None).label("suspended"),
+        tenants.c.safety_policy,
+        tenants.c.allow_disable_safety_checker,
+        tenants.c.blocked_terms,
     )
     .join(tenants, tenants.c.id == api_keys.c.tenant_id)
     .where(
@@ -120,6 +123,9 @@ async def _lookup(ctx: AppContext, key_hash: str) -> Principal | None:
         row["expires_at"],
         row["retention"],
         row["suspended"],
+        row["safety_policy"],
+        bool(row["allow_disable_safety_checker"]),
+        tuple(row["blocked_terms"] or ()),
     )
     ctx.keys.put(key_hash, principal)
     return principal

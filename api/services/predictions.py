@@ -21,7 +21,7 @@ from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
-from api.services import idempotency, loras, retention
+from api.services import idempotency, loras, retention, safety
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
@@ -29,6 +29,7 @@ from core import lifecycle, logs
 from core.ids import new_id
 from core.queue import kick_webhooks, model_queue, queued_key, task_message
 from core.quota import queue_priority
+from core.safety import Effective
 from core.storage import output_key
 from models.klein import GenerationParams
 from models.registry import ModelSpec
@@ -79,15 +80,19 @@ async def submit(
     slot: Slot | None = None,
     webhook: dict[str, Any] | None = None,
     adapters: Sequence[loras.Adapter] = (),
+    disable_asked_by: str | None = None,
+    disable_means: Effective = "off",
 ) -> Row:
     """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
     enqueue it after the commit, optionally wait.
 
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
-    api.services.webhooks.accept."""
-    require_active(principal)
+    api.services.webhooks.accept. `disable_asked_by`: the dialect's flag that turned the safety checker off, if
+    the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored."""
     try:
+        require_active(principal)
+        params = safety.screen(ctx, principal, params, disable_asked_by, disable_means)
         return await _submit(
             ctx, principal, spec, request_input, params, references, wait_s, idempotency_key, slot, webhook, adapters
         )

@@ -17,6 +17,9 @@ class Principal:
     key_expires_at: datetime | None = None
     retention_s: int | None = None  # the tenant's, default applied (core/retention.py); None: not looked up
     suspended: bool = False  # an operator suspended the tenant: its submits are refused (api/services/predictions.py)
+    safety_policy: str | None = None  # block, blur, flag (core/safety.py); None: block
+    allow_disable_safety_checker: bool = False
+    blocked_terms: tuple[str, ...] = ()  # the tenant's additions to the prompt blocklist
 
 
 class KeyCache:

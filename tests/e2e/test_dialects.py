@@ -189,7 +189,7 @@ def test_wavespeed_envelope_base64_edit_and_errors(stack: Stack, tenant: IssuedK
             "enable_base64_output": True,
         },
     ).json()["data"]
-    assert inline["status"] == "completed" and inline["has_nsfw_contents"] == [False] and inline["error"] == ""
+    assert inline["status"] == "completed" and inline["has_nsfw_contents"] == [None] and inline["error"] == ""
     assert inline["timings"]["inference"] > 0
     header, _, payload = inline["outputs"][0].partition(",")
     assert header == "data:image/jpeg;base64" and size_of(base64.b64decode(payload)) == (1024, 1024)

@@ -395,3 +395,6 @@ def test_gpu_benchmark_cpu_mode_runs_end_to_end(tmp_path: Path) -> None:
     for row in report["results"]:
         assert row["p50_s"] > 0 and row["tflop"] > 0 and 0 < row["floor_fraction"] < 1
     assert report["startup"]["ready_s"] >= 0
+    checker = report["safety_checker"]  # its own scenario: the tiny classifier on CPU (bench/safety.py)
+    assert [(r["checker"], r["batch"]) for r in checker] == [("tiny", 1), ("tiny", 4)], checker
+    assert all(r["ms_per_image"] > 0 for r in checker)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from api.errors import GenerationFailed, Invalid, NotFound, TimedOut
+from api.errors import CONTENT_POLICY, ContentRefused, GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
 from core.ids import random_seed
 from core.lifecycle import Status
@@ -57,11 +57,14 @@ def parse_size(size: str, low: int, high: int, example: str) -> tuple[int, int]:
 
 
 def completed(row: Row, wait_s: float) -> Row:
-    """The synchronous dialects' answer to a prediction after its wait: the row when it completed, else 500
-    (failed or canceled, with the reason) or 504 (still running; it carries on, and its id is given)."""
+    """The synchronous dialects' answer to a prediction after its wait: the row when it completed, else 400 (its
+    outputs blocked by the content policy), 500 (failed or canceled, with the reason) or 504 (still running; it
+    carries on, and its id is given)."""
     status = Status(row["status"])
     if status is Status.COMPLETED:
         return row
+    if status is Status.FAILED and (row.get("safety") or {}).get("blocked"):
+        raise ContentRefused(row["error"], code=CONTENT_POLICY, id=row["id"])
     if status.terminal:
         raise GenerationFailed(f"generation {status.value}: {row['error'] or 'no reason recorded'}")
     raise TimedOut(f"generation exceeded the {wait_s:g} s time limit (id {row['id']})")

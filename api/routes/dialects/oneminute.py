@@ -31,7 +31,7 @@ class PromptObject(BaseModel):
     num_inference_steps: int = Field(4, ge=1, le=4)
     go_fast: bool = True  # the platform always runs its fastest configuration
     megapixels: Literal["0.25", "1"] = "1"
-    disable_safety_checker: bool = False  # no safety checker runs on this platform
+    disable_safety_checker: bool = False  # refused unless the tenant allows it (docs/safety.md)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
@@ -64,7 +64,13 @@ async def features(
 ) -> dict[str, Any]:
     spec = served_model(body.model, ctx.settings, body_field="model")
     row = await predictions.submit(
-        ctx, principal, spec, body.model_dump(), body.to_params(), wait_s=ctx.settings.try_sync_timeout_s
+        ctx,
+        principal,
+        spec,
+        body.model_dump(),
+        body.to_params(),
+        wait_s=ctx.settings.try_sync_timeout_s,
+        disable_asked_by="promptObject.disable_safety_checker" if body.promptObject.disable_safety_checker else None,
     )
     status = Status(row["status"])
     base_url = public_base_url(request, ctx.settings)

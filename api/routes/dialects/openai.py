@@ -41,7 +41,7 @@ def _openai_error(error: Answer) -> Response:
     kind = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
     detail = error.extra.get("detail") or [{}]
     param = ".".join(str(p) for p in detail[0].get("loc", [])) or None
-    body = {"error": {"message": error.message, "type": kind, "param": param, "code": None}}
+    body = {"error": {"message": error.message, "type": kind, "param": param, "code": error.extra.get("code")}}
     return JSONResponse(body, status_code=error.status)
 
 
@@ -65,6 +65,11 @@ class ImagesRequest(BaseModel):
         None, ge=0, le=8, description="default: the model's; the distilled model ignores it, the base model's is 4"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    moderation: Literal["auto", "low"] = Field(
+        "auto",
+        description="auto: the account's safety policy; low: outputs checked and flagged, never blocked or blurred "
+        "(refused unless the account allows relaxing the checker; docs/safety.md)",
+    )
     n: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
     num_images: int | None = Field(None, ge=1, le=MAX_OUTPUTS)
     format: Literal["webp", "png", "jpg", "jpeg"] | None = None
@@ -147,7 +152,17 @@ async def generate(
         params = body.to_params(spec)
         wait_s = ctx.settings.try_sync_timeout_s
         submitted = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=webhook
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            wait_s,
+            slot=slot,
+            webhook=webhook,
+            disable_asked_by="moderation" if body.moderation == "low" else None,
+            disable_means="flag",
         )
     row = completed(submitted, wait_s)
     if body.response_format == "b64_json" or body.return_base64:

@@ -113,7 +113,18 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
         )
         wait_s = ctx.settings.try_sync_timeout_s if _truthy(request.headers.get("try-sync")) else 0.0
         row = await predictions.submit(
-            ctx, principal, spec, request_input, params, refs, wait_s, idempotency_key, slot, webhook, adapters
+            ctx,
+            principal,
+            spec,
+            request_input,
+            params,
+            refs,
+            wait_s,
+            idempotency_key,
+            slot,
+            webhook,
+            adapters,
+            disable_asked_by="input.disable_safety_checker" if validated.disable_safety_checker else None,
         )
     if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
         return JSON(view(row, base_url, live.of_final(row)), status_code=200)

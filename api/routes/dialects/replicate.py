@@ -92,7 +92,10 @@ async def _submit(
         params = to_params(given, own, (refs[0].info.width, refs[0].info.height) if refs else None)
         base_url = public_base_url(request, ctx.settings)
         webhook = await webhooks.accept(ctx, "replicate", base_url, body.webhook, "webhook", body.webhook_events_filter)
-        row = await predictions.submit(ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook)
+        off = "input.disable_safety_checker" if given.disable_safety_checker else None
+        row = await predictions.submit(
+            ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook, disable_asked_by=off
+        )
     logs = row["logs"] if Status(row["status"]).terminal else []
     return JSON(view(row, base_url, ctx.settings, logs, waited=wait_s > 0), status_code=201)
 

@@ -2,7 +2,8 @@
 whose defaults and ranges hold), `Prefer: wait`, and the one version each registered model has (a digest of its
 input schema, so a new schema is a new version).
 
-`go_fast` and `disable_safety_checker` only tune Replicate's own hardware and checker: accepted, without effect.
+`go_fast` only tunes Replicate's own hardware: accepted, without effect. `disable_safety_checker` turns the output
+checker off where the tenant allows it (docs/safety.md), else a 422.
 Any other input this platform does not run is a 422 naming it, never dropped.
 """
 

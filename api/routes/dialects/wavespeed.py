@@ -62,6 +62,9 @@ class WaveSpeedRequest(BaseModel):
     loras: Loras = Field([], description="the -lora endpoints: adapters {path, scale} (docs/lora.md)")
     enable_sync_mode: bool = False
     enable_base64_output: bool = False
+    enable_safety_checker: bool = Field(
+        True, description="false turns the output checker off; refused unless the account allows it (docs/safety.md)"
+    )
 
     @field_validator("size")
     @classmethod
@@ -151,7 +154,17 @@ async def submit(
         params = body.to_params(spec)
         wait_s = ctx.settings.try_sync_timeout_s if body.enable_sync_mode else 0.0
         row = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=accepted, adapters=adapters
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            wait_s,
+            slot=slot,
+            webhook=accepted,
+            adapters=adapters,
+            disable_asked_by=None if body.enable_safety_checker else "enable_safety_checker",
         )
     answer = await _answer(ctx, request, row, live.of_final(row) if Status(row["status"]).terminal else None)
     if body.enable_sync_mode and body.enable_base64_output and row["status"] == Status.COMPLETED:

@@ -334,6 +334,27 @@ function start() {
 
   confirmed(byId("requeue-failures"), "Confirm: run them again", () => requeueFailures(null));
 
+  // --- flagged by the safety checker (docs/safety.md): the check's record only, never an image -------
+  async function loadFlagged() {
+    const flagged = (await api.get("/admin/v1/flagged?limit=50")).data || [];
+    const body = clear(byId("flagged-body"));
+    for (const row of flagged) {
+      const outputs = row.safety.flagged || [];
+      body.append(
+        h(
+          "tr",
+          { "data-prediction-id": row.id },
+          h("td", { text: when(row.completed_at) }),
+          h("td", { text: tenantName(row.tenant_id) }),
+          h("td", { text: row.safety.policy }),
+          h("td", { class: "num", text: `${outputs.filter(Boolean).length} of ${outputs.length}` }),
+          h("td", {}, h("code", { text: row.id })),
+        ),
+      );
+    }
+    if (!flagged.length) body.append(h("tr", {}, h("td", { colspan: 5, text: "Nothing flagged." })));
+  }
+
   byId("console-usage-form").addEventListener("submit", (event) => {
     event.preventDefault();
     loadUsage().catch(fail);
@@ -347,7 +368,7 @@ function start() {
     say(message, "");
     try {
       await loadTenants(); // names for the usage and failure tables
-      await Promise.all([loadQueue(), loadUsage(), loadFailures()]);
+      await Promise.all([loadQueue(), loadUsage(), loadFailures(), loadFlagged()]);
     } catch (error) {
       fail(error);
     }
