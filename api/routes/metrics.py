@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 
 from prometheus_client import (
@@ -30,6 +31,8 @@ from starlette.responses import Response
 from api.context import AppContext
 from api.infra import metrics
 from api.services import dependencies, fleet
+
+log = logging.getLogger(__name__)
 
 # `model`: the served models (KLEIN_SERVED_MODELS), so the label's values are as few as the configured models.
 QUEUE_DEPTH = Gauge(
@@ -95,6 +98,11 @@ PLATFORM_GAUGES = (
 REFRESHES = Counter(
     "klein_metrics_refreshes", "Reads of the platform gauges from PostgreSQL and Redis (at most one per interval)"
 )
+REFRESH_FAILURES = Counter(
+    "klein_metrics_refresh_failures",
+    "Reads of the platform gauges that failed (PostgreSQL or Redis unreachable): the gauges keep their last values",
+)
+READ_TIMEOUT_S = 3.0  # within Prometheus' default 10 s scrape timeout, with the dependency probes' 2 s
 
 
 async def endpoint(request: Request) -> Response:
@@ -134,9 +142,13 @@ class _Gauges:
         async with self.lock:  # scrapes arriving meanwhile wait for this read rather than start their own
             if time.monotonic() - self.read_at < interval:
                 return
-            await _read_gauges(ctx)
+            try:
+                await asyncio.wait_for(_read_gauges(ctx), READ_TIMEOUT_S)
+                REFRESHES.inc()
+            except Exception as exc:  # the scrape still answers: klein_dependency_up says what is down
+                REFRESH_FAILURES.inc()
+                log.warning("platform gauges not read: %s", type(exc).__name__)
             self.read_at = time.monotonic()
-            REFRESHES.inc()
 
 
 _gauges = _Gauges()

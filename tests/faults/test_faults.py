@@ -177,6 +177,8 @@ def test_postgres_restart_gives_503_then_recovers(faults: PrivateStack, api: str
             assert down.status_code == 503 and "database unavailable" in down.json()["error"]
             assert "Traceback" not in down.text
             assert httpx.get(f"{api}/readyz").json()["checks"]["database"].startswith("error")
+            # The scrape still answers, saying what is down (KleinDependencyDown), not failing whole.
+            assert dependency_up(api)["postgres"] == 0.0
             # An API process started now comes up (live, not ready) and answers 503 as well.
             _, late_api = faults.api(ready_path="/healthz")
             late = httpx.get(f"{late_api}/v1/predictions/status/{pid}", headers={"apikey": key})
