@@ -4,9 +4,9 @@
 
 import { byId, clear, h, say, show, timingItems } from "./dom.js";
 import { MODEL, openaiBody, prunaInput, renderSnippets, requestFromInput } from "./snippets.js";
+import { setupReferences } from "./references.js";
 import { follow, queuedLabel, readableError } from "./watch.js";
 
-const MAX_REFERENCES = 4;
 
 export function setupGenerate(api) {
   const form = byId("generate-form");
@@ -21,8 +21,6 @@ export function setupGenerate(api) {
   const guidance = byId("guidance");
   const format = byId("format");
   const fileInput = byId("references");
-  const dropzone = byId("dropzone");
-  const refList = byId("reference-list");
   const submit = byId("generate-button");
   const cancel = byId("cancel-button");
   const stop = byId("stop-button");
@@ -44,8 +42,7 @@ export function setupGenerate(api) {
   const resultError = byId("result-error");
   const resultCode = byId("result-code");
 
-  /** @type {{name: string, status: string, url?: string, width?: number, height?: number, preview?: string, upload?: Promise<void>, message?: string}[]} */
-  let references = [];
+  const refs = setupReferences(api, { fileInput, formMessage });
   /** LoRAs of a prediction loaded from History, sent again as they were: [{path, scale}] */
   let loras = [];
   let running = null; // {controller, id}
@@ -85,28 +82,7 @@ export function setupGenerate(api) {
     seed.focus();
   });
 
-  // --- reference images -------------------------------------------------------------------------------
-  function renderReferences() {
-    clear(refList);
-    references.forEach((ref, index) => {
-      const remove = h("button", { type: "button", class: "small", "aria-label": `Remove ${ref.name}` }, "×");
-      remove.addEventListener("click", () => {
-        if (ref.preview) URL.revokeObjectURL(ref.preview);
-        references.splice(index, 1);
-        renderReferences();
-      });
-      let thumb = null;
-      if (ref.preview) {
-        thumb = h("img", { src: ref.preview, alt: "" });
-        thumb.addEventListener("error", () => thumb.remove()); // a policy without blob: images: the name is enough
-      }
-      const state = ref.status === "ready" ? "" : ref.status === "error" ? `failed: ${ref.message}` : "uploading…";
-      refList.append(
-        h("li", { "data-status": ref.status }, thumb, h("span", { text: ref.name }), state && h("em", { text: state }), remove),
-      );
-    });
-  }
-
+  // --- LoRAs of a prediction loaded from History ------------------------------------------------------
   function renderLoras() {
     clear(loraList);
     show(loraField, loras.length > 0);
@@ -120,48 +96,6 @@ export function setupGenerate(api) {
       loraList.append(h("li", {}, h("span", { text: `${name} × ${lora.scale ?? 1}`, title: lora.path }), remove));
     });
   }
-
-  function addFiles(files) {
-    say(formMessage, "");
-    for (const file of files) {
-      if (references.length >= MAX_REFERENCES) {
-        say(formMessage, `At most ${MAX_REFERENCES} reference images.`, "error");
-        break;
-      }
-      if (!/^image\/(png|jpeg|webp)$/.test(file.type)) {
-        say(formMessage, `${file.name}: not a PNG, JPEG or WebP image.`, "error");
-        continue;
-      }
-      const ref = { name: file.name, status: "uploading", preview: URL.createObjectURL(file) };
-      const body = new FormData();
-      body.append("file", file, file.name);
-      ref.upload = api
-        .post("/v1/files", { form: body })
-        .then((uploaded) => Object.assign(ref, { status: "ready", url: uploaded.url, width: uploaded.width, height: uploaded.height }))
-        .catch((error) => Object.assign(ref, { status: "error", message: error.message }))
-        .finally(renderReferences);
-      references.push(ref);
-    }
-    renderReferences();
-  }
-
-  fileInput.addEventListener("change", () => {
-    addFiles([...fileInput.files]);
-    fileInput.value = "";
-  });
-  for (const name of ["dragenter", "dragover"]) {
-    dropzone.addEventListener(name, (event) => {
-      event.preventDefault();
-      dropzone.classList.add("over");
-    });
-  }
-  for (const name of ["dragleave", "drop"]) {
-    dropzone.addEventListener(name, () => dropzone.classList.remove("over"));
-  }
-  dropzone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    addFiles([...(event.dataTransfer?.files || [])]);
-  });
 
   // --- reading and filling the form -------------------------------------------------------------------
   function invalid(input, text) {
@@ -191,6 +125,7 @@ export function setupGenerate(api) {
     if (exact && loras.length) {
       return invalid(sizeMode, "Exact sizes go through the OpenAI-style endpoint, which takes no LoRAs: choose an aspect ratio or remove the LoRAs.");
     }
+    const references = refs.list;
     if (references.some((ref) => ref.status === "uploading")) {
       say(formMessage, "Waiting for the reference uploads…");
       await Promise.allSettled(references.map((ref) => ref.upload));
@@ -233,8 +168,7 @@ export function setupGenerate(api) {
     steps.value = String(request.steps);
     guidance.value = String(request.guidance);
     format.value = request.format;
-    references = request.images.map((url, i) => ({ name: `reference ${i + 1}`, status: "ready", url }));
-    renderReferences();
+    refs.replace(request.images);
     loras = (request.loras || []).map((lora) => ({ ...lora }));
     renderLoras();
     countPrompt();
@@ -277,6 +211,8 @@ export function setupGenerate(api) {
 
   async function runExact(request, signal) {
     setProgress(null, "Generating (the exact-size endpoint answers when the image is ready)…");
+    show(runLinkBox, false); // an answer, not a prediction to follow: the page's link is no earlier run's
+    if (location.hash.startsWith("#/p/")) history.replaceState(null, "", "#generate");
     const answer = await api.post("/v1/images/generations", { json: openaiBody(request), signal });
     running.id = answer.id;
     return {
