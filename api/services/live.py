@@ -1,4 +1,5 @@
-"""What a status view adds to a prediction's row: `queue_position` and `eta_s` while it waits, `progress`,
+"""What a status view adds to a prediction's row: `queue_position`, `eta_s` and `live_workers` (0: no worker of
+its model is online, it waits for one) while it waits, `progress`,
 `eta_s` and `logs` while it runs (from its worker's stream, core/progress.py), `logs` once it is done (kept
 with the result).
 
@@ -127,7 +128,7 @@ async def extras(ctx: AppContext, row: Row) -> dict[str, Any]:
         eta = None
         if workers and per_image_ms is not None:
             eta = round((ahead // workers + 1) * per_image_ms * images / 1000, 1)
-        return {"queue_position": ahead, "eta_s": eta, "logs": [queued]}
+        return {"queue_position": ahead, "eta_s": eta, "live_workers": workers, "logs": [queued]}
     entries = progress.entries(await ctx.redis.xrange(progress.stream_key(ctx.settings, row["id"])))
     steps = row["params"]["num_inference_steps"]
     done = {"step": 0, "total": steps, "percent": 0}

@@ -19,10 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
+from sqlalchemy import Engine
 
 from core.tenants import IssuedKey
 from models.klein import size_for_aspect_ratio, size_for_ratio
+from ops.embedded import start_api
 from tests.browser import (
     DESKTOP,
     PHONE,
@@ -33,7 +35,8 @@ from tests.browser import (
     unlabeled_controls,
     wait_js,
 )
-from tests.conftest import ADMIN_KEY, Stack
+from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.test_lora import tiny_lora
 from tests.e2e.test_worker import poison_prediction, start_slow_prediction, wait_for
 from tests.e2e.test_worker import row as prediction_row
 from tests.images import picture
@@ -47,6 +50,35 @@ TRICKY = 'a tin robot\'s "$HOME" `id` \\ sonnet'
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
+def waiting_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An API that also serves the base model, which no worker of this session runs: its predictions wait."""
+    env = stack.env | {"KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]'}
+    api, url = start_api(env, tmp_path_factory.mktemp("waiting-api") / "api.log")
+    try:
+        yield url
+    finally:
+        api.stop()
+
+
+def waiting_prediction(url: str, key: str, prompt: str) -> str:
+    answer = httpx.post(
+        f"{url}/v1/predictions",
+        headers={"apikey": key, "Model": "flux-klein-4b-base"},
+        json={"input": {"prompt": prompt}},
+        timeout=30,
+    )
+    assert answer.status_code == 201, answer.text
+    prediction_id: str = answer.json()["id"]
+    return prediction_id
+
+
+def server_status(url: str, key: str, prediction_id: str) -> str:
+    answer = httpx.get(f"{url}/v1/predictions/status/{prediction_id}", headers={"apikey": key}, timeout=30)
+    status: str = answer.json()["status"]
+    return status
 
 
 @pytest.fixture
@@ -185,7 +217,7 @@ def test_a_prompt_streams_its_progress_lands_in_history_and_reruns_to_the_same_b
 
     page.click("#detail-rerun")  # the same input, with the seed the first run drew
     again = shown_result(page, first.id)
-    assert page.evaluate("() => location.hash") == "#generate" and page.is_checked("#seed-lock")
+    assert page.evaluate("() => location.hash") == f"#/p/{again.id}" and page.is_checked("#seed-lock")
     assert again.id != first.id and again.seed == first.seed
     assert download(again.url) == download(first.url)
 
@@ -267,7 +299,7 @@ def test_a_queued_prediction_shows_its_place_then_runs_and_is_canceled(
     assert client.post(f"/v1/predictions/{blocker}/cancel").status_code == 200
     expect(label).to_have_text(re.compile(r"Step \d+ of 50"), timeout=30_000)
     page.click("#cancel-button")
-    expect(label).to_have_text("Canceled")
+    expect(label).to_have_text("Canceled: the server stopped this prediction.")
     (submitted,) = [r for r in desktop.requests if r.method == "POST" and r.url == f"{stack.api_url}/v1/predictions"]
     response = submitted.response()
     assert response is not None
@@ -537,3 +569,127 @@ def test_keyboard_only_labelled_and_readable_at_375_px(
     assert unlabeled_controls(page) == []
     screenshot(page, "console-mobile", shots)
     phone.assert_clean()
+
+
+def test_history_keeps_a_predictions_loras_in_the_rerun_the_form_and_the_code(
+    stack: Stack, engine: Engine, desktop: Tab
+) -> None:
+    owner = make_tenant(engine)
+    api = httpx.Client(base_url=stack.api_url, headers={"apikey": owner.key}, timeout=180)
+    uploaded = api.post("/v1/files", files={"content": ("style.safetensors", tiny_lora(1))})
+    assert uploaded.status_code in (200, 201), uploaded.text
+    lora = {"path": uploaded.json()["url"], "scale": 0.8}
+    body = {"input": {"prompt": "a paper crane", "seed": 31, "output_format": "png", "loras": [lora]}}
+    made = api.post("/v1/predictions", headers={"Model": "flux-klein-4b", "Try-Sync": "true"}, json=body).json()
+    assert made["status"] == "succeeded", made
+    original = api.get(made["generation_url"]).content
+
+    page = open_playground(desktop, stack, owner.key, "history")
+    page.click(f'.history-item[data-id="{made["id"]}"]')
+    code = {d: page.text_content(f'#detail-code pre[data-dialect="{d}"]') or "" for d in ("curl", "pruna")}
+    assert all(lora["path"] in c and "0.8" in c for c in code.values()), code
+    wavespeed = page.text_content('#detail-code pre[data-dialect="wavespeed"]') or ""
+    assert "flux-2-klein-4b/text-to-image-lora" in wavespeed and lora["path"] in wavespeed
+    assert "takes no LoRAs" in (page.text_content('#detail-code pre[data-dialect="openai"]') or "")
+
+    page.click("#detail-rerun")
+    again = shown_result(page, made["id"])
+    (sent,) = [r for r in desktop.requests if r.method == "POST" and r.url == f"{stack.api_url}/v1/predictions"]
+    sent_body: dict[str, Any] = sent.post_data_json or {}
+    assert sent_body["input"]["loras"] == [lora]
+    assert download(again.url) == original  # the same picture, LoRA included
+
+    page.click("a[data-view=history]")
+    page.click(f'.history-item[data-id="{made["id"]}"]')
+    page.click("#detail-load")
+    expect(page.locator("#lora-list li")).to_have_count(1)
+    expect(page.locator("#lora-list li")).to_contain_text("× 0.8")
+    assert lora["path"] in (page.text_content('#result-code pre[data-dialect="curl"]') or "")
+    desktop.assert_clean()
+
+
+def test_a_waiting_prediction_says_no_worker_keeps_its_link_and_stop_watching_differs_from_cancel(
+    waiting_api: str, engine: Engine, desktop: Tab
+) -> None:
+    owner = make_tenant(engine)
+    prediction_id = waiting_prediction(waiting_api, owner.key, "a model nobody serves yet")
+    page = desktop.page
+    page.goto(f"{waiting_api}/#/p/{prediction_id}")
+    page.fill("#api-key", owner.key)
+    page.press("#api-key", "Enter")
+    label = page.locator("#progress-label")
+    expect(label).to_contain_text("No worker is online for this model", timeout=5_000)
+    expect(page.locator("#prompt")).to_have_value("a model nobody serves yet")
+
+    page.click("#stop-button")  # lets go of it: the prediction goes on
+    expect(label).to_contain_text("Stopped watching: the prediction goes on")
+    assert server_status(waiting_api, owner.key, prediction_id) == "starting"
+
+    page.reload()  # the link (and the key, in sessionStorage) survive: the page follows it again
+    assert page.evaluate("() => location.hash") == f"#/p/{prediction_id}"
+    expect(label).to_contain_text("No worker is online for this model", timeout=5_000)
+    page.click("#cancel-button")
+    expect(label).to_have_text("Canceled: the server stopped this prediction.")
+    assert server_status(waiting_api, owner.key, prediction_id) == "canceled"
+    desktop.assert_clean()
+
+
+_IN_VIEW = """() => {
+  const box = document.getElementById("detail").getBoundingClientRect();
+  return box.top > -1 && box.top < window.innerHeight - 80;  // its top, and some of it, on screen
+}"""
+
+
+def test_a_history_items_details_scroll_into_view(waiting_api: str, engine: Engine, browser: Browser) -> None:
+    owner = make_tenant(engine)
+    ids = []
+    for n in range(13):  # one more than a page; canceled at once, as nothing runs them
+        ids.append(waiting_prediction(waiting_api, owner.key, f"row {n}"))
+        cancel = httpx.post(f"{waiting_api}/v1/predictions/{ids[-1]}/cancel", headers={"apikey": owner.key})
+        assert cancel.status_code == 200, cancel.text
+    for viewport, more in ((DESKTOP, True), (PHONE, False)):
+        tab = Tab.open(browser, viewport)
+        page = tab.page
+        page.goto(f"{waiting_api}/#history")
+        page.fill("#api-key", owner.key)
+        page.press("#api-key", "Enter")
+        if more:  # the oldest, on the second page, far below the details
+            page.click("#history-more")
+        target = ids[0] if more else ids[-1]  # at 375 px the first row sits above the details
+        page.click(f'.history-item[data-id="{target}"]')
+        page.locator(f'#detail[data-id="{target}"]').wait_for()
+        assert wait_js(page, _IN_VIEW, timeout=5), viewport
+        tab.assert_clean()
+        tab.close()
+
+
+def _local_only(route: Route) -> None:
+    host = route.request.url.split("/")[2].split(":")[0]
+    if host in ("127.0.0.1", "localhost"):
+        route.continue_()
+    else:
+        route.abort()
+
+
+def test_docs_render_offline_and_the_prompt_stops_at_the_apis_limit(
+    stack: Stack, tenant: IssuedKey, desktop: Tab
+) -> None:
+    desktop.context.route("**/*", _local_only)  # no internet
+    page = open_playground(desktop, stack, tenant.key)
+    page.fill("#prompt", "x" * 5000)
+    assert page.evaluate("() => document.getElementById('prompt').value.length") == 4096
+    expect(page.locator("#prompt-count")).to_have_text("4,096 / 4,096 characters")
+
+    # The API's own refusal, if a longer prompt gets through, reads as a sentence next to the form.
+    page.evaluate("() => document.getElementById('prompt').removeAttribute('maxlength')")
+    page.fill("#prompt", "x" * 4097)
+    page.click("#generate-button")
+    expect(page.locator("#form-message")).to_have_text("Prompt: too long, at most 4,096 characters.")
+    expect(page.locator("#result-error")).to_have_text("")
+
+    page.click("a[href='/docs']")
+    expect(page.locator(".swagger-ui .info .title")).to_be_visible(timeout=15_000)
+    expect(page.locator(".swagger-ui .opblock").first).to_be_visible()
+    assert not [r.url for r in desktop.requests if not r.url.startswith(stack.api_url)]
+    assert desktop.dialogs == desktop.policy_violations == []
+    assert [e for e in desktop.errors if "status of 422" not in e] == []  # the refused prompt, logged by Chromium

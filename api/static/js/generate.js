@@ -1,12 +1,12 @@
 // The generation form: references uploaded through POST /v1/files, submit, live progress from the event
-// stream, the image with its timings, and the request as code.
+// stream, the image with its timings, and the request as code. Each prediction run here gets its own link,
+// #/p/<id>: opening it (or reloading the page) follows that prediction again.
 
 import { byId, clear, h, say, show, timingItems } from "./dom.js";
-import { MODEL, openaiBody, prunaInput, renderSnippets } from "./snippets.js";
+import { MODEL, openaiBody, prunaInput, renderSnippets, requestFromInput } from "./snippets.js";
+import { setupReferences } from "./references.js";
+import { follow, queuedLabel, readableError } from "./watch.js";
 
-const MAX_REFERENCES = 4;
-const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export function setupGenerate(api) {
   const form = byId("generate-form");
@@ -21,10 +21,14 @@ export function setupGenerate(api) {
   const guidance = byId("guidance");
   const format = byId("format");
   const fileInput = byId("references");
-  const dropzone = byId("dropzone");
-  const refList = byId("reference-list");
   const submit = byId("generate-button");
   const cancel = byId("cancel-button");
+  const stop = byId("stop-button");
+  const runLinkBox = byId("run-link-box");
+  const runLink = byId("run-link");
+  const promptCount = byId("prompt-count");
+  const loraField = byId("lora-field");
+  const loraList = byId("lora-list");
   const formMessage = byId("form-message");
   const progressBox = byId("progress-box");
   const progress = byId("progress");
@@ -38,8 +42,9 @@ export function setupGenerate(api) {
   const resultError = byId("result-error");
   const resultCode = byId("result-code");
 
-  /** @type {{name: string, status: string, url?: string, width?: number, height?: number, preview?: string, upload?: Promise<void>, message?: string}[]} */
-  let references = [];
+  const refs = setupReferences(api, { fileInput, formMessage });
+  /** LoRAs of a prediction loaded from History, sent again as they were: [{path, scale}] */
+  let loras = [];
   let running = null; // {controller, id}
   let lastSeed = null;
 
@@ -62,6 +67,11 @@ export function setupGenerate(api) {
     }
   });
 
+  function countPrompt() {
+    promptCount.textContent = `${prompt.value.length.toLocaleString("en")} / 4,096 characters`;
+  }
+  prompt.addEventListener("input", countPrompt);
+
   seedLock.addEventListener("change", () => {
     if (seedLock.checked && seed.value === "" && lastSeed !== null) seed.value = String(lastSeed);
   });
@@ -72,69 +82,20 @@ export function setupGenerate(api) {
     seed.focus();
   });
 
-  // --- reference images -------------------------------------------------------------------------------
-  function renderReferences() {
-    clear(refList);
-    references.forEach((ref, index) => {
-      const remove = h("button", { type: "button", class: "small", "aria-label": `Remove ${ref.name}` }, "×");
+  // --- LoRAs of a prediction loaded from History ------------------------------------------------------
+  function renderLoras() {
+    clear(loraList);
+    show(loraField, loras.length > 0);
+    loras.forEach((lora, index) => {
+      const name = lora.path.split("/").pop() || lora.path;
+      const remove = h("button", { type: "button", class: "small", "aria-label": `Remove LoRA ${name}` }, "×");
       remove.addEventListener("click", () => {
-        if (ref.preview) URL.revokeObjectURL(ref.preview);
-        references.splice(index, 1);
-        renderReferences();
+        loras.splice(index, 1);
+        renderLoras();
       });
-      let thumb = null;
-      if (ref.preview) {
-        thumb = h("img", { src: ref.preview, alt: "" });
-        thumb.addEventListener("error", () => thumb.remove()); // a policy without blob: images: the name is enough
-      }
-      const state = ref.status === "ready" ? "" : ref.status === "error" ? `failed: ${ref.message}` : "uploading…";
-      refList.append(
-        h("li", { "data-status": ref.status }, thumb, h("span", { text: ref.name }), state && h("em", { text: state }), remove),
-      );
+      loraList.append(h("li", {}, h("span", { text: `${name} × ${lora.scale ?? 1}`, title: lora.path }), remove));
     });
   }
-
-  function addFiles(files) {
-    say(formMessage, "");
-    for (const file of files) {
-      if (references.length >= MAX_REFERENCES) {
-        say(formMessage, `At most ${MAX_REFERENCES} reference images.`, "error");
-        break;
-      }
-      if (!/^image\/(png|jpeg|webp)$/.test(file.type)) {
-        say(formMessage, `${file.name}: not a PNG, JPEG or WebP image.`, "error");
-        continue;
-      }
-      const ref = { name: file.name, status: "uploading", preview: URL.createObjectURL(file) };
-      const body = new FormData();
-      body.append("file", file, file.name);
-      ref.upload = api
-        .post("/v1/files", { form: body })
-        .then((uploaded) => Object.assign(ref, { status: "ready", url: uploaded.url, width: uploaded.width, height: uploaded.height }))
-        .catch((error) => Object.assign(ref, { status: "error", message: error.message }))
-        .finally(renderReferences);
-      references.push(ref);
-    }
-    renderReferences();
-  }
-
-  fileInput.addEventListener("change", () => {
-    addFiles([...fileInput.files]);
-    fileInput.value = "";
-  });
-  for (const name of ["dragenter", "dragover"]) {
-    dropzone.addEventListener(name, (event) => {
-      event.preventDefault();
-      dropzone.classList.add("over");
-    });
-  }
-  for (const name of ["dragleave", "drop"]) {
-    dropzone.addEventListener(name, () => dropzone.classList.remove("over"));
-  }
-  dropzone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    addFiles([...(event.dataTransfer?.files || [])]);
-  });
 
   // --- reading and filling the form -------------------------------------------------------------------
   function invalid(input, text) {
@@ -161,6 +122,10 @@ export function setupGenerate(api) {
       return invalid(width, "Width × height must be at most 1,048,576 pixels.");
     }
     if (seedLock.checked && seed.value === "") return invalid(seed, "Seed: enter the seed to lock.");
+    if (exact && loras.length) {
+      return invalid(sizeMode, "Exact sizes go through the OpenAI-style endpoint, which takes no LoRAs: choose an aspect ratio or remove the LoRAs.");
+    }
+    const references = refs.list;
     if (references.some((ref) => ref.status === "uploading")) {
       say(formMessage, "Waiting for the reference uploads…");
       await Promise.allSettled(references.map((ref) => ref.upload));
@@ -180,6 +145,7 @@ export function setupGenerate(api) {
       format: format.value,
       images: references.map((ref) => ref.url),
       referenceSize: first?.width ? [first.width, first.height] : null,
+      loras: loras.map((lora) => ({ ...lora })),
     };
   }
 
@@ -202,8 +168,10 @@ export function setupGenerate(api) {
     steps.value = String(request.steps);
     guidance.value = String(request.guidance);
     format.value = request.format;
-    references = request.images.map((url, i) => ({ name: `reference ${i + 1}`, status: "ready", url }));
-    renderReferences();
+    refs.replace(request.images);
+    loras = (request.loras || []).map((lora) => ({ ...lora }));
+    renderLoras();
+    countPrompt();
   }
 
   // --- running ----------------------------------------------------------------------------------------
@@ -214,25 +182,19 @@ export function setupGenerate(api) {
     progressLabel.textContent = label;
   }
 
-  function queuedLabel(data) {
-    if (typeof data.queue_position !== "number") return "Queued…";
-    const eta = typeof data.eta_s === "number" ? `, about ${Math.ceil(data.eta_s)} s` : "";
-    return data.queue_position === 0 ? `Queued: next${eta}` : `Queued: ${data.queue_position} ahead${eta}`;
-  }
-
   function onStatus(data) {
     if (data.status === "starting") setProgress(null, queuedLabel(data));
     else if (data.status === "processing") setProgress(0, "Processing…");
   }
 
-  async function poll(id, signal) {
-    for (;;) {
-      const row = await api.get(`/v1/predictions/status/${encodeURIComponent(id)}`, { signal });
-      if (TERMINAL.has(row.status)) return row;
-      if (row.progress) setProgress(row.progress.percent, `Step ${row.progress.step} of ${row.progress.total}`);
-      else onStatus(row);
-      await sleep(700);
-    }
+  const onProgress = (data) => setProgress(data.percent, `Step ${data.step} of ${data.total}`);
+
+  function showLink(id) {
+    const link = `#/p/${encodeURIComponent(id)}`;
+    runLink.href = link;
+    runLink.textContent = `${location.origin}${location.pathname}${link}`;
+    show(runLinkBox);
+    if (location.hash !== link) history.replaceState(null, "", link); // a reload comes back to this run
   }
 
   async function runPrediction(request, signal) {
@@ -242,31 +204,15 @@ export function setupGenerate(api) {
       signal,
     });
     running.id = created.id;
+    showLink(created.id);
     setProgress(null, "Queued…");
-    let final = null;
-    let urls = [];
-    try {
-      await api.events(
-        `/v1/predictions/${encodeURIComponent(created.id)}/stream`,
-        (name, data) => {
-          if (name === "status") onStatus(data);
-          else if (name === "progress") setProgress(data.percent, `Step ${data.step} of ${data.total}`);
-          else if (name === "output") urls = data.urls || [];
-          else if (name === "done") final = data;
-        },
-        signal,
-      );
-    } catch (error) {
-      if (signal.aborted) throw error;
-      // The stream is a nicety (a proxy may cut it, or the tenant may have too many open): poll instead.
-    }
-    if (!final) final = await poll(created.id, signal);
-    if (final.status === "succeeded" && !urls.length) urls = await api.blobUrls(final.generation_urls || []);
-    return { ...final, urls };
+    return follow(api, created.id, { onStatus, onProgress }, signal);
   }
 
   async function runExact(request, signal) {
     setProgress(null, "Generating (the exact-size endpoint answers when the image is ready)…");
+    show(runLinkBox, false); // an answer, not a prediction to follow: the page's link is no earlier run's
+    if (location.hash.startsWith("#/p/")) history.replaceState(null, "", "#generate");
     const answer = await api.post("/v1/images/generations", { json: openaiBody(request), signal });
     running.id = answer.id;
     return {
@@ -309,46 +255,84 @@ export function setupGenerate(api) {
     show(result);
   }
 
-  async function run(request) {
+  /** Run `work(signal)` (a prediction to follow) as the page's current run, then show what it gave. */
+  async function watch(id, request, work) {
     running?.controller.abort();
     const controller = new AbortController();
-    const current = { controller, id: null };
+    const current = { controller, id };
     running = current;
     submit.disabled = true;
     show(cancel);
+    show(stop);
     say(resultError, "");
-    setProgress(null, "Submitting…");
+    say(formMessage, "");
     try {
-      const exact = Boolean(request.width && request.height);
-      const outcome = await (exact ? runExact(request, controller.signal) : runPrediction(request, controller.signal));
-      if (running === current) showOutcome(request, outcome);
+      const outcome = await work(controller.signal);
+      if (running === current) showOutcome(outcome.request || request, outcome);
     } catch (error) {
       if (controller.signal.aborted) return;
       show(progressBox, false);
-      say(resultError, error.message, "error");
+      if (error?.status === 422 && Array.isArray(error.body?.detail)) say(formMessage, readableError(error), "error");
+      else say(resultError, readableError(error), "error");
     } finally {
       if (running === current) {
         running = null;
         submit.disabled = false;
         show(cancel, false);
+        show(stop, false);
       }
     }
   }
 
-  cancel.addEventListener("click", async () => {
+  function run(request) {
+    setProgress(null, "Submitting…");
+    const exact = Boolean(request.width && request.height);
+    return watch(null, request, (signal) => (exact ? runExact(request, signal) : runPrediction(request, signal)));
+  }
+
+  /** Follow prediction `id` again (its link was opened, or the page reloaded on it). */
+  function resume(id) {
+    if (running?.id === id) return;
+    setProgress(null, "Reading the prediction…");
+    showLink(id);
+    return watch(id, null, async (signal) => {
+      const row = await api.get(`/v1/predictions/status/${encodeURIComponent(id)}`, { signal });
+      const request = requestFromInput(row.input || {}, row.seed);
+      fillForm(request);
+      const outcome = await follow(api, id, { onStatus, onProgress }, signal);
+      return { ...outcome, request };
+    });
+  }
+
+  function release() {
     const current = running;
-    if (!current) return;
+    if (!current) return null;
     current.controller.abort();
     running = null;
     submit.disabled = false;
     show(cancel, false);
-    setProgress(0, "Canceled");
-    if (current.id) {
-      try {
-        await api.post(`/v1/predictions/${encodeURIComponent(current.id)}/cancel`);
-      } catch (error) {
-        say(resultError, error.message, "error");
-      }
+    show(stop, false);
+    return current;
+  }
+
+  // Stop watching: the page lets go; the prediction goes on (History and its link show it).
+  stop.addEventListener("click", () => {
+    if (!release()) return;
+    setProgress(0, "Stopped watching: the prediction goes on; see it in History or at its link.");
+  });
+
+  // Cancel: the server stops the prediction.
+  cancel.addEventListener("click", async () => {
+    const current = release();
+    if (!current) return;
+    setProgress(0, "Canceling…");
+    if (!current.id) return setProgress(0, "Stopped before the server answered.");
+    try {
+      await api.post(`/v1/predictions/${encodeURIComponent(current.id)}/cancel`);
+      setProgress(0, "Canceled: the server stopped this prediction.");
+    } catch (error) {
+      setProgress(0, "Not canceled.");
+      say(resultError, readableError(error), "error");
     }
   });
 
@@ -365,5 +349,6 @@ export function setupGenerate(api) {
   });
 
   applySizeMode();
-  return { run, fillForm };
+  countPrompt();
+  return { run, fillForm, resume };
 }

@@ -68,6 +68,9 @@ export function setupHistory(api, { rerun, load }) {
     renderSnippets(byId("detail-code"), requestFromInput(input, prediction.seed));
     show(detailEmpty, false);
     show(detail);
+    // The details sit above (desktop, after "Load more") or below (one column) the clicked row: bring them to it.
+    const box = detail.getBoundingClientRect();
+    if (box.top < 0 || box.top > window.innerHeight - 80) detail.scrollIntoView({ block: "start" });
   }
 
   async function page(first) {

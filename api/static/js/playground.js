@@ -1,5 +1,5 @@
-// The playground (GET /): the key, the views (#generate, #history, #keys, #usage) and their wiring. A view's
-// data is read again each time it is shown.
+// The playground (GET /): the key, the views (#generate, #history, #keys, #usage, and #/p/<id>: one prediction
+// followed in the generate view) and their wiring. A view's data is read again each time it is shown.
 
 import { setupKeys, setupUsage } from "./account.js";
 import { client, keyStore } from "./api.js";
@@ -33,8 +33,16 @@ function start() {
     return VIEWS.includes(name) ? name : "generate";
   }
 
+  /** The prediction a #/p/<id> link names, or null. */
+  function linkedPrediction() {
+    const match = /^#\/p\/([^/]+)$/.exec(location.hash);
+    return match ? decodeURIComponent(match[1]) : null;
+  }
+
   function route() {
     const view = currentView();
+    const linked = linkedPrediction();
+    if (linked && store.get()) generate.resume(linked);
     for (const section of document.querySelectorAll("main > section[data-view]")) {
       section.hidden = section.dataset.view !== view;
     }

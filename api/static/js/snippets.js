@@ -2,7 +2,7 @@
 //
 // A request here is what the playground sends, dialect-free:
 //   {prompt, aspectRatio (or null), width, height (exact size, or null), seed (-1: random), steps, guidance,
-//    format: "jpg"|"png"|"webp", images: [urls of uploads]}
+//    format: "jpg"|"png"|"webp", images: [urls of uploads], loras: [{path, scale}]}
 // Aspect ratios go to POST /v1/predictions (the Pruna dialect); exact sizes to the OpenAI-style endpoint.
 // The key stays out of the code (and out of screenshots and clipboard history): $KLEIN_API_KEY.
 
@@ -65,6 +65,7 @@ export function prunaInput(request) {
   input.guidance = request.guidance;
   input.output_format = request.format;
   if (request.images.length) input.images = [...request.images];
+  if (request.loras?.length) input.loras = request.loras.map((lora) => ({ ...lora }));
   return input;
 }
 
@@ -97,6 +98,7 @@ export function requestFromInput(input, seed) {
     guidance: input.guidance ?? input.guidance_scale ?? 1,
     format: ["jpg", "png", "webp"].includes(format) ? format : "jpg",
     images: Array.isArray(images) ? images.map(String) : [],
+    loras: Array.isArray(input.loras) ? input.loras.map((l) => ({ path: String(l.path), scale: l.scale ?? 1 })) : [],
   };
 }
 
@@ -127,12 +129,19 @@ function extension(format) {
   return format === "jpg" ? "jpg" : format;
 }
 
+// The page (the Pruna dialect) encodes JPEG and WebP at quality 80; WaveSpeed and the OpenAI style at 90.
+function qualityNote(request) {
+  if (request.format === "png") return [];
+  return ["# This dialect encodes JPEG/WebP at quality 90 (the page: 80): the same picture, not the same bytes."];
+}
+
 function curl(request, origin) {
   const exact = Boolean(request.width && request.height);
   if (exact) {
     return [
       "# export KLEIN_API_KEY=<your key>",
       "# Exact sizes: the OpenAI-style endpoint answers when the image is ready, with signed links.",
+      ...(request.loras?.length ? ["# This endpoint takes no LoRAs: this picture is made without them."] : []),
       `curl -sS -X POST ${shellQuote(`${origin}/v1/images/generations`)} \\`,
       `  -H "apikey: $KLEIN_API_KEY" \\`,
       "  -H 'Content-Type: application/json' \\",
@@ -193,8 +202,11 @@ function wavespeed(request, origin) {
   if (request.seed > WAVESPEED.maxSeed) notes.push("# This dialect's seeds stop at 2147483647: a random one here.");
   else if (request.seed >= 0) body.seed = request.seed;
   body.output_format = request.format === "jpg" ? "jpeg" : request.format;
+  notes.push(...qualityNote(request));
   if (request.images.length) body.images = [...request.images];
-  const task = request.images.length ? "edit" : "text-to-image";
+  const withLoras = Boolean(request.loras?.length);
+  if (withLoras) body.loras = request.loras.map((lora) => ({ ...lora }));
+  const task = `${request.images.length ? "edit" : "text-to-image"}${withLoras ? "-lora" : ""}`;
   const file = `output.${extension(request.format)}`;
   return [
     "# pip install wavespeed; export KLEIN_API_KEY=<your key>",
@@ -218,6 +230,8 @@ function openai(request, origin) {
   if (body.size !== `${w0}x${h0}`) notes.push(`# This dialect allows at most 1,048,576 pixels: ${body.size}.`);
   if (body.num_inference_steps !== request.steps) notes.push("# This dialect allows at most 12 steps.");
   if (body.guidance_scale !== request.guidance) notes.push("# This dialect allows guidance up to 8.");
+  if (request.loras?.length) notes.push("# This dialect takes no LoRAs: this picture is made without them.");
+  notes.push(...qualityNote(request));
   const extra = {};
   for (const name of ["seed", "num_inference_steps", "guidance_scale", "output_format", "images"]) {
     if (body[name] !== undefined) extra[name] = body[name];
