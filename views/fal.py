@@ -65,3 +65,18 @@ def result_view(row: Row, urls: Sequence[str]) -> dict[str, Any]:
         "has_nsfw_concepts": safety.has_nsfw_contents(row.get("safety"), len(row["outputs"])),
         "prompt": params["prompt"],
     }
+
+
+def webhook_payload(row: Row, urls: Sequence[str]) -> dict[str, Any]:
+    """What fal's webhooks carry (docs.fal.ai, "Webhooks"): `OK` with the result as `payload`, or `ERROR`."""
+    status = Status(row["status"])
+    done = status is Status.COMPLETED
+    body: dict[str, Any] = {
+        "request_id": row["id"],
+        "gateway_request_id": row["id"],
+        "status": "OK" if done else "ERROR",
+        "payload": result_view(row, urls) if done else None,
+    }
+    if not done:
+        body["error"] = row["error"] or status.value
+    return body

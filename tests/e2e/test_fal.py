@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import os
 import ssl
 from collections.abc import Iterator
@@ -13,17 +14,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
+from httpx_sse import connect_sse
 from PIL import Image
 from sqlalchemy import update
+from standardwebhooks import Webhook
 
 from core import lifecycle
 from core.ids import new_id
 from core.tables import predictions
 from core.tenants import IssuedKey
+from ops.embedded import start_webhook_worker
 from tests.conftest import Stack
 from tests.e2e.conftest import TlsApi
+from tests.e2e.test_events import WEBHOOK_ENV
 from tests.images import picture
+from tests.receiver import Receiver
 
 APP = "fal-ai/flux-2/klein/4b"
 SMALL = {"image_size": "square", "num_inference_steps": 2}  # 512×512: quick on the CPU worker
@@ -170,3 +177,35 @@ def test_wrong_key_unknown_input_and_unknown_app_are_fals_errors(
     with stack.engine.begin() as conn:  # nothing stored for a refused request
         stored = conn.execute(predictions.select().where(predictions.c.tenant_id == tenant.tenant_id)).all()
     assert stored == []
+
+
+def test_the_status_stream_sends_each_change_until_completed(client: Any, http: httpx.Client) -> None:
+    handle = client.submit(APP, arguments={"prompt": "a lighthouse", "seed": 3} | SMALL)
+    path = urlsplit(handle.status_url).path + "/stream"
+    with connect_sse(http, "GET", path, params={"logs": 1}) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        shown = [orjson.loads(event.data) for event in source.iter_sse() if event.data]
+    words = [view["status"] for view in shown]
+    assert words[-1] == "COMPLETED" and words.count("COMPLETED") == 1, words
+    assert words == sorted(words, key=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].index)
+    assert all(view["request_id"] == handle.request_id for view in shown)
+    first_log, *later_logs = shown[-1]["logs"]
+    assert first_log["message"] == "queued" and later_logs
+    assert all(a != b for a, b in itertools.pairwise(shown)), "only changes are sent"
+
+
+def test_fal_webhook_delivers_fals_payload_signed(stack: Stack, client: Any, http: httpx.Client) -> None:
+    worker = start_webhook_worker(stack.env | WEBHOOK_ENV, stack.logs / "fal-webhooks.log", "fal-hooks")
+    receiver = Receiver().start()
+    try:
+        handle = client.submit(APP, arguments={"prompt": "a kite"} | SMALL, webhook_url=receiver.url)
+        (got,) = receiver.wait_for(1)
+    finally:
+        receiver.stop()
+        worker.stop()
+    secret = http.get("/v1/webhooks/default/secret").json()["key"]
+    payload: dict[str, Any] = Webhook(secret).verify(got.body, got.headers)
+    assert payload["request_id"] == handle.request_id and payload["status"] == "OK"
+    (image,) = payload["payload"]["images"]
+    assert (image["width"], image["height"], image["content_type"]) == (512, 512, "image/png")
+    assert payload["payload"] == client.result(APP, handle.request_id) | {"images": payload["payload"]["images"]}

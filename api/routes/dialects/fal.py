@@ -3,19 +3,25 @@
 
     POST /fal-ai/flux-2/klein/4b[/base][/edit]            → {request_id, response_url, status_url, cancel_url}
     GET  /fal-ai/{app}/requests/{id}/status[?logs=1]      IN_QUEUE (queue_position) / IN_PROGRESS / COMPLETED
+    GET  /fal-ai/{app}/requests/{id}/status/stream        the same objects as server-sent events, until COMPLETED
     GET  /fal-ai/{app}/requests/{id}                      the result: images, seed, timings, has_nsfw_concepts
     PUT  /fal-ai/{app}/requests/{id}/cancel
 
-Keys come as `Authorization: Key <key>`; errors are fal's `{"detail": ...}` (a 422's detail lists the fields).
+`?fal_webhook=URL` posts fal's webhook payload through the webhook outbox (signed as every webhook of ours,
+not with fal's keys). Keys come as `Authorization: Key <key>`; errors are fal's
+`{"detail": ...}` (a 422's detail lists the fields).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, BadRequest, Gone, Invalid, dialect_route
@@ -23,8 +29,10 @@ from api.infra import metrics
 from api.routes.delivery import gone, outputs_base64
 from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.openapi_errors import FalError, errors
-from api.services import live, predictions, references
+from api.routes.stream import check_stream_limit, streams_of, woken
+from api.services import live, predictions, references, webhooks
 from api.services.auth import Authenticated
+from api.services.principals import Principal
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_OUTPUTS, MAX_REFERENCES, GenerationParams, Prompt, floor16, size_for_ratio
 from models.registry import ModelSpec
@@ -129,9 +137,16 @@ class CancelAnswer(BaseModel):
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
 
 
-@router.post("/fal-ai/{app_path:path}", response_model=Queued, responses=errors(400, 413, shape=FalError))
+@router.post("/fal-ai/{app_path:any_path}", response_model=Queued, responses=errors(400, 413, shape=FalError))
 @metrics.submit_route
-async def submit(app_path: str, body: FalRequest, request: Request, principal: Authenticated, ctx: Ctx) -> Response:
+async def submit(
+    app_path: str,
+    body: FalRequest,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+    fal_webhook: Annotated[str | None, Query(description="a URL that receives the result (fal's way)")] = None,
+) -> Response:
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
     if edit and not body.image_urls:
@@ -143,14 +158,17 @@ async def submit(app_path: str, body: FalRequest, request: Request, principal: A
     async with predictions.in_flight(ctx, principal, spec, echo) as slot:
         refs = await references.resolve(ctx, principal, request, body.image_urls, "image_urls")
         params = body.to_params(spec, (refs[0].info.width, refs[0].info.height) if refs else None)
+        base_url = public_base_url(request, ctx.settings)
+        webhook = await webhooks.accept(ctx, "fal", base_url, fal_webhook, "fal_webhook")
         off = None if body.enable_safety_checker else "enable_safety_checker"
-        row = await predictions.submit(ctx, principal, spec, echo, params, refs, slot=slot, disable_asked_by=off)
-    base_url = public_base_url(request, ctx.settings)
+        row = await predictions.submit(
+            ctx, principal, spec, echo, params, refs, slot=slot, webhook=webhook, disable_asked_by=off
+        )
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
 
 
 @router.get(
-    "/fal-ai/{app_path:path}/requests/{request_id}/status",
+    "/fal-ai/{app_path:any_path}/requests/{request_id}/status",
     responses={
         200: {"description": "IN_PROGRESS or COMPLETED", "content": _OBJECT},
         202: {"description": "IN_QUEUE, with queue_position", "content": _OBJECT},
@@ -172,7 +190,44 @@ async def status(
 
 
 @router.get(
-    "/fal-ai/{app_path:path}/requests/{request_id}",
+    "/fal-ai/{app_path:any_path}/requests/{request_id}/status/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"description": "Server-Sent Events: the status object", "content": {"text/event-stream": {}}}},
+)
+async def status_stream(
+    app_path: str,
+    request_id: str,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+    logs: Annotated[bool, Query(description="1: include the request's logs")] = False,
+) -> EventSourceResponse:
+    row = await predictions.fetch_or_404(ctx, principal, request_id)
+    check_stream_limit(ctx, principal)
+    events = _status_events(ctx, principal, row, public_base_url(request, ctx.settings), logs)
+    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-store"})
+
+
+async def _status_events(
+    ctx: AppContext, principal: Principal, row: predictions.Row, base_url: str, with_logs: bool
+) -> AsyncIterator[ServerSentEvent]:
+    """The status object each time it changes (a queue position, a log line), the last one COMPLETED."""
+    shown = None
+    with ctx.waiter.watch(row["id"], streams_of(principal)) as finished, ctx.progress.watch(row["id"]) as more:
+        while True:
+            view = status_view(row, base_url, await live.extras(ctx, row), with_logs)
+            if view != shown:
+                shown = view
+                yield ServerSentEvent(data=orjson.dumps(view).decode())
+            if Status(row["status"]).terminal:
+                return
+            await woken(finished, more, ctx.settings.stream_refresh_s)
+            finished.clear()
+            row = await predictions.fetch_or_404(ctx, principal, row["id"])
+
+
+@router.get(
+    "/fal-ai/{app_path:any_path}/requests/{request_id}",
     responses={
         200: {"description": "The result: images, seed, timings, has_nsfw_concepts, prompt", "content": _OBJECT},
         **errors(400, 500, shape=FalError),  # 400: still in progress, or blocked by the content policy
@@ -195,7 +250,7 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
 
 
 @router.put(
-    "/fal-ai/{app_path:path}/requests/{request_id}/cancel",
+    "/fal-ai/{app_path:any_path}/requests/{request_id}/cancel",
     status_code=202,
     responses={202: {"model": CancelAnswer}, 400: {"model": CancelAnswer, "description": "already completed"}},
 )
