@@ -18,11 +18,12 @@ import orjson
 import pytest
 from httpx_sse import connect_sse
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 from standardwebhooks import Webhook
 
 from core import lifecycle
 from core.ids import new_id
+from core.quota import LOWEST_PRIORITY, queue_priority
 from core.tables import predictions
 from core.tenants import IssuedKey
 from ops.embedded import start_webhook_worker
@@ -209,3 +210,20 @@ def test_fal_webhook_delivers_fals_payload_signed(stack: Stack, client: Any, htt
     (image,) = payload["payload"]["images"]
     assert (image["width"], image["height"], image["content_type"]) == (512, 512, "image/png")
     assert payload["payload"] == client.result(APP, handle.request_id) | {"images": payload["payload"]["images"]}
+
+
+def test_queue_priority_low_goes_behind_the_tenants_queue(
+    stack: Stack, client: Any, http: httpx.Client, tenant: IssuedKey
+) -> None:
+    normal = client.submit(APP, arguments={"prompt": "a dune"} | SMALL, priority="normal")
+    low = client.submit(APP, arguments={"prompt": "a dune"} | SMALL, priority="low")
+    ids = (normal.request_id, low.request_id)
+    with stack.engine.begin() as conn:
+        query = select(predictions.c.id, predictions.c.priority).where(predictions.c.id.in_(ids))
+        stored = dict(conn.execute(query).tuples().all())
+    # normal: as the tenant's backlog gives it (nothing in flight: first, core/quota.py); low: the lowest of all
+    assert (stored[normal.request_id], stored[low.request_id]) == (queue_priority(0), LOWEST_PRIORITY)
+    wrong = http.post(f"/{APP}", json={"prompt": "a dune"}, headers={"X-Fal-Queue-Priority": "urgent"})
+    assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["header", "x-fal-queue-priority"]
+    for handle in (low, normal):  # done before the next test's tenant queues
+        handle.get()

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -54,11 +54,15 @@ Preset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landsc
 
 def _fal_error(error: Answer) -> Response:
     detail = error.extra.get("detail")
-    if isinstance(detail, list):  # a 422: fal's (FastAPI's) list of fields, located in the body
-        body: dict[str, Any] = {"detail": [d | {"loc": ["body", *d["loc"]]} for d in detail]}
+    if isinstance(detail, list):  # a 422: fal's (FastAPI's) list of fields, each located in the request
+        body: dict[str, Any] = {"detail": [d | {"loc": _located(d["loc"])} for d in detail]}
     else:
         body = {"detail": error.message}
     return JSONResponse(body, status_code=error.status)
+
+
+def _located(loc: list[str | int]) -> list[str | int]:
+    return loc if loc[:1] in (["header"], ["query"], ["path"]) else ["body", *loc]
 
 
 router = APIRouter(
@@ -146,6 +150,9 @@ async def submit(
     principal: Authenticated,
     ctx: Ctx,
     fal_webhook: Annotated[str | None, Query(description="a URL that receives the result (fal's way)")] = None,
+    x_fal_queue_priority: Annotated[
+        Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")
+    ] = "normal",
 ) -> Response:
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
@@ -162,7 +169,16 @@ async def submit(
         webhook = await webhooks.accept(ctx, "fal", base_url, fal_webhook, "fal_webhook")
         off = None if body.enable_safety_checker else "enable_safety_checker"
         row = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, slot=slot, webhook=webhook, disable_asked_by=off
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            slot=slot,
+            webhook=webhook,
+            disable_asked_by=off,
+            last_in_queue=x_fal_queue_priority == "low",
         )
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
 
