@@ -20,7 +20,7 @@ from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
 from api.routes import account, admin, delivery, files, listing, meta, operations, stream, web, webhooks, workers
 from api.routes import metrics as scrape
-from api.routes.dialects import generate, oneminute, openai, pruna, replicate, wavespeed
+from api.routes.dialects import fal, generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
 from core import logs, tracing
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static/vendor", web.vendor, name="vendor")  # before /static, which would take its paths
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}
-        *(pruna, replicate, generate, wavespeed, oneminute, openai, listing, stream, delivery, files, webhooks),
+        *(pruna, replicate, generate, wavespeed, oneminute, openai, fal, listing, stream, delivery, files, webhooks),
         *(account, admin, operations, workers, meta, web),
     )
     for module in routers:

@@ -177,6 +177,9 @@ def _seconds(microseconds: int) -> int:
     return math.ceil(max(microseconds, 0) / 1_000_000)
 
 
+LOWEST_PRIORITY = 9  # what a request that asks to go last gets (fal's `X-Fal-Queue-Priority: low`)
+
+
 def queue_priority(slots_held: int) -> int:
     """Celery/Redis priority (0 runs first) from the tenant's backlog when it submits.
 
@@ -189,4 +192,4 @@ def queue_priority(slots_held: int) -> int:
         return 3
     if slots_held < 16:
         return 6
-    return 9
+    return LOWEST_PRIORITY

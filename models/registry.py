@@ -65,6 +65,7 @@ FLUX_KLEIN_4B = ModelSpec(
         "flux2-klein-4b",
         "black-forest-labs/flux-2-klein-4b",
         "wavespeed-ai/flux-2-klein-4b",
+        "fal-ai/flux-2/klein/4b",
     ),
     description="FLUX.2 [klein] 4B: fast text-to-image generation.",
     input_model=KleinInput,
@@ -76,7 +77,12 @@ FLUX_KLEIN_4B = ModelSpec(
 
 FLUX_KLEIN_4B_BASE = ModelSpec(
     id="flux-klein-4b-base",
-    aliases=("flux-2-klein-4b-base", "flux2-klein-4b-base", "black-forest-labs/flux-2-klein-4b-base"),
+    aliases=(
+        "flux-2-klein-4b-base",
+        "flux2-klein-4b-base",
+        "black-forest-labs/flux-2-klein-4b-base",
+        "fal-ai/flux-2/klein/4b/base",
+    ),
     description="FLUX.2 [klein] 4B base: the undistilled model, with classifier-free guidance; LoRAs train on it.",
     input_model=KleinBaseInput,
     notes=f"Undistilled: {BASE_STEPS} steps and guidance {BASE_GUIDANCE:g} by default, each step twice above 1.",

@@ -2,7 +2,8 @@
 by the webhook worker (payloads). Nothing here imports the HTTP tier or any process's metrics
 (tests/unit/test_layers.py keeps it so).
 
-Pruna, Replicate and WaveSpeed: the body their status endpoints return (WaveSpeed's `data`, as its webhooks carry
+Pruna, Replicate and WaveSpeed: the body their status endpoints return; fal: its webhook's `{request_id, status,
+payload, error}` with the result as `payload` (WaveSpeed's `data`, as its webhooks carry
 it). Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
 with the prediction's id and status beside it, and links instead of bytes.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 from core.lifecycle import Status
 from core.settings import Settings
-from views import pruna, replicate, wavespeed
+from views import fal, pruna, replicate, wavespeed
 from views.common import STATUS_WORDS, Row, signed_output_urls
 
 
@@ -25,6 +26,8 @@ def render(dialect: str, row: Row, base_url: str, settings: Settings) -> dict[st
     logs = {"logs": row["logs"]}  # as the status endpoints add it (api/services/live.py)
     if dialect == "wavespeed":
         return wavespeed.view(row, base_url, urls) | logs
+    if dialect == "fal":
+        return fal.webhook_payload(row, urls)
     if dialect == "pruna":
         return pruna.view(row, base_url, logs)
     if dialect == "replicate":

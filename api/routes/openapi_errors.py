@@ -49,6 +49,12 @@ class KleinError(BaseModel):
     detail: str
 
 
+class FalError(BaseModel):
+    """fal's error shape: a message, or (a 422) the list of fields."""
+
+    detail: str | list[FieldError]
+
+
 class WaveSpeedError(BaseModel):
     """The WaveSpeed v3 envelope, as an error."""
 

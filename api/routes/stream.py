@@ -62,10 +62,7 @@ async def stream(
     if last_event_id is not None and not ENTRY_ID.fullmatch(last_event_id):
         raise Invalid("invalid request: Last-Event-ID: must be an id this stream sent, like 1733230000000-0")
     row = await predictions.fetch_or_404(ctx, principal, prediction_id)
-    if ctx.waiter.waiting_for(_streams_of(principal)) >= ctx.settings.max_streams_per_tenant:
-        raise RateLimited(
-            f"this tenant has {ctx.settings.max_streams_per_tenant} event streams open here, the limit", retry_after=5
-        )
+    check_stream_limit(ctx, principal)
     events = _events(ctx, principal, row, public_base_url(request, ctx.settings), last_event_id)
     return EventSourceResponse(events, ping=PING_S, headers={"Cache-Control": "no-store"})
 
@@ -76,7 +73,7 @@ async def _events(
     prediction_id = row["id"]
     key = progress.stream_key(ctx.settings, prediction_id)
     with (
-        ctx.waiter.watch(prediction_id, _streams_of(principal)) as finished,  # not counted as Try-Sync waits
+        ctx.waiter.watch(prediction_id, streams_of(principal)) as finished,  # not counted as Try-Sync waits
         ctx.progress.watch(prediction_id) as more,
         metrics.STREAMS.track_inprogress(),
     ):
@@ -99,22 +96,29 @@ async def _events(
                     yield _event("output", {"urls": signed_output_urls(ctx.settings, base_url, row)})
                 yield _event("done", pruna.view(row, base_url, await live.extras(ctx, row)))
                 return
-            if not await _woken(finished, more, ctx.settings.stream_refresh_s) and status is Status.CREATED:
+            if not await woken(finished, more, ctx.settings.stream_refresh_s) and status is Status.CREATED:
                 row = await predictions.fetch_or_404(ctx, principal, prediction_id)
                 if row["status"] == Status.CREATED and (now := await _status(ctx, row)) != shown:
                     shown = now
                     yield _event("status", shown)
 
 
-def _streams_of(principal: Principal) -> str:
+def streams_of(principal: Principal) -> str:
     return f"streams:{principal.tenant_id}"
+
+
+def check_stream_limit(ctx: AppContext, principal: Principal) -> None:
+    if ctx.waiter.waiting_for(streams_of(principal)) >= ctx.settings.max_streams_per_tenant:
+        raise RateLimited(
+            f"this tenant has {ctx.settings.max_streams_per_tenant} event streams open here, the limit", retry_after=5
+        )
 
 
 async def _status(ctx: AppContext, row: Row) -> dict[str, Any]:
     return {"status": STATUS_WORDS[row["status"]]} | await live.extras(ctx, row)
 
 
-async def _woken(finished: asyncio.Event, more: asyncio.Event, timeout_s: float) -> bool:
+async def woken(finished: asyncio.Event, more: asyncio.Event, timeout_s: float) -> bool:
     """Whether either event came within the time (`more` is cleared: its entries are read next)."""
     waits = [asyncio.ensure_future(finished.wait()), asyncio.ensure_future(more.wait())]
     try:

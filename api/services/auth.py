@@ -1,4 +1,5 @@
-"""API-key authentication and the per-key rate limit: `apikey`, `API-KEY` or `Authorization: Bearer`."""
+"""API-key authentication and the per-key rate limit: `apikey`, `API-KEY`, `Authorization: Bearer` or (fal's)
+`Authorization: Key`."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def presented_key(request: Request) -> str | None:
     if key:
         return key.strip()
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
+    if scheme.lower() in ("bearer", "key") and credentials.strip():
         return credentials.strip()
     return None
 

@@ -28,7 +28,7 @@ from api.services.references import Reference
 from core import lifecycle, logs
 from core.ids import new_id
 from core.queue import kick_webhooks, model_queue, queued_key, task_message
-from core.quota import queue_priority
+from core.quota import LOWEST_PRIORITY, queue_priority
 from core.safety import Effective
 from core.storage import output_key
 from models.klein import GenerationParams
@@ -82,6 +82,7 @@ async def submit(
     adapters: Sequence[loras.Adapter] = (),
     disable_asked_by: str | None = None,
     disable_means: Effective = "off",
+    last_in_queue: bool = False,
 ) -> Row:
     """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
     enqueue it after the commit, optionally wait.
@@ -89,12 +90,24 @@ async def submit(
     `slot`: the in-flight slot the request took with its rate-limit hit (auth.authenticate_submit), which
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
     api.services.webhooks.accept. `disable_asked_by`: the dialect's flag that turned the safety checker off, if
-    the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored."""
+    the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored.
+    `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it)."""
     try:
         require_active(principal)
         params = safety.screen(ctx, principal, params, disable_asked_by, disable_means)
         return await _submit(
-            ctx, principal, spec, request_input, params, references, wait_s, idempotency_key, slot, webhook, adapters
+            ctx,
+            principal,
+            spec,
+            request_input,
+            params,
+            references,
+            wait_s,
+            idempotency_key,
+            slot,
+            webhook,
+            adapters,
+            last_in_queue,
         )
     finally:  # stored or refused, the LoRAs' spooled files go now (loras.store closes those it stored)
         for adapter in adapters:
@@ -113,6 +126,7 @@ async def _submit(
     slot: Slot | None,
     webhook: dict[str, Any] | None,
     adapters: Sequence[loras.Adapter],
+    last_in_queue: bool,
 ) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
@@ -138,7 +152,7 @@ async def _submit(
                     params = params.model_copy(update={"reference_keys": keys})
                 if adapters:
                     params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
-                priority = queue_priority(slot.held)
+                priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
                 row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
             except Exception:
                 await slot.give_back()
@@ -152,10 +166,10 @@ async def _submit(
         await reservation.keep()
 
     if wait_s <= 0:
-        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, slot.held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, priority)
         return row
     with ctx.waiter.watch(prediction_id, principal.tenant_id) as finished:  # before enqueueing: no race
-        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, slot.held)
+        await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, priority)
         if ctx.waiter.waiting_for(principal.tenant_id) <= ctx.settings.max_sync_waits_per_tenant:
             with metrics.SYNC_WAITERS.track_inprogress():
                 return await _wait(ctx, principal, prediction_id, finished, wait_s, stored=row) or row
@@ -163,10 +177,12 @@ async def _submit(
     return row
 
 
-async def _enqueue_or_fail(ctx: AppContext, principal: Principal, prediction_id: str, model: str, held: int) -> None:
+async def _enqueue_or_fail(
+    ctx: AppContext, principal: Principal, prediction_id: str, model: str, priority: int
+) -> None:
     """Enqueue, or fail the stored prediction (unless a worker already took it) and answer 503."""
     try:
-        await enqueue(ctx, prediction_id, model, queue_priority(held))
+        await enqueue(ctx, prediction_id, model, priority)
     except Exception as exc:
         log.error("enqueue of %s failed: %s", prediction_id, exc)
         async with ctx.engine.begin() as conn:

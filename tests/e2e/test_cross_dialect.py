@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+from httpx_sse import connect_sse
 
 from core.tenants import IssuedKey
 from tests.conftest import Stack
@@ -51,6 +53,14 @@ def _generate(http: httpx.Client) -> str:
     return http.post("/v1/generate", json=SMALL | {"aspect_ratio": "square"}).headers["X-Prediction-Id"]
 
 
+def _fal(http: httpx.Client) -> str:
+    answer = http.post("/fal-ai/flux-2/klein/4b", json=SMALL | {"image_size": {"width": 256, "height": 256}}).json()
+    with connect_sse(http, "GET", urlsplit(answer["status_url"]).path + "/stream") as sse:
+        for _ in sse.iter_sse():  # until COMPLETED: the stream ends there
+            pass
+    return str(answer["request_id"])
+
+
 MAKERS: dict[str, Maker] = {
     "pruna": _pruna,
     "replicate": _replicate,
@@ -58,6 +68,7 @@ MAKERS: dict[str, Maker] = {
     "openai": _openai,
     "1min": _oneminute,
     "generate": _generate,
+    "fal": _fal,
 }
 
 
@@ -69,6 +80,7 @@ def _read(base_url: str, key: str, reader: str, prediction_id: str) -> tuple[htt
         "pruna status": f"/v1/predictions/status/{prediction_id}",
         "replicate get": f"/v1/predictions/{prediction_id}",
         "wavespeed result": f"/api/v3/predictions/{prediction_id}/result",
+        "fal status": f"/fal-ai/flux-2/requests/{prediction_id}/status",
     }.get(reader, "/v1/predictions")
     answer = httpx.get(base_url + path, headers=headers, timeout=30)
     if answer.status_code != 200:
@@ -76,6 +88,9 @@ def _read(base_url: str, key: str, reader: str, prediction_id: str) -> tuple[htt
     body = answer.json()
     if reader == "wavespeed result":
         return answer, body["data"]
+    if reader == "fal status":  # fal's status object has `request_id`, and its app in the URLs, not a model
+        app = urlsplit(body["response_url"]).path.partition("/requests/")[0]
+        return answer, {"id": body["request_id"], "status": body["status"], "model": app}
     if reader.endswith("list"):
         return answer, next((p for p in body["results"] if p["id"] == prediction_id), None)
     return answer, body
@@ -87,6 +102,7 @@ FINISHED = {
     "wavespeed result": "completed",
     "pruna list": "succeeded",
     "replicate list": "succeeded",
+    "fal status": "COMPLETED",
 }
 
 

@@ -5,10 +5,7 @@ hides what goes over the wire."""
 from __future__ import annotations
 
 import io
-import ssl
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,48 +20,15 @@ from standardwebhooks import Webhook
 from core.tenants import IssuedKey
 from models.klein import size_for_aspect_ratio, size_for_ratio
 from models.registry import MODELS
-from ops.embedded import Service, free_port, start_webhook_worker, wait_until
+from ops.embedded import start_webhook_worker
 from tests.conftest import Stack, make_tenant
+from tests.e2e.conftest import TlsApi
 from tests.e2e.test_events import WEBHOOK_ENV
-from tests.e2e.test_redis_deployments import make_certificates
 from tests.images import picture
 from tests.receiver import Receiver
 
 MODEL = "black-forest-labs/flux-2-klein-4b"
 SMALL = {"output_megapixels": "0.25"}  # 512×512 at 1:1: quick on the CPU worker
-
-
-@dataclass
-class TlsApi:
-    url: str
-    ca: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def tls_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsApi]:
-    """One more API process on the session's stack, serving HTTPS with a certificate of a test CA."""
-    certificates = make_certificates(tmp_path_factory.mktemp("tls"))
-    port = free_port()
-    args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port)]
-    args += ["--ssl-keyfile", str(certificates["server.key"]), "--ssl-certfile", str(certificates["server.crt"])]
-    args += ["--timeout-graceful-shutdown", "3"]  # uvicorn waits on idle TLS keep-alive connections otherwise
-    log = stack.logs / "replicate-api.log"
-    api = Service([*args, "--log-level", "warning"], stack.env, log).start()
-    ca = ssl.create_default_context(cafile=str(certificates["ca.crt"]))
-    url = f"https://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        api.ensure_alive("TLS API")
-        try:
-            return httpx.get(f"{url}/readyz", verify=ca, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(ready, 60, "TLS API", log)
-        yield TlsApi(url, ca)
-    finally:
-        api.stop()
 
 
 def client_for(api: TlsApi, key: str, transport: httpx.HTTPTransport) -> replicate.Client:

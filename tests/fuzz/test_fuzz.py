@@ -46,14 +46,17 @@ SEED = int(os.environ.get("KLEIN_FUZZ_SEED", "20260101"))
 MAX_EXAMPLES = 40  # fuzzing-phase cases per operation; the examples and coverage phases add their own
 GENERATION_MAX_EXAMPLES = 12  # operations that submit image generations
 UNAUTHENTICATED_MAX_EXAMPLES = 25  # per operation in each pass without a valid key (fuzzing phase only)
-GENERATIONS = ("/v1/predictions", "/v1/generate", "/v1/images/generations", "/api/features", "/api/v3/{model_path}")
+GENERATIONS = (
+    *("/v1/predictions", "/v1/generate", "/v1/images/generations", "/api/features", "/api/v3/{model_path}"),
+    "/fal-ai/{app_path}",
+)
 SYNC_504 = {"POST /v1/generate", "POST /v1/images/generations"}  # documented: past the generation time limit
 REQUEST_TIMEOUT_S = 20
 SCHEMA_CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 # A few operations of each kind (every dialect, files, account, admin) for the passes without a valid key.
 UNAUTHENTICATED = (
     "^/v1/predictions$|^/v1/predictions/status/|^/v1/generate$|^/v1/images/generations$|^/api/features$"
-    "|^/api/v3/|^/v1/files$|^/v1/keys$|^/v1/usage$|^/admin/v1/tenants$|^/admin/v1/tenants/[^/]+$"
+    "|^/api/v3/|^/fal-ai/|^/v1/files$|^/v1/keys$|^/v1/usage$|^/admin/v1/tenants$|^/admin/v1/tenants/[^/]+$"
 )
 
 

@@ -28,7 +28,7 @@ NOT_SUBMITS = {
     "/admin/v1/webhooks/deliveries/{delivery_id}/replay",
     "/admin/v1/webhooks/deliveries/replay",
 }
-DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai"}
+DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal"}
 
 
 def post_routes() -> list[APIRoute]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from starlette.convertors import PathConvertor, register_url_convertor
+
 from api.errors import CONTENT_POLICY, ContentRefused, GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
 from core.ids import random_seed
@@ -14,6 +16,16 @@ from core.lifecycle import Status
 from core.settings import Settings
 from models.klein import floor16
 from models.registry import ModelSpec, known_ids, resolve
+
+
+class AnyPath(PathConvertor):
+    """Starlette's `path`, newlines included, as `{name:any_path}`: a path with a %0A in it is still the dialect's
+    route (401, 404 in the dialect's shape), not an unmatched URL."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("any_path", AnyPath())
 
 
 def lookup_model(name: str | None, body_field: str | None = None) -> ModelSpec:

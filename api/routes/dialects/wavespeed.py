@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, Invalid, NotFound, dialect_route
@@ -112,16 +111,6 @@ async def _answer(
     if row["input"].get("enable_sync_mode") and not Status(row["status"]).terminal:
         data["error"] = "Sync mode timed out; query the result at urls.get"
     return JSONResponse({"code": 200, "message": "success", "data": data})
-
-
-class AnyPath(PathConvertor):
-    """Starlette's `path`, newlines included: an id with a %0A in it is still this route's (401, 404 in
-    WaveSpeed's envelope), not an unmatched URL."""
-
-    regex = r"[\s\S]*"
-
-
-register_url_convertor("any_path", AnyPath())
 
 
 @router.post("/api/v3/{model_path:any_path}", responses=errors(400, 404, 413, 422, shape=WaveSpeedError))
