@@ -70,7 +70,7 @@ def test_a_drained_worker_finishes_its_prediction_takes_no_new_ones_and_is_not_c
         assert session_worker is not None and session_worker["model"] == MODEL
         assert admin(stack, "/queue")["models"][MODEL]["live_workers"] == 2
 
-        running = queued(stack, tenant, own_queue, 512, 40)  # a few seconds at least
+        running = queued(stack, tenant, own_queue, 1024, 50)  # long enough to outlast the drain's announcement
         wait_until(lambda: row(stack, running)["status"] == "processing", 60, "the held prediction's claim")
         drained = admin(stack, f"/workers/drained@{host}/drain", "POST")
         assert drained["state"] == "draining" and drained["node"] == f"drained@{host}"
