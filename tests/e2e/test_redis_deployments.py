@@ -55,7 +55,7 @@ ACL_COMMANDS = (
     " +get +set +del +incr +incrby +decr +exists +pexpire +pttl +time +mget"
     " +lpush +rpush +rpop +brpop +llen +lrange +ltrim +expire"
     " +sadd +srem +smembers +smismember"
-    " +hget +hmget +hset +hdel +hgetall +hlen"
+    " +hget +hmget +hexists +hset +hdel +hgetall +hlen"
     " +zadd +zrem +zrange +zrangebyscore +zcount +zremrangebyscore"
     " +xadd +xrange"
     " +publish +subscribe +unsubscribe +psubscribe +punsubscribe"
