@@ -10,8 +10,10 @@ scrape with the sum (prometheus-client's multiprocess mode). Without it, each pr
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from fastapi.exceptions import RequestValidationError
@@ -105,3 +107,23 @@ def refused(request: Request, exc: BaseException) -> None:
     """Remember why a request was refused, for the submit counter (RateLimited → rate_limited, …)."""
     name = "Invalid" if isinstance(exc, RequestValidationError) else type(exc).__name__
     request.state.refusal = "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+class AtMostEvery:
+    """`read(ctx)` run at most once per `metrics_refresh_s`, however many scrapes come: those arriving while it
+    runs wait for that run rather than start their own (the platform gauges, the dependency probes)."""
+
+    def __init__(self, read: Callable[[Any], Awaitable[object]]) -> None:
+        self.read = read
+        self.done_at = -float("inf")
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, ctx: Any) -> None:
+        interval = ctx.settings.metrics_refresh_s
+        if time.monotonic() - self.done_at < interval:
+            return
+        async with self.lock:
+            if time.monotonic() - self.done_at < interval:
+                return
+            await self.read(ctx)
+            self.done_at = time.monotonic()

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -110,7 +109,7 @@ async def endpoint(request: Request) -> Response:
     if not authorized(request, ctx):
         return Response("metrics need the bearer token set in KLEIN_METRICS_TOKEN\n", status_code=401)
     await dependencies.refresh_gauges(ctx)
-    await _gauges.refresh(ctx)
+    await _gauges(ctx)
     if metrics.MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -128,30 +127,16 @@ def authorized(request: Request, ctx: AppContext) -> bool:
     return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
-class _Gauges:
-    """The platform gauges' last read, kept for `metrics_refresh_s`; one read at a time."""
-
-    def __init__(self) -> None:
-        self.read_at = -float("inf")
-        self.lock = asyncio.Lock()
-
-    async def refresh(self, ctx: AppContext) -> None:
-        interval = ctx.settings.metrics_refresh_s
-        if time.monotonic() - self.read_at < interval:
-            return
-        async with self.lock:  # scrapes arriving meanwhile wait for this read rather than start their own
-            if time.monotonic() - self.read_at < interval:
-                return
-            try:
-                await asyncio.wait_for(_read_gauges(ctx), READ_TIMEOUT_S)
-                REFRESHES.inc()
-            except Exception as exc:  # the scrape still answers: klein_dependency_up says what is down
-                REFRESH_FAILURES.inc()
-                log.warning("platform gauges not read: %s", type(exc).__name__)
-            self.read_at = time.monotonic()
+async def _read_gauges_or_keep(ctx: AppContext) -> None:
+    try:
+        await asyncio.wait_for(_read_gauges(ctx), READ_TIMEOUT_S)
+        REFRESHES.inc()
+    except Exception as exc:  # the scrape still answers: klein_dependency_up says what is down
+        REFRESH_FAILURES.inc()
+        log.warning("platform gauges not read: %s", type(exc).__name__)
 
 
-_gauges = _Gauges()
+_gauges = metrics.AtMostEvery(_read_gauges_or_keep)
 
 
 async def _read_gauges(ctx: AppContext) -> None:

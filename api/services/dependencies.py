@@ -102,22 +102,4 @@ async def probe(ctx: AppContext) -> dict[str, Check]:
     return checks
 
 
-class Refresh:
-    """The gauges' last probe, kept for `metrics_refresh_s`; one probe at a time."""
-
-    def __init__(self) -> None:
-        self.probed_at = -float("inf")
-        self.lock = asyncio.Lock()
-
-    async def __call__(self, ctx: AppContext) -> None:
-        interval = ctx.settings.metrics_refresh_s
-        if time.monotonic() - self.probed_at < interval:
-            return
-        async with self.lock:  # scrapes arriving meanwhile wait for this probe rather than start their own
-            if time.monotonic() - self.probed_at < interval:
-                return
-            await probe(ctx)
-            self.probed_at = time.monotonic()
-
-
-refresh_gauges = Refresh()
+refresh_gauges = metrics.AtMostEvery(probe)
