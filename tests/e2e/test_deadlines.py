@@ -68,9 +68,7 @@ def billed(stack: Stack, prediction_id: str) -> int:
 
 def stored(stack: Stack, tenant: IssuedKey) -> int:
     with stack.engine.connect() as conn:
-        return int(
-            conn.execute(select(func.count()).where(predictions.c.tenant_id == tenant.tenant_id)).scalar_one()
-        )
+        return int(conn.execute(select(func.count()).where(predictions.c.tenant_id == tenant.tenant_id)).scalar_one())
 
 
 def until(check: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
@@ -131,15 +129,17 @@ def test_predictions_not_started_by_their_deadline_end_canceled_with_the_worker_
             )
             assert status["error"] == DEADLINE_EXCEEDED and status["started_at"] is None
             shown = until(
-                lambda: (b := client.get(f"/v1/predictions/{ids[1]}", headers=bearer).json())["status"] == "canceled"
-                and b,
+                lambda: (
+                    (b := client.get(f"/v1/predictions/{ids[1]}", headers=bearer).json())["status"] == "canceled" and b
+                ),
                 "Replicate's prediction canceled",
             )
             assert shown["error"] == DEADLINE_EXCEEDED and shown["output"] is None
             fal_status = until(
-                lambda: (s := client.get(f"/fal-ai/flux-2/requests/{ids[2]}/status", headers=fal_key)).status_code
-                == 200
-                and s.json(),
+                lambda: (
+                    (s := client.get(f"/fal-ai/flux-2/requests/{ids[2]}/status", headers=fal_key)).status_code == 200
+                    and s.json()
+                ),
                 "fal's request completed",
             )
             assert fal_status["status"] == "COMPLETED" and fal_status["error"] == DEADLINE_EXCEEDED
@@ -216,7 +216,8 @@ def queued(stack: Stack, tenant: IssuedKey, start_deadline_s: float) -> str:
         )
         due = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, start_deadline_s)
         conn.execute(update(predictions).where(predictions.c.id == prediction_id).values(start_deadline_at=due))
-    redis.Redis.from_url(stack.settings.redis_url).incr(quota.in_flight_key(stack.settings.queue_name, tenant.tenant_id))
+    slots = quota.in_flight_key(stack.settings.queue_name, tenant.tenant_id)
+    redis.Redis.from_url(stack.settings.redis_url).incr(slots)
     return prediction_id
 
 
@@ -239,9 +240,7 @@ def test_a_prediction_running_past_its_deadline_is_canceled_at_the_next_step_unb
     before = worker_counter(stack, "canceled", "deadline")
     slow = {"prompt": "long", "num_inference_steps": 50, "deadline_s": 1.5}
     pid = client.post("/v1/predictions", headers=MODEL, json={"input": slow}).json()["id"]
-    final = until(
-        lambda: (r := row(stack, pid))["status"] in ("completed", "failed", "canceled") and r, "the end", 120
-    )
+    final = until(lambda: (r := row(stack, pid))["status"] in ("completed", "failed", "canceled") and r, "the end", 120)
     assert final["status"] == "canceled" and final["error"] == DEADLINE_EXCEEDED
     assert final["started_at"] is not None and final["outputs"] == []  # it ran, then stopped
     assert billed(stack, pid) == 0
