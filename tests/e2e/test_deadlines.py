@@ -238,7 +238,9 @@ def test_a_prediction_running_past_its_deadline_is_canceled_at_the_next_step_unb
     stack: Stack, client: httpx.Client
 ) -> None:
     before = worker_counter(stack, "canceled", "deadline")
-    slow = {"prompt": "long", "num_inference_steps": 50, "deadline_s": 1.5}
+    idle = client.post("/v1/predictions", headers=MODEL | {"Try-Sync": "true"}, json={"input": {"prompt": "first"}})
+    assert idle.json()["status"] == "succeeded"  # the worker is free: it starts the next one at once
+    slow = {"prompt": "long", "num_inference_steps": 50, "deadline_s": 2}
     pid = client.post("/v1/predictions", headers=MODEL, json={"input": slow}).json()["id"]
     final = until(lambda: (r := row(stack, pid))["status"] in ("completed", "failed", "canceled") and r, "the end", 120)
     assert final["status"] == "canceled" and final["error"] == DEADLINE_EXCEEDED
