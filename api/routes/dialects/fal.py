@@ -8,7 +8,8 @@
     PUT  /fal-ai/{app}/requests/{id}/cancel
 
 `?fal_webhook=URL` posts fal's webhook payload through the webhook outbox (signed as every webhook of ours,
-not with fal's keys). Keys come as `Authorization: Key <key>`; errors are fal's
+not with fal's keys); `X-Fal-Request-Timeout` is a time-to-start deadline (core/deadlines.py), its expiry fal's 504.
+Keys come as `Authorization: Key <key>`; errors are fal's
 `{"detail": ...}` (a 422's detail lists the fields).
 """
 
@@ -27,12 +28,19 @@ from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, BadRequest, Gone, Invalid, dialect_route
 from api.infra import metrics
 from api.routes.delivery import gone, outputs_base64
-from api.routes.dialects.common import completed, seed_or_random, served_model
+from api.routes.dialects.common import (
+    completed,
+    deadline_exceeded,
+    header_deadline,
+    seed_or_random,
+    served_model,
+)
 from api.routes.openapi_errors import FalError, errors
 from api.routes.stream import check_stream_limit, streams_of, woken
 from api.services import live, predictions, references, webhooks
 from api.services.auth import Authenticated
 from api.services.principals import Principal
+from core import deadlines
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_OUTPUTS, MAX_REFERENCES, GenerationParams, Prompt, floor16, size_for_ratio
 from models.registry import ModelSpec
@@ -153,7 +161,12 @@ async def submit(
     x_fal_queue_priority: Annotated[
         Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")
     ] = "normal",
+    x_fal_request_timeout: Annotated[
+        str | None,
+        Header(description="seconds: canceled unless a worker starts it by then (a time-to-start deadline)"),
+    ] = None,
 ) -> Response:
+    deadline = header_deadline("X-Fal-Request-Timeout", x_fal_request_timeout, deadlines.parse_seconds, False)
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
     if edit and not body.image_urls:
@@ -179,6 +192,7 @@ async def submit(
             webhook=webhook,
             disable_asked_by=off,
             last_in_queue=x_fal_queue_priority == "low",
+            deadline=deadline,
         )
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
 
@@ -246,7 +260,7 @@ async def _status_events(
     "/fal-ai/{app_path:any_path}/requests/{request_id}",
     responses={
         200: {"description": "The result: images, seed, timings, has_nsfw_concepts, prompt", "content": _OBJECT},
-        **errors(400, 500, shape=FalError),  # 400: still in progress, or blocked by the content policy
+        **errors(400, 500, 504, shape=FalError),  # 400: in progress, or blocked by the policy; 504: deadline
         **gone(FalError),
     },
 )
@@ -254,6 +268,9 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
     row = await predictions.fetch_or_404(ctx, principal, request_id)
     if not Status(row["status"]).terminal:
         raise BadRequest("Request is still in progress")  # fal's answer
+    if deadline_exceeded(row):  # fal's answer to a request its X-Fal-Request-Timeout expired
+        detail = f"{deadlines.DEADLINE_EXCEEDED}: not started within its X-Fal-Request-Timeout"
+        return JSONResponse({"detail": detail}, status_code=504, headers={"X-Fal-Request-Timeout-Type": "user"})
     completed(row, 0)  # failed (blocked by the content policy: 400), canceled: fal's error answers
     if row.get("expired_at") is not None:
         raise Gone(f"request {request_id!r}: its images are no longer stored (data retention)")
