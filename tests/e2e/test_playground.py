@@ -59,6 +59,8 @@ def test_the_form_is_the_served_schema_with_fields_the_page_does_not_know(
     page.fill("#api-key", "kl_not-a-key")
     page.press("#api-key", "Enter")
     expect(page.locator("#key-state")).to_contain_text("invalid key")  # checked at once
+    assert desktop.errors == ["Failed to load resource: the server responded with a status of 401 (Unauthorized)"]
+    desktop.errors.clear()  # Chromium's line for the refused GET /v1/account: the only request with that key
     page = open_at(desktop, alt_api.url, owner.key)
     expect(page.locator("#key-state")).to_contain_text("valid: tenant")
     expect(page.locator("#weights-banner")).to_contain_text("random-weights")  # the tiny pipeline, said plainly
@@ -194,3 +196,15 @@ def test_a_frozen_worker_shows_no_worker_online_then_the_run_goes_on(
     shown = shown_result(page)  # the worker back: the same prediction runs and shows
     assert page.evaluate("() => location.hash") == f"#/p/{shown.id}"
     desktop.assert_clean()
+
+
+def test_the_account_gives_the_tenants_name_and_price_per_image(stack: Stack, engine: Engine) -> None:
+    default, priced = make_tenant(engine), make_tenant(engine, price_per_image=0.0025)
+    for issued, price in ((default, stack.settings.default_price_per_image), (priced, 0.0025)):
+        answer = httpx.get(f"{stack.api_url}/v1/account", headers={"apikey": issued.key})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["tenant_id"], body["price_per_image"], body["currency"]) == (issued.tenant_id, price, "USD")
+        assert body["name"].startswith("tenant-")
+    refused = httpx.get(f"{stack.api_url}/v1/account", headers={"apikey": "kl_wrong"})
+    assert refused.status_code == 401 and "error" in refused.json()

@@ -106,8 +106,8 @@ export function setupGenerate(api) {
   }
   picker.addEventListener("change", showModel);
 
-  async function loadCatalogue() {
-    const list = await loadModels(api);
+  async function loadCatalogue(withKey = api.hasKey()) {
+    const list = await loadModels(api, withKey);
     const keep = picker.value;
     picker.replaceChildren(...list.map((m) => h("option", { value: m.id }, m.id)));
     if (keep && modelById(keep)) picker.value = keep;

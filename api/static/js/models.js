@@ -3,9 +3,9 @@
 
 let catalogue = null; // the last answer: [model]
 
-/** GET /v1/models: with a key when there is one (the weights are shown only then), else anonymously. */
-export async function loadModels(api) {
-  const answer = api.hasKey() ? await api.get("/v1/models") : await (await fetch("/v1/models", { cache: "no-store" })).json();
+/** GET /v1/models: with the key when it is a valid one (the weights are shown only then), else anonymously. */
+export async function loadModels(api, withKey) {
+  const answer = withKey ? await api.get("/v1/models") : await (await fetch("/v1/models", { cache: "no-store" })).json();
   const all = answer.data || [];
   const served = all.filter((model) => model.served);
   catalogue = served.length ? served : all;

@@ -52,9 +52,9 @@ function start() {
   }
 
   /** The served models (the form), and with a key: whether they are random weights (the banner). */
-  async function catalogue() {
+  async function catalogue(withKey) {
     try {
-      await generate.loadCatalogue();
+      await generate.loadCatalogue(withKey);
       const warning = models().map((model) => model.weights?.warning).find(Boolean);
       byId("weights-banner-text").textContent = warning ? `This server runs a ${warning}. Set --model to real weights for real pictures.` : "";
       show(byId("weights-banner"), Boolean(warning));
@@ -89,7 +89,7 @@ function start() {
     store.set(key.trim());
     keyInput.value = store.get();
     const valid = await checkKey();
-    await catalogue();
+    await catalogue(valid);
     if (valid) route();
   }
 
@@ -106,8 +106,7 @@ function start() {
   });
   window.addEventListener("hashchange", route);
   (async () => {
-    await checkKey();
-    await catalogue();
+    await catalogue(await checkKey());
     route();
   })();
 }
