@@ -88,7 +88,7 @@ export function setupSchemaForm(api, { container, refs, onChange }) {
       show(images);
       byId("references-label").textContent = `${LABELS.images} (optional, up to ${field.maxItems ?? 4})`;
       const read = () => refs.list.filter((ref) => ref.url).map((ref) => ref.url); // uploads still going: not yet
-      return { element: images, read, fill: (v) => refs.replace(v || []) };
+      return { element: images, own: true, read, fill: (v) => refs.replace(v || []) };
     }
     if (field.name === "loras") {
       loras = loraWidget(api, field, Math.min(field.maxItems ?? 0, model.max_loras ?? field.maxItems ?? 0));
@@ -139,6 +139,11 @@ export function setupSchemaForm(api, { container, refs, onChange }) {
         element = control.element;
         show(element);
         byId("ratio-hint").replaceChildren(hint);
+      } else if (control.own) {
+        element = control.element; // labelled by itself
+        element.querySelector(`#${hint.id}`)?.remove(); // the last model's
+        element.append(hint);
+        show(element);
       } else if (control.element) {
         element = h("div", { class: "field", "data-field": field.name }, h("span", { class: "label", text: label }), control.element, hint);
       } else {
