@@ -24,7 +24,7 @@ from core.settings import Settings
 
 STREAM_TTL_S = 3600
 MAX_ENTRIES = 200  # per prediction: steps are throttled, so this is far more than one run writes
-LIVE_WORKER_S = 30.0  # a worker whose heartbeat is older is not counted
+LIVE_WORKER_S = 30.0  # the registry's "lost" (core/workers.py); the API counts by KLEIN_LIVE_WORKER_S
 RECENT_RUNS = 20
 
 

@@ -135,6 +135,8 @@ class Settings(BaseSettings):
     webhook_secret_overlap_s: int = Field(24 * 3600, ge=0)  # a rotated secret keeps signing this long
     progress_interval_s: float = Field(0.25, ge=0)  # a worker reports denoising steps at most this often
     stream_refresh_s: float = Field(5.0, gt=0)  # event streams re-send a queued prediction's position this often
+    # A worker whose heartbeat (every ~2 s) is older is not counted live: queue ETAs, "no worker online", the console.
+    live_worker_s: float = Field(30.0, gt=2)
     max_streams_per_tenant: int = Field(1000, ge=1)  # open event streams per tenant and API process, then 429
 
     # Operating it (docs/operations.md): logs, metrics.

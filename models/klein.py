@@ -178,6 +178,9 @@ class KleinInput(BaseModel):
     guidance: float = Field(DEFAULT_GUIDANCE, ge=0, le=20, description=GUIDANCE_IGNORED)
     output_format: OutputFormat = "jpg"
     output_quality: int = Field(80, ge=1, le=100, description="Quality for jpg and webp.")
+    num_outputs: int = Field(
+        1, ge=1, le=MAX_OUTPUTS, description="Images of this prompt and seed, each billed; generation_urls lists them."
+    )
     loras: Loras = []
     disable_safety_checker: bool = Field(
         False, description="Turn the output safety checker off; refused unless the account allows it (docs/safety.md)"
@@ -209,6 +212,7 @@ class KleinInput(BaseModel):
             seed=seed,
             output_format=self.output_format,
             output_quality=self.output_quality,
+            num_outputs=self.num_outputs,
         )
 
 

@@ -1,4 +1,4 @@
-"""What a tenant manages with its own key: its API keys and its usage."""
+"""What a tenant manages with its own key: its account (name, price per image), its API keys and its usage."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import RowMapping
+from sqlalchemy import RowMapping, select
 
 from api.context import AppContext, get_ctx
 from api.errors import Conflict, Invalid, NotFound
 from api.routes.openapi_errors import errors
 from api.services.auth import Authenticated, keys_changed
 from core import tenants, usage
+from core.tables import tenants as tenant_table
 
 router = APIRouter(tags=["account"], responses=errors(401, 429, 503))
 
@@ -91,6 +92,17 @@ async def usage_report(ctx: AppContext, tenant_id: str | None, start: date | Non
 Ctx = Annotated[AppContext, Depends(get_ctx)]
 Start = Annotated[date | None, Query(description="first day (inclusive), default 31 days before end")]
 End = Annotated[date | None, Query(description="last day (exclusive), default tomorrow")]
+
+
+@router.get("/v1/account")
+async def my_account(principal: Authenticated, ctx: Ctx) -> dict[str, Any]:
+    """The key's tenant: its name and what an image costs it now (its plan, or the platform's default); the
+    playground checks a key with it and shows the price before a run."""
+    query = select(tenant_table.c.name, tenant_table.c.price_per_image).where(tenant_table.c.id == principal.tenant_id)
+    async with ctx.engine.connect() as conn:
+        row = (await conn.execute(query)).one()
+    price = ctx.settings.default_price_per_image if row.price_per_image is None else float(row.price_per_image)
+    return {"tenant_id": principal.tenant_id, "name": row.name, "price_per_image": price, "currency": "USD"}
 
 
 @router.get("/v1/keys")

@@ -56,11 +56,13 @@ async def _checkers(ctx: AppContext, specs: list[ModelSpec]) -> list[dict[str, A
 
 
 def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dict[str, Any]) -> dict[str, Any]:
-    """The model as every dialect's clients expect it: OpenAI's model object plus each request schema; the
-    weights only for a caller with a key; the safety checker its workers run."""
+    """The model as every dialect's clients expect it: OpenAI's model object plus each request schema; whether
+    this deployment serves it and how many LoRAs a request may carry here (KLEIN_MAX_LORAS, below the schema's
+    bound); the weights only for a caller with a key; the safety checker its workers run."""
     return (
         spec.describe()
         | {"object": "model", "created": 0, "owned_by": "black-forest-labs", "safety_checker": checker}
+        | {"served": spec.id in settings.served_models, "max_loras": settings.max_loras}
         | ({"weights": _weights(settings)} if signed_in else {})
         | {
             "schemas": {

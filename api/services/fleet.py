@@ -91,7 +91,7 @@ class Fleet:
 async def read(ctx: AppContext, per_tenant: bool = False) -> Fleet:
     settings = ctx.settings
     models = settings.served_models
-    since = time.time() - progress.LIVE_WORKER_S
+    since = time.time() - settings.live_worker_s
     async with ctx.redis.pipeline(transaction=False) as pipe:  # every served model's queue and workers
         for model in models:
             for priority in PRIORITY_STEPS:

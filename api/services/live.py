@@ -96,7 +96,7 @@ async def view(ctx: AppContext, model: str) -> View:
 async def _read(ctx: AppContext, model: str) -> View:
     rows = await _QUEUED.all(ctx.pg, model=model)
     async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(progress.workers_key(ctx.settings, model), time.time() - progress.LIVE_WORKER_S, "+inf")
+        pipe.zcount(progress.workers_key(ctx.settings, model), time.time() - ctx.settings.live_worker_s, "+inf")
         pipe.lrange(progress.recent_key(ctx.settings, model), 0, -1)
         workers, recent = await pipe.execute()
     per_image = statistics.median(int(ms) for ms in recent) if recent else None

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from core.tenants import IssuedKey
 from models.klein import size_for_aspect_ratio, size_for_ratio
-from ops.embedded import start_api
+from ops.embedded import Service, free_port, wait_until
 from tests.browser import (
     DESKTOP,
     PHONE,
@@ -52,15 +52,46 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
+@dataclass
+class AltApi:
+    url: str
+    schema: dict[str, Any]  # GET /v1/models' input schema of flux-klein-4b there
+
+
 @pytest.fixture(scope="module")
-def waiting_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An API that also serves the base model, which no worker of this session runs: its predictions wait."""
-    env = stack.env | {"KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]'}
-    api, url = start_api(env, tmp_path_factory.mktemp("waiting-api") / "api.log")
+def alt_api(stack: Stack) -> Iterator[AltApi]:
+    """One more API on the session's stack (tests/e2e/schema_extra_app.py): three inputs the product lacks on
+    flux-klein-4b; the base model served too, which no worker of this session runs (its predictions wait); a
+    worker counted live for 5 s after its last heartbeat (every ~2 s), and queued positions re-sent every second."""
+    env = stack.env | {
+        "KLEIN_SERVED_MODELS": '["flux-klein-4b", "flux-klein-4b-base"]',
+        "KLEIN_LIVE_WORKER_S": "5",
+        "KLEIN_STREAM_REFRESH_S": "1",
+    }
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "tests.e2e.schema_extra_app:create_app", "--factory", "--port", str(port)]
+    log = stack.logs / f"alt-api-{port}.log"
+    api = Service([*args, "--log-level", "warning"], env, log).start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        api.ensure_alive("alt API")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        yield url
+        wait_until(ready, 60, "alt API", log)
+        schema = httpx.get(f"{url}/v1/models/flux-klein-4b", timeout=10).json()["input_schema"]
+        yield AltApi(url, schema)
     finally:
         api.stop()
+
+
+@pytest.fixture(scope="module")
+def waiting_api(alt_api: AltApi) -> str:
+    return alt_api.url
 
 
 def waiting_prediction(url: str, key: str, prompt: str) -> str:
@@ -107,17 +138,20 @@ class Shown:
     url: str
     width: int
     height: int
+    urls: list[str]
 
 
 _RESULT = """(previous) => {
   const error = document.getElementById("result-error").textContent;
   if (error) return {error};
-  const figure = document.getElementById("result");
-  const image = document.getElementById("result-image");
-  const id = figure.dataset.predictionId;
-  if (figure.hidden || !id || id === previous || !image.complete || !image.naturalWidth) return null;
-  const seed = Number(figure.dataset.seed);
-  return {id, seed, url: image.src, width: image.naturalWidth, height: image.naturalHeight};
+  const card = document.querySelector("#gallery figure.run");  // the newest run's
+  const images = card ? [...card.querySelectorAll(".output img")] : [];
+  const id = card?.dataset.predictionId;
+  if (!id || id === previous || !images.every((i) => i.complete && i.naturalWidth)) return null;
+  const seed = Number(card.dataset.seed);
+  const [image] = images;
+  const urls = images.map((i) => i.src);
+  return {id, seed, url: image.src, width: image.naturalWidth, height: image.naturalHeight, urls};
 }"""
 _RECORD_PROGRESS = """() => {
   window.progressSeen = [];
@@ -140,6 +174,7 @@ def open_playground(tab: Tab, stack: Stack, key: str, view: str = "generate") ->
     page.goto(f"{stack.api_url}/#{view}")
     page.fill("#api-key", key)
     page.press("#api-key", "Enter")
+    expect(page.locator("#key-state")).to_have_attribute("data-valid", "true")  # checked against GET /v1/account
     return page
 
 
@@ -151,8 +186,8 @@ def shown_result(page: Page, previous: str | None = None) -> Shown:
 
 
 def submit_prompt(page: Page, prompt: str) -> Shown:
-    previous = page.evaluate("() => document.getElementById('result').dataset.predictionId || null")
-    page.fill("#prompt", prompt)
+    previous = page.evaluate("() => document.querySelector('#gallery figure.run')?.dataset.predictionId || null")
+    page.fill("#in-prompt", prompt)
     page.click("#generate-button")
     return shown_result(page, previous)
 
@@ -183,22 +218,25 @@ def test_a_prompt_streams_its_progress_lands_in_history_and_reruns_to_the_same_b
     steps = [int(m[1]) for text in seen if (m := re.fullmatch(r"Step (\d+) of 4", text))]
     assert steps and steps == sorted(steps), seen
     assert seen[0] == "Submitting…" and seen[-1].startswith("Done in"), seen
+    assert "Step 4 of 4: decoding and uploading…" in seen, seen  # the stage after the last step
     # From the event stream, read with fetch (the key in a header), not by polling the status.
     urls = [r.url for r in desktop.requests]
     assert f"{stack.api_url}/v1/predictions/{first.id}/stream" in urls
     assert not [u for u in urls if "/v1/predictions/status/" in u]
-    timings = page.text_content("#result-timings") or ""
+    timings = page.text_content("#gallery figure.run .timings") or ""
     assert f"seed {first.seed}" in timings and "inference" in timings and "total" in timings
 
     # The key lives in this tab's sessionStorage and travels only in the apikey header.
     api_calls = [r for r in desktop.requests if r.url.startswith(f"{stack.api_url}/v1/") and "/delivery/" not in r.url]
-    assert api_calls and all(r.headers.get("apikey") == tenant.key for r in api_calls)
+    keyless = [r.url for r in api_calls if "apikey" not in r.headers]
+    assert keyless == [f"{stack.api_url}/v1/models"], keyless  # the catalogue, read before a key was given
+    assert all(r.headers.get("apikey") in (None, tenant.key) for r in api_calls)
     assert not [r.url for r in desktop.requests if tenant.key in r.url]
     assert desktop.context.cookies() == []
     assert page.evaluate("() => [sessionStorage.getItem('klein.apiKey'), localStorage.length]") == [tenant.key, 0]
 
     with page.expect_download() as downloading:
-        page.click("#download-link")
+        page.click('#gallery figure.run [data-action="download"]')
     assert downloading.value.suggested_filename == f"klein-{first.id}.jpg"
     assert Path(downloading.value.path()).read_bytes() == download(first.url)
     screenshot(page, "playground-desktop", shots)
@@ -246,7 +284,7 @@ def test_a_dropped_reference_is_uploaded_and_edited(stack: Stack, tenant: Issued
     )
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
     page.locator('#reference-list li[data-status="ready"]').wait_for()
-    page.select_option("#aspect-ratio", "match_input_image")
+    page.select_option("#in-aspect_ratio", "match_input_image")
     edited = submit_prompt(page, "the same scene as a watercolour")
     assert (edited.width, edited.height) == size_for_ratio(640 / 384)  # the reference's shape: it was used
 
@@ -260,29 +298,33 @@ def test_a_dropped_reference_is_uploaded_and_edited(stack: Stack, tenant: Issued
     desktop.assert_clean()
 
 
-def test_an_exact_size_goes_through_the_openai_style_endpoint(stack: Stack, tenant: IssuedKey, desktop: Tab) -> None:
+def test_an_exact_size_goes_through_the_openai_style_endpoint(
+    stack: Stack, tenant: IssuedKey, desktop: Tab, tmp_path: Path
+) -> None:
     page = open_playground(desktop, stack, tenant.key)
     page.select_option("#size-mode", "exact")
-    assert page.is_visible("#width") and not page.is_visible("#aspect-ratio")
+    assert page.is_visible("#width") and not page.is_visible("#in-aspect_ratio")
     page.fill("#width", "512")
     page.fill("#height", "384")
-    page.fill("#steps", "13")  # past this endpoint's 12: refused in the page, before any request
-    page.fill("#prompt", "a blue kite")
+    page.fill("#in-num_inference_steps", "13")  # past this endpoint's 12: refused in the page, before any request
+    page.fill("#in-seed", "77")
+    page.check("#seed-lock")
+    page.fill("#in-prompt", "a blue kite")
     page.click("#generate-button")
     expect(page.locator("#form-message")).to_contain_text("Steps")
     assert not [r for r in desktop.requests if r.method == "POST"]
-    page.fill("#steps", "4")
+    page.fill("#in-num_inference_steps", "4")
     shown = submit_prompt(page, "a blue kite")
     assert (shown.width, shown.height) == (512, 384)
     assert [r.url for r in desktop.requests if r.method == "POST"] == [f"{stack.api_url}/v1/images/generations"]
 
-    code = page.text_content('#result-code pre[data-dialect="curl"]') or ""
+    code = page.text_content('#api-code pre[data-dialect="curl"]') or ""
     env = os.environ | {"KLEIN_API_KEY": tenant.key}
-    ran = subprocess.run(["bash", "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    ran = subprocess.run(["bash", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
-    answer = json.loads(ran.stdout)
-    assert answer["size"] == "512x384" and answer["seed"] == shown.seed
-    assert download(answer["data"][0]["url"]) == download(shown.url)
+    answer = json.loads((tmp_path / "answer.json").read_text())
+    assert answer["size"] == "512x384" and answer["seed"] == shown.seed == 77
+    assert (tmp_path / "output.jpg").read_bytes() == download(answer["data"][0]["url"]) == download(shown.url)
     desktop.assert_clean()
 
 
@@ -292,8 +334,8 @@ def test_a_queued_prediction_shows_its_place_then_runs_and_is_canceled(
     blocker = start_slow_prediction(stack, client)  # the one worker is busy: the page's prediction waits
     page = open_playground(desktop, stack, tenant.key)
     label = page.locator("#progress-label")
-    page.fill("#steps", "50")  # long enough on the CPU to be caught running
-    page.fill("#prompt", "a slow glacier")
+    page.fill("#in-num_inference_steps", "50")  # long enough on the CPU to be caught running
+    page.fill("#in-prompt", "a slow glacier")
     page.click("#generate-button")
     expect(label).to_have_text(re.compile(r"Queued: (next|\d+ ahead)"))  # the stream's queue position
     assert client.post(f"/v1/predictions/{blocker}/cancel").status_code == 200
@@ -314,7 +356,7 @@ def test_the_page_sizes_images_as_the_model_does(stack: Stack, desktop: Tab) -> 
     desktop.page.goto(f"{stack.api_url}/")
     sizes = desktop.page.evaluate(
         """async () => {
-          const snippets = await import("/static/js/snippets.js");
+          const snippets = await import("/static/js/request.js");
           return Object.fromEntries(snippets.RATIOS.map((ratio) => [ratio, snippets.sizeForAspectRatio(ratio)]));
         }"""
     )
@@ -323,51 +365,70 @@ def test_the_page_sizes_images_as_the_model_does(stack: Stack, desktop: Tab) -> 
     desktop.assert_clean()
 
 
-def test_copy_as_code_runs_in_every_dialect_and_makes_the_same_picture(
+# How each tab of the API panel runs: a shell, Python, or Node as an ES module (the fetch snippet). The Replicate
+# JavaScript client is an npm package, which the test machine has no registry to install from: its snippet is
+# only parsed by Node (`node --check`), and the Replicate wire format it speaks is run by the Python client's.
+RUNNERS: dict[str, tuple[str, list[str]]] = {
+    "curl": ("snippet.sh", ["bash", "snippet.sh"]),
+    "fetch": ("snippet.mjs", ["node", "snippet.mjs"]),
+    "pruna": ("snippet.py", [sys.executable, "snippet.py"]),
+    "replicate-python": ("snippet.py", [sys.executable, "snippet.py"]),
+    "replicate-js": ("snippet.mjs", ["node", "--check", "snippet.mjs"]),
+    "wavespeed": ("snippet.py", [sys.executable, "snippet.py"]),
+    "openai": ("snippet.py", [sys.executable, "snippet.py"]),
+}
+
+
+def test_the_api_tab_runs_in_every_dialect_and_makes_the_same_picture(
     stack: Stack, tenant: IssuedKey, desktop: Tab, tmp_path: Path
 ) -> None:
     page = open_playground(desktop, stack, tenant.key)
-    page.select_option("#aspect-ratio", "16:9")
-    page.select_option("#format", "png")  # lossless: the dialects' different JPEG qualities cannot differ here
-    page.fill("#seed", "4242")
+    page.fill("#in-prompt", TRICKY)
+    page.select_option("#in-aspect_ratio", "16:9")
+    page.select_option("#in-output_format", "png")  # lossless: the dialects' different JPEG qualities cannot differ
+    page.fill("#in-seed", "4242")
     page.check("#seed-lock")
-    shown = submit_prompt(page, TRICKY)
+    # The API tab shows the form before any run.
+    expect(page.locator('#api-code pre[data-dialect="curl"]')).to_contain_text('"seed":4242')
+    tabs = page.locator("#api-code [role=tab]").evaluate_all("(tabs) => tabs.map((t) => t.dataset.dialect)")
+    assert tabs == list(RUNNERS), tabs
+    code = {d: page.text_content(f'#api-code pre[data-dialect="{d}"]') or "" for d in RUNNERS}
+    page.click("#generate-button")
+    shown = shown_result(page)
     assert shown.seed == 4242 and (shown.width, shown.height) == size_for_aspect_ratio("16:9")
     expected = download(shown.url)
 
     env = os.environ | {"KLEIN_API_KEY": tenant.key}
-    for dialect in ("curl", "pruna", "wavespeed", "openai"):
-        code = page.text_content(f'#result-code pre[data-dialect="{dialect}"]') or ""
-        assert code and tenant.key not in code, dialect  # the key comes from the environment
+    for dialect, (name, command) in RUNNERS.items():
+        assert code[dialect] and tenant.key not in code[dialect], dialect  # the key comes from the environment
         folder = tmp_path / dialect
         folder.mkdir()
-        command = ["bash", "-c", code] if dialect == "curl" else [sys.executable, "-c", code]
+        (folder / name).write_text(code[dialect])
         ran = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=90)
-        assert ran.returncode == 0, f"{dialect}:\n{code}\n{ran.stdout}\n{ran.stderr}"
-        if dialect == "curl":
-            answer: dict[str, Any] = json.loads(ran.stdout)
-            assert answer["status"] == "succeeded" and answer["seed"] == 4242, answer
-            assert answer["input"]["prompt"] == TRICKY
-            made = httpx.get(answer["generation_url"], headers={"apikey": tenant.key}).content
-        else:
-            made = (folder / "output.png").read_bytes()
-        assert made == expected, f"{dialect} made another picture:\n{code}"
+        assert ran.returncode == 0, f"{dialect}:\n{code[dialect]}\n{ran.stdout}\n{ran.stderr}"
+        if command[1] == "--check":
+            continue
+        assert (folder / "output.png").read_bytes() == expected, f"{dialect} made another picture:\n{code[dialect]}"
+    assert json.loads((tmp_path / "curl" / "prediction.json").read_text())["input"]["prompt"] == TRICKY
 
     desktop.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=stack.api_url)
-    page.click('#result-code button[data-dialect="openai"]')
-    assert page.is_visible('#result-code pre[data-dialect="openai"]')
-    assert not page.is_visible('#result-code pre[data-dialect="curl"]')
-    page.click('#result-code button[data-action="copy"]')
-    expect(page.locator("#result-code [role=status]")).to_have_text("Copied.")
+    page.click('#api-code button[data-dialect="openai"]')
+    assert page.is_visible('#api-code pre[data-dialect="openai"]')
+    assert not page.is_visible('#api-code pre[data-dialect="curl"]')
+    page.click('#api-code button[data-action="copy"]')
+    expect(page.locator("#api-code [role=status]")).to_have_text("Copied.")
     copied = page.evaluate("() => navigator.clipboard.readText()")
-    assert copied == page.text_content('#result-code pre[data-dialect="openai"]')
+    assert copied == page.text_content('#api-code pre[data-dialect="openai"]')
+    page.fill("#in-prompt", "changed")  # the tab follows the form, and stays on the chosen client
+    expect(page.locator('#api-code pre[data-dialect="openai"]')).to_contain_text('prompt="changed"')
+    assert page.is_visible('#api-code pre[data-dialect="openai"]')
     desktop.assert_clean()
 
 
 def test_prompts_show_as_text_and_nothing_runs_from_them(stack: Stack, tenant: IssuedKey, desktop: Tab) -> None:
     page = open_playground(desktop, stack, tenant.key)
     shown = submit_prompt(page, XSS)
-    assert page.text_content("#result-prompt") == XSS
+    assert page.text_content("#gallery figure.run .prompt-text") == XSS
     page.click("a[data-view=history]")
     item = page.locator(f'.history-item[data-id="{shown.id}"]')
     expect(item.locator(".history-prompt")).to_have_text(XSS)
@@ -523,16 +584,16 @@ def test_keyboard_only_labelled_and_readable_at_375_px(
     stack: Stack, tenant: IssuedKey, phone: Tab, shots: Path
 ) -> None:
     page = open_playground(phone, stack, tenant.key)
-    page.focus("#prompt")
+    page.focus("#in-prompt")
     page.keyboard.type("a paper boat")
     page.keyboard.press("Shift+Enter")  # a new line, not a submit
     page.keyboard.type("on a puddle")
-    assert page.input_value("#prompt") == "a paper boat\non a puddle"
+    assert page.input_value("#in-prompt") == "a paper boat\non a puddle"
     assert not [r for r in phone.requests if r.method == "POST"]
     page.keyboard.press("Control+Enter")
     first = shown_result(page)
-    page.focus("#prompt")
-    for _ in range(40):  # Tab through the form to its submit button
+    page.focus("#in-prompt")
+    for _ in range(60):  # Tab through the form to its submit button
         page.keyboard.press("Tab")
         if page.evaluate("() => document.activeElement.id") == "generate-button":
             break
@@ -602,9 +663,10 @@ def test_history_keeps_a_predictions_loras_in_the_rerun_the_form_and_the_code(
     page.click("a[data-view=history]")
     page.click(f'.history-item[data-id="{made["id"]}"]')
     page.click("#detail-load")
-    expect(page.locator("#lora-list li")).to_have_count(1)
-    expect(page.locator("#lora-list li")).to_contain_text("× 0.8")
-    assert lora["path"] in (page.text_content('#result-code pre[data-dialect="curl"]') or "")
+    expect(page.locator(".lora-row")).to_have_count(1)
+    assert page.input_value(".lora-row .lora-path") == lora["path"]
+    assert page.input_value(".lora-row .lora-scale") == "0.8"
+    expect(page.locator('#api-code pre[data-dialect="curl"]')).to_contain_text(lora["path"])
     desktop.assert_clean()
 
 
@@ -619,7 +681,8 @@ def test_a_waiting_prediction_says_no_worker_keeps_its_link_and_stop_watching_di
     page.press("#api-key", "Enter")
     label = page.locator("#progress-label")
     expect(label).to_contain_text("No worker is online for this model", timeout=5_000)
-    expect(page.locator("#prompt")).to_have_value("a model nobody serves yet")
+    expect(page.locator("#in-prompt")).to_have_value("a model nobody serves yet")
+    expect(page.locator("#model")).to_have_value("flux-klein-4b-base")
 
     page.click("#stop-button")  # lets go of it: the prediction goes on
     expect(label).to_contain_text("Stopped watching: the prediction goes on")
@@ -676,13 +739,13 @@ def test_docs_render_offline_and_the_prompt_stops_at_the_apis_limit(
 ) -> None:
     desktop.context.route("**/*", _local_only)  # no internet
     page = open_playground(desktop, stack, tenant.key)
-    page.fill("#prompt", "x" * 5000)
-    assert page.evaluate("() => document.getElementById('prompt').value.length") == 4096
+    page.fill("#in-prompt", "x" * 5000)
+    assert page.evaluate("() => document.getElementById('in-prompt').value.length") == 4096
     expect(page.locator("#prompt-count")).to_have_text("4,096 / 4,096 characters")
 
     # The API's own refusal, if a longer prompt gets through, reads as a sentence next to the form.
-    page.evaluate("() => document.getElementById('prompt').removeAttribute('maxlength')")
-    page.fill("#prompt", "x" * 4097)
+    page.evaluate("() => document.getElementById('in-prompt').removeAttribute('maxlength')")
+    page.fill("#in-prompt", "x" * 4097)
     page.click("#generate-button")
     expect(page.locator("#form-message")).to_have_text("Prompt: too long, at most 4,096 characters.")
     expect(page.locator("#result-error")).to_have_text("")

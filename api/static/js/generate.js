@@ -1,193 +1,168 @@
-// The generation form: references uploaded through POST /v1/files, submit, live progress from the event
-// stream, the image with its timings, and the request as code. Each prediction run here gets its own link,
-// #/p/<id>: opening it (or reloading the page) follows that prediction again.
+// The generate view: the model picker and its form (js/schema-form.js), the price, the API tab for the form as
+// it is, and runs: submit, follow (js/watch.js) with the run panel, results into the gallery. Each prediction
+// run here gets its own link, #/p/<id>: opening it (or reloading the page) follows that prediction again.
 
-import { byId, clear, h, say, show, timingItems } from "./dom.js";
-import { MODEL, openaiBody, prunaInput, renderSnippets, requestFromInput } from "./snippets.js";
+import { byId, h, money, say, show } from "./dom.js";
+import { setupGallery } from "./gallery.js";
+import { loadModels, modelById, models } from "./models.js";
 import { setupReferences } from "./references.js";
-import { follow, queuedLabel, readableError } from "./watch.js";
-
+import { openaiBody, pixelSize, requestFromInput } from "./request.js";
+import { setupRunPanel } from "./runpanel.js";
+import { setupSchemaForm } from "./schema-form.js";
+import { renderSnippets } from "./snippets.js";
+import { follow, readableError } from "./watch.js";
 
 export function setupGenerate(api) {
   const form = byId("generate-form");
-  const prompt = byId("prompt");
-  const sizeMode = byId("size-mode");
-  const ratio = byId("aspect-ratio");
-  const width = byId("width");
-  const height = byId("height");
-  const seed = byId("seed");
-  const seedLock = byId("seed-lock");
-  const steps = byId("steps");
-  const guidance = byId("guidance");
-  const format = byId("format");
-  const fileInput = byId("references");
+  const picker = byId("model");
   const submit = byId("generate-button");
   const cancel = byId("cancel-button");
   const stop = byId("stop-button");
   const runLinkBox = byId("run-link-box");
   const runLink = byId("run-link");
-  const promptCount = byId("prompt-count");
-  const loraField = byId("lora-field");
-  const loraList = byId("lora-list");
   const formMessage = byId("form-message");
-  const progressBox = byId("progress-box");
-  const progress = byId("progress");
-  const progressLabel = byId("progress-label");
-  const resultEmpty = byId("result-empty");
-  const result = byId("result");
-  const image = byId("result-image");
-  const resultPrompt = byId("result-prompt");
-  const resultTimings = byId("result-timings");
-  const download = byId("download-link");
   const resultError = byId("result-error");
-  const resultCode = byId("result-code");
+  const apiCode = byId("api-code");
+  const price = byId("price");
+  const promptCount = byId("prompt-count");
+  const fileInput = byId("references");
 
-  const refs = setupReferences(api, { fileInput, formMessage });
-  /** LoRAs of a prediction loaded from History, sent again as they were: [{path, scale}] */
-  let loras = [];
+  const refs = setupReferences(api, { fileInput, formMessage, onChange: () => changed() });
+  const fields = setupSchemaForm(api, { container: byId("fields"), refs, onChange: () => changed() });
+  const panel = setupRunPanel();
+  const gallery = setupGallery(byId("gallery"), byId("result-empty"), { lockSeed });
   let running = null; // {controller, id}
-  let lastSeed = null;
+  let account = null; // GET /v1/account: the price per image
+  let pending = 0;
 
-  // --- size mode: aspect ratios on the predictions API, exact sizes on the OpenAI-style endpoint ---------
-  function applySizeMode() {
-    const exact = sizeMode.value === "exact";
-    show(byId("ratio-field"), !exact);
-    show(byId("exact-fields"), exact);
-    show(byId("exact-hint"), exact);
-    steps.max = exact ? "12" : "50";
-    guidance.max = exact ? "8" : "20";
+  const model = () => modelById(picker.value) || models()[0];
+  const prompt = () => document.getElementById("in-prompt");
+
+  function lockSeed(seed) {
+    const input = document.getElementById("in-seed");
+    if (!input || seed === null) return;
+    input.value = String(seed);
+    byId("seed-lock").checked = true;
+    input.focus();
+    changed();
   }
-  sizeMode.addEventListener("change", applySizeMode);
 
-  // --- keyboard: Enter (or Ctrl/Cmd+Enter) submits from the prompt; Shift+Enter is a new line ------------
-  prompt.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  // --- the form as it is: prompt counter, price, the API tab ----------------------------------------------
+  function current() {
+    const first = refs.list[0];
+    return {
+      model: model().id,
+      input: fields.snapshot(),
+      exact: fields.exact(),
+      referenceSize: first?.width ? [first.width, first.height] : null,
+    };
+  }
+
+  function changed() {
+    const box = prompt();
+    if (box) {
+      const limit = Number(box.getAttribute("maxlength")) || 0;
+      promptCount.textContent = `${box.value.length.toLocaleString("en")} / ${limit.toLocaleString("en")} characters`;
+    }
+    showPrice();
+    clearTimeout(pending);
+    pending = setTimeout(() => renderSnippets(apiCode, current(), { model: model() }), 120);
+  }
+
+  function showPrice() {
+    if (!account) return say(price, "");
+    const count = Number(document.getElementById("in-num_outputs")?.value) || 1;
+    const each = money(account.price_per_image, account.currency);
+    const total = count > 1 ? ` × ${count} = ${money(account.price_per_image * count, account.currency)}` : "";
+    say(price, `Price: ${each} per image${total}`);
+  }
+
+  form.addEventListener("input", changed);
+  form.addEventListener("change", changed);
+  byId("seed-lock").addEventListener("change", () => {
+    const seed = document.getElementById("in-seed");
+    if (byId("seed-lock").checked && seed?.value === "" && seed.dataset.last) seed.value = seed.dataset.last;
+  });
+  for (const example of document.querySelectorAll("#examples button[data-prompt]")) {
+    example.addEventListener("click", () => {
+      prompt().value = example.dataset.prompt;
+      prompt().focus();
+      changed();
+    });
+  }
+  // Enter (or Ctrl/Cmd+Enter) submits from the prompt; Shift+Enter is a new line.
+  form.addEventListener("keydown", (event) => {
+    if (event.target.id === "in-prompt" && event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       form.requestSubmit();
     }
   });
 
-  function countPrompt() {
-    promptCount.textContent = `${prompt.value.length.toLocaleString("en")} / 4,096 characters`;
+  // --- models ---------------------------------------------------------------------------------------------
+  function showModel() {
+    const chosen = model();
+    byId("model-notes").textContent = [chosen.description, chosen.notes].filter(Boolean).join(" ");
+    fields.render(chosen);
   }
-  prompt.addEventListener("input", countPrompt);
+  picker.addEventListener("change", showModel);
 
-  seedLock.addEventListener("change", () => {
-    if (seedLock.checked && seed.value === "" && lastSeed !== null) seed.value = String(lastSeed);
-  });
-  byId("reuse-seed").addEventListener("click", () => {
-    if (lastSeed === null) return;
-    seed.value = String(lastSeed);
-    seedLock.checked = true;
-    seed.focus();
-  });
-
-  // --- LoRAs of a prediction loaded from History ------------------------------------------------------
-  function renderLoras() {
-    clear(loraList);
-    show(loraField, loras.length > 0);
-    loras.forEach((lora, index) => {
-      const name = lora.path.split("/").pop() || lora.path;
-      const remove = h("button", { type: "button", class: "small", "aria-label": `Remove LoRA ${name}` }, "×");
-      remove.addEventListener("click", () => {
-        loras.splice(index, 1);
-        renderLoras();
-      });
-      loraList.append(h("li", {}, h("span", { text: `${name} × ${lora.scale ?? 1}`, title: lora.path }), remove));
-    });
+  async function loadCatalogue(withKey = api.hasKey()) {
+    const list = await loadModels(api, withKey);
+    const keep = picker.value;
+    picker.replaceChildren(...list.map((m) => h("option", { value: m.id }, m.id)));
+    if (keep && modelById(keep)) picker.value = keep;
+    if (!fields.controls.length || keep !== picker.value) showModel();
+    return list;
   }
 
-  // --- reading and filling the form -------------------------------------------------------------------
+  // --- reading the form -------------------------------------------------------------------------------------
   function invalid(input, text) {
-    input.setAttribute("aria-invalid", "true");
-    input.focus();
+    input?.setAttribute("aria-invalid", "true");
+    input?.focus();
     say(formMessage, text, "error");
     return null;
-  }
-
-  function labelOf(input) {
-    return document.querySelector(`label[for="${input.id}"]`)?.textContent.trim() || input.id;
   }
 
   async function readForm() {
     for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
     say(formMessage, "");
-    if (!prompt.value.trim()) return invalid(prompt, "Write a prompt first.");
-    const exact = sizeMode.value === "exact";
-    const checked = exact ? [width, height, seed, steps, guidance] : [seed, steps, guidance];
+    if (!prompt()?.value.trim()) return invalid(prompt(), "Write a prompt first.");
+    const request = current();
+    const checked = [...form.querySelectorAll("#fields input, #fields select, #fields textarea")];
+    if (request.exact) checked.push(byId("width"), byId("height"));
     for (const input of checked) {
-      if (!input.checkValidity()) return invalid(input, `${labelOf(input)}: ${input.validationMessage}`);
+      if (input.closest("[hidden]") || input.checkValidity()) continue;
+      const label = document.querySelector(`label[for="${input.id}"]`)?.textContent.trim() || input.getAttribute("aria-label") || input.id;
+      return invalid(input, `${label}: ${input.validationMessage}`);
     }
-    if (exact && Number(width.value) * Number(height.value) > 1_048_576) {
-      return invalid(width, "Width × height must be at most 1,048,576 pixels.");
+    if (request.exact && request.exact.width * request.exact.height > 1_048_576) {
+      return invalid(byId("width"), "Width × height must be at most 1,048,576 pixels.");
     }
-    if (seedLock.checked && seed.value === "") return invalid(seed, "Seed: enter the seed to lock.");
-    if (exact && loras.length) {
-      return invalid(sizeMode, "Exact sizes go through the OpenAI-style endpoint, which takes no LoRAs: choose an aspect ratio or remove the LoRAs.");
+    if (byId("seed-lock").checked && document.getElementById("in-seed")?.value === "") {
+      return invalid(document.getElementById("in-seed"), "Seed: enter the seed to lock.");
     }
-    const references = refs.list;
-    if (references.some((ref) => ref.status === "uploading")) {
-      say(formMessage, "Waiting for the reference uploads…");
-      await Promise.allSettled(references.map((ref) => ref.upload));
+    if (refs.list.some((ref) => ref.status === "uploading")) {
+      say(formMessage, "Waiting for the uploads…");
+      await Promise.allSettled(refs.list.map((ref) => ref.upload));
       say(formMessage, "");
     }
-    const failed = references.find((ref) => ref.status === "error");
+    const failed = refs.list.find((ref) => ref.status === "error");
     if (failed) return invalid(fileInput, `${failed.name}: ${failed.message} (remove it to go on)`);
-    const first = references[0];
-    return {
-      prompt: prompt.value,
-      aspectRatio: exact ? null : ratio.value,
-      width: exact ? Number(width.value) : null,
-      height: exact ? Number(height.value) : null,
-      seed: seedLock.checked ? Number(seed.value) : -1,
-      steps: Number(steps.value),
-      guidance: Number(guidance.value),
-      format: format.value,
-      images: references.map((ref) => ref.url),
-      referenceSize: first?.width ? [first.width, first.height] : null,
-      loras: loras.map((lora) => ({ ...lora })),
-    };
-  }
-
-  /** Put a request (from history) into the form, its seed locked. */
-  function fillForm(request) {
-    prompt.value = request.prompt;
-    const exact = Boolean(request.width && request.height);
-    sizeMode.value = exact ? "exact" : "ratio";
-    if (exact) {
-      width.value = String(request.width);
-      height.value = String(request.height);
-    } else {
-      ratio.value = request.aspectRatio || "1:1";
+    try {
+      const loras = fields.loras ? await fields.loras.value() : [];
+      if (loras.length) request.input.loras = loras;
+      else delete request.input.loras;
+    } catch (error) {
+      return invalid(null, error.message);
     }
-    applySizeMode();
-    if (request.seed >= 0) {
-      seed.value = String(request.seed);
-      seedLock.checked = true;
+    if (request.exact && request.input.loras?.length) {
+      return invalid(byId("size-mode"), "Exact sizes go through the OpenAI-style endpoint, which takes no LoRAs: choose an aspect ratio or remove the LoRAs.");
     }
-    steps.value = String(request.steps);
-    guidance.value = String(request.guidance);
-    format.value = request.format;
-    refs.replace(request.images);
-    loras = (request.loras || []).map((lora) => ({ ...lora }));
-    renderLoras();
-    countPrompt();
+    return { ...request, input: { ...request.input, images: refs.list.map((ref) => ref.url).filter(Boolean) } };
   }
 
-  // --- running ----------------------------------------------------------------------------------------
-  function setProgress(percent, label) {
-    show(progressBox);
-    if (percent === null) progress.removeAttribute("value");
-    else progress.value = Math.max(0, Math.min(100, percent));
-    progressLabel.textContent = label;
-  }
-
-  function onStatus(data) {
-    if (data.status === "starting") setProgress(null, queuedLabel(data));
-    else if (data.status === "processing") setProgress(0, "Processing…");
-  }
-
-  const onProgress = (data) => setProgress(data.percent, `Step ${data.step} of ${data.total}`);
+  // --- running --------------------------------------------------------------------------------------------
+  const handlers = { onStatus: panel.status, onProgress: panel.progress, onLog: panel.log };
 
   function showLink(id) {
     const link = `#/p/${encodeURIComponent(id)}`;
@@ -198,69 +173,47 @@ export function setupGenerate(api) {
   }
 
   async function runPrediction(request, signal) {
-    const created = await api.post("/v1/predictions", {
-      json: { input: prunaInput(request) },
-      headers: { Model: MODEL },
-      signal,
-    });
+    const input = { ...request.input };
+    if (!input.images?.length) delete input.images;
+    const created = await api.post("/v1/predictions", { json: { input }, headers: { Model: request.model }, signal });
     running.id = created.id;
     showLink(created.id);
-    setProgress(null, "Queued…");
-    return follow(api, created.id, { onStatus, onProgress }, signal);
+    panel.set(null, "Queued…", "queued");
+    return follow(api, created.id, handlers, signal);
   }
 
   async function runExact(request, signal) {
-    setProgress(null, "Generating (the exact-size endpoint answers when the image is ready)…");
+    panel.set(null, "Generating (the exact-size endpoint answers when the images are ready)…", "processing");
     show(runLinkBox, false); // an answer, not a prediction to follow: the page's link is no earlier run's
     if (location.hash.startsWith("#/p/")) history.replaceState(null, "", "#generate");
     const answer = await api.post("/v1/images/generations", { json: openaiBody(request), signal });
     running.id = answer.id;
-    return {
-      id: answer.id,
-      status: "succeeded",
-      seed: answer.seed,
-      timings: answer.timings,
-      urls: answer.data.map((item) => item.url),
-      error: null,
-    };
+    return { id: answer.id, status: "succeeded", seed: answer.seed, timings: answer.timings, urls: answer.data.map((d) => d.url) };
   }
 
   function showOutcome(request, outcome) {
-    lastSeed = outcome.seed ?? null;
-    if (!seedLock.checked && lastSeed !== null) seed.value = String(lastSeed);
-    const withSeed = { ...request, seed: lastSeed ?? request.seed };
-    renderSnippets(resultCode, withSeed);
-    show(resultCode);
+    const seed = document.getElementById("in-seed");
+    if (seed && typeof outcome.seed === "number") {
+      seed.dataset.last = String(outcome.seed);
+      if (!byId("seed-lock").checked) seed.value = String(outcome.seed);
+    }
     if (outcome.status !== "succeeded" || !outcome.urls.length) {
-      show(progressBox, false);
+      panel.finish(0, `The prediction ${outcome.status}.`, outcome.status);
       say(resultError, `The prediction ${outcome.status}: ${outcome.error || "no image"}`, "error");
       return;
     }
     const total = outcome.timings?.total_ms;
-    setProgress(100, typeof total === "number" ? `Done in ${(total / 1000).toFixed(2)} s` : "Done");
-    const url = outcome.urls[0];
-    result.dataset.predictionId = outcome.id;
-    result.dataset.seed = String(lastSeed);
-    image.alt = `Generated: ${request.prompt}`; // an attribute holds text, never markup
-    image.src = url;
-    resultPrompt.textContent = request.prompt;
-    const size = h("li", {}, "size ", h("strong", { text: "…" }));
-    image.addEventListener("load", () => (size.lastChild.textContent = `${image.naturalWidth}×${image.naturalHeight}`), {
-      once: true,
-    });
-    resultTimings.replaceChildren(h("li", {}, "seed ", h("strong", { text: String(lastSeed) })), size, ...timingItems(outcome.timings));
-    download.href = url;
-    download.download = `klein-${outcome.id}.${request.format}`;
-    show(resultEmpty, false);
-    show(result);
+    panel.finish(100, typeof total === "number" ? `Done in ${(total / 1000).toFixed(2)} s` : "Done");
+    const [width, height] = pixelSize(request);
+    gallery.add(request, outcome).dataset.size = `${width}x${height}`;
   }
 
   /** Run `work(signal)` (a prediction to follow) as the page's current run, then show what it gave. */
-  async function watch(id, request, work) {
+  async function watch(request, work) {
     running?.controller.abort();
     const controller = new AbortController();
-    const current = { controller, id };
-    running = current;
+    const mine = { controller, id: null };
+    running = mine;
     submit.disabled = true;
     show(cancel);
     show(stop);
@@ -268,70 +221,85 @@ export function setupGenerate(api) {
     say(formMessage, "");
     try {
       const outcome = await work(controller.signal);
-      if (running === current) showOutcome(outcome.request || request, outcome);
+      if (running === mine) showOutcome(outcome.request || request, outcome);
     } catch (error) {
       if (controller.signal.aborted) return;
-      show(progressBox, false);
+      panel.finish(0, "Not run.", "error");
       if (error?.status === 422 && Array.isArray(error.body?.detail)) say(formMessage, readableError(error), "error");
       else say(resultError, readableError(error), "error");
     } finally {
-      if (running === current) {
-        running = null;
-        submit.disabled = false;
-        show(cancel, false);
-        show(stop, false);
-      }
+      if (running === mine) release();
     }
   }
 
   function run(request) {
-    setProgress(null, "Submitting…");
-    const exact = Boolean(request.width && request.height);
-    return watch(null, request, (signal) => (exact ? runExact(request, signal) : runPrediction(request, signal)));
+    panel.start("Submitting…");
+    return watch(request, (signal) => (request.exact ? runExact(request, signal) : runPrediction(request, signal)));
   }
 
   /** Follow prediction `id` again (its link was opened, or the page reloaded on it). */
   function resume(id) {
     if (running?.id === id) return;
-    setProgress(null, "Reading the prediction…");
+    panel.start("Reading the prediction…");
     showLink(id);
-    return watch(id, null, async (signal) => {
+    return watch(null, async (signal) => {
+      running.id = id;
       const row = await api.get(`/v1/predictions/status/${encodeURIComponent(id)}`, { signal });
-      const request = requestFromInput(row.input || {}, row.seed);
+      if (!models().length) await loadCatalogue();
+      if (modelById(row.model) && picker.value !== row.model) {
+        picker.value = row.model;
+        showModel();
+      }
+      const fieldNames = Object.keys(model().input_schema.properties || {});
+      const request = requestFromInput(row.model, row.input || {}, row.seed, fieldNames);
       fillForm(request);
-      const outcome = await follow(api, id, { onStatus, onProgress }, signal);
+      if (!["succeeded", "failed", "canceled"].includes(row.status)) panel.start("Following the prediction…", row.created_at);
+      for (const line of row.logs || []) panel.log(line);
+      const outcome = await follow(api, id, handlers, signal);
       return { ...outcome, request };
     });
   }
 
+  /** Put a request (from History, or a link) into the form. */
+  function fillForm(request) {
+    if (modelById(request.model) && picker.value !== request.model) {
+      picker.value = request.model;
+      showModel();
+    }
+    fields.fill(request.input);
+    fields.setExact(request.exact);
+    changed();
+  }
+
   function release() {
-    const current = running;
-    if (!current) return null;
-    current.controller.abort();
+    const mine = running;
     running = null;
     submit.disabled = false;
     show(cancel, false);
     show(stop, false);
-    return current;
+    return mine;
   }
 
   // Stop watching: the page lets go; the prediction goes on (History and its link show it).
   stop.addEventListener("click", () => {
-    if (!release()) return;
-    setProgress(0, "Stopped watching: the prediction goes on; see it in History or at its link.");
+    const mine = release();
+    if (!mine) return;
+    mine.controller.abort();
+    panel.finish(0, "Stopped watching: the prediction goes on; see it in History or at its link.", "stopped");
   });
 
   // Cancel: the server stops the prediction.
   cancel.addEventListener("click", async () => {
-    const current = release();
-    if (!current) return;
-    setProgress(0, "Canceling…");
-    if (!current.id) return setProgress(0, "Stopped before the server answered.");
+    const mine = release();
+    if (!mine) return;
+    mine.controller.abort();
+    panel.set(0, "Canceling…", "canceling");
+    if (!mine.id) return panel.finish(0, "Stopped before the server answered.", "canceled");
     try {
-      await api.post(`/v1/predictions/${encodeURIComponent(current.id)}/cancel`);
-      setProgress(0, "Canceled: the server stopped this prediction.");
+      await api.post(`/v1/predictions/${encodeURIComponent(mine.id)}/cancel`);
+      panel.finish(0, "Canceled: the server stopped this prediction.", "canceled");
     } catch (error) {
-      setProgress(0, "Not canceled.");
+      panel.finish(0, "Not canceled.", "error");
       say(resultError, readableError(error), "error");
     }
   });
@@ -348,7 +316,14 @@ export function setupGenerate(api) {
     if (request) await run(request);
   });
 
-  applySizeMode();
-  countPrompt();
-  return { run, fillForm, resume };
+  return {
+    run: (request) => (fillForm(request), run({ ...current(), ...request })),
+    fillForm,
+    resume,
+    loadCatalogue,
+    setAccount(value) {
+      account = value;
+      showPrice();
+    },
+  };
 }

@@ -1,11 +1,13 @@
-// The playground (GET /): the key, the views (#generate, #history, #keys, #usage, and #/p/<id>: one prediction
-// followed in the generate view) and their wiring. A view's data is read again each time it is shown.
+// The playground (GET /): the key (checked at once against GET /v1/account), the views (#generate, #history,
+// #keys, #usage, and #/p/<id>: one prediction followed in the generate view) and their wiring. A view's data is
+// read again each time it is shown.
 
 import { setupKeys, setupUsage } from "./account.js";
 import { client, keyStore } from "./api.js";
-import { byId } from "./dom.js";
+import { byId, money, say, show } from "./dom.js";
 import { setupGenerate } from "./generate.js";
 import { setupHistory } from "./history.js";
+import { models } from "./models.js";
 
 const VIEWS = ["generate", "history", "keys", "usage"];
 
@@ -23,10 +25,6 @@ function start() {
   const keys = setupKeys(api, { currentKey: () => store.get(), useKey: (key) => useKey(key) });
   const usage = setupUsage(api);
   const loaders = { history: () => history.refresh(), keys: keys.refresh, usage: usage.refresh };
-
-  function showKeyState() {
-    keyState.textContent = store.get() ? "key set for this tab" : "no key yet";
-  }
 
   function currentView() {
     const name = location.hash.slice(1);
@@ -53,11 +51,46 @@ function start() {
     if (store.get() && loaders[view]) loaders[view]();
   }
 
-  function useKey(key) {
+  /** The served models (the form), and with a key: whether they are random weights (the banner). */
+  async function catalogue(withKey) {
+    try {
+      await generate.loadCatalogue(withKey);
+      const warning = models().map((model) => model.weights?.warning).find(Boolean);
+      byId("weights-banner-text").textContent = warning ? `This server runs a ${warning}. Set --model to real weights for real pictures.` : "";
+      show(byId("weights-banner"), Boolean(warning));
+    } catch (error) {
+      say(byId("form-message"), `The models could not be read: ${error.message}`, "error");
+    }
+  }
+
+  /** Whether the key is valid, said next to it; the price per image from its account. */
+  async function checkKey() {
+    if (!store.get()) {
+      say(keyState, "no key yet");
+      generate.setAccount(null);
+      return false;
+    }
+    say(keyState, "checking…");
+    try {
+      const account = await api.get("/v1/account");
+      say(keyState, `valid: tenant ${account.name}, ${money(account.price_per_image, account.currency)} per image`, "ok");
+      keyState.dataset.valid = "true";
+      generate.setAccount(account);
+      return true;
+    } catch (error) {
+      say(keyState, error.status === 401 ? `invalid key: ${error.message}` : error.message, "error");
+      keyState.dataset.valid = "false";
+      generate.setAccount(null);
+      return false;
+    }
+  }
+
+  async function useKey(key) {
     store.set(key.trim());
     keyInput.value = store.get();
-    showKeyState();
-    route();
+    const valid = await checkKey();
+    await catalogue(valid);
+    if (valid) route();
   }
 
   keyInput.value = store.get();
@@ -65,15 +98,17 @@ function start() {
     event.preventDefault();
     useKey(keyInput.value);
   });
-  keyInput.addEventListener("change", () => useKey(keyInput.value));
   byId("forget-key").addEventListener("click", () => {
     store.set("");
     keyInput.value = "";
-    showKeyState();
+    keyState.dataset.valid = "";
+    checkKey();
   });
   window.addEventListener("hashchange", route);
-  showKeyState();
-  route();
+  (async () => {
+    await catalogue(await checkKey());
+    route();
+  })();
 }
 
 start();

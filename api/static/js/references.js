@@ -4,7 +4,7 @@ import { byId, clear, h, say } from "./dom.js";
 
 const MAX_REFERENCES = 4;
 
-export function setupReferences(api, { fileInput, formMessage }) {
+export function setupReferences(api, { fileInput, formMessage, onChange = () => {} }) {
   const dropzone = byId("dropzone");
   const refList = byId("reference-list");
   /** @type {{name: string, status: string, url?: string, width?: number, height?: number, preview?: string, upload?: Promise<void>, message?: string}[]} */
@@ -29,6 +29,7 @@ export function setupReferences(api, { fileInput, formMessage }) {
         h("li", { "data-status": ref.status }, thumb, h("span", { text: ref.name }), state && h("em", { text: state }), remove),
       );
     });
+    onChange();
   }
 
   function addFiles(files) {

@@ -1,108 +1,14 @@
-// "Copy as code": one generation request written for curl and each official client the platform speaks.
-//
-// A request here is what the playground sends, dialect-free:
-//   {prompt, aspectRatio (or null), width, height (exact size, or null), seed (-1: random), steps, guidance,
-//    format: "jpg"|"png"|"webp", images: [urls of uploads], loras: [{path, scale}]}
-// Aspect ratios go to POST /v1/predictions (the Pruna dialect); exact sizes to the OpenAI-style endpoint.
-// The key stays out of the code (and out of screenshots and clipboard history): $KLEIN_API_KEY.
+// The API tab: one request (js/request.js) written for curl, JavaScript and each client the platform speaks.
+// To add a client: write `build(request, target)` returning its code, and add it to DIALECTS. `target` is
+// {origin, model: the catalogue entry of GET /v1/models (id, aliases)}. The key stays out of the code (and out
+// of screenshots and clipboard history): $KLEIN_API_KEY.
 
 import { copyText, h } from "./dom.js";
+import { fit, nearestRatio, openaiBody, pixelSize, prunaInput } from "./request.js";
 
-export const MODEL = "flux-klein-4b";
-export const RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"];
-const MEGAPIXEL = 1024 * 1024;
-const OPENAI = { minSide: 256, maxSide: 2048, maxPixels: 1_048_576, maxSteps: 12, maxGuidance: 8 };
 const WAVESPEED = { minSide: 256, maxSide: 1536, maxSeed: 2147483647 };
-
-const round16 = (x) => Math.max(16, Math.round(x / 16) * 16);
-const floor16 = (x) => Math.max(16, Math.floor(x / 16) * 16);
-
-/** The model's size for a ratio, as models/klein.py computes it: about a megapixel, sides multiples of 16. */
-export function sizeForRatio(widthOverHeight) {
-  const width = Math.sqrt(MEGAPIXEL * widthOverHeight);
-  return [round16(width), round16(width / widthOverHeight)];
-}
-
-export function sizeForAspectRatio(ratio) {
-  const [a, b] = ratio.split(":").map(Number);
-  return sizeForRatio(a / b);
-}
-
-/** (width, height) shrunk, ratio kept, until each side ≤ maxSide and the area ≤ maxPixels. */
-function fit([width, height], { minSide, maxSide, maxPixels = Infinity }) {
-  let scale = Math.min(1, maxSide / Math.max(width, height), Math.sqrt(maxPixels / (width * height)));
-  let w = floor16(width * scale);
-  let hh = floor16(height * scale);
-  while (w * hh > maxPixels) {
-    scale *= 0.99;
-    w = floor16(width * scale);
-    hh = floor16(height * scale);
-  }
-  return [Math.max(minSide, w), Math.max(minSide, hh)];
-}
-
-function nearestRatio(width, height) {
-  const wanted = Math.log(width / height);
-  const distance = (r) => Math.abs(Math.log(sizeForAspectRatio(r)[0] / sizeForAspectRatio(r)[1]) - wanted);
-  return RATIOS.reduce((best, r) => (distance(r) < distance(best) ? r : best));
-}
-
-/** The request's output size in pixels (a reference's ratio for match_input_image, when known). */
-export function pixelSize(request) {
-  if (request.width && request.height) return [request.width, request.height];
-  if (request.aspectRatio && request.aspectRatio !== "match_input_image") return sizeForAspectRatio(request.aspectRatio);
-  if (request.referenceSize) return sizeForRatio(request.referenceSize[0] / request.referenceSize[1]);
-  return [1024, 1024];
-}
-
-// --- the bodies the playground itself sends -----------------------------------------------------------
-
-export function prunaInput(request) {
-  const input = { prompt: request.prompt };
-  if (request.aspectRatio) input.aspect_ratio = request.aspectRatio;
-  input.seed = request.seed;
-  input.num_inference_steps = request.steps;
-  input.guidance = request.guidance;
-  input.output_format = request.format;
-  if (request.images.length) input.images = [...request.images];
-  if (request.loras?.length) input.loras = request.loras.map((lora) => ({ ...lora }));
-  return input;
-}
-
-export function openaiBody(request) {
-  const [width, height] = fit(pixelSize(request), OPENAI);
-  const body = { prompt: request.prompt, model: "flux-2-klein-4b", size: `${width}x${height}` };
-  if (request.seed >= 0) body.seed = request.seed;
-  body.num_inference_steps = Math.min(request.steps, OPENAI.maxSteps);
-  body.guidance_scale = Math.min(request.guidance, OPENAI.maxGuidance);
-  body.output_format = request.format === "jpg" ? "jpeg" : request.format;
-  body.response_format = "url";
-  if (request.images.length) body.images = [...request.images];
-  return body;
-}
-
-/** A request rebuilt from a stored prediction's input, whichever dialect submitted it. */
-export function requestFromInput(input, seed) {
-  const size = typeof input.size === "string" && input.size !== "auto" ? input.size.split(/[x*]/).map(Number) : null;
-  const exact = size && size.length === 2 && size.every(Number.isFinite) ? size : null;
-  const format = String(input.output_format || input.format || "jpg").replace("jpeg", "jpg");
-  let images = input.images || input.image_uris || [];
-  if (typeof images === "string") images = images.split(",").map((u) => u.trim()).filter(Boolean);
-  return {
-    prompt: String(input.prompt || ""),
-    aspectRatio: exact ? null : input.aspect_ratio || "1:1",
-    width: exact ? exact[0] : (input.width ?? null),
-    height: exact ? exact[1] : (input.height ?? null),
-    seed: Number.isInteger(seed) ? seed : (input.seed ?? -1),
-    steps: input.num_inference_steps ?? 4,
-    guidance: input.guidance ?? input.guidance_scale ?? 1,
-    format: ["jpg", "png", "webp"].includes(format) ? format : "jpg",
-    images: Array.isArray(images) ? images.map(String) : [],
-    loras: Array.isArray(input.loras) ? input.loras.map((l) => ({ path: String(l.path), scale: l.scale ?? 1 })) : [],
-  };
-}
-
-// --- code ---------------------------------------------------------------------------------------------
+// Replicate's input for klein (api/routes/dialects/replicate_input.py): the model's own fields it passes on.
+const REPLICATE_FIELDS = ["prompt", "aspect_ratio", "seed", "num_inference_steps", "guidance", "output_format", "output_quality", "num_outputs"];
 
 function shellQuote(text) {
   return `'${text.replaceAll("'", `'\\''`)}'`;
@@ -125,160 +31,273 @@ function py(value, indent = "") {
   return `{\n${entries.map(([k, v]) => `${inner}${JSON.stringify(k)}: ${py(v, inner)},`).join("\n")}\n${indent}}`;
 }
 
-function extension(format) {
-  return format === "jpg" ? "jpg" : format;
+const js = (value) => JSON.stringify(value, null, 2).replaceAll("\n", "\n  ");
+const format = (request) => request.input.output_format || "jpg";
+const file = (request) => `output.${format(request)}`;
+const images = (request) => request.input.images || [];
+const loras = (request) => request.input.loras || [];
+
+/** Notes every snippet carries: uploaded references are links that expire. */
+function common(request, comment) {
+  return images(request).some((url) => url.includes("/v1/files/"))
+    ? [`${comment} The reference images are uploads (POST /v1/files): their links expire (24 h by default).`]
+    : [];
 }
 
-// The page (the Pruna dialect) encodes JPEG and WebP at quality 80; WaveSpeed and the OpenAI style at 90.
-function qualityNote(request) {
-  if (request.format === "png") return [];
-  return ["# This dialect encodes JPEG/WebP at quality 90 (the page: 80): the same picture, not the same bytes."];
+/** The model's name in Replicate's owner/name form. */
+function replicateName(target) {
+  return [target.model.id, ...(target.model.aliases || [])].find((n) => n.startsWith("black-forest-labs/")) || target.model.id;
 }
 
-function curl(request, origin) {
-  const exact = Boolean(request.width && request.height);
-  if (exact) {
-    return [
-      "# export KLEIN_API_KEY=<your key>",
+function replicateInput(request, comment) {
+  const input = {};
+  const notes = [];
+  for (const name of REPLICATE_FIELDS) if (request.input[name] !== undefined) input[name] = request.input[name];
+  if (input.seed !== undefined && input.seed < 0) delete input.seed;
+  if (images(request).length) input.input_images = [...images(request)];
+  const dropped = Object.keys(request.input).filter((n) => !REPLICATE_FIELDS.includes(n) && n !== "images" && n !== "seed");
+  const meaningful = dropped.filter((n) => request.input[n] !== false && !(Array.isArray(request.input[n]) && !request.input[n].length));
+  if (meaningful.length) notes.push(`${comment} Replicate's input here has no ${meaningful.join(", ")}: this picture is made without.`);
+  return { input, notes };
+}
+
+function curl(request, target) {
+  const { origin } = target;
+  const out = file(request);
+  const lines = ["# export KLEIN_API_KEY=<your key>", ...common(request, "#")];
+  if (request.exact) {
+    lines.push(
       "# Exact sizes: the OpenAI-style endpoint answers when the image is ready, with signed links.",
-      ...(request.loras?.length ? ["# This endpoint takes no LoRAs: this picture is made without them."] : []),
+      ...(loras(request).length ? ["# This endpoint takes no LoRAs: this picture is made without them."] : []),
       `curl -sS -X POST ${shellQuote(`${origin}/v1/images/generations`)} \\`,
-      `  -H "apikey: $KLEIN_API_KEY" \\`,
+      `  -H "apikey: $KLEIN_API_KEY" -H 'Content-Type: application/json' \\`,
+      `  -d ${shellQuote(JSON.stringify(openaiBody(request)))} -o answer.json`,
+      `url=$(sed -nE 's/.*"url":"([^"]+)".*/\\1/p' answer.json)`,
+    );
+  } else {
+    lines.push(
+      "# Try-Sync waits for the image (up to the server's limit); the second curl downloads it.",
+      `curl -sS -X POST ${shellQuote(`${origin}/v1/predictions`)} \\`,
+      `  -H "apikey: $KLEIN_API_KEY" -H ${shellQuote(`Model: ${request.model}`)} -H 'Try-Sync: true' \\`,
       "  -H 'Content-Type: application/json' \\",
-      `  -d ${shellQuote(JSON.stringify(openaiBody(request)))}`,
-    ].join("\n");
+      `  -d ${shellQuote(JSON.stringify({ input: prunaInput(request) }))} -o prediction.json`,
+      `url=$(sed -nE 's/.*"generation_url":"([^"]+)".*/\\1/p' prediction.json)`,
+    );
   }
+  lines.push(
+    `test -n "$url" || { cat ${request.exact ? "answer" : "prediction"}.json; exit 1; }  # failed, or still running: see its get_url`,
+    `curl -sS -f -H "apikey: $KLEIN_API_KEY" -o ${out} "$url" && echo "saved ${out}"`,
+  );
+  return lines.join("\n");
+}
+
+function fetchJs(request, target) {
+  const { origin } = target;
+  const ext = format(request);
   return [
-    "# export KLEIN_API_KEY=<your key>",
-    "# Try-Sync waits for the image (up to the server's limit); without it, poll get_url.",
-    `curl -sS -X POST ${shellQuote(`${origin}/v1/predictions`)} \\`,
-    `  -H "apikey: $KLEIN_API_KEY" \\`,
-    `  -H ${shellQuote(`Model: ${MODEL}`)} \\`,
-    "  -H 'Try-Sync: true' \\",
-    "  -H 'Content-Type: application/json' \\",
-    `  -d ${shellQuote(JSON.stringify({ input: prunaInput(request) }))}`,
+    "// Node 18+ as an ES module (node generate.mjs), or a page on this origin; export KLEIN_API_KEY=<your key>",
+    ...common(request, "//"),
+    'import { writeFile } from "node:fs/promises";',
+    "",
+    "const key = process.env.KLEIN_API_KEY;",
+    `const response = await fetch(${JSON.stringify(`${origin}/v1/predictions`)}, {`,
+    '  method: "POST",',
+    `  headers: { apikey: key, Model: ${JSON.stringify(request.model)}, "Try-Sync": "true", "Content-Type": "application/json" },`,
+    `  body: JSON.stringify({ input: ${js(prunaInput(request))} }),`,
+    "});",
+    "if (!response.ok) throw new Error(`HTTP ${response.status}: ${await response.text()}`);",
+    "let prediction = await response.json();",
+    'while (["starting", "processing"].includes(prediction.status)) { // not done within the Try-Sync wait',
+    "  await new Promise((resolve) => setTimeout(resolve, 1000));",
+    "  prediction = await (await fetch(prediction.get_url, { headers: { apikey: key } })).json();",
+    "}",
+    'if (prediction.status !== "succeeded") throw new Error(`${prediction.status}: ${prediction.error}`);',
+    "for (const [i, url] of prediction.generation_urls.entries()) {",
+    "  const image = await fetch(url, { headers: { apikey: key } });",
+    `  const name = i ? \`output-\${i + 1}.${ext}\` : "output.${ext}";`,
+    "  await writeFile(name, Buffer.from(await image.arrayBuffer()));",
+    '  console.log("saved", name, "seed", prediction.seed);',
+    "}",
   ].join("\n");
 }
 
-function pruna(request, origin) {
+function pruna(request, target) {
   const notes = [];
   let input = prunaInput(request);
-  if (request.width && request.height) {
-    const ratio = nearestRatio(request.width, request.height);
-    notes.push(`# This dialect takes aspect ratios; the nearest to ${request.width}x${request.height} is ${ratio}.`);
-    input = prunaInput({ ...request, aspectRatio: ratio, width: null, height: null });
+  if (request.exact) {
+    const ratio = nearestRatio(request.exact.width, request.exact.height);
+    notes.push(`# This dialect takes aspect ratios; the nearest to ${request.exact.width}x${request.exact.height} is ${ratio}.`);
+    input = { ...input, aspect_ratio: ratio };
   }
-  const file = `output.${extension(request.format)}`;
+  const out = file(request);
   return [
     "# pip install pruna-client; export KLEIN_API_KEY=<your key>",
     ...notes,
+    ...common(request, "#"),
     "import os",
     "",
     "from pruna_client import PrunaClient",
     "",
     'client = PrunaClient(api_key=os.environ["KLEIN_API_KEY"], timeout=120)',
-    `client.base_url = ${py(`${origin}/v1`)}`,
-    `response = client.generate(${py(MODEL)}, ${py(input)})`,
+    `client.base_url = ${py(`${target.origin}/v1`)}`,
+    `response = client.generate(${py(request.model)}, ${py(input)})`,
     'if response.response.get("status") in ("starting", "processing"):  # not done within the Try-Sync wait',
     "    response = client.poll_status(response=response)",
     "result = response.response",
     'if result.get("status") != "succeeded":',
     `    raise SystemExit(f"failed: {result.get('error')}")`,
-    `with open(${py(file)}, "wb") as f:`,
+    `with open(${py(out)}, "wb") as f:`,
     '    f.write(client.download_content(result["generation_url"]))',
-    `print("saved", ${py(file)}, "seed", result["seed"])`,
+    `print("saved", ${py(out)}, "seed", result["seed"])`,
   ].join("\n");
 }
 
-function wavespeed(request, origin) {
+function replicatePython(request, target) {
+  const { input, notes } = replicateInput(request, "#");
+  const ext = format(request);
+  return [
+    "# pip install replicate; export KLEIN_API_KEY=<your key>",
+    ...notes,
+    ...common(request, "#"),
+    "import os",
+    "import urllib.request",
+    "",
+    "import replicate",
+    "",
+    `client = replicate.Client(api_token=os.environ["KLEIN_API_KEY"], base_url=${py(target.origin)})`,
+    `outputs = client.run(${py(replicateName(target))}, input=${py(input)})`,
+    "for i, output in enumerate(outputs):",
+    `    name = f"output-{i + 1}.${ext}" if i else "output.${ext}"`,
+    "    # A file object over https; a signed link (no key needed) as a plain string over http.",
+    '    data = output.read() if hasattr(output, "read") else urllib.request.urlopen(output).read()',
+    '    with open(name, "wb") as f:',
+    "        f.write(data)",
+    '    print("saved", name)',
+  ].join("\n");
+}
+
+function replicateJs(request, target) {
+  const { input, notes } = replicateInput(request, "//");
+  const ext = format(request);
+  return [
+    "// npm install replicate; export KLEIN_API_KEY=<your key>; then node generate.mjs",
+    ...notes,
+    ...common(request, "//"),
+    'import { writeFile } from "node:fs/promises";',
+    'import Replicate from "replicate";',
+    "",
+    `const replicate = new Replicate({ auth: process.env.KLEIN_API_KEY, baseUrl: ${JSON.stringify(`${target.origin}/v1`)} });`,
+    `const outputs = await replicate.run(${JSON.stringify(replicateName(target))}, { input: ${js(input)} });`,
+    "for (const [i, output] of outputs.entries()) {",
+    `  const name = i ? \`output-\${i + 1}.${ext}\` : "output.${ext}";`,
+    "  await writeFile(name, output);",
+    '  console.log("saved", name);',
+    "}",
+  ].join("\n");
+}
+
+// The page encodes JPEG and WebP at the form's quality; WaveSpeed and the OpenAI style at 90.
+function qualityNote(request) {
+  if (format(request) === "png") return [];
+  const quality = request.input.output_quality ?? 80;
+  return quality === 90 ? [] : [`# This dialect encodes JPEG/WebP at quality 90 (the form: ${quality}): the same picture, not the same bytes.`];
+}
+
+function wavespeed(request, target) {
+  const input = request.input;
   const [width, height] = fit(pixelSize(request), WAVESPEED);
   const notes = [];
+  if (request.model !== "flux-klein-4b") notes.push("# WaveSpeed's endpoints serve the distilled model (flux-klein-4b) only.");
   const [w0, h0] = pixelSize(request);
   if (w0 !== width || h0 !== height) notes.push(`# This dialect's sides are at most 1536 px: ${width}*${height}.`);
-  if (request.steps !== 4 || request.guidance !== 1) {
-    notes.push("# This dialect always runs 4 steps at guidance 1.0.");
-  }
-  const body = { prompt: request.prompt, size: `${width}*${height}` };
-  if (request.seed > WAVESPEED.maxSeed) notes.push("# This dialect's seeds stop at 2147483647: a random one here.");
-  else if (request.seed >= 0) body.seed = request.seed;
-  body.output_format = request.format === "jpg" ? "jpeg" : request.format;
+  if ((input.num_inference_steps ?? 4) !== 4 || (input.guidance ?? 1) !== 1) notes.push("# This dialect always runs 4 steps at guidance 1.0.");
+  if ((input.num_outputs ?? 1) > 1) notes.push("# This dialect makes one image per request.");
+  const body = { prompt: input.prompt, size: `${width}*${height}` };
+  if (input.seed > WAVESPEED.maxSeed) notes.push("# This dialect's seeds stop at 2147483647: a random one here.");
+  else if (input.seed >= 0) body.seed = input.seed;
+  body.output_format = format(request) === "jpg" ? "jpeg" : format(request);
   notes.push(...qualityNote(request));
-  if (request.images.length) body.images = [...request.images];
-  const withLoras = Boolean(request.loras?.length);
-  if (withLoras) body.loras = request.loras.map((lora) => ({ ...lora }));
-  const task = `${request.images.length ? "edit" : "text-to-image"}${withLoras ? "-lora" : ""}`;
-  const file = `output.${extension(request.format)}`;
+  if (images(request).length) body.images = [...images(request)];
+  if (loras(request).length) body.loras = loras(request).map((lora) => ({ ...lora }));
+  const task = `${images(request).length ? "edit" : "text-to-image"}${loras(request).length ? "-lora" : ""}`;
   return [
     "# pip install wavespeed; export KLEIN_API_KEY=<your key>",
     ...notes,
+    ...common(request, "#"),
     "import os",
     "import urllib.request",
     "",
     "import wavespeed",
     "",
-    `client = wavespeed.Client(api_key=os.environ["KLEIN_API_KEY"], base_url=${py(origin)})`,
+    `client = wavespeed.Client(api_key=os.environ["KLEIN_API_KEY"], base_url=${py(target.origin)})`,
     `result = client.run(${py(`wavespeed-ai/flux-2-klein-4b/${task}`)}, ${py(body)})`,
-    `urllib.request.urlretrieve(result["outputs"][0], ${py(file)})  # a signed link: no key needed`,
-    `print("saved", ${py(file)})`,
+    `urllib.request.urlretrieve(result["outputs"][0], ${py(file(request))})  # a signed link: no key needed`,
+    `print("saved", ${py(file(request))})`,
   ].join("\n");
 }
 
-function openai(request, origin) {
+function openai(request, target) {
   const body = openaiBody(request);
   const notes = [];
   const [w0, h0] = pixelSize(request);
   if (body.size !== `${w0}x${h0}`) notes.push(`# This dialect allows at most 1,048,576 pixels: ${body.size}.`);
-  if (body.num_inference_steps !== request.steps) notes.push("# This dialect allows at most 12 steps.");
-  if (body.guidance_scale !== request.guidance) notes.push("# This dialect allows guidance up to 8.");
-  if (request.loras?.length) notes.push("# This dialect takes no LoRAs: this picture is made without them.");
+  if (body.num_inference_steps !== request.input.num_inference_steps) notes.push("# This dialect allows at most 12 steps.");
+  if (body.guidance_scale !== request.input.guidance) notes.push("# This dialect allows guidance up to 8.");
+  if (loras(request).length) notes.push("# This dialect takes no LoRAs: this picture is made without them.");
   notes.push(...qualityNote(request));
   const extra = {};
-  for (const name of ["seed", "num_inference_steps", "guidance_scale", "output_format", "images"]) {
+  for (const name of ["seed", "num_inference_steps", "guidance_scale", "output_format", "n", "images"]) {
     if (body[name] !== undefined) extra[name] = body[name];
   }
-  const file = `output.${extension(request.format)}`;
   return [
     "# pip install openai; export KLEIN_API_KEY=<your key>",
     ...notes,
+    ...common(request, "#"),
     "import os",
     "import urllib.request",
     "",
     "from openai import OpenAI",
     "",
-    `client = OpenAI(api_key=os.environ["KLEIN_API_KEY"], base_url=${py(`${origin}/v1`)})`,
+    `client = OpenAI(api_key=os.environ["KLEIN_API_KEY"], base_url=${py(`${target.origin}/v1`)})`,
     "result = client.images.generate(",
     `    model=${py(body.model)},`,
     `    prompt=${py(body.prompt)},`,
     `    size=${py(body.size)},`,
     `    extra_body=${py(extra, "    ")},`,
     ")",
-    `urllib.request.urlretrieve(result.data[0].url, ${py(file)})  # a signed link: no key needed`,
-    `print("saved", ${py(file)})`,
+    `urllib.request.urlretrieve(result.data[0].url, ${py(file(request))})  # a signed link: no key needed`,
+    `print("saved", ${py(file(request))})`,
   ].join("\n");
 }
 
+// `exact`: whether it can ask for an exact size itself (else it says what it sends instead).
 export const DIALECTS = [
   { id: "curl", label: "curl", build: curl },
+  { id: "fetch", label: "JavaScript (fetch)", build: fetchJs },
   { id: "pruna", label: "pruna-client", build: pruna },
+  { id: "replicate-python", label: "Replicate (Python)", build: replicatePython },
+  { id: "replicate-js", label: "Replicate (JS)", build: replicateJs },
   { id: "wavespeed", label: "wavespeed", build: wavespeed },
   { id: "openai", label: "openai", build: openai },
 ];
 
-/** A tabbed panel with the request as code in each dialect, and a Copy button. */
-export function renderSnippets(container, request, origin = location.origin) {
-  let current = DIALECTS[0].id;
-  const tabs = h("div", { class: "snippet-tabs", role: "tablist", "aria-label": "Copy as code" });
+/** A tabbed panel with the request as code in each dialect, and a Copy button; the chosen tab is kept when
+ * the same container is rendered again (the API tab follows the form as it changes). */
+export function renderSnippets(container, request, target) {
+  let current = container.dataset.dialect || DIALECTS[0].id;
+  const tabs = h("div", { class: "snippet-tabs", role: "tablist", "aria-label": "The request as code" });
   const blocks = DIALECTS.map((dialect) =>
     h(
       "pre",
       { class: "code", "data-dialect": dialect.id, role: "tabpanel", "aria-label": `${dialect.label} code` },
-      h("code", { text: dialect.build(request, origin) }),
+      h("code", { text: dialect.build(request, { origin: location.origin, ...target }) }),
     ),
   );
   const status = h("span", { class: "hint", role: "status" });
   const copy = h("button", { type: "button", class: "small", "data-action": "copy" }, "Copy");
   const select = (id) => {
     current = id;
+    container.dataset.dialect = id;
     for (const tab of tabs.children) tab.setAttribute("aria-selected", String(tab.dataset.dialect === id));
     for (const block of blocks) block.hidden = block.dataset.dialect !== id;
     status.textContent = "";
@@ -293,11 +312,6 @@ export function renderSnippets(container, request, origin = location.origin) {
     const copied = await copyText(block.textContent, block);
     status.textContent = copied ? "Copied." : "Selected: press Ctrl+C to copy.";
   });
-  container.replaceChildren(
-    h("h3", { text: "Copy as code" }),
-    tabs,
-    ...blocks,
-    h("p", { class: "inline" }, copy, status),
-  );
+  container.replaceChildren(tabs, ...blocks, h("p", { class: "inline" }, copy, status));
   select(current);
 }

@@ -1,4 +1,4 @@
-// Following one prediction: its event stream (status, progress, output, done), or polling its status when the
+// Following one prediction: its event stream (status, progress, log, output, done), or polling its status when the
 // stream cannot be read; the labels the page shows while it waits; API errors as a person reads them.
 
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
@@ -23,7 +23,7 @@ async function poll(api, id, onStatus, onProgress, signal) {
 }
 
 /** Follow prediction `id` until it ends: its final status view, with `urls` (links to its images). */
-export async function follow(api, id, { onStatus, onProgress }, signal) {
+export async function follow(api, id, { onStatus, onProgress, onLog = () => {} }, signal) {
   let final = null;
   let urls = [];
   try {
@@ -32,6 +32,7 @@ export async function follow(api, id, { onStatus, onProgress }, signal) {
       (name, data) => {
         if (name === "status") onStatus(data);
         else if (name === "progress") onProgress(data);
+        else if (name === "log") onLog(data);
         else if (name === "output") urls = data.urls || [];
         else if (name === "done") final = data;
       },
@@ -56,6 +57,9 @@ const FIELDS = {
   loras: "LoRAs",
   size: "Size",
   aspect_ratio: "Aspect ratio",
+  num_outputs: "Images",
+  output_quality: "Quality",
+  output_format: "Format",
 };
 
 /** An API error as a sentence per offending field ("Prompt: too long, at most 4,096 characters."), not the
