@@ -79,12 +79,13 @@ def create(
     )
 
 
-_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority")
+_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority", "cache_key")
 
 
 def create_many() -> Insert:
     """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
-    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null) and `priority` as text.
+    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null), `priority` as text and
+    `cache_key` (core/result_cache.py; may be null).
     One statement for a batch of submits (api/infra/coalesce.py)."""
     rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in _NEW_COLUMNS))
     new = rows.table_valued(*_NEW_COLUMNS).render_derived()
@@ -97,6 +98,7 @@ def create_many() -> Insert:
         cast(new.c.params, JSONB),
         cast(new.c.webhook, JSONB),
         cast(new.c.priority, SmallInteger),
+        new.c.cache_key,
         literal(Status.CREATED.value, String),
     )
     return insert(p).from_select([*_NEW_COLUMNS, "status"], values)

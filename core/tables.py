@@ -24,6 +24,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 FLAGGED = "safety @> '{\"flagged\": [true]}'"  # a prediction with an output the image checker flagged
+# A generated prediction whose outputs may answer identical requests (core/result_cache.py).
+CACHED = "cache_key IS NOT NULL AND cached_from IS NULL AND status = 'completed' AND expired_at IS NULL"
 
 tenants = Table(
     "tenants",
@@ -42,6 +44,9 @@ tenants = Table(
     Column("safety_policy", String(8)),
     Column("allow_disable_safety_checker", Boolean),
     Column("blocked_terms", JSONB),  # added to the operator's prompt blocklist
+    # The result cache (docs/cache.md): NULL means on, and the platform's cache price.
+    Column("result_cache", Boolean),
+    Column("cache_price_per_image", Numeric(12, 6)),
     CheckConstraint(
         "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
     ),
@@ -89,6 +94,10 @@ predictions = Table(
     Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
     Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
     Column("safety", JSONB),  # what the image checker found and did (core/safety.py); NULL: from before it
+    # The result cache (docs/cache.md): what determines the output (NULL: not cacheable), and the prediction whose
+    # stored outputs answered this one (NULL: generated). No foreign key: rows go only with their tenant.
+    Column("cache_key", String(64)),
+    Column("cached_from", String(32)),
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -108,6 +117,9 @@ predictions = Table(
         "completed_at",
         postgresql_where=text("expired_at IS NULL AND status IN ('completed', 'failed', 'canceled')"),
     ),
+    # The result cache's lookup (core/result_cache.py) and the expiry of an original's cached answers.
+    Index("predictions_cache", "tenant_id", "cache_key", postgresql_where=text(CACHED)),
+    Index("predictions_cached_from", "cached_from", postgresql_where=text("cached_from IS NOT NULL")),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.

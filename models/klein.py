@@ -182,6 +182,9 @@ class KleinInput(BaseModel):
     disable_safety_checker: bool = Field(
         False, description="Turn the output safety checker off; refused unless the account allows it (docs/safety.md)"
     )
+    cache: bool = Field(
+        True, description="false: never answered from the result cache, even with a seed given (docs/cache.md)"
+    )
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):

@@ -31,6 +31,7 @@ class NewPrediction(NamedTuple):
     params: str  # JSON
     webhook: str | None = None  # JSON (api/services/webhooks.py)
     priority: str = "0"  # the queue's (core.quota.queue_priority), as text like every column of the batch
+    cache_key: str | None = None  # core/result_cache.py: set when the request is cacheable
 
 
 class Rows:

@@ -21,7 +21,7 @@ from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
-from api.services import idempotency, loras, retention, safety
+from api.services import idempotency, loras, result_cache, retention, safety
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
@@ -83,6 +83,7 @@ async def submit(
     disable_asked_by: str | None = None,
     disable_means: Effective = "off",
     last_in_queue: bool = False,
+    cache: bool = False,
 ) -> Row:
     """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
     enqueue it after the commit, optionally wait.
@@ -91,7 +92,8 @@ async def submit(
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
     api.services.webhooks.accept. `disable_asked_by`: the dialect's flag that turned the safety checker off, if
     the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored.
-    `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it)."""
+    `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it). `cache`: the
+    request may be answered from the result cache (api/services/result_cache.py, `wanted`)."""
     try:
         require_active(principal)
         params = safety.screen(ctx, principal, params, disable_asked_by, disable_means)
@@ -108,6 +110,7 @@ async def submit(
             webhook,
             adapters,
             last_in_queue,
+            cache,
         )
     finally:  # stored or refused, the LoRAs' spooled files go now (loras.store closes those it stored)
         for adapter in adapters:
@@ -127,6 +130,7 @@ async def _submit(
     webhook: dict[str, Any] | None,
     adapters: Sequence[loras.Adapter],
     last_in_queue: bool,
+    cache: bool,
 ) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
@@ -147,23 +151,35 @@ async def _submit(
             slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
             slot.require()
             try:
-                if references:
-                    keys = await _store_references(ctx, principal, prediction_id, references)
-                    params = params.model_copy(update={"reference_keys": keys})
-                if adapters:
-                    params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
-                priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
-                row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
+                key = await result_cache.key_for(ctx, spec, params, references, adapters) if cache else None
+                hit = key and await result_cache.answer(
+                    ctx, principal, spec, prediction_id, request_input, params, webhook, key
+                )
+                if not hit:
+                    if references:
+                        keys = await _store_references(ctx, principal, prediction_id, references)
+                        params = params.model_copy(update={"reference_keys": keys})
+                    if adapters:
+                        params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
+                    priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
+                    row = await _insert(
+                        ctx, principal, spec, prediction_id, request_input, params, webhook, priority, key
+                    )
             except Exception:
                 await slot.give_back()
                 raise
-            slot.keep()
+            if hit:  # completed already: nothing in flight
+                await slot.give_back()
+            else:
+                slot.keep()
     except Exception:
         if reservation is not None:
             await reservation.release()
         raise
     if reservation is not None:
         await reservation.keep()
+    if hit:
+        return hit
 
     if wait_s <= 0:
         await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, priority)
@@ -226,6 +242,7 @@ async def _insert(
     params: GenerationParams,
     webhook: dict[str, Any] | None,
     priority: int,
+    cache_key: str | None = None,
 ) -> Row:
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
     new = NewPrediction(
@@ -237,6 +254,7 @@ async def _insert(
         orjson.dumps(stored["params"]).decode(),
         None if webhook is None else orjson.dumps(webhook).decode(),
         str(priority),
+        cache_key,
     )
     return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 

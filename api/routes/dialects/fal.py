@@ -30,7 +30,7 @@ from api.routes.delivery import gone, outputs_base64
 from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.openapi_errors import FalError, errors
 from api.routes.stream import check_stream_limit, streams_of, woken
-from api.services import live, predictions, references, webhooks
+from api.services import live, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated
 from api.services.principals import Principal
 from core.lifecycle import Status
@@ -179,6 +179,7 @@ async def submit(
             webhook=webhook,
             disable_asked_by=off,
             last_in_queue=x_fal_queue_priority == "low",
+            cache=result_cache.wanted(request, body.seed),
         )
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
 

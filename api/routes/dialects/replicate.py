@@ -32,7 +32,7 @@ from api.routes.dialects.replicate_input import (
     versioned_model,
 )
 from api.routes.openapi_errors import PLATFORM_ONLY, errors
-from api.services import live, predictions, references, webhooks
+from api.services import live, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated, authenticate
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -94,7 +94,18 @@ async def _submit(
         webhook = await webhooks.accept(ctx, "replicate", base_url, body.webhook, "webhook", body.webhook_events_filter)
         off = "input.disable_safety_checker" if given.disable_safety_checker else None
         row = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook, disable_asked_by=off
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            wait_s,
+            idempotency_key,
+            slot,
+            webhook,
+            disable_asked_by=off,
+            cache=result_cache.wanted(request, own.seed),
         )
     logs = row["logs"] if Status(row["status"]).terminal else []
     return JSON(view(row, base_url, ctx.settings, logs, waited=wait_s > 0), status_code=201)
