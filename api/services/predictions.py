@@ -153,7 +153,7 @@ async def _submit(
             try:
                 key = await result_cache.key_for(ctx, spec, params, references, adapters) if cache else None
                 hit = key and await result_cache.answer(
-                    ctx, principal, spec, prediction_id, request_input, params, webhook, key
+                    ctx, principal, spec, prediction_id, request_input, params, webhook, key, adapters
                 )
                 if not hit:
                     if references:

@@ -80,10 +80,12 @@ async def answer(
     params: GenerationParams,
     webhook: dict[str, Any] | None,
     key: str,
+    adapters: Sequence[loras.Adapter] = (),
 ) -> Row | None:
     """The prediction completed from the tenant's original with this key, or None if it has none to give (no
     such prediction, expired or deleted, past its retention, or the tenant opted out)."""
     started = time.perf_counter()
+    params = params.model_copy(update={"loras": tuple(adapter.ref for adapter in adapters)})  # named, not stored
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
     settings = ctx.settings
     async with ctx.engine.begin() as conn:

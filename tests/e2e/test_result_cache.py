@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 from standardwebhooks import Webhook
@@ -94,6 +95,9 @@ def test_an_identical_request_is_answered_from_the_cache_without_the_worker_and_
     assert cached_png == original_png and cached_png[:4] == b"\x89PNG"
     assert client.get(second["get_url"]).json() == second, "the status endpoint shows what the answer showed"
     assert any("answered from the result cache" in line["message"] for line in second["logs"])
+    with connect_sse(client, "GET", f"/v1/predictions/{second['id']}/stream") as stream:  # the playground follows it
+        events = [(event.event, event.json()) for event in stream.iter_sse()]
+    assert [name for name, _ in events][-2:] == ["output", "done"] and events[-1][1] == second, events
 
     # Without Try-Sync too: completed in the submit's answer, never queued.
     queued = client.post("/v1/predictions", headers={"Model": "flux-klein-4b"}, json={"input": INPUT})
