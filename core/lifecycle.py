@@ -81,14 +81,15 @@ def create(
     )
 
 
-_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority")
+_NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority", "cache_key")
 _DEADLINE_COLUMNS = ("start_deadline_s", "deadline_s")  # seconds from now, as text (null: none)
 
 
 def create_many() -> Insert:
     """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
-    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null), `priority` as text, and the
-    deadlines `start_deadline_s` and `deadline_s` as seconds from now in text (null: none; core/deadlines.py).
+    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null), `priority` as text, `cache_key`
+    (core/result_cache.py; may be null), and the deadlines `start_deadline_s` and `deadline_s` as seconds from
+    now in text (null: none; core/deadlines.py).
     One statement for a batch of submits (api/infra/coalesce.py)."""
     names = (*_NEW_COLUMNS, *_DEADLINE_COLUMNS)
     rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in names))
@@ -102,6 +103,7 @@ def create_many() -> Insert:
         cast(new.c.params, JSONB),
         cast(new.c.webhook, JSONB),
         cast(new.c.priority, SmallInteger),
+        new.c.cache_key,
         literal(Status.CREATED.value, String),
         *(func.now() + cast(new.c[name].concat(" seconds"), INTERVAL) for name in _DEADLINE_COLUMNS),
     )

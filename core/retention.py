@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Engine, delete, exists, func, select, true, tuple_, update
+from sqlalchemy import ColumnElement, Engine, delete, exists, func, select, true, tuple_
 
-from core import lora
+from core import lora, result_cache
 from core.lifecycle import TERMINAL
 from core.settings import Settings
 from core.tables import files, loras, tenants
@@ -106,7 +106,7 @@ def _expire_predictions(settings: Settings, engine: Engine, s3: S3Client, batch:
             return 0
         keys = [key for r in rows for key in listed(s3, settings.s3_bucket, prediction_prefix(r.tenant_id, r.id))]
         delete_keys(s3, settings.s3_bucket, keys)
-        conn.execute(update(p).where(p.c.id.in_([r.id for r in rows])).values(expired_at=func.now()))
+        conn.execute(result_cache.expire_with_originals([r.id for r in rows]))  # with the answers given from them
     report.predictions += len(rows)
     report.objects += len(keys)
     return len(rows)

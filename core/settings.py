@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     max_keys_per_tenant: int = Field(20, ge=1)  # active (unrevoked, unexpired) keys
     default_max_in_flight: int = Field(500, ge=1)  # per tenant, queued + processing
     default_price_per_image: float = Field(0.0001, ge=0)  # USD
+    default_cache_price_per_image: float = Field(0.0, ge=0)  # USD, an answer from the result cache (docs/cache.md)
     admin_api_key: SecretStr | None = None  # enables /admin/v1 when set
     admin_url: str = "http://127.0.0.1:8000"  # where the `klein` CLI's operator actions reach the API (ops/actions.py)
     admin_failures_per_minute: int = Field(10, ge=1)  # wrong admin keys per client address, then 429

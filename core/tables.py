@@ -24,6 +24,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = MetaData()
 FLAGGED = "safety @> '{\"flagged\": [true]}'"  # a prediction with an output the image checker flagged
+# A generated prediction whose outputs may answer identical requests (core/result_cache.py).
+CACHED = "cache_key IS NOT NULL AND cached_from IS NULL AND status = 'completed' AND expired_at IS NULL"
 
 tenants = Table(
     "tenants",
@@ -42,6 +44,9 @@ tenants = Table(
     Column("safety_policy", String(8)),
     Column("allow_disable_safety_checker", Boolean),
     Column("blocked_terms", JSONB),  # added to the operator's prompt blocklist
+    # The result cache (docs/cache.md): NULL means on, and the platform's cache price.
+    Column("result_cache", Boolean),
+    Column("cache_price_per_image", Numeric(12, 6)),
     CheckConstraint(
         "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
     ),
@@ -92,6 +97,10 @@ predictions = Table(
     # Deadlines (core/deadlines.py): canceled if not started by the first, or still running at the second.
     Column("start_deadline_at", DateTime(timezone=True)),
     Column("deadline_at", DateTime(timezone=True)),
+    # The result cache (docs/cache.md): what determines the output (NULL: not cacheable), and the prediction whose
+    # stored outputs answered this one (NULL: generated). No foreign key: rows go only with their tenant.
+    Column("cache_key", String(64)),
+    Column("cached_from", String(32)),
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -117,6 +126,9 @@ predictions = Table(
         "completed_at",
         postgresql_where=text("expired_at IS NULL AND status IN ('completed', 'failed', 'canceled')"),
     ),
+    # The result cache's lookup (core/result_cache.py) and the expiry of an original's cached answers.
+    Index("predictions_cache", "tenant_id", "cache_key", postgresql_where=text(CACHED)),
+    Index("predictions_cached_from", "cached_from", postgresql_where=text("cached_from IS NOT NULL")),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.

@@ -24,6 +24,8 @@ LIMIT_FIELDS = (
     "safety_policy",  # block, blur or flag (core/safety.py)
     "allow_disable_safety_checker",
     "blocked_terms",  # the tenant's additions to the prompt blocklist (core/prompt_policy.py)
+    "result_cache",  # false: the operator opted the tenant out of the result cache (docs/cache.md)
+    "cache_price_per_image",
 )
 MAX_RETENTION_S = 3650 * 86400  # ten years
 

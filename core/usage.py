@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, cast, func, insert, literal, select
+from sqlalchemy import Column, Select, Update, bindparam, cast, func, insert, literal, select
 from sqlalchemy.types import Date, Integer, Numeric
 
 from core.lifecycle import Status
 from core.tables import tenants, usage_records
 
 
-def finish_and_bill(finish: Update, default_price: float) -> Select[Any]:
+def finish_and_bill(finish: Update, default_price: float, plan: Column[Any] = tenants.c.price_per_image) -> Select[Any]:
     """A worker's final transition (lifecycle.complete or fail) and, if it completed the prediction, its usage
     record, in one statement: billed in the same atomic step as the compare-and-set that finishes it, so
     exactly once, and never when it failed. Returns the finished row, or nothing if the transition did not
-    happen. Executed with `charges(...)` among its parameters."""
+    happen. Executed with `charges(...)` among its parameters. `plan`: the tenant's price column (the result
+    cache's answers bill at `cache_price_per_image`), `default_price` where it is NULL."""
     finished = finish.cte("finished")
-    price = func.coalesce(tenants.c.price_per_image, literal(default_price, Numeric(12, 6)))
+    price = func.coalesce(plan, literal(default_price, Numeric(12, 6)))
     images = bindparam("images", type_=Integer)
     source = (
         select(

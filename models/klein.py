@@ -197,6 +197,10 @@ class KleinInput(BaseModel):
     def deadline(self) -> deadlines.Deadline | None:
         return None if self.deadline_s is None else deadlines.Deadline(self.deadline_s)
 
+    cache: bool = Field(
+        True, description="false: never answered from the result cache, even with a seed given (docs/cache.md)"
+    )
+
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):
             ratio = reference_size[0] / reference_size[1] if reference_size else 1.0

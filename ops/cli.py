@@ -26,7 +26,8 @@ TENANT is a tenant's name or id; limits are --rate-limit N (requests per minute 
 --max-in-flight N (queued + processing), --price P (USD per image) and --retention-days D (how long
 outputs and references are kept after a prediction finishes, e.g. 30 or 0.5; 0 keeps nothing after a
 synchronous answer delivered them; docs/retention.md); "default" resets one. Safety: --safety-policy
-block|blur|flag, --allow-disable-safety-checker yes|no, --blocked-terms-file FILE (docs/safety.md).
+block|blur|flag, --allow-disable-safety-checker yes|no, --blocked-terms-file FILE (docs/safety.md). Result
+cache: --cache-price P (USD per image answered from it), --result-cache yes|no (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument(
         "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
+    )
+    cache = parser.add_argument_group("result cache (docs/cache.md)")
+    cache.add_argument("--cache-price", dest="cache_price_per_image", type=_limit, default=argparse.SUPPRESS)
+    cache.add_argument(
+        "--result-cache", dest="result_cache", type=_yes_no, metavar="yes|no|default", default=argparse.SUPPRESS
     )
     _add_safety(parser)
 

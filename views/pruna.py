@@ -31,6 +31,8 @@ def view(row: Row, base_url: str, live: dict[str, Any] | None = None) -> dict[st
         urls = output_urls(base_url, row)
         body["generation_url"] = urls[0]
         body["generation_urls"] = urls
+    if row.get("cached_from") is not None:  # answered from the result cache (docs/cache.md)
+        body["cached"], body["cached_from"] = True, row["cached_from"]
     if row.get("expired_at") is not None:  # its outputs are gone: the URLs answer 410 (docs/retention.md)
         body["expired_at"] = row["expired_at"]
     return body | live if live else body

@@ -20,7 +20,7 @@ import redis
 import structlog
 from sqlalchemy import BindParameter, Engine, Executable, bindparam, select
 
-from core import events, lifecycle, logs, lora, progress, quota, redis_connection, safety, tracing, usage
+from core import events, lifecycle, logs, lora, progress, quota, redis_connection, result_cache, safety, tracing, usage
 from core.db import make_sync_engine
 from core.deadlines import DEADLINE_EXCEEDED
 from core.queue import enqueue, kick_webhooks, queued_key
@@ -107,6 +107,10 @@ class WorkerRuntime:
         client.set(safety.status_key(settings.queue_name, settings.model_id), safety.checker_status(*status))
         # What a LoRA of this model may name, for the API's checks at submit (api/services/loras.py).
         client.set(lora.targets_key(settings.queue_name, settings.model_id), orjson.dumps(pipeline.lora_targets))
+        # Which weights it serves, for the API's result cache keys (core/result_cache.py; empty: unknown, no cache).
+        client.set(
+            result_cache.weights_key(settings.queue_name, settings.model_id), _weights_identity(settings, pipeline)
+        )
         runtime = cls(
             settings=settings,
             pipeline=pipeline,
@@ -291,6 +295,14 @@ class WorkerRuntime:
             pipe.execute()
         except redis.RedisError:
             log.warning("could not release the slot of or announce %s", prediction_id, exc_info=True)
+
+
+def _weights_identity(settings: Settings, pipeline: KleinPipeline) -> str:
+    try:
+        return result_cache.weights_identity(settings.model_path, str(pipeline.dtype), settings.fp8)
+    except Exception:  # e.g. a hub id not in the local cache: answers are then never cached
+        log.warning("could not identify the weights of %s: the result cache is off", settings.model_path, exc_info=True)
+        return ""
 
 
 def _log_finished(row: Mapping[str, Any], timings: dict[str, int], outcome: str, reason: str, head: bool) -> None:

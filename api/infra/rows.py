@@ -33,6 +33,7 @@ class NewPrediction(NamedTuple):
     priority: str = "0"  # the queue's (core.quota.queue_priority), as text like every column of the batch
     start_deadline_s: str | None = None  # seconds from now (core/deadlines.py), as text; None: no deadline
     deadline_s: str | None = None
+    cache_key: str | None = None  # core/result_cache.py: set when the request is cacheable
 
 
 class Rows:

@@ -90,6 +90,14 @@ class Limits(BaseModel):
     blocked_terms: list[Annotated[str, Field(min_length=1, max_length=MAX_TERM_CHARS)]] | None = Field(
         None, max_length=MAX_TERMS, description="the tenant's additions to the operator's prompt blocklist"
     )
+    # The result cache (docs/cache.md)
+    result_cache: bool | None = Field(
+        None,
+        description="false: identical requests are always generated again, never answered from the cache; null: on",
+    )
+    cache_price_per_image: float | None = Field(
+        None, ge=0, le=1000, description="USD per image answered from the result cache; null: platform default (0)"
+    )
 
 
 class TenantRequest(Limits):
@@ -98,8 +106,9 @@ class TenantRequest(Limits):
 
 def tenant_view(row: RowMapping) -> dict[str, Any]:
     view = key_view(row)
-    if view.get("price_per_image") is not None:
-        view["price_per_image"] = float(view["price_per_image"])
+    for price in ("price_per_image", "cache_price_per_image"):
+        if view.get(price) is not None:
+            view[price] = float(view[price])
     return view
 
 

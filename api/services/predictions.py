@@ -22,7 +22,7 @@ from api.infra import metrics
 from api.infra.objects import put_object
 from api.infra.rows import NewPrediction, Row
 from api.infra.waiter import Completion
-from api.services import idempotency, loras, retention, safety
+from api.services import idempotency, loras, result_cache, retention, safety
 from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
@@ -86,6 +86,7 @@ async def submit(
     disable_means: Effective = "off",
     last_in_queue: bool = False,
     deadline: Deadline | None = None,
+    cache: bool = False,
 ) -> Row:
     """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
     enqueue it after the commit, optionally wait.
@@ -95,7 +96,8 @@ async def submit(
     api.services.webhooks.accept. `disable_asked_by`: the dialect's flag that turned the safety checker off, if
     the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored.
     `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it). `deadline`: when
-    it is canceled unless started (or finished) by then (core/deadlines.py)."""
+    it is canceled unless started (or finished) by then (core/deadlines.py). `cache`: the request may be answered
+    from the result cache (api/services/result_cache.py, `wanted`)."""
     try:
         require_active(principal)
         params = safety.screen(ctx, principal, params, disable_asked_by, disable_means)
@@ -113,6 +115,7 @@ async def submit(
             adapters,
             last_in_queue,
             deadline,
+            cache,
         )
     finally:  # stored or refused, the LoRAs' spooled files go now (loras.store closes those it stored)
         for adapter in adapters:
@@ -133,6 +136,7 @@ async def _submit(
     adapters: Sequence[loras.Adapter],
     last_in_queue: bool,
     deadline: Deadline | None,
+    cache: bool,
 ) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
@@ -153,25 +157,35 @@ async def _submit(
             slot = slot or await ctx.limiter.take_slot(principal.tenant_id, principal.max_in_flight)
             slot.require()
             try:
-                if references:
-                    keys = await _store_references(ctx, principal, prediction_id, references)
-                    params = params.model_copy(update={"reference_keys": keys})
-                if adapters:
-                    params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
-                priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
-                row = await _insert(
-                    ctx, principal, spec, prediction_id, request_input, params, webhook, priority, deadline
+                key = await result_cache.key_for(ctx, spec, params, references, adapters) if cache else None
+                hit = key and await result_cache.answer(
+                    ctx, principal, spec, prediction_id, request_input, params, webhook, key, adapters
                 )
+                if not hit:
+                    if references:
+                        keys = await _store_references(ctx, principal, prediction_id, references)
+                        params = params.model_copy(update={"reference_keys": keys})
+                    if adapters:
+                        params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
+                    priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
+                    row = await _insert(
+                        ctx, principal, spec, prediction_id, request_input, params, webhook, priority, deadline, key
+                    )
             except Exception:
                 await slot.give_back()
                 raise
-            slot.keep()
+            if hit:  # completed already: nothing in flight
+                await slot.give_back()
+            else:
+                slot.keep()
     except Exception:
         if reservation is not None:
             await reservation.release()
         raise
     if reservation is not None:
         await reservation.keep()
+    if hit:
+        return hit
 
     if wait_s <= 0:
         await _enqueue_or_fail(ctx, principal, prediction_id, spec.id, priority)
@@ -235,8 +249,10 @@ async def _insert(
     webhook: dict[str, Any] | None,
     priority: int,
     deadline: Deadline | None = None,
+    cache_key: str | None = None,
 ) -> Row:
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
+    start_within, finish_within = deadline.columns() if deadline else (None, None)
     new = NewPrediction(
         prediction_id,
         principal.tenant_id,
@@ -246,7 +262,9 @@ async def _insert(
         orjson.dumps(stored["params"]).decode(),
         None if webhook is None else orjson.dumps(webhook).decode(),
         str(priority),
-        *(deadline.columns() if deadline else (None, None)),
+        start_within,
+        finish_within,
+        cache_key,
     )
     return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 

@@ -11,14 +11,13 @@ import logging
 from datetime import UTC, datetime
 
 from botocore.exceptions import ClientError
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 
 from api.context import AppContext
 from api.errors import Gone
 from api.infra.rows import Row
 from api.services.principals import Principal
-from core import retention
-from core.tables import predictions as p
+from core import result_cache, retention
 from core.tables import tenants
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,8 @@ async def expire(ctx: AppContext, tenant_id: str, prediction_id: str) -> None:
     """Delete every object of the prediction (outputs and references), then mark it expired."""
     prefix = retention.prediction_prefix(tenant_id, prediction_id)
     await asyncio.to_thread(retention.delete_prefix, ctx.s3, ctx.settings.s3_bucket, prefix)
-    statement = (
-        update(p)
-        .where(p.c.id == prediction_id, p.c.tenant_id == tenant_id)
-        .values(expired_at=func.coalesce(p.c.expired_at, func.now()))
-    )
-    async with ctx.engine.begin() as conn:
-        await conn.execute(statement)
+    async with ctx.engine.begin() as conn:  # with the answers the result cache gave from it (docs/cache.md)
+        await conn.execute(result_cache.expire_with_originals([prediction_id], tenant_id))
 
 
 async def after_sync_delivery(ctx: AppContext, principal: Principal, row: Row) -> None:

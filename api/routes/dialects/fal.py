@@ -37,7 +37,7 @@ from api.routes.dialects.common import (
 )
 from api.routes.openapi_errors import FalError, errors
 from api.routes.stream import check_stream_limit, streams_of, woken
-from api.services import live, predictions, references, webhooks
+from api.services import live, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated
 from api.services.principals import Principal
 from core import deadlines
@@ -193,6 +193,7 @@ async def submit(
             disable_asked_by=off,
             last_in_queue=x_fal_queue_priority == "low",
             deadline=deadline,
+            cache=result_cache.wanted(request, body.seed),
         )
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
 

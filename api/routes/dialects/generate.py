@@ -21,7 +21,7 @@ from api.infra import metrics
 from api.routes.delivery import read_output
 from api.routes.dialects.common import completed, seed_or_random, served_model
 from api.routes.openapi_errors import KleinError, errors, image
-from api.services import loras, predictions, references, retention, webhooks
+from api.services import loras, predictions, references, result_cache, retention, webhooks
 from api.services.auth import Authenticated
 from api.services.files import read_upload
 from models.klein import MAX_SEED, NAMED_SIZES, GenerationParams, Loras, Prompt
@@ -158,7 +158,17 @@ async def generate(
         params = body.to_params(spec)
         wait_s = ctx.settings.try_sync_timeout_s
         submitted = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, wait_s, slot=slot, webhook=webhook, adapters=adapters
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            wait_s,
+            slot=slot,
+            webhook=webhook,
+            adapters=adapters,
+            cache=result_cache.wanted(request, body.seed),
         )
     row = completed(submitted, wait_s)
     png = await read_output(ctx, row, row["outputs"][0])

@@ -11,7 +11,7 @@ from api.context import AppContext, get_ctx, public_base_url
 from api.infra import metrics
 from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
-from api.services import predictions
+from api.services import predictions, result_cache
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import MAX_SEED, GenerationParams, Prompt, size_for_aspect_ratio
@@ -71,6 +71,7 @@ async def features(
         body.to_params(),
         wait_s=ctx.settings.try_sync_timeout_s,
         disable_asked_by="promptObject.disable_safety_checker" if body.promptObject.disable_safety_checker else None,
+        cache=result_cache.wanted(request, body.promptObject.seed),
     )
     status = Status(row["status"])
     base_url = public_base_url(request, ctx.settings)

@@ -19,7 +19,7 @@ from api.infra import metrics
 from api.routes.delivery import outputs_base64
 from api.routes.dialects.common import completed, parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import OpenAIError, errors
-from api.services import predictions, references, retention, webhooks
+from api.services import predictions, references, result_cache, retention, webhooks
 from api.services.auth import Authenticated
 from core import deadlines
 from models.klein import (
@@ -172,6 +172,7 @@ async def generate(
             disable_asked_by="moderation" if body.moderation == "low" else None,
             disable_means="flag",
             deadline=None if body.deadline_s is None else deadlines.Deadline(body.deadline_s),
+            cache=result_cache.wanted(request, body.seed),
         )
     row = completed(submitted, wait_s)
     if body.response_format == "b64_json" or body.return_base64:

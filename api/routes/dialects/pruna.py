@@ -19,7 +19,7 @@ from api.infra.jsonresponse import JSON
 from api.routes.dialects import replicate
 from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
-from api.services import live, loras, predictions, references, webhooks
+from api.services import live, loras, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -126,6 +126,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
             adapters,
             disable_asked_by="input.disable_safety_checker" if validated.disable_safety_checker else None,
             deadline=validated.deadline(),
+            cache=result_cache.wanted(request, validated.seed, validated.cache),
         )
     if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
         return JSON(view(row, base_url, live.of_final(row)), status_code=200)

@@ -33,7 +33,7 @@ from api.routes.dialects.replicate_input import (
     versioned_model,
 )
 from api.routes.openapi_errors import PLATFORM_ONLY, errors
-from api.services import live, predictions, references, webhooks
+from api.services import live, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated, authenticate
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -110,6 +110,7 @@ async def _submit(
             webhook,
             disable_asked_by=off,
             deadline=deadline,
+            cache=result_cache.wanted(request, own.seed),
         )
     logs = row["logs"] if Status(row["status"]).terminal else []
     return JSON(view(row, base_url, ctx.settings, logs, waited=wait_s > 0), status_code=201)

@@ -21,7 +21,7 @@ from api.infra import metrics
 from api.routes.delivery import gone, outputs_base64
 from api.routes.dialects.common import parse_size, seed_or_random, served_model
 from api.routes.openapi_errors import WaveSpeedError, errors
-from api.services import live, loras, predictions, references, retention, webhooks
+from api.services import live, loras, predictions, references, result_cache, retention, webhooks
 from api.services.auth import Authenticated
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_REFERENCES, GenerationParams, Loras, Prompt
@@ -154,6 +154,7 @@ async def submit(
             webhook=accepted,
             adapters=adapters,
             disable_asked_by=None if body.enable_safety_checker else "enable_safety_checker",
+            cache=result_cache.wanted(request, body.seed),
         )
     answer = await _answer(ctx, request, row, live.of_final(row) if Status(row["status"]).terminal else None)
     if body.enable_sync_mode and body.enable_base64_output and row["status"] == Status.COMPLETED:
