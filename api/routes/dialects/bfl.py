@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.convertors import Convertor, register_url_convertor
@@ -152,7 +152,13 @@ class Submitted(BaseModel):
 
 @router.post("/v1/{model:bfl_model}", response_model=Submitted, responses=errors(400, 404, 413, shape=BflError))
 @metrics.submit_route
-async def submit(model: str, body: BflRequest, request: Request, principal: Authenticated, ctx: Ctx) -> Response:
+async def submit(
+    model: Annotated[str, Path(pattern=f"^{BflModel.regex}$", description="e.g. flux-2-klein-4b")],
+    body: BflRequest,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+) -> Response:
     spec = served_model(model, ctx.settings)
     images = body.images()
     echo = body.model_dump(exclude_none=True, exclude={"webhook_url", "webhook_secret"}) | {"model": model}

@@ -2,6 +2,7 @@
 `FAL_QUEUE_RUN_HOST` changed.
 
     POST /fal-ai/flux-2/klein/4b[/base][/edit]            → {request_id, response_url, status_url, cancel_url}
+    POST /fal-run/fal-ai/flux-2/klein/4b[…]               fal's synchronous run: waits, answers the result
     GET  /fal-ai/{app}/requests/{id}/status[?logs=1]      IN_QUEUE (queue_position) / IN_PROGRESS / COMPLETED
     GET  /fal-ai/{app}/requests/{id}/status/stream        the same objects as server-sent events, until COMPLETED
     GET  /fal-ai/{app}/requests/{id}                      the result: images, seed, timings, has_nsfw_concepts
@@ -40,6 +41,7 @@ from views.common import signed_output_urls
 from views.fal import request_urls, result_view, status_view
 
 MIN_SIDE, MAX_SIDE = 256, 1536
+RUN_PREFIX = "/fal-run"  # fal's synchronous host (fal.run) as a path under ours: FAL_RUN_HOST=<host>/fal-run
 # fal's image_size presets (the same names across its image endpoints)
 PRESETS: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -141,6 +143,10 @@ class CancelAnswer(BaseModel):
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
 
 
+Webhook = Annotated[str | None, Query(description="a URL that receives the result (fal's way)")]
+Priority = Annotated[Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")]
+
+
 @router.post("/fal-ai/{app_path:any_path}", response_model=Queued, responses=errors(400, 413, shape=FalError))
 @metrics.submit_route
 async def submit(
@@ -149,11 +155,49 @@ async def submit(
     request: Request,
     principal: Authenticated,
     ctx: Ctx,
-    fal_webhook: Annotated[str | None, Query(description="a URL that receives the result (fal's way)")] = None,
-    x_fal_queue_priority: Annotated[
-        Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")
-    ] = "normal",
+    fal_webhook: Webhook = None,
+    x_fal_queue_priority: Priority = "normal",
 ) -> Response:
+    row = await _accept(ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority)
+    base_url = public_base_url(request, ctx.settings)
+    return JSONResponse({"request_id": row["id"], **request_urls(base_url, f"fal-ai/{app_path}", row["id"])})
+
+
+@router.post(
+    f"{RUN_PREFIX}/fal-ai/{{app_path:any_path}}",
+    responses={
+        200: {"description": "The result, as …/requests/{id} answers it", "content": _OBJECT},
+        **errors(400, 413, 500, 504, shape=FalError),
+    },
+)
+@metrics.submit_route
+async def run(
+    app_path: str,
+    body: FalRequest,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+    fal_webhook: Webhook = None,
+    x_fal_queue_priority: Priority = "normal",
+) -> Response:
+    """fal's synchronous host (`fal_client.run`, FAL_RUN_HOST=<host>/fal-run): the request waits for its result (up
+    to KLEIN_TRY_SYNC_TIMEOUT_S; past it a 504 naming the request, which carries on and can be read by its id)."""
+    wait_s = ctx.settings.try_sync_timeout_s
+    row = await _accept(ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, wait_s)
+    return JSONResponse(await _result_body(ctx, request, completed(row, wait_s)))
+
+
+async def _accept(
+    ctx: AppContext,
+    request: Request,
+    principal: Principal,
+    app_path: str,
+    body: FalRequest,
+    fal_webhook: str | None,
+    priority: str,
+    wait_s: float = 0.0,
+) -> predictions.Row:
+    """The request stored and queued (and waited for, `wait_s`), or refused in fal's shape."""
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
     if edit and not body.image_urls:
@@ -175,12 +219,13 @@ async def submit(
             echo,
             params,
             refs,
+            wait_s,
             slot=slot,
             webhook=webhook,
             disable_asked_by=off,
-            last_in_queue=x_fal_queue_priority == "low",
+            last_in_queue=priority == "low",
         )
-    return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
+    return row
 
 
 @router.get(
@@ -255,6 +300,11 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
     if not Status(row["status"]).terminal:
         raise BadRequest("Request is still in progress")  # fal's answer
     completed(row, 0)  # failed (blocked by the content policy: 400), canceled: fal's error answers
+    return JSONResponse(await _result_body(ctx, request, row))
+
+
+async def _result_body(ctx: AppContext, request: Request, row: predictions.Row) -> dict[str, Any]:
+    request_id = row["id"]
     if row.get("expired_at") is not None:
         raise Gone(f"request {request_id!r}: its images are no longer stored (data retention)")
     if row["input"].get("sync_mode"):
@@ -262,7 +312,7 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
         urls = [f"data:{content_type};base64,{b}" for b in await outputs_base64(ctx, row)]
     else:
         urls = signed_output_urls(ctx.settings, public_base_url(request, ctx.settings), row)
-    return JSONResponse(result_view(row, urls))
+    return result_view(row, urls)
 
 
 @router.put(
