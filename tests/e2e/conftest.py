@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +31,7 @@ def browser() -> Iterator[Browser]:
 class TlsApi:
     url: str
     ca: ssl.SSLContext
+    ca_file: Path
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,6 @@ def tls_api(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ca = ssl.create_default_context(cafile=str(certificates["ca.crt"]))
     try:
         assert url.startswith("https://") and httpx.get(f"{url}/readyz", verify=ca).status_code == 200
-        yield TlsApi(url, ca)
+        yield TlsApi(url, ca, certificates["ca.crt"])
     finally:
         api.stop()

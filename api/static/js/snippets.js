@@ -13,6 +13,8 @@ export const RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4",
 const MEGAPIXEL = 1024 * 1024;
 const OPENAI = { minSide: 256, maxSide: 2048, maxPixels: 1_048_576, maxSteps: 12, maxGuidance: 8 };
 const WAVESPEED = { minSide: 256, maxSide: 1536, maxSeed: 2147483647 };
+const FAL = { minSide: 256, maxSide: 1536, maxSteps: 50, maxGuidance: 20 };
+const BFL = { minSide: 64, maxSide: 8192, maxPixels: 4 * MEGAPIXEL };
 
 const round16 = (x) => Math.max(16, Math.round(x / 16) * 16);
 const floor16 = (x) => Math.max(16, Math.floor(x / 16) * 16);
@@ -257,11 +259,83 @@ function openai(request, origin) {
   ].join("\n");
 }
 
+// fal's queue API through fal-client (docs.fal.ai, "Queue"), which speaks https only and reads its hosts at import.
+function fal(request, origin) {
+  const [width, height] = fit(pixelSize(request), FAL);
+  const [w0, h0] = pixelSize(request);
+  const notes = ["# fal-client speaks https only: this server must too (klein up --tls-cert/--tls-key, or a TLS proxy)."];
+  if (w0 !== width || h0 !== height) notes.push(`# This dialect's sides are 256–1536 px: ${width}x${height}.`);
+  if (request.loras?.length) notes.push("# This dialect's klein endpoints take no LoRAs: made without them.");
+  notes.push(...qualityNote(request));
+  const body = { prompt: request.prompt, image_size: { width, height } };
+  if (request.seed >= 0) body.seed = request.seed;
+  body.num_inference_steps = Math.min(request.steps, FAL.maxSteps);
+  body.guidance_scale = Math.min(request.guidance, FAL.maxGuidance);
+  body.output_format = request.format === "jpg" ? "jpeg" : request.format;
+  if (request.images.length) body.image_urls = [...request.images];
+  const app = `fal-ai/flux-2/klein/4b${request.images.length ? "/edit" : ""}`;
+  const host = new URL(origin).host;
+  const file = `output.${extension(request.format)}`;
+  return [
+    "# pip install fal-client; export KLEIN_API_KEY=<your key>",
+    ...notes,
+    "import os",
+    "import urllib.request",
+    "",
+    "# fal-client reads its hosts when it is imported: set them first.",
+    `os.environ.setdefault("FAL_QUEUE_RUN_HOST", ${py(host)})`,
+    `os.environ.setdefault("FAL_RUN_HOST", ${py(`${host}/fal-run`)})`,
+    'os.environ["FAL_KEY"] = os.environ["KLEIN_API_KEY"]',
+    "",
+    "import fal_client  # noqa: E402",
+    "",
+    `result = fal_client.subscribe(${py(app)}, arguments=${py(body)})`,
+    `urllib.request.urlretrieve(result["images"][0]["url"], ${py(file)})  # a signed link: no key needed`,
+    `print("saved", ${py(file)}, "seed", result["seed"])`,
+  ].join("\n");
+}
+
+// Black Forest Labs' API (docs.bfl.ai): submit, poll the polling_url, download result.sample.
+function bfl(request, origin) {
+  const [width, height] = fit(pixelSize(request), BFL);
+  const notes = [];
+  if (request.steps !== 4 || request.guidance !== 1) notes.push("# This dialect always runs 4 steps at guidance 1.0.");
+  if (request.loras?.length) notes.push("# This dialect takes no LoRAs: this picture is made without them.");
+  notes.push(...qualityNote(request));
+  const body = { prompt: request.prompt, width, height };
+  if (request.seed >= 0) body.seed = request.seed;
+  body.output_format = request.format === "jpg" ? "jpeg" : request.format;
+  request.images.forEach((url, i) => {
+    body[i ? `input_image_${i + 1}` : "input_image"] = url;
+  });
+  const file = `output.${extension(request.format)}`;
+  return [
+    "# pip install requests; export KLEIN_API_KEY=<your key>",
+    ...notes,
+    "import os",
+    "import time",
+    "",
+    "import requests",
+    "",
+    'headers = {"x-key": os.environ["KLEIN_API_KEY"]}',
+    `task = requests.post(${py(`${origin}/v1/flux-2-klein-4b`)}, headers=headers, json=${py(body)}).json()`,
+    'while (result := requests.get(task["polling_url"], headers=headers).json())["status"] == "Pending":',
+    "    time.sleep(0.5)",
+    'if result["status"] != "Ready":',
+    `    raise SystemExit(f"{result['status']}: {result.get('error')}")`,
+    `with open(${py(file)}, "wb") as f:`,
+    '    f.write(requests.get(result["result"]["sample"]).content)  # a signed link: no key needed',
+    `print("saved", ${py(file)}, "seed", result["result"]["seed"])`,
+  ].join("\n");
+}
+
 export const DIALECTS = [
   { id: "curl", label: "curl", build: curl },
   { id: "pruna", label: "pruna-client", build: pruna },
   { id: "wavespeed", label: "wavespeed", build: wavespeed },
   { id: "openai", label: "openai", build: openai },
+  { id: "fal", label: "fal-client", build: fal },
+  { id: "bfl", label: "BFL (requests)", build: bfl },
 ];
 
 /** A tabbed panel with the request as code in each dialect, and a Copy button. */
