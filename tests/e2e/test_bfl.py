@@ -42,6 +42,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict
 from blackforest import BFLClient
 
+
 class Flux2KleinInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
@@ -57,8 +58,10 @@ class Flux2KleinInputs(BaseModel):
     webhook_url: Optional[str] = None
     webhook_secret: Optional[str] = None
 
+
 BFLClient.model_input_registry = BFLClient.model_input_registry | {
-    "flux-2-klein-4b": Flux2KleinInputs, "flux-2-klein-base-4b": Flux2KleinInputs
+    "flux-2-klein-4b": Flux2KleinInputs,
+    "flux-2-klein-base-4b": Flux2KleinInputs,
 }
 """
 
@@ -147,6 +150,12 @@ def test_the_blackforest_package_submits_polls_downloads_and_edits(
 
     assert seen["unknown"]["status"] == "Task not found"
     assert "403" in seen["wrong_key"], seen["wrong_key"]
+
+    # billed like every dialect's, and listed with the tenant's other predictions
+    usage = httpx.get(f"{stack.api_url}/v1/usage", headers={"x-key": tenant.key}).json()
+    assert usage["total"]["images"] == 2 and [d["model"] for d in usage["days"]] == ["flux-klein-4b"]
+    listed = httpx.get(f"{stack.api_url}/v1/predictions", headers={"x-key": tenant.key}).json()["results"]
+    assert {p["id"] for p in listed} == {task_id, seen["edit_status"]["task_id"]}
 
 
 def test_pending_progress_error_and_moderated_as_bfl_reports_them(
