@@ -38,10 +38,10 @@ IMAGE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4"
 
 
 class BflModel(Convertor[str]):
-    """`/v1/{model:bfl_model}`: BFL's model endpoints are `flux…` names; the platform's other `/v1/…` paths are
-    never taken for a model (and an unknown `flux…` model is BFL's 404)."""
+    """`/v1/{model:bfl_model}`: any one path segment, so that every name (an unknown one: BFL's 404) is answered
+    in BFL's shape. The platform's own `/v1/…` POST routes come first (api/app.py adds this router last)."""
 
-    regex = r"flux[a-z0-9.\-]*"
+    regex = r"[^/]+"
 
     def convert(self, value: str) -> str:
         return value
@@ -153,7 +153,7 @@ class Submitted(BaseModel):
 @router.post("/v1/{model:bfl_model}", response_model=Submitted, responses=errors(400, 404, 413, shape=BflError))
 @metrics.submit_route
 async def submit(
-    model: Annotated[str, Path(pattern=f"^{BflModel.regex}$", description="e.g. flux-2-klein-4b")],
+    model: Annotated[str, Path(description="BFL's endpoint name, e.g. flux-2-klein-4b")],
     body: BflRequest,
     request: Request,
     principal: Authenticated,
