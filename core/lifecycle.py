@@ -6,6 +6,7 @@
        │            ├────▶ failed  (error, timeout, or no attempts left)
        └────────────┴────▶ canceled / failed
     created ◀── failed: an operator's requeue (its attempts start over)
+    created / processing ──▶ canceled "deadline exceeded" (core/deadlines.py): not started, or not finished, in time
 
 Each transition is one compare-and-set UPDATE: it applies only if the row is still in the
 state the caller expects, so duplicate task deliveries and racing writers cannot both win.
@@ -37,8 +38,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, JSONPATH
+from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL, JSONB, JSONPATH
 
+from core.deadlines import DEADLINE_EXCEEDED
 from core.events import FINAL_COLUMNS
 from core.tables import predictions as p
 
@@ -80,14 +82,17 @@ def create(
 
 
 _NEW_COLUMNS = ("id", "tenant_id", "api_key_id", "model", "input", "params", "webhook", "priority")
+_DEADLINE_COLUMNS = ("start_deadline_s", "deadline_s")  # seconds from now, as text (null: none)
 
 
 def create_many() -> Insert:
     """New predictions, `created`, from parallel arrays bound by name: `id`, `tenant_id`, `api_key_id`,
-    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null) and `priority` as text.
+    `model`, `input`, `params` and `webhook` as JSON text (webhook may be null), `priority` as text, and the
+    deadlines `start_deadline_s` and `deadline_s` as seconds from now in text (null: none; core/deadlines.py).
     One statement for a batch of submits (api/infra/coalesce.py)."""
-    rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in _NEW_COLUMNS))
-    new = rows.table_valued(*_NEW_COLUMNS).render_derived()
+    names = (*_NEW_COLUMNS, *_DEADLINE_COLUMNS)
+    rows = func.unnest(*(BindParameter(name, type_=ARRAY(Text)) for name in names))
+    new = rows.table_valued(*names).render_derived()
     values = select(
         new.c.id,
         new.c.tenant_id,
@@ -98,8 +103,9 @@ def create_many() -> Insert:
         cast(new.c.webhook, JSONB),
         cast(new.c.priority, SmallInteger),
         literal(Status.CREATED.value, String),
+        *(func.now() + cast(new.c[name].concat(" seconds"), INTERVAL) for name in _DEADLINE_COLUMNS),
     )
-    return insert(p).from_select([*_NEW_COLUMNS, "status"], values)
+    return insert(p).from_select([*_NEW_COLUMNS, "status", "start_deadline_at", "deadline_at"], values)
 
 
 def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: float, max_attempts: int) -> Update:
@@ -107,7 +113,7 @@ def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: floa
     claimable = and_(
         p.c.attempts < max_attempts,
         or_(
-            p.c.status == Status.CREATED,
+            and_(p.c.status == Status.CREATED, _in_time),
             and_(p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()),
         ),
     )
@@ -127,6 +133,7 @@ def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_at
         select(p.c.id, p.c.params["num_outputs"].as_integer().label("num_outputs"))
         .where(
             p.c.status == Status.CREATED,
+            _in_time,
             p.c.model == model,
             p.c.id != exclude_id,
             p.c.attempts < max_attempts,
@@ -144,7 +151,7 @@ def next_with_loras(model: str, tenant_id: str, sha256s: list[str], max_attempts
     scales), if it is in the most urgent priority class queued now. A worker with the tenant's LoRAs loaded takes
     it ahead of the queue's order (worker/runtime.py, a few in a row at most), but never ahead of a more urgent
     tenant's prediction, and never another tenant's (what it is told would tell what this one ran)."""
-    queued = and_(p.c.status == Status.CREATED, p.c.model == model, p.c.attempts < max_attempts)
+    queued = and_(p.c.status == Status.CREATED, _in_time, p.c.model == model, p.c.attempts < max_attempts)
     most_urgent = select(func.min(p.c.priority)).where(queued).scalar_subquery()
     every_sha = cast(literal("$[*].sha256"), JSONPATH)
     shas = func.jsonb_path_query_array(func.coalesce(p.c.params["loras"], cast([], JSONB)), every_sha)
@@ -156,10 +163,19 @@ def claim_companions(worker_id: str, lease_s: float, max_attempts: int) -> Updat
     """created → processing for the ids bound as `ids` that are still queued: the companions of a claim."""
     return (
         update(p)
-        .where(p.c.id.in_(bindparam("ids", expanding=True)), p.c.status == Status.CREATED, p.c.attempts < max_attempts)
+        .where(
+            p.c.id.in_(bindparam("ids", expanding=True)),
+            p.c.status == Status.CREATED,
+            _in_time,
+            p.c.attempts < max_attempts,
+        )
         .values(_held(worker_id, lease_s))
         .returning(p)
     )
+
+
+# A queued prediction a worker may still start: no start deadline, or not passed (core/deadlines.py).
+_in_time = or_(p.c.start_deadline_at.is_(None), p.c.start_deadline_at > func.now())
 
 
 def _held(worker_id: str, lease_s: float) -> dict[str, Any]:
@@ -302,6 +318,33 @@ def cancel(prediction_id: str, tenant_id: str) -> Update:
         .values(status=Status.CANCELED, completed_at=func.now(), lease_expires_at=None)
         .returning(p)
     )
+
+
+def expire_unstarted(prediction_id: str | None = None, limit: int = 1000) -> Update:
+    """created → canceled with DEADLINE_EXCEEDED for queued predictions past their start deadline: `prediction_id`
+    (a worker whose claim it refused, the API reading it), or up to `limit` of them (the sweeper). Never billed:
+    no usage record is written. Returns the final row as a worker's finish does (FINAL_COLUMNS) and `webhook`."""
+    due = select(p.c.id).where(p.c.status == Status.CREATED, p.c.start_deadline_at <= func.now())
+    if prediction_id is not None:
+        due = due.where(p.c.id == prediction_id)
+    due = due.limit(limit).with_for_update(skip_locked=True)
+    return (
+        update(p)
+        .where(p.c.id.in_(due.scalar_subquery()), p.c.status == Status.CREATED)
+        .values(status=Status.CANCELED, error=DEADLINE_EXCEEDED, completed_at=func.now())
+        .returning(*FINAL_COLUMNS, p.c.webhook)
+    )
+
+
+def cancel_running(
+    prediction_id: str | BindParameter[Any],
+    worker_id: str,
+    timings: dict[str, int] | BindParameter[Any],
+    logs: list[dict[str, str]] | BindParameter[Any],
+) -> Update:
+    """processing → canceled with DEADLINE_EXCEEDED, by the worker holding it, stopped at a step past its deadline
+    (worker/leases.py). Never billed."""
+    return _finish(prediction_id, worker_id, Status.CANCELED, error=DEADLINE_EXCEEDED, timings=timings, logs=logs)
 
 
 def _finish(prediction_id: str | BindParameter[Any], worker_id: str, status: Status, **values: Any) -> Update:

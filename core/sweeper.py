@@ -3,15 +3,17 @@
 Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker process runs one):
 1. Predictions whose worker's lease lapsed (the worker died) go back to the queue while attempts
    are left, else fail with the reason.
-2. Predictions `created` for longer than `requeue_grace_s` that are not in the broker — Redis lost
+2. Queued predictions past their start deadline (core/deadlines.py) are canceled, "deadline exceeded": never
+   run, never billed, even while no worker takes anything from the queue.
+3. Predictions `created` for longer than `requeue_grace_s` that are not in the broker — Redis lost
    them (restart without persistence) or the API died between its commit and the enqueue — are
    enqueued again. The API adds each id to a Redis set as it enqueues; it leaves the set only once a
    worker has taken its message (core.queue.queued_key), so for a `created` row "not in the set" means
    "not in the broker". A pass checks the rows that
    came due since the previous one; every `FULL_CHECK_EVERY_S`, and after Redis lost its data, all.
-3. Each tenant's in-flight counter is reconciled with its rows in PostgreSQL (after a stalled or lost
+4. Each tenant's in-flight counter is reconciled with its rows in PostgreSQL (after a stalled or lost
    Redis answer, or data Redis lost).
-4. With storage given, every `REAP_EVERY_S` the retention reaper runs (core/retention.py): expired
+5. With storage given, every `REAP_EVERY_S` the retention reaper runs (core/retention.py): expired
    predictions' objects and expired uploads are deleted.
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
 """
@@ -32,7 +34,7 @@ from sqlalchemy import Engine, func, select
 
 from core import lifecycle, quota, retention
 from core.lifecycle import Status
-from core.queue import enqueue, queued_key
+from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
 from core.tables import predictions as p
 from core.tables import tenants
@@ -51,6 +53,7 @@ class SweepReport:
     requeued_lapsed: int = 0
     failed_lapsed: int = 0
     requeued_lost: int = 0
+    deadline_canceled: int = 0
     counters_reconciled: int = 0
     expired_predictions: int = 0
     deleted_files: int = 0
@@ -80,6 +83,7 @@ class Sweeper:
             report = SweepReport()
             self._reconcile_counters(report)
             self._lapsed(report)
+            self._deadlines(report)  # before _lost: what it cancels needs no enqueue
             self._lost(report)
             self._reap(report)
             report.seconds = time.perf_counter() - started
@@ -158,6 +162,25 @@ class Sweeper:
         if full:
             self.redis.hset(state, "full", due.timestamp())
 
+    def _deadlines(self, report: SweepReport) -> None:
+        """Cancel the queued predictions whose start deadline passed, a page at a time; each announced as a cancel
+        (the tenant's slot back, out of the queued set, the event, its webhook's sending)."""
+        while True:
+            with self.engine.begin() as conn:
+                expired = conn.execute(lifecycle.expire_unstarted(limit=LOST_CHECK_PAGE)).all()
+            if expired:
+                pipe = self.redis.pipeline(transaction=False)
+                for row in expired:
+                    pipe.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, row.tenant_id))
+                    pipe.srem(queued_key(self.settings), row.id)
+                    pipe.publish(self.settings.events_channel, row.id)
+                    if row.webhook is not None:
+                        kick_webhooks(pipe, self.settings, row.id)
+                pipe.execute()
+                report.deadline_canceled += len(expired)
+            if len(expired) < LOST_CHECK_PAGE:
+                return
+
     def _reconcile_counters(self, report: SweepReport) -> None:
         """Set each tenant's in-flight counter to its `created` + `processing` rows where the two disagree: a
         submit whose answer Redis never sent (a stall, a dropped connection) or data Redis lost. The counter is
@@ -218,6 +241,7 @@ def run_forever(sweeper: Sweeper, stop: threading.Event, observe: Observer | Non
                 report.requeued_lapsed,
                 report.failed_lapsed,
                 report.requeued_lost,
+                report.deadline_canceled,
                 report.counters_reconciled,
                 report.expired_predictions,
                 report.deleted_files,

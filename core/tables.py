@@ -89,6 +89,9 @@ predictions = Table(
     Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
     Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
     Column("safety", JSONB),  # what the image checker found and did (core/safety.py); NULL: from before it
+    # Deadlines (core/deadlines.py): canceled if not started by the first, or still running at the second.
+    Column("start_deadline_at", DateTime(timezone=True)),
+    Column("deadline_at", DateTime(timezone=True)),
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -99,6 +102,12 @@ predictions = Table(
     Index("predictions_failed", "completed_at", postgresql_where=text("status = 'failed'")),  # the console's
     # A worker's look for companions of its claim, in the queue's order (core/lifecycle.py, batch_candidates).
     Index("predictions_batchable", "model", "priority", "created_at", postgresql_where=text("status = 'created'")),
+    # The sweeper's look for queued predictions whose deadline passed (core/sweeper.py).
+    Index(
+        "predictions_start_deadline",
+        "start_deadline_at",
+        postgresql_where=text("status = 'created' AND start_deadline_at IS NOT NULL"),
+    ),
     # The operators' list of what the image checker flagged (GET /admin/v1/flagged), newest first.
     Index("predictions_flagged", "completed_at", postgresql_where=text(FLAGGED)),
     # The reaper's scan (core/retention.py): finished rows whose objects are still stored, per tenant by age.

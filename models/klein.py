@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from core import lora
+from core import deadlines, lora
 from core.safety import Effective
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
@@ -182,6 +182,17 @@ class KleinInput(BaseModel):
     disable_safety_checker: bool = Field(
         False, description="Turn the output safety checker off; refused unless the account allows it (docs/safety.md)"
     )
+    deadline_s: float | None = Field(
+        None,
+        ge=deadlines.MIN_S,
+        le=deadlines.MAX_S,
+        allow_inf_nan=False,
+        description="Cancel it (status canceled, error 'deadline exceeded', not billed) unless it finishes within "
+        "this many seconds of the submit: never started if still queued then, stopped at the next step if running.",
+    )
+
+    def deadline(self) -> deadlines.Deadline | None:
+        return None if self.deadline_s is None else deadlines.Deadline(self.deadline_s)
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):

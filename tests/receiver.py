@@ -70,7 +70,7 @@ class Receiver:
             self._server.server_close()
             self._server = None
 
-    def wait_for(self, count: int, timeout_s: float = 30.0) -> list[Received]:
+    def wait_for(self, count: int, timeout_s: float = 90.0) -> list[Received]:
         deadline = time.monotonic() + timeout_s
         while len(self.received) < count:
             if time.monotonic() > deadline:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
 
 from core import lifecycle, workers
+from core.deadlines import DEADLINE_EXCEEDED
 from core.settings import Settings
 from worker import metrics
 from worker.database import DB_ERRORS
@@ -115,10 +118,19 @@ class Lease:
     started_at: float = field(default_factory=time.monotonic)
     renewed_at: float = field(default_factory=time.monotonic)  # the claim, then each renewal
     lost: bool = False  # the last renewal found the prediction no longer ours
+    deadline: float = math.inf  # time.monotonic() of the prediction's deadline (core/deadlines.py), if it has one
+
+    def keep_deadline(self, row: Mapping[str, Any]) -> None:
+        """Stop at the claimed row's `deadline_at`: as far after the claim as the database's clock puts it after
+        `started_at` (the claim's time), so this machine's clock may differ from the database's."""
+        if row.get("deadline_at") is not None:
+            self.deadline = self.started_at + (row["deadline_at"] - row["started_at"]).total_seconds()
 
     def stop_reason(self) -> str | None:
         if self.lost:
             return "canceled or taken over by another worker"
+        if time.monotonic() >= self.deadline:
+            return DEADLINE_EXCEEDED
         if time.monotonic() - self.started_at > self.time_limit_s:
             return f"timed out after {self.time_limit_s:g} s"
         return None

@@ -18,17 +18,18 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 import structlog
-from sqlalchemy import BindParameter, Engine, bindparam, select
+from sqlalchemy import BindParameter, Engine, Executable, bindparam, select
 
 from core import events, lifecycle, logs, lora, progress, quota, redis_connection, safety, tracing, usage
 from core.db import make_sync_engine
+from core.deadlines import DEADLINE_EXCEEDED
 from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
 from core.storage import ensure_bucket, make_s3_client
 from core.sweeper import Sweeper, run_forever
 from core.tables import predictions
 from models.klein import loaded_by
-from models.klein_pipeline import KleinPipeline
+from models.klein_pipeline import KleinPipeline, Stop
 from worker import metrics, sweep_metrics
 from worker.batch import Batcher, Item, ms
 from worker.database import DB_ERRORS, Database, first, scalar
@@ -81,6 +82,7 @@ class WorkerRuntime:
         failed = lifecycle.fail(bindparam("prediction_id"), wid, error, timings, logs, checked)
         self.complete = usage.finish_and_bill(completed, price)
         self.fail = usage.finish_and_bill(failed, price)
+        self.cancel_at_deadline = lifecycle.cancel_running(bindparam("prediction_id"), wid, timings, logs)  # unbilled
         self.generator = Generator(s, self.pipeline, self.loras, self.s3, self.checker)
         self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
 
@@ -165,6 +167,8 @@ class WorkerRuntime:
             self.redis.srem(queued_key(self.settings), prediction_id)  # not in the broker any more: sweepable
             return
         if row is None:
+            if self._cancel_if_expired(prediction_id):
+                return
             log.info("prediction %s is finished or held by a live worker; skipping", prediction_id)
             self.redis.srem(queued_key(self.settings), prediction_id)
             return
@@ -183,9 +187,26 @@ class WorkerRuntime:
                     item.report.note(f"batched: one pipeline call for {own} of your predictions")
             metrics.BATCH_PREDICTIONS.observe(len(batch))
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
+            for lease, item in zip(leases, batch, strict=True):
+                lease.keep_deadline(item.row)
             self.generator.generate(batch, leases)
         for index, item in enumerate(batch):
             self._finish(item, claimed_at, head=index == 0)
+
+    def _cancel_if_expired(self, prediction_id: str) -> bool:
+        """After a refused claim: if the prediction's start deadline passed while it was queued, cancel it
+        (core/deadlines.py): it never runs and is never billed. False when that was not why."""
+        try:
+            expired = self.db.run(lambda conn: first(conn, lifecycle.expire_unstarted(prediction_id), {}))
+        except DB_ERRORS:
+            return False
+        if expired is None:
+            return False
+        log.info("prediction %s canceled: %s before a worker started it", prediction_id, DEADLINE_EXCEEDED)
+        metrics.PREDICTIONS.labels("canceled", "deadline").inc()
+        has_webhook = expired.pop("webhook") is not None  # never published: it may hold the client's secret
+        self._release_and_announce(prediction_id, expired, has_webhook)
+        return True
 
     def _item(self, row: dict[str, Any]) -> Item:
         return Item(row, Report(self.redis, self.settings, row["id"], row["created_at"]))
@@ -197,7 +218,12 @@ class WorkerRuntime:
         prediction_id = row["id"]
         timings["total_ms"] = timings["queue_ms"] + ms(time.perf_counter() - claimed_at)
         values: dict[str, Any]
-        if item.error is not None:
+        finish: Executable
+        if isinstance(item.error, Stop) and str(item.error) == DEADLINE_EXCEEDED:  # canceled, unbilled
+            finish, values = self.cancel_at_deadline, {}
+            report.note(f"canceled: {DEADLINE_EXCEEDED}")
+            outcome, reason = "canceled", "deadline"
+        elif item.error is not None:
             finish, values = self.fail, {"final_error": readable(item.error)}
             report.note(f"failed: {values['final_error']}")
             outcome, reason = "failed", failure_reason(item.error)

@@ -25,6 +25,10 @@ LAPSED = Counter(
     "Leases found lapsed (a worker lost mid-run), by what became of the prediction: requeued, failed (attempts spent)",
     ["outcome"],
 )
+DEADLINE_CANCELED = Counter(
+    "klein_sweeper_deadline_canceled",
+    "Queued predictions the sweeper canceled because their deadline passed before a worker started them",
+)
 RECONCILED = Counter("klein_sweeper_counters_reconciled", "Tenants' in-flight counters set to their rows' count")
 RETENTION_PASSES = Counter(
     "klein_retention_passes", "Retention passes (data expiry) by outcome: ok, failed", ["outcome"]
@@ -60,6 +64,7 @@ def observe(outcome: str, report: SweepReport | None, lag_s: float) -> None:
     REQUEUED.labels("not_in_broker").inc(report.requeued_lost)
     LAPSED.labels("requeued").inc(report.requeued_lapsed)
     LAPSED.labels("failed").inc(report.failed_lapsed)
+    DEADLINE_CANCELED.inc(report.deadline_canceled)
     RECONCILED.inc(report.counters_reconciled)
     if report.retention:
         RETENTION_PASSES.labels(report.retention).inc()

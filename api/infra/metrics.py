@@ -1,7 +1,7 @@
 """The API's own Prometheus series: requests by route template (never the raw path: ids would make a series
 each), method, dialect and status, less Prometheus' scrapes and the probes; submits by outcome and refusal reason;
-Try-Sync waiters and how their waits ended; cancels; open streams; the build. Plumbing only: the scrape endpoint
-and the platform gauges it reads are api/routes/metrics.py.
+Try-Sync waiters and how their waits ended; cancels (deadlines' apart); open streams; the build. Plumbing only:
+the scrape endpoint and the platform gauges it reads are api/routes/metrics.py.
 
 With several API processes on one host (uvicorn --workers, gunicorn), set `PROMETHEUS_MULTIPROC_DIR` to an
 empty directory shared by them: every process then writes its samples there and any of them answers a
@@ -46,6 +46,11 @@ SYNC_WAITS = Counter(
 )
 CANCELED = Counter(
     "klein_predictions_canceled", "Predictions canceled, by where they were (queued, running)", ["dialect", "stage"]
+)
+DEADLINE_CANCELED = Counter(
+    "klein_predictions_deadline_canceled",
+    "Queued predictions the API canceled for their deadline as their status was read (core/deadlines.py)",
+    ["dialect"],
 )
 STREAMS = Gauge(
     "klein_event_streams", "Open event streams (GET /v1/predictions/{id}/stream)", multiprocess_mode="livesum"
@@ -101,6 +106,11 @@ def sync_waited(outcome: str) -> None:
 def canceled(running: bool) -> None:
     scope = logs.current_scope.get()
     CANCELED.labels("none" if scope is None else _dialect(scope), "running" if running else "queued").inc()
+
+
+def deadline_canceled() -> None:
+    scope = logs.current_scope.get()
+    DEADLINE_CANCELED.labels("none" if scope is None else _dialect(scope)).inc()
 
 
 def refused(request: Request, exc: BaseException) -> None:

@@ -31,6 +31,8 @@ class NewPrediction(NamedTuple):
     params: str  # JSON
     webhook: str | None = None  # JSON (api/services/webhooks.py)
     priority: str = "0"  # the queue's (core.quota.queue_priority), as text like every column of the batch
+    start_deadline_s: str | None = None  # seconds from now (core/deadlines.py), as text; None: no deadline
+    deadline_s: str | None = None
 
 
 class Rows:

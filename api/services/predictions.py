@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from api.services.auth import Principal
 from api.services.rate_limit import Slot
 from api.services.references import Reference
 from core import lifecycle, logs
+from core.deadlines import Deadline
 from core.ids import new_id
 from core.queue import kick_webhooks, model_queue, queued_key, task_message
 from core.quota import LOWEST_PRIORITY, queue_priority
@@ -83,6 +85,7 @@ async def submit(
     disable_asked_by: str | None = None,
     disable_means: Effective = "off",
     last_in_queue: bool = False,
+    deadline: Deadline | None = None,
 ) -> Row:
     """Store the prediction (and its reference images and LoRAs, only now that the request was accepted),
     enqueue it after the commit, optionally wait.
@@ -91,7 +94,8 @@ async def submit(
     the prediction keeps once stored; without one, a slot is taken here. `webhook`: from
     api.services.webhooks.accept. `disable_asked_by`: the dialect's flag that turned the safety checker off, if
     the request did (api/services/safety.py); the prompt policy is checked here, before anything is stored.
-    `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it)."""
+    `last_in_queue`: behind everything the tenant's backlog would run before (never ahead of it). `deadline`: when
+    it is canceled unless started (or finished) by then (core/deadlines.py)."""
     try:
         require_active(principal)
         params = safety.screen(ctx, principal, params, disable_asked_by, disable_means)
@@ -108,6 +112,7 @@ async def submit(
             webhook,
             adapters,
             last_in_queue,
+            deadline,
         )
     finally:  # stored or refused, the LoRAs' spooled files go now (loras.store closes those it stored)
         for adapter in adapters:
@@ -127,6 +132,7 @@ async def _submit(
     webhook: dict[str, Any] | None,
     adapters: Sequence[loras.Adapter],
     last_in_queue: bool,
+    deadline: Deadline | None,
 ) -> Row:
     prediction_id = new_id()
     logs.bind(prediction_id=prediction_id)
@@ -153,7 +159,9 @@ async def _submit(
                 if adapters:
                     params = params.model_copy(update={"loras": await loras.store(ctx, principal, adapters)})
                 priority = LOWEST_PRIORITY if last_in_queue else queue_priority(slot.held)
-                row = await _insert(ctx, principal, spec, prediction_id, request_input, params, webhook, priority)
+                row = await _insert(
+                    ctx, principal, spec, prediction_id, request_input, params, webhook, priority, deadline
+                )
             except Exception:
                 await slot.give_back()
                 raise
@@ -226,6 +234,7 @@ async def _insert(
     params: GenerationParams,
     webhook: dict[str, Any] | None,
     priority: int,
+    deadline: Deadline | None = None,
 ) -> Row:
     stored = {"input": request_input, "params": params.model_dump(mode="json")}
     new = NewPrediction(
@@ -237,6 +246,7 @@ async def _insert(
         orjson.dumps(stored["params"]).decode(),
         None if webhook is None else orjson.dumps(webhook).decode(),
         str(priority),
+        *(deadline.columns() if deadline else (None, None)),
     )
     return await ctx.rows.insert(new) | stored  # what was just encoded need not be decoded again
 
@@ -292,8 +302,30 @@ async def _wait(
 
 
 async def fetch(ctx: AppContext, principal: Principal, prediction_id: str) -> Row | None:
-    """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent)."""
-    return await ctx.rows.read((prediction_id, principal.tenant_id))
+    """One primary-key read, scoped to the caller's tenant (another tenant's id reads as absent). A queued
+    prediction read past its start deadline is canceled first, so its status says so even with no worker or
+    sweeper running (core/deadlines.py)."""
+    row = await ctx.rows.read((prediction_id, principal.tenant_id))
+    if row is not None and _start_deadline_passed(row):
+        return await _expire(ctx, row)
+    return row
+
+
+def _start_deadline_passed(row: Row) -> bool:
+    start_by = row.get("start_deadline_at")
+    return row["status"] == lifecycle.Status.CREATED and start_by is not None and start_by <= datetime.now(UTC)
+
+
+async def _expire(ctx: AppContext, row: Row) -> Row:
+    """The queued `row` canceled for its deadline, announced as a cancel; as it is now if that did not apply (a
+    worker took it just in time, by the database's clock)."""
+    async with ctx.engine.begin() as conn:
+        expired = (await conn.execute(lifecycle.expire_unstarted(row["id"]))).mappings().first()
+    if expired is None:
+        return await ctx.rows.read((row["id"], row["tenant_id"])) or row
+    metrics.deadline_canceled()
+    await _announce_cancel(ctx, row["tenant_id"], expired)
+    return {**row, **expired}
 
 
 async def fetch_or_404(ctx: AppContext, principal: Principal, prediction_id: str) -> Row:
@@ -318,15 +350,21 @@ async def cancel_of(ctx: AppContext, tenant_id: str, prediction_id: str) -> Row 
     if canceled is None:
         return None
     metrics.canceled(running=canceled["worker_id"] is not None)  # a queued one has no worker (yet, or again)
+    await _announce_cancel(ctx, tenant_id, canceled)
+    return dict(canceled)
+
+
+async def _announce_cancel(ctx: AppContext, tenant_id: str, canceled: Mapping[Any, Any]) -> None:
+    """After a cancel: the tenant's slot given back, out of the sweeper's set (a running prediction's worker would
+    do that, unless it died), announced, and its webhook's `completed` event (written with the cancel) sent."""
+    prediction_id = canceled["id"]
     await ctx.limiter.release_slot(tenant_id)
-    # Out of the sweeper's set (a running prediction's worker would do that, unless it died) and announced.
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.srem(queued_key(ctx.settings), prediction_id)
         pipe.publish(ctx.settings.events_channel, prediction_id)
-        if canceled["webhook"] is not None:  # its `completed` event was written with the cancel
+        if canceled["webhook"] is not None:
             kick_webhooks(pipe, ctx.settings, prediction_id)
         await pipe.execute()
-    return dict(canceled)
 
 
 async def delete(ctx: AppContext, tenant_id: str, prediction_id: str) -> None:

@@ -102,7 +102,7 @@ def test_a_killed_webhook_worker_loses_nothing(stack: Stack, client: httpx.Clien
         doomed.process.wait()
         survivor = _start_webhooks(stack, "webhooks-survivor")
         try:
-            got = receiver.wait_for(2, timeout_s=60)
+            got = receiver.wait_for(2, timeout_s=120)
             (final,) = wait_until_final(client, prediction["id"])
         finally:
             survivor.stop()
@@ -121,7 +121,7 @@ def test_a_receiver_that_turns_private_is_refused_at_send(
     strict = _start_webhooks(stack, "webhooks-strict", KLEIN_FETCH_ALLOWLIST="[]")
     try:
         prediction = submit(client, receiver.url)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while not (found := deliveries(client, prediction_id=prediction["id"])) or not found[0]["attempts"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -214,7 +214,7 @@ def test_a_receiver_down_then_up_gets_the_event_once_with_the_same_id(
     receiver = Receiver()
     receiver.port = _free_port_on_test_host()
     prediction = submit(client, receiver.url)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while not any(d["attempts"] for d in deliveries(client, prediction_id=prediction["id"])):
         assert time.monotonic() < deadline, "no attempt was made"
         time.sleep(0.1)
@@ -237,7 +237,7 @@ def test_failures_back_off_exponentially_then_410_stops(client: httpx.Client, we
     receiver = Receiver(answers=lambda n: (500, 0.0, {}) if n < 3 else (200, 0.0, {})).start()
     try:
         prediction = submit(client, receiver.url)
-        got = receiver.wait_for(4, timeout_s=60)
+        got = receiver.wait_for(4, timeout_s=120)
     finally:
         receiver.stop()
     assert len({r.headers["webhook-id"] for r in got}) == 1, "every attempt carries the event's id"
@@ -267,7 +267,7 @@ def test_redirects_are_not_followed_and_replay_resends_the_same_event(
     elsewhere.start()
     try:
         prediction = submit(client, elsewhere.url)
-        elsewhere.wait_for(3, timeout_s=30)
+        elsewhere.wait_for(3, timeout_s=90)
         (final,) = wait_until_final(client, prediction["id"])
     finally:
         elsewhere.stop()
@@ -399,7 +399,7 @@ def test_queue_position_counts_what_runs_first_and_eta_uses_the_fleets_pace(
     stack: Stack, client: httpx.Client, tenant: IssuedKey, settings: Settings
 ) -> None:
     first = submit(client, webhook="")  # one run at least, for the pace
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while client.get(f"/v1/predictions/status/{first['id']}").json()["status"] != "succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.1)

@@ -6,11 +6,13 @@ A dialect module is its request model (with `to_params`), its status words and i
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from api.errors import CONTENT_POLICY, ContentRefused, GenerationFailed, Invalid, NotFound, TimedOut
 from api.infra.rows import Row
+from core.deadlines import DEADLINE_EXCEEDED, Deadline
 from core.ids import random_seed
 from core.lifecycle import Status
 from core.settings import Settings
@@ -68,15 +70,34 @@ def parse_size(size: str, low: int, high: int, example: str) -> tuple[int, int]:
     return floor16(int(match.group(1))), floor16(int(match.group(2)))
 
 
+def header_deadline(header: str, value: str | None, parse: Callable[[str], float], running: bool) -> Deadline | None:
+    """The deadline a request header sets (core/deadlines.py), or None without one; a malformed or out-of-bounds
+    value is a 422 naming the header."""
+    if value is None:
+        return None
+    try:
+        return Deadline(parse(value), running)
+    except ValueError as exc:
+        detail = [{"loc": ["header", header], "msg": str(exc), "type": "value_error"}]
+        raise Invalid(f"invalid request: {header} header: {exc}", detail=detail) from None
+
+
+def deadline_exceeded(row: Row) -> bool:
+    """Whether the prediction was canceled for its deadline (core/deadlines.py)."""
+    return row["status"] == Status.CANCELED and row["error"] == DEADLINE_EXCEEDED
+
+
 def completed(row: Row, wait_s: float) -> Row:
     """The synchronous dialects' answer to a prediction after its wait: the row when it completed, else 400 (its
     outputs blocked by the content policy), 500 (failed or canceled, with the reason) or 504 (still running; it
-    carries on, and its id is given)."""
+    carries on, and its id is given; or canceled for its deadline)."""
     status = Status(row["status"])
     if status is Status.COMPLETED:
         return row
     if status is Status.FAILED and (row.get("safety") or {}).get("blocked"):
         raise ContentRefused(row["error"], code=CONTENT_POLICY, id=row["id"])
+    if deadline_exceeded(row):
+        raise TimedOut(f"generation canceled: {DEADLINE_EXCEEDED} (id {row['id']})")
     if status.terminal:
         raise GenerationFailed(f"generation {status.value}: {row['error'] or 'no reason recorded'}")
     raise TimedOut(f"generation exceeded the {wait_s:g} s time limit (id {row['id']})")

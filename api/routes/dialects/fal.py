@@ -9,7 +9,8 @@
     PUT  /fal-ai/{app}/requests/{id}/cancel
 
 `?fal_webhook=URL` posts fal's webhook payload through the webhook outbox (signed as every webhook of ours,
-not with fal's keys). Keys come as `Authorization: Key <key>`; errors are fal's
+not with fal's keys); `X-Fal-Request-Timeout` is a time-to-start deadline (core/deadlines.py), its expiry fal's 504.
+Keys come as `Authorization: Key <key>`; errors are fal's
 `{"detail": ...}` (a 422's detail lists the fields).
 """
 
@@ -28,12 +29,19 @@ from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Answer, BadRequest, Gone, Invalid, dialect_route
 from api.infra import metrics
 from api.routes.delivery import gone, outputs_base64
-from api.routes.dialects.common import completed, seed_or_random, served_model
+from api.routes.dialects.common import (
+    completed,
+    deadline_exceeded,
+    header_deadline,
+    seed_or_random,
+    served_model,
+)
 from api.routes.openapi_errors import FalError, errors
 from api.routes.stream import check_stream_limit, streams_of, woken
 from api.services import live, predictions, references, webhooks
 from api.services.auth import Authenticated
 from api.services.principals import Principal
+from core import deadlines
 from core.lifecycle import Status
 from models.klein import CONTENT_TYPES, MAX_OUTPUTS, MAX_REFERENCES, GenerationParams, Prompt, floor16, size_for_ratio
 from models.registry import ModelSpec
@@ -145,6 +153,9 @@ _OBJECT = {"application/json": {"schema": {"type": "object"}}}
 
 Webhook = Annotated[str | None, Query(description="a URL that receives the result (fal's way)")]
 Priority = Annotated[Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")]
+Timeout = Annotated[
+    str | None, Header(description="seconds: canceled unless a worker starts it by then (a time-to-start deadline)")
+]
 
 
 @router.post("/fal-ai/{app_path:any_path}", response_model=Queued, responses=errors(400, 413, shape=FalError))
@@ -157,8 +168,11 @@ async def submit(
     ctx: Ctx,
     fal_webhook: Webhook = None,
     x_fal_queue_priority: Priority = "normal",
+    x_fal_request_timeout: Timeout = None,
 ) -> Response:
-    row = await _accept(ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority)
+    row = await _accept(
+        ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout
+    )
     base_url = public_base_url(request, ctx.settings)
     return JSONResponse({"request_id": row["id"], **request_urls(base_url, f"fal-ai/{app_path}", row["id"])})
 
@@ -179,11 +193,16 @@ async def run(
     ctx: Ctx,
     fal_webhook: Webhook = None,
     x_fal_queue_priority: Priority = "normal",
+    x_fal_request_timeout: Timeout = None,
 ) -> Response:
     """fal's synchronous host (`fal_client.run`, FAL_RUN_HOST=<host>/fal-run): the request waits for its result (up
     to KLEIN_TRY_SYNC_TIMEOUT_S; past it a 504 naming the request, which carries on and can be read by its id)."""
     wait_s = ctx.settings.try_sync_timeout_s
-    row = await _accept(ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, wait_s)
+    row = await _accept(
+        ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout, wait_s
+    )
+    if deadline_exceeded(row):
+        return _deadline_answer()
     return JSONResponse(await _result_body(ctx, request, completed(row, wait_s)))
 
 
@@ -195,9 +214,11 @@ async def _accept(
     body: FalRequest,
     fal_webhook: str | None,
     priority: str,
+    request_timeout: str | None,
     wait_s: float = 0.0,
 ) -> predictions.Row:
     """The request stored and queued (and waited for, `wait_s`), or refused in fal's shape."""
+    deadline = header_deadline("X-Fal-Request-Timeout", request_timeout, deadlines.parse_seconds, False)
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
     if edit and not body.image_urls:
@@ -224,6 +245,7 @@ async def _accept(
             webhook=webhook,
             disable_asked_by=off,
             last_in_queue=priority == "low",
+            deadline=deadline,
         )
     return row
 
@@ -291,7 +313,7 @@ async def _status_events(
     "/fal-ai/{app_path:any_path}/requests/{request_id}",
     responses={
         200: {"description": "The result: images, seed, timings, has_nsfw_concepts, prompt", "content": _OBJECT},
-        **errors(400, 500, shape=FalError),  # 400: still in progress, or blocked by the content policy
+        **errors(400, 500, 504, shape=FalError),  # 400: in progress, or blocked by the policy; 504: deadline
         **gone(FalError),
     },
 )
@@ -299,8 +321,16 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
     row = await predictions.fetch_or_404(ctx, principal, request_id)
     if not Status(row["status"]).terminal:
         raise BadRequest("Request is still in progress")  # fal's answer
+    if deadline_exceeded(row):
+        return _deadline_answer()
     completed(row, 0)  # failed (blocked by the content policy: 400), canceled: fal's error answers
     return JSONResponse(await _result_body(ctx, request, row))
+
+
+def _deadline_answer() -> Response:
+    """fal's answer to a request its X-Fal-Request-Timeout expired."""
+    detail = f"{deadlines.DEADLINE_EXCEEDED}: not started within its X-Fal-Request-Timeout"
+    return JSONResponse({"detail": detail}, status_code=504, headers={"X-Fal-Request-Timeout-Type": "user"})
 
 
 async def _result_body(ctx: AppContext, request: Request, row: predictions.Row) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from api.routes.dialects.common import completed, parse_size, seed_or_random, se
 from api.routes.openapi_errors import OpenAIError, errors
 from api.services import predictions, references, retention, webhooks
 from api.services.auth import Authenticated
+from core import deadlines
 from models.klein import (
     MAX_OUTPUTS,
     MAX_REFERENCES,
@@ -80,6 +81,13 @@ class ImagesRequest(BaseModel):
     webhook_secret: str | None = Field(None, description="sign the webhook with this instead of the tenant's")
     max_sequence_length: int = Field(512, ge=64, le=512)
     images: list[str] | str = Field([], description="reference image URLs (a list, or comma-separated)")
+    deadline_s: float | None = Field(
+        None,
+        ge=deadlines.MIN_S,
+        le=deadlines.MAX_S,
+        allow_inf_nan=False,
+        description="canceled (a 504, not billed) unless finished within this many seconds (docs/reliability.md)",
+    )
     # Accepted from OpenAI clients, without effect here.
     quality: str | None = None
     style: str | None = None
@@ -163,6 +171,7 @@ async def generate(
             webhook=webhook,
             disable_asked_by="moderation" if body.moderation == "low" else None,
             disable_means="flag",
+            deadline=None if body.deadline_s is None else deadlines.Deadline(body.deadline_s),
         )
     row = completed(submitted, wait_s)
     if body.response_format == "b64_json" or body.return_base64:

@@ -125,6 +125,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
             webhook,
             adapters,
             disable_asked_by="input.disable_safety_checker" if validated.disable_safety_checker else None,
+            deadline=validated.deadline(),
         )
     if Status(row["status"]).terminal:  # Try-Sync's answer, as the status endpoint will show it
         return JSON(view(row, base_url, live.of_final(row)), status_code=200)

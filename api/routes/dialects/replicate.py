@@ -1,6 +1,7 @@
 """The Replicate dialect: the official `replicate` client works with only its base URL changed.
 
-    POST /v1/models/{owner}/{name}/predictions   {"input", "webhook", "webhook_events_filter"}; `Prefer: wait[=N]`
+    POST /v1/models/{owner}/{name}/predictions   {"input", "webhook", "webhook_events_filter"}; `Prefer: wait[=N]`,
+                                                 `Cancel-After` (a deadline: core/deadlines.py)
     POST /v1/predictions                         with `version` (Pruna's route hands such a body here)
     GET  /v1/predictions/{id}                    (its cancel and list are shared with Pruna's: `speaks_replicate`)
     GET  /v1/models/{owner}/{name}[/versions[/{id}]]
@@ -22,7 +23,7 @@ from api.errors import NotFound, Renderer, answered, dialect_route, problem_deta
 from api.infra import metrics
 from api.infra.jsonresponse import JSON
 from api.routes import meta
-from api.routes.dialects.common import lookup_model, served_model
+from api.routes.dialects.common import header_deadline, lookup_model, served_model
 from api.routes.dialects.replicate_input import (
     PredictionRequest,
     VersionedRequest,
@@ -36,6 +37,7 @@ from api.services import live, predictions, references, webhooks
 from api.services.auth import Authenticated, authenticate
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
+from core import deadlines
 from core.lifecycle import Status
 from models.registry import ModelSpec
 from views.replicate import version_id, version_object, view
@@ -84,6 +86,8 @@ async def _submit(
 ) -> Response:
     ctx = context(request)
     wait_s = prefer_wait(request.headers.get("prefer"), ctx.settings)
+    cancel_after = request.headers.get("cancel-after")
+    deadline = header_deadline("Cancel-After", cancel_after, deadlines.parse_duration, running=True)
     given, own = parse_input(spec, body.input)
     echo, idempotency_key = given.model_dump(exclude_none=True), request.headers.get("idempotency-key")
     async with predictions.in_flight(ctx, principal, spec, echo, idempotency_key, slot) as slot:
@@ -94,7 +98,18 @@ async def _submit(
         webhook = await webhooks.accept(ctx, "replicate", base_url, body.webhook, "webhook", body.webhook_events_filter)
         off = "input.disable_safety_checker" if given.disable_safety_checker else None
         row = await predictions.submit(
-            ctx, principal, spec, echo, params, refs, wait_s, idempotency_key, slot, webhook, disable_asked_by=off
+            ctx,
+            principal,
+            spec,
+            echo,
+            params,
+            refs,
+            wait_s,
+            idempotency_key,
+            slot,
+            webhook,
+            disable_asked_by=off,
+            deadline=deadline,
         )
     logs = row["logs"] if Status(row["status"]).terminal else []
     return JSON(view(row, base_url, ctx.settings, logs, waited=wait_s > 0), status_code=201)
@@ -104,6 +119,13 @@ _PREDICTION = {"application/json": {"schema": {"type": "object"}}}
 _WAIT_HEADERS = [
     {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string", "examples": ["wait=5"]}},
     {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+    {
+        "name": "Cancel-After",
+        "in": "header",
+        "required": False,
+        "description": "A deadline: canceled unless finished within this duration (docs/reliability.md)",
+        "schema": {"type": "string", "examples": ["30s", "5m", "1h30m"]},
+    },
 ]
 
 
