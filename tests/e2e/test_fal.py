@@ -253,8 +253,15 @@ def test_run_waits_on_fals_synchronous_host_and_answers_the_result(
     )
 
 
-def test_run_refuses_in_fals_shape(fal: ModuleType, client: Any) -> None:
+def test_run_refuses_in_fals_shape(
+    fal: ModuleType, client: Any, http: httpx.Client, stack: Stack, tenant: IssuedKey
+) -> None:
     with pytest.raises(fal.FalClientHTTPError) as unknown:
         client.run(APP, arguments={"prompt": "a lake", "negative_prompt": "fog"})
     assert unknown.value.status_code == 422
     assert unknown.value.response.json()["detail"][0]["loc"] == ["body", "negative_prompt"]
+    late = http.post(f"/fal-run/{APP}", json={"prompt": "a lake"}, headers={"X-Fal-Request-Timeout": "soon"})
+    assert late.status_code == 422 and late.json()["detail"][0]["loc"] == ["header", "X-Fal-Request-Timeout"]
+    with stack.engine.begin() as conn:  # nothing stored for a refused request
+        stored = conn.execute(predictions.select().where(predictions.c.tenant_id == tenant.tenant_id)).all()
+    assert stored == []
