@@ -20,7 +20,7 @@ from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
 from api.routes import account, admin, delivery, files, listing, meta, operations, stream, web, webhooks, workers
 from api.routes import metrics as scrape
-from api.routes.dialects import fal, generate, oneminute, openai, pruna, replicate, wavespeed
+from api.routes.dialects import bfl, fal, generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
 from api.services.rate_limit import Limiter, RateLimitHeaders
 from core import logs, tracing
@@ -88,9 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_route("/metrics", scrape.endpoint, include_in_schema=False)
     app.mount("/static/vendor", web.vendor, name="vendor")  # before /static, which would take its paths
     app.mount("/static", web.assets, name="static")
-    routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}
+    routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}; bfl's /v1/{model} last
         *(pruna, replicate, generate, wavespeed, oneminute, openai, fal, listing, stream, delivery, files, webhooks),
-        *(account, admin, operations, workers, meta, web),
+        *(account, admin, operations, workers, meta, web, bfl),
     )
     for module in routers:
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join

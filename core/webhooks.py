@@ -10,6 +10,8 @@ tenant's at most `webhook_tenant_concurrency` at once; every attempt leaves a we
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import random
 import secrets
 from datetime import UTC, datetime
@@ -39,6 +41,18 @@ def new_secret() -> str:
 def signature(signing_secrets: list[str], msg_id: str, timestamp: datetime, body: str) -> str:
     """The `webhook-signature` header: one `v1,…` per secret, space-separated (both during a rotation)."""
     return " ".join(Webhook(_as_key(secret)).sign(msg_id, timestamp, body) for secret in signing_secrets)
+
+
+def provider_headers(webhook: dict[str, Any], body: str) -> dict[str, str]:
+    """Headers a provider's own clients check, beside the Standard Webhooks ones: BFL's, when the client gave a
+    `webhook_secret` — `X-Webhook-Secret` echoing it (as BFL's `bfl` package verifies, src/bfl/_webhooks.py in
+    black-forest-labs/blackforest) and `X-BFL-Signature: sha256=<hex HMAC-SHA256 of the body>` (BFL's skills,
+    bfl-api/references/webhook-integration.md)."""
+    secret = webhook.get("secret")
+    if webhook.get("dialect") != "bfl" or not secret:
+        return {}
+    digest = hmac.new(secret.encode(), body.encode(), hashlib.sha256).hexdigest()
+    return {"x-webhook-secret": secret, "x-bfl-signature": f"sha256={digest}"}
 
 
 def _as_key(secret: str) -> str | bytes:

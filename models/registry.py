@@ -79,6 +79,7 @@ FLUX_KLEIN_4B_BASE = ModelSpec(
     id="flux-klein-4b-base",
     aliases=(
         "flux-2-klein-4b-base",
+        "flux-2-klein-base-4b",  # BFL's spelling (its finetune endpoint: /v1/flux-2-klein-base-4b-finetuned)
         "flux2-klein-4b-base",
         "black-forest-labs/flux-2-klein-4b-base",
         "fal-ai/flux-2/klein/4b/base",

@@ -1,6 +1,7 @@
 """`klein`: operator commands.
 
-    klein up [--model PATH]                  start the whole platform on embedded services (ops/up.py)
+    klein up [--model PATH] [--tls-cert PATH --tls-key PATH]
+                                             start the whole platform on embedded services (ops/up.py)
     klein migrate                            apply database migrations (alembic upgrade head)
     klein create-tenant NAME [limits]        create a tenant and print its first API key (shown once)
     klein set-limits TENANT [limits]         change a tenant's limits or price plan

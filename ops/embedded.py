@@ -157,23 +157,44 @@ def start_api(
     processes: int = 1,
 ) -> tuple[Service, str]:
     """The API on `port`; with `processes` > 1, that many on the one socket (uvicorn's --workers: the kernel
-    spreads the connections, uvicorn restarts a process that dies), which then need PROMETHEUS_MULTIPROC_DIR."""
+    spreads the connections, uvicorn restarts a process that dies), which then need PROMETHEUS_MULTIPROC_DIR.
+    With KLEIN_TLS_CERT and KLEIN_TLS_KEY in `env` (PEM files) it serves https itself (uvicorn's --ssl-certfile
+    and --ssl-keyfile), and the URL answered is https."""
     port = port or free_port()
     args = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host, "--port", str(port)]
     if processes > 1:
         args += ["--workers", str(processes)]
+    tls = tls_files(env)
+    if tls:
+        args += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]]
+        args += ["--timeout-graceful-shutdown", "3"]  # else uvicorn waits on idle TLS keep-alive connections
     api = Service([*args, "--log-level", "warning"], env, log).start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     def ready() -> bool:
         api.ensure_alive("API")
         try:
-            return httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200
+            # Our own child on loopback: its certificate names the public host, seldom 127.0.0.1, so the probe
+            # does not verify it (clients do).
+            return httpx.get(f"{url}{ready_path}", timeout=2, verify=False).status_code == 200
         except httpx.HTTPError:
             return False
 
     _started(api, ready, 60, "API", log)
     return api, url
+
+
+def tls_files(env: dict[str, str]) -> tuple[str, str] | None:
+    """KLEIN_TLS_CERT and KLEIN_TLS_KEY: both (readable files) or neither; ValueError says which is wrong."""
+    cert, key = env.get("KLEIN_TLS_CERT", ""), env.get("KLEIN_TLS_KEY", "")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("KLEIN_TLS_CERT and KLEIN_TLS_KEY (--tls-cert, --tls-key): give both, or neither")
+    for name, path in (("KLEIN_TLS_CERT", cert), ("KLEIN_TLS_KEY", key)):
+        if not Path(path).is_file():
+            raise ValueError(f"{name}: no such file: {path}")
+    return str(Path(cert).resolve()), str(Path(key).resolve())
 
 
 def worker_service(

@@ -46,9 +46,9 @@ def allowed_hosts(bind: str) -> list[str]:
     return hosts
 
 
-def reachable_at(bind: str, port: int, hosts: list[str]) -> list[str]:
+def reachable_at(bind: str, port: int, hosts: list[str], scheme: str = "http") -> list[str]:
     """The URLs to print: the bound address, or on every interface each non-loopback IPv4 address."""
     if bind not in ("0.0.0.0", "::", ""):
-        return [f"http://{bind}:{port}"]
+        return [f"{scheme}://{bind}:{port}"]
     ips = [h for h in hosts if h.count(".") == 3 and h.replace(".", "").isdigit() and not h.startswith("127.")]
-    return [f"http://127.0.0.1:{port}", *(f"http://{ip}:{port}" for ip in ips)]
+    return [f"{scheme}://127.0.0.1:{port}", *(f"{scheme}://{ip}:{port}" for ip in ips)]

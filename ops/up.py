@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 
 from ops.console import Console
-from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker
+from ops.embedded import SeaweedS3, Service, start_api, start_webhook_worker, start_worker, tls_files
 from ops.network import allowed_hosts, free_ports, listened_on, reachable_at
 
 log = logging.getLogger("klein.up")
@@ -205,9 +205,22 @@ def up(argv: list[str]) -> int:
         default=1,
         help="API processes, all on --port (default 1; one per core is the most that helps)",
     )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("KLEIN_TLS_CERT", ""),
+        metavar="PATH",
+        help="serve https with this PEM certificate (chain) and --tls-key's key (default: KLEIN_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("KLEIN_TLS_KEY", ""), metavar="PATH", help="default: KLEIN_TLS_KEY"
+    )
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.api_processes < 1:
         parser.error("--gpus and --api-processes: at least 1")
+    try:
+        args.tls = tls_files({"KLEIN_TLS_CERT": args.tls_cert, "KLEIN_TLS_KEY": args.tls_key})
+    except ValueError as exc:
+        parser.error(str(exc))
     data_dir: Path = args.data_dir.resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -273,6 +286,8 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
             "KLEIN_WEBHOOK_METRICS_PORT": str(webhook_port),
             "KLEIN_LOG_FORMAT": os.environ.get("KLEIN_LOG_FORMAT", "console"),  # for a person reading along
             "KLEIN_ALLOWED_HOSTS": json.dumps(hosts),
+            "KLEIN_TLS_CERT": args.tls[0] if args.tls else "",
+            "KLEIN_TLS_KEY": args.tls[1] if args.tls else "",
         }
         os.environ.update(env)
         with console.step("database migrations"):
@@ -306,7 +321,7 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
             api, _ = start_api(api_env, logs / "api.log", port=args.port, host=args.host, processes=args.api_processes)
             running.callback(api.stop)
         _banner(console, args, data_dir, hosts, worker_ports, webhook_port)
-        _keys(console, data_dir, key, key_created, admin_key, admin_key_created, args.port)
+        _keys(console, data_dir, key, key_created, admin_key, admin_key_created, args)
         signal.signal(signal.SIGINT, _request_stop)
         signal.signal(signal.SIGTERM, _request_stop)
         failed = supervise({"API": api, **workers, "webhook worker": webhooks}, lambda: stop)
@@ -318,7 +333,7 @@ def _run(args: argparse.Namespace, data_dir: Path, logs: Path, console: Console)
 def _banner(
     console: Console, args: argparse.Namespace, data_dir: Path, hosts: list[str], worker_ports: list[int], webhook: int
 ) -> None:
-    urls = reachable_at(args.host, args.port, hosts)
+    urls = reachable_at(args.host, args.port, hosts, "https" if args.tls else "http")
     url = urls[0]
     console.say(
         f"\nklein-serve is up at {url}" + "".join(f"\n  also at {other}" for other in urls[1:]) + "\n"
@@ -330,7 +345,7 @@ def _banner(
 
 
 def _keys(
-    console: Console, data_dir: Path, key: str, key_new: bool, admin_key: str, admin_new: bool, port: int
+    console: Console, data_dir: Path, key: str, key_new: bool, admin_key: str, admin_new: bool, args: argparse.Namespace
 ) -> None:
     """The keys go to the terminal only, never into a log file."""
     console.say(f"\nAPI key of tenant 'default' (in {data_dir / 'api-key'}):" + (" new" if key_new else ""))
@@ -342,8 +357,9 @@ def _keys(
         console.say("Admin key: the KLEIN_ADMIN_API_KEY you set")
     else:
         console.say(f"Admin key: in {data_dir / 'admin-key'}")
+    url = f"{'https' if args.tls else 'http'}://127.0.0.1:{args.port}"
     console.private(
-        f"\ncurl -X POST http://127.0.0.1:{port}/v1/predictions -H 'Content-Type: application/json' "
+        f"\ncurl -X POST {url}/v1/predictions -H 'Content-Type: application/json' "
         f"-H 'apikey: {key}' \\\n  -H 'Model: flux-klein-4b' -H 'Try-Sync: true' "
         """-d '{"input": {"prompt": "a red fox in snow"}}'\n"""
     )

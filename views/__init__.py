@@ -4,8 +4,9 @@ by the webhook worker (payloads). Nothing here imports the HTTP tier or any proc
 
 Pruna, Replicate and WaveSpeed: the body their status endpoints return; fal: its webhook's `{request_id, status,
 payload, error}` with the result as `payload` (WaveSpeed's `data`, as its webhooks carry
-it). Generate and OpenAI answer synchronously and have no status endpoint: their payload is their answer's shape
-with the prediction's id and status beside it, and links instead of bytes.
+it); BFL: its get_result body with a `timestamp`. Generate and OpenAI answer synchronously and have no status
+endpoint: their payload is their answer's shape with the prediction's id and status beside it, and links instead
+of bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from core.lifecycle import Status
 from core.settings import Settings
-from views import fal, pruna, replicate, wavespeed
+from views import bfl, fal, pruna, replicate, wavespeed
 from views.common import STATUS_WORDS, Row, signed_output_urls
 
 
@@ -28,6 +29,8 @@ def render(dialect: str, row: Row, base_url: str, settings: Settings) -> dict[st
         return wavespeed.view(row, base_url, urls) | logs
     if dialect == "fal":
         return fal.webhook_payload(row, urls)
+    if dialect == "bfl":
+        return bfl.webhook_payload(row, urls[0] if urls else None)
     if dialect == "pruna":
         return pruna.view(row, base_url, logs)
     if dialect == "replicate":

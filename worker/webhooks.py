@@ -160,7 +160,10 @@ class Sender:
         started = time.perf_counter()
         try:
             body = self._payload(delivery, row)
-            status_code, head = self._post(delivery["url"], delivery["id"], at, body, signing, deadline, request_id)
+            extra = webhooks.provider_headers(row["webhook"], body) if row is not None else {}
+            status_code, head = self._post(
+                delivery["url"], delivery["id"], at, body, signing, deadline, request_id, extra
+            )
         except netguard.FetchError as exc:
             error = str(exc)
         except httpx.HTTPError as exc:
@@ -213,6 +216,7 @@ class Sender:
         signing: list[str],
         deadline: Deadline,
         request_id: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """The answer's status and first bytes. Once the status has come, the deadline cuts only the log's
         copy of the answer short: the receiver has taken the event."""
@@ -228,6 +232,7 @@ class Sender:
             "webhook-timestamp": str(int(at.timestamp())),
             "webhook-signature": webhooks.signature(signing, msg_id, at, body),
             **({"x-request-id": request_id} if request_id else {}),
+            **(extra or {}),
         }
         if deadline.left() <= 0:  # DNS (or the claim) took it all: no connection after the deadline
             raise httpx.ConnectTimeout("the attempt's deadline passed before connecting")

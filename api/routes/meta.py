@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from api.context import AppContext, get_ctx
 from api.routes import metrics as scrape
+from api.routes.dialects.bfl import BflRequest
 from api.routes.dialects.common import lookup_model
 from api.routes.dialects.fal import FalRequest
 from api.routes.dialects.generate import GenerateRequest
@@ -72,6 +73,7 @@ def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dic
                 "POST /api/v3/wavespeed-ai/flux-2-klein-4b/{text-to-image,edit}": WaveSpeedRequest.model_json_schema(),
                 "POST /api/features (promptObject)": PromptObject.model_json_schema(),
                 "POST /fal-ai/flux-2/klein/4b[/base][/edit]": FalRequest.model_json_schema(),
+                "POST /v1/flux-2-klein-4b (BFL)": BflRequest.model_json_schema(),
             },
         }
     )

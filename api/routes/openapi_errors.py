@@ -55,6 +55,12 @@ class FalError(BaseModel):
     detail: str | list[FieldError]
 
 
+class BflError(BaseModel):
+    """Black Forest Labs' error shape (FastAPI's): a message, or (a 422) the list of fields."""
+
+    detail: str | list[FieldError]
+
+
 class WaveSpeedError(BaseModel):
     """The WaveSpeed v3 envelope, as an error."""
 

@@ -1,5 +1,5 @@
-"""API-key authentication and the per-key rate limit: `apikey`, `API-KEY`, `Authorization: Bearer` or (fal's)
-`Authorization: Key`."""
+"""API-key authentication and the per-key rate limit: `apikey`, `API-KEY`, `Authorization: Bearer`, (fal's)
+`Authorization: Key` or (BFL's) `x-key`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per key and p
 
 
 def presented_key(request: Request) -> str | None:
-    key = request.headers.get("apikey") or request.headers.get("api-key")
+    key = request.headers.get("apikey") or request.headers.get("api-key") or request.headers.get("x-key")
     if key:
         return key.strip()
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")

@@ -19,7 +19,7 @@ from core.tables import webhook_attempts, webhook_deliveries
 
 MAX_URL_CHARS = 2048
 MAX_SECRET_CHARS = 256
-DIALECTS = ("pruna", "replicate", "wavespeed", "generate", "openai", "fal")
+DIALECTS = ("pruna", "replicate", "wavespeed", "generate", "openai", "fal", "bfl")
 
 
 async def accept(

@@ -61,6 +61,13 @@ def _fal(http: httpx.Client) -> str:
     return str(answer["request_id"])
 
 
+def _bfl(http: httpx.Client) -> str:
+    answer = http.post("/v1/flux-2-klein-4b", json=SMALL | {"width": 256, "height": 256}).json()
+    while http.get(answer["polling_url"]).json()["status"] == "Pending":  # BFL's clients poll
+        pass
+    return str(answer["id"])
+
+
 MAKERS: dict[str, Maker] = {
     "pruna": _pruna,
     "replicate": _replicate,
@@ -69,6 +76,7 @@ MAKERS: dict[str, Maker] = {
     "1min": _oneminute,
     "generate": _generate,
     "fal": _fal,
+    "bfl": _bfl,
 }
 
 
@@ -76,11 +84,13 @@ def _read(base_url: str, key: str, reader: str, prediction_id: str) -> tuple[htt
     """The reader's answer, and the prediction object in it (None where there is none). Pruna's callers send
     `apikey`, Replicate's and WaveSpeed's `Authorization: Bearer` (which also picks Replicate's list shape)."""
     headers = {"apikey": key} if reader.startswith("pruna") else {"Authorization": f"Bearer {key}"}
+    headers = {"x-key": key} if reader.startswith("bfl") else headers
     path = {
         "pruna status": f"/v1/predictions/status/{prediction_id}",
         "replicate get": f"/v1/predictions/{prediction_id}",
         "wavespeed result": f"/api/v3/predictions/{prediction_id}/result",
         "fal status": f"/fal-ai/flux-2/requests/{prediction_id}/status",
+        "bfl get_result": f"/v1/get_result?id={prediction_id}",
     }.get(reader, "/v1/predictions")
     answer = httpx.get(base_url + path, headers=headers, timeout=30)
     if answer.status_code != 200:
@@ -91,6 +101,8 @@ def _read(base_url: str, key: str, reader: str, prediction_id: str) -> tuple[htt
     if reader == "fal status":  # fal's status object has `request_id`, and its app in the URLs, not a model
         app = urlsplit(body["response_url"]).path.partition("/requests/")[0]
         return answer, {"id": body["request_id"], "status": body["status"], "model": app}
+    if reader == "bfl get_result":  # BFL's result names no model: its sample link stands in
+        return answer, {"id": body["id"], "status": body["status"], "model": (body["result"] or {}).get("sample")}
     if reader.endswith("list"):
         return answer, next((p for p in body["results"] if p["id"] == prediction_id), None)
     return answer, body
@@ -103,6 +115,7 @@ FINISHED = {
     "pruna list": "succeeded",
     "replicate list": "succeeded",
     "fal status": "COMPLETED",
+    "bfl get_result": "Ready",
 }
 
 

@@ -9,6 +9,7 @@ import itertools
 import os
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,13 +40,13 @@ SMALL = {"image_size": "square", "num_inference_steps": 2}  # 512×512: quick on
 
 @pytest.fixture(scope="module")
 def fal(tls_api: TlsApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    """`fal_client` as a user sets it up for a self-hosted server: FAL_QUEUE_RUN_HOST (read when it is imported),
-    and the test CA trusted through SSL_CERT_FILE (a real deployment has a real certificate)."""
+    """`fal_client` as a user sets it up for a self-hosted server: FAL_QUEUE_RUN_HOST and FAL_RUN_HOST (read when it
+    is imported), and the test CA trusted through SSL_CERT_FILE (a real deployment has a real certificate)."""
     host = urlsplit(tls_api.url).netloc
     ca_file = tmp_path_factory.mktemp("fal-ca") / "ca.pem"
     ca_file.write_text("".join(ssl.DER_cert_to_PEM_cert(der) for der in tls_api.ca.get_ca_certs(binary_form=True)))
-    saved = {name: os.environ.get(name) for name in ("FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE")}
-    os.environ |= {"FAL_QUEUE_RUN_HOST": host, "SSL_CERT_FILE": str(ca_file)}
+    saved = {name: os.environ.get(name) for name in ("FAL_QUEUE_RUN_HOST", "FAL_RUN_HOST", "SSL_CERT_FILE")}
+    os.environ |= {"FAL_QUEUE_RUN_HOST": host, "FAL_RUN_HOST": f"{host}/fal-run", "SSL_CERT_FILE": str(ca_file)}
     import fal_client
 
     queue_url = fal_client.client.QUEUE_URL_FORMAT
@@ -227,3 +228,40 @@ def test_queue_priority_low_goes_behind_the_tenants_queue(
     assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["header", "x-fal-queue-priority"]
     for handle in (low, normal):  # done before the next test's tenant queues
         handle.get()
+
+
+def test_run_waits_on_fals_synchronous_host_and_answers_the_result(
+    fal: ModuleType, client: Any, tmp_path: Path, tls_api: TlsApi
+) -> None:
+    """`run` (FAL_RUN_HOST=<host>/fal-run): one request, the result back; a file goes as a data URI
+    (`fal_client.encode_file`), the workaround for `upload_file`, which uploads to fal's own storage."""
+    result = client.run(APP, arguments={"prompt": "a red fox in snow", "seed": 11, "num_images": 2} | SMALL)
+    assert result["seed"] == 11 and len(result["images"]) == 2
+    image = httpx.get(result["images"][0]["url"], verify=tls_api.ca)
+    assert Image.open(io.BytesIO(image.content)).size == (512, 512)
+
+    reference = tmp_path / "photo.png"
+    reference.write_bytes(picture(512, 256))
+    edit = {"prompt": "make it night", "image_urls": [fal.encode_file(reference)]}
+    (edited,) = client.run(f"{APP}/edit", arguments=edit | {"num_inference_steps": 2})["images"]
+    assert edited["width"] > edited["height"]  # the reference's 2:1 at about a megapixel
+
+    # upload_file's hosts are fal's own, fixed in the client (not derived from FAL_RUN_HOST): it cannot reach us
+    assert (fal.client.REST_URL, fal.client.CDN_URL) == (
+        "https://rest.fal.ai",
+        "https://v3.fal.media",
+    )
+
+
+def test_run_refuses_in_fals_shape(
+    fal: ModuleType, client: Any, http: httpx.Client, stack: Stack, tenant: IssuedKey
+) -> None:
+    with pytest.raises(fal.FalClientHTTPError) as unknown:
+        client.run(APP, arguments={"prompt": "a lake", "negative_prompt": "fog"})
+    assert unknown.value.status_code == 422
+    assert unknown.value.response.json()["detail"][0]["loc"] == ["body", "negative_prompt"]
+    late = http.post(f"/fal-run/{APP}", json={"prompt": "a lake"}, headers={"X-Fal-Request-Timeout": "soon"})
+    assert late.status_code == 422 and late.json()["detail"][0]["loc"] == ["header", "X-Fal-Request-Timeout"]
+    with stack.engine.begin() as conn:  # nothing stored for a refused request
+        stored = conn.execute(predictions.select().where(predictions.c.tenant_id == tenant.tenant_id)).all()
+    assert stored == []

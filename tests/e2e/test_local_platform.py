@@ -145,3 +145,34 @@ def test_klein_up_serves_an_image_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(terminal.splitlines()) <= QUIET, terminal
         assert (data / "admin-key").read_text().strip() == admin_key and admin_key not in out.read_text()
         assert (data / "api-key").read_text().strip() == key
+
+
+def test_klein_up_with_a_certificate_serves_https_itself(tmp_path: Path) -> None:
+    """`--tls-cert`/`--tls-key`: the API answers https (a client trusting the CA submits and downloads), plain http
+    is not served on that port, and the banner and the curl line say https."""
+    from tests.e2e.test_redis_deployments import make_certificates
+
+    certificates = make_certificates(tmp_path / "tls")
+    port, data = free_port(), tmp_path / "data"
+    tls = ["--tls-cert", str(certificates["server.crt"]), "--tls-key", str(certificates["server.key"])]
+    with klein_up(data, port, *tls) as (_, out):
+        terminal = out.read_text()
+        assert f"{BANNER} https://127.0.0.1:{port}" in terminal
+        assert f"curl -X POST https://127.0.0.1:{port}/v1/predictions" in terminal
+        key = (data / "api-key").read_text().strip()
+        with httpx.Client(
+            base_url=f"https://127.0.0.1:{port}", verify=str(certificates["ca.crt"]), timeout=120
+        ) as http:
+            answer = http.post(
+                "/v1/predictions",
+                headers={"apikey": key, "Model": "flux-klein-4b", "Try-Sync": "true"},
+                json={"input": {"prompt": "a red fox in snow", "aspect_ratio": "1:1"}},
+            ).json()
+            assert answer["status"] == "succeeded" and answer["generation_url"].startswith("https://")
+            image = http.get(answer["generation_url"], headers={"apikey": key})
+            assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
+        try:
+            plain: httpx.Response | None = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except httpx.HTTPError:
+            plain = None
+        assert plain is None or plain.status_code >= 400  # uvicorn answers plain http on a TLS port with nothing

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -36,6 +37,7 @@ from tests.browser import (
     wait_js,
 )
 from tests.conftest import ADMIN_KEY, Stack, make_tenant
+from tests.e2e.conftest import TlsApi
 from tests.e2e.test_lora import tiny_lora
 from tests.e2e.test_worker import poison_prediction, start_slow_prediction, wait_for
 from tests.e2e.test_worker import row as prediction_row
@@ -376,11 +378,13 @@ RUNNERS: dict[str, tuple[str, list[str]]] = {
     "replicate-js": ("snippet.mjs", ["node", "--check", "snippet.mjs"]),
     "wavespeed": ("snippet.py", [sys.executable, "snippet.py"]),
     "openai": ("snippet.py", [sys.executable, "snippet.py"]),
+    "fal": ("snippet.py", [sys.executable, "snippet.py"]),
+    "bfl": ("snippet.py", [sys.executable, "snippet.py"]),
 }
 
 
 def test_the_api_tab_runs_in_every_dialect_and_makes_the_same_picture(
-    stack: Stack, tenant: IssuedKey, desktop: Tab, tmp_path: Path
+    stack: Stack, tenant: IssuedKey, desktop: Tab, tmp_path: Path, tls_api: TlsApi
 ) -> None:
     page = open_playground(desktop, stack, tenant.key)
     page.fill("#in-prompt", TRICKY)
@@ -399,12 +403,19 @@ def test_the_api_tab_runs_in_every_dialect_and_makes_the_same_picture(
     expected = download(shown.url)
 
     env = os.environ | {"KLEIN_API_KEY": tenant.key}
+    # fal-client speaks https only: its snippet names this page's host, and runs here against the same stack's
+    # https API (the hosts it sets by default, overridden as a user's environment would).
+    tls_host = urlsplit(tls_api.url).netloc
+    fal_env = {"FAL_QUEUE_RUN_HOST": tls_host, "FAL_RUN_HOST": f"{tls_host}/fal-run"}
+    fal_env["SSL_CERT_FILE"] = str(tls_api.ca_file)
+    assert f'"FAL_QUEUE_RUN_HOST", "{urlsplit(stack.api_url).netloc}"' in code["fal"], code["fal"]
     for dialect, (name, command) in RUNNERS.items():
         assert code[dialect] and tenant.key not in code[dialect], dialect  # the key comes from the environment
         folder = tmp_path / dialect
         folder.mkdir()
         (folder / name).write_text(code[dialect])
-        ran = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=90)
+        run_env = env | fal_env if dialect == "fal" else env
+        ran = subprocess.run(command, cwd=folder, env=run_env, capture_output=True, text=True, timeout=90)
         assert ran.returncode == 0, f"{dialect}:\n{code[dialect]}\n{ran.stdout}\n{ran.stderr}"
         if command[1] == "--check":
             continue

@@ -48,15 +48,21 @@ GENERATION_MAX_EXAMPLES = 12  # operations that submit image generations
 UNAUTHENTICATED_MAX_EXAMPLES = 25  # per operation in each pass without a valid key (fuzzing phase only)
 GENERATIONS = (
     *("/v1/predictions", "/v1/generate", "/v1/images/generations", "/api/features", "/api/v3/{model_path}"),
-    "/fal-ai/{app_path}",
+    *("/fal-ai/{app_path}", "/fal-run/fal-ai/{app_path}", "/v1/{model}"),
 )
-SYNC_504 = {"POST /v1/generate", "POST /v1/images/generations"}  # documented: past the generation time limit
+SYNC_504 = {
+    "POST /v1/generate",
+    "POST /v1/images/generations",
+    "POST /fal-run/fal-ai/{app_path}",
+}  # documented: past the generation time limit
+BFL_PATHS = ("/v1/{model}", "/v1/get_result")
 REQUEST_TIMEOUT_S = 20
 SCHEMA_CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 # A few operations of each kind (every dialect, files, account, admin) for the passes without a valid key.
 UNAUTHENTICATED = (
     "^/v1/predictions$|^/v1/predictions/status/|^/v1/generate$|^/v1/images/generations$|^/api/features$"
-    "|^/api/v3/|^/fal-ai/|^/v1/files$|^/v1/keys$|^/v1/usage$|^/admin/v1/tenants$|^/admin/v1/tenants/[^/]+$"
+    "|^/api/v3/|^/fal-ai/|^/fal-run/|^/v1/\\{model\\}$|^/v1/get_result$"
+    "|^/v1/files$|^/v1/keys$|^/v1/usage$|^/admin/v1/tenants$|^/admin/v1/tenants/[^/]+$"
 )
 
 
@@ -205,7 +211,9 @@ def _call_and_check(run: str, case: Case) -> Response:
 def _expect_401(case: Case, response: Response) -> None:
     # Answered before authentication: a body that cannot be decoded (400) or parsed as JSON (422); on the admin
     # routes, 429 once this address has sent too many wrong admin keys (as the pass with an invalid key does).
-    allowed = (400, 401, 422, 429) if _label(case).split(" ", 1)[1].startswith("/admin/") else (400, 401, 422)
+    path = _label(case).split(" ", 1)[1]
+    refused = 403 if path in BFL_PATHS else 401  # BFL answers a missing or wrong x-key 403, as BFL does
+    allowed = (400, refused, 422, 429) if path.startswith("/admin/") else (400, refused, 422)
     assert response.status_code in allowed, f"{_label(case)}: {response.status_code} {response.text_lossy()[:200]}"
 
 

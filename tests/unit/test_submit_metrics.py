@@ -28,7 +28,7 @@ NOT_SUBMITS = {
     "/admin/v1/webhooks/deliveries/{delivery_id}/replay",
     "/admin/v1/webhooks/deliveries/replay",
 }
-DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal"}
+DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal", "bfl"}
 
 
 def post_routes() -> list[APIRoute]:

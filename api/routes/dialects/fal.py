@@ -2,6 +2,7 @@
 `FAL_QUEUE_RUN_HOST` changed.
 
     POST /fal-ai/flux-2/klein/4b[/base][/edit]            → {request_id, response_url, status_url, cancel_url}
+    POST /fal-run/fal-ai/flux-2/klein/4b[…]               fal's synchronous run: waits, answers the result
     GET  /fal-ai/{app}/requests/{id}/status[?logs=1]      IN_QUEUE (queue_position) / IN_PROGRESS / COMPLETED
     GET  /fal-ai/{app}/requests/{id}/status/stream        the same objects as server-sent events, until COMPLETED
     GET  /fal-ai/{app}/requests/{id}                      the result: images, seed, timings, has_nsfw_concepts
@@ -48,6 +49,7 @@ from views.common import signed_output_urls
 from views.fal import request_urls, result_view, status_view
 
 MIN_SIDE, MAX_SIDE = 256, 1536
+RUN_PREFIX = "/fal-run"  # fal's synchronous host (fal.run) as a path under ours: FAL_RUN_HOST=<host>/fal-run
 # fal's image_size presets (the same names across its image endpoints)
 PRESETS: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -149,6 +151,13 @@ class CancelAnswer(BaseModel):
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
 
 
+Webhook = Annotated[str | None, Query(description="a URL that receives the result (fal's way)")]
+Priority = Annotated[Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")]
+Timeout = Annotated[
+    str | None, Header(description="seconds: canceled unless a worker starts it by then (a time-to-start deadline)")
+]
+
+
 @router.post("/fal-ai/{app_path:any_path}", response_model=Queued, responses=errors(400, 413, shape=FalError))
 @metrics.submit_route
 async def submit(
@@ -157,16 +166,59 @@ async def submit(
     request: Request,
     principal: Authenticated,
     ctx: Ctx,
-    fal_webhook: Annotated[str | None, Query(description="a URL that receives the result (fal's way)")] = None,
-    x_fal_queue_priority: Annotated[
-        Literal["normal", "low"], Header(description="low: behind the rest of the tenant's queue")
-    ] = "normal",
-    x_fal_request_timeout: Annotated[
-        str | None,
-        Header(description="seconds: canceled unless a worker starts it by then (a time-to-start deadline)"),
-    ] = None,
+    fal_webhook: Webhook = None,
+    x_fal_queue_priority: Priority = "normal",
+    x_fal_request_timeout: Timeout = None,
 ) -> Response:
-    deadline = header_deadline("X-Fal-Request-Timeout", x_fal_request_timeout, deadlines.parse_seconds, False)
+    row = await _accept(
+        ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout
+    )
+    base_url = public_base_url(request, ctx.settings)
+    return JSONResponse({"request_id": row["id"], **request_urls(base_url, f"fal-ai/{app_path}", row["id"])})
+
+
+@router.post(
+    f"{RUN_PREFIX}/fal-ai/{{app_path:any_path}}",
+    responses={
+        200: {"description": "The result, as …/requests/{id} answers it", "content": _OBJECT},
+        **errors(400, 413, 500, 504, shape=FalError),
+    },
+)
+@metrics.submit_route
+async def run(
+    app_path: str,
+    body: FalRequest,
+    request: Request,
+    principal: Authenticated,
+    ctx: Ctx,
+    fal_webhook: Webhook = None,
+    x_fal_queue_priority: Priority = "normal",
+    x_fal_request_timeout: Timeout = None,
+) -> Response:
+    """fal's synchronous host (`fal_client.run`, FAL_RUN_HOST=<host>/fal-run): the request waits for its result (up
+    to KLEIN_TRY_SYNC_TIMEOUT_S; past it a 504 naming the request, which carries on and can be read by its id)."""
+    wait_s = ctx.settings.try_sync_timeout_s
+    row = await _accept(
+        ctx, request, principal, app_path, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout, wait_s
+    )
+    if deadline_exceeded(row):
+        return _deadline_answer()
+    return JSONResponse(await _result_body(ctx, request, completed(row, wait_s)))
+
+
+async def _accept(
+    ctx: AppContext,
+    request: Request,
+    principal: Principal,
+    app_path: str,
+    body: FalRequest,
+    fal_webhook: str | None,
+    priority: str,
+    request_timeout: str | None,
+    wait_s: float = 0.0,
+) -> predictions.Row:
+    """The request stored and queued (and waited for, `wait_s`), or refused in fal's shape."""
+    deadline = header_deadline("X-Fal-Request-Timeout", request_timeout, deadlines.parse_seconds, False)
     model_id, edit = _app(app_path)
     spec = served_model(model_id, ctx.settings)
     if edit and not body.image_urls:
@@ -188,14 +240,15 @@ async def submit(
             echo,
             params,
             refs,
+            wait_s,
             slot=slot,
             webhook=webhook,
             disable_asked_by=off,
-            last_in_queue=x_fal_queue_priority == "low",
+            last_in_queue=priority == "low",
             deadline=deadline,
             cache=result_cache.wanted(request, body.seed),
         )
-    return JSONResponse({"request_id": row["id"], **request_urls(base_url, app_id, row["id"])})
+    return row
 
 
 @router.get(
@@ -269,10 +322,20 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
     row = await predictions.fetch_or_404(ctx, principal, request_id)
     if not Status(row["status"]).terminal:
         raise BadRequest("Request is still in progress")  # fal's answer
-    if deadline_exceeded(row):  # fal's answer to a request its X-Fal-Request-Timeout expired
-        detail = f"{deadlines.DEADLINE_EXCEEDED}: not started within its X-Fal-Request-Timeout"
-        return JSONResponse({"detail": detail}, status_code=504, headers={"X-Fal-Request-Timeout-Type": "user"})
+    if deadline_exceeded(row):
+        return _deadline_answer()
     completed(row, 0)  # failed (blocked by the content policy: 400), canceled: fal's error answers
+    return JSONResponse(await _result_body(ctx, request, row))
+
+
+def _deadline_answer() -> Response:
+    """fal's answer to a request its X-Fal-Request-Timeout expired."""
+    detail = f"{deadlines.DEADLINE_EXCEEDED}: not started within its X-Fal-Request-Timeout"
+    return JSONResponse({"detail": detail}, status_code=504, headers={"X-Fal-Request-Timeout-Type": "user"})
+
+
+async def _result_body(ctx: AppContext, request: Request, row: predictions.Row) -> dict[str, Any]:
+    request_id = row["id"]
     if row.get("expired_at") is not None:
         raise Gone(f"request {request_id!r}: its images are no longer stored (data retention)")
     if row["input"].get("sync_mode"):
@@ -280,7 +343,7 @@ async def result(app_path: str, request_id: str, request: Request, principal: Au
         urls = [f"data:{content_type};base64,{b}" for b in await outputs_base64(ctx, row)]
     else:
         urls = signed_output_urls(ctx.settings, public_base_url(request, ctx.settings), row)
-    return JSONResponse(result_view(row, urls))
+    return result_view(row, urls)
 
 
 @router.put(

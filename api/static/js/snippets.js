@@ -7,6 +7,8 @@ import { copyText, h } from "./dom.js";
 import { fit, nearestRatio, openaiBody, pixelSize, prunaInput } from "./request.js";
 
 const WAVESPEED = { minSide: 256, maxSide: 1536, maxSeed: 2147483647 };
+const FAL = { minSide: 256, maxSide: 1536, maxSteps: 50, maxGuidance: 20 };
+const BFL = { minSide: 64, maxSide: 8192, maxPixels: 4 * 1024 * 1024 };
 // Replicate's input for klein (api/routes/dialects/replicate_input.py): the model's own fields it passes on.
 const REPLICATE_FIELDS = ["prompt", "aspect_ratio", "seed", "num_inference_steps", "guidance", "output_format", "output_quality", "num_outputs"];
 
@@ -270,6 +272,82 @@ function openai(request, target) {
   ].join("\n");
 }
 
+// fal's queue API through fal-client (docs.fal.ai, "Queue"), which speaks https only and reads its hosts at import.
+function fal(request, target) {
+  const input = request.input;
+  const [width, height] = fit(pixelSize(request), FAL);
+  const [w0, h0] = pixelSize(request);
+  const notes = ["# fal-client speaks https only: this server must too (klein up --tls-cert/--tls-key, or a TLS proxy)."];
+  if (w0 !== width || h0 !== height) notes.push(`# This dialect's sides are 256–1536 px: ${width}x${height}.`);
+  if (loras(request).length) notes.push("# This dialect's klein endpoints take no LoRAs: made without them.");
+  notes.push(...qualityNote(request));
+  const body = { prompt: input.prompt, image_size: { width, height } };
+  if (input.seed >= 0) body.seed = input.seed;
+  if (input.num_inference_steps !== undefined) body.num_inference_steps = Math.min(input.num_inference_steps, FAL.maxSteps);
+  if (input.guidance !== undefined) body.guidance_scale = Math.min(input.guidance, FAL.maxGuidance);
+  if ((input.num_outputs ?? 1) > 1) body.num_images = input.num_outputs;
+  body.output_format = format(request) === "jpg" ? "jpeg" : format(request);
+  if (images(request).length) body.image_urls = [...images(request)];
+  const base = request.model !== "flux-klein-4b";
+  const app = `fal-ai/flux-2/klein/4b${base ? "/base" : ""}${images(request).length ? "/edit" : ""}`;
+  const host = new URL(target.origin).host;
+  return [
+    "# pip install fal-client; export KLEIN_API_KEY=<your key>",
+    ...notes,
+    ...common(request, "#"),
+    "import os",
+    "import urllib.request",
+    "",
+    "# fal-client reads its hosts when it is imported: set them first.",
+    `os.environ.setdefault("FAL_QUEUE_RUN_HOST", ${py(host)})`,
+    `os.environ.setdefault("FAL_RUN_HOST", ${py(`${host}/fal-run`)})`,
+    'os.environ["FAL_KEY"] = os.environ["KLEIN_API_KEY"]',
+    "",
+    "import fal_client  # noqa: E402",
+    "",
+    `result = fal_client.subscribe(${py(app)}, arguments=${py(body)})`,
+    `urllib.request.urlretrieve(result["images"][0]["url"], ${py(file(request))})  # a signed link: no key needed`,
+    `print("saved", ${py(file(request))}, "seed", result["seed"])`,
+  ].join("\n");
+}
+
+// Black Forest Labs' API (docs.bfl.ai): submit, poll the polling_url, download result.sample.
+function bfl(request, target) {
+  const input = request.input;
+  const [width, height] = fit(pixelSize(request), BFL);
+  const notes = [];
+  if ((input.num_inference_steps ?? 4) !== 4 || (input.guidance ?? 1) !== 1) notes.push("# This dialect always runs 4 steps at guidance 1.0.");
+  if ((input.num_outputs ?? 1) > 1) notes.push("# This dialect makes one image per request.");
+  if (loras(request).length) notes.push("# This dialect takes no LoRAs: this picture is made without them.");
+  notes.push(...qualityNote(request));
+  const body = { prompt: input.prompt, width, height };
+  if (input.seed >= 0) body.seed = input.seed;
+  body.output_format = format(request) === "jpg" ? "jpeg" : format(request);
+  images(request).forEach((url, i) => {
+    body[i ? `input_image_${i + 1}` : "input_image"] = url;
+  });
+  const endpoint = request.model !== "flux-klein-4b" ? "flux-2-klein-base-4b" : "flux-2-klein-4b";
+  return [
+    "# pip install requests; export KLEIN_API_KEY=<your key>",
+    ...notes,
+    ...common(request, "#"),
+    "import os",
+    "import time",
+    "",
+    "import requests",
+    "",
+    'headers = {"x-key": os.environ["KLEIN_API_KEY"]}',
+    `task = requests.post(${py(`${target.origin}/v1/${endpoint}`)}, headers=headers, json=${py(body)}).json()`,
+    'while (result := requests.get(task["polling_url"], headers=headers).json())["status"] == "Pending":',
+    "    time.sleep(0.5)",
+    'if result["status"] != "Ready":',
+    `    raise SystemExit(f"{result['status']}: {result.get('error')}")`,
+    `with open(${py(file(request))}, "wb") as f:`,
+    '    f.write(requests.get(result["result"]["sample"]).content)  # a signed link: no key needed',
+    `print("saved", ${py(file(request))}, "seed", result["result"]["seed"])`,
+  ].join("\n");
+}
+
 // `exact`: whether it can ask for an exact size itself (else it says what it sends instead).
 export const DIALECTS = [
   { id: "curl", label: "curl", build: curl },
@@ -279,6 +357,8 @@ export const DIALECTS = [
   { id: "replicate-js", label: "Replicate (JS)", build: replicateJs },
   { id: "wavespeed", label: "wavespeed", build: wavespeed },
   { id: "openai", label: "openai", build: openai },
+  { id: "fal", label: "fal-client", build: fal },
+  { id: "bfl", label: "BFL (requests)", build: bfl },
 ];
 
 /** A tabbed panel with the request as code in each dialect, and a Copy button; the chosen tab is kept when
