@@ -31,6 +31,8 @@ def view(row: Row, base_url: str, live: dict[str, Any] | None = None) -> dict[st
         urls = output_urls(base_url, row)
         body["generation_url"] = urls[0]
         body["generation_urls"] = urls
+    if row["params"].get("enhance", "off") != "off":  # the rewrite it was generated from (docs/enhancer.md)
+        body["enhanced_prompt"] = row.get("enhanced_prompt")
     if row.get("expired_at") is not None:  # its outputs are gone: the URLs answer 410 (docs/retention.md)
         body["expired_at"] = row["expired_at"]
     return body | live if live else body

@@ -32,6 +32,7 @@ from models.klein_pipeline import KleinPipeline
 from worker import metrics, sweep_metrics
 from worker.batch import Batcher, Item, ms
 from worker.database import DB_ERRORS, Database, first, scalar
+from worker.enhance import Enhancements, backend
 from worker.generation import Generator, failure_reason, readable
 from worker.leases import Heartbeat
 from worker.loras import LoraCache
@@ -83,6 +84,7 @@ class WorkerRuntime:
         self.fail = usage.finish_and_bill(failed, price)
         self.generator = Generator(s, self.pipeline, self.loras, self.s3, self.checker)
         self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
+        self.enhancements = Enhancements(s, self.db, self.redis, wid, backend(s, self.pipeline))  # docs/enhancer.md
 
     @classmethod
     def start(cls, settings: Settings, node: str = "") -> WorkerRuntime:
@@ -183,6 +185,7 @@ class WorkerRuntime:
                     item.report.note(f"batched: one pipeline call for {own} of your predictions")
             metrics.BATCH_PREDICTIONS.observe(len(batch))
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
+            self.enhancements.for_batch(batch, leases)  # the rewrites of those that ask for enhance_prompt
             self.generator.generate(batch, leases)
         for index, item in enumerate(batch):
             self._finish(item, claimed_at, head=index == 0)
