@@ -105,9 +105,7 @@ def openai_chat(settings: Settings, conversation: list[dict[str, str]], client: 
     try:
         url, port = netguard.target(settings.enhancer_url.rstrip("/") + "/chat/completions")
         assert url.host
-        pinned, headers, extensions = netguard.pin(
-            url, netguard.resolve(url.host, port), settings.enhancer_allowlist
-        )
+        pinned, headers, extensions = netguard.pin(url, netguard.resolve(url.host, port), settings.enhancer_allowlist)
     except netguard.FetchError as exc:
         raise EnhanceFailed(f"the prompt enhancer's endpoint cannot be used: {exc}") from None
     if settings.enhancer_api_key is not None:

@@ -34,9 +34,7 @@ def _price(default_price: float) -> Any:
     )
 
 
-def create(
-    job_id: str, tenant_id: str, api_key_id: str | None, model: str, job_input: dict[str, Any]
-) -> Insert:
+def create(job_id: str, tenant_id: str, api_key_id: str | None, model: str, job_input: dict[str, Any]) -> Insert:
     return (
         insert(e)
         .values(id=job_id, tenant_id=tenant_id, api_key_id=api_key_id, model=model, input=job_input)
@@ -113,8 +111,9 @@ def cancel(job_id: str, tenant_id: str) -> Update:
 def record(store: Update, default_price: float) -> Select[Any]:
     """A prediction's rewrite stored (`store`: an UPDATE of predictions returning its id, tenant_id, api_key_id,
     model and started_at, e.g. the worker's compare-and-set on its held row) and, if it applied, its enhancement
-    recorded completed and billed, in one statement. Bound: `job_id`, `job_input`, `output`, `enhancer`, `tokens`,
-    `timings` and what `store` binds. Returns the stored prediction's id, or nothing."""
+    recorded completed and billed, in one statement. Bound: `job_id`, `job_input`, `job_output`, `job_enhancer`,
+    `job_tokens`, `job_timings` (no column names: `store` is an UPDATE) and what `store` binds. Returns the
+    stored prediction's id, or nothing."""
     stored = store.cte("stored")
     price = func.coalesce(tenants.c.price_per_enhancement, literal(default_price, Numeric(12, 6)))
     source = select(
@@ -125,10 +124,10 @@ def record(store: Update, default_price: float) -> Select[Any]:
         stored.c.model,
         bindparam("job_input", type_=e.c.input.type),
         literal(Status.COMPLETED.value),
-        bindparam("output", type_=e.c.output.type),
-        bindparam("enhancer", type_=e.c.enhancer.type),
-        bindparam("tokens", type_=e.c.tokens.type),
-        bindparam("timings", type_=e.c.timings.type),
+        bindparam("job_output", type_=e.c.output.type),
+        bindparam("job_enhancer", type_=e.c.enhancer.type),
+        bindparam("job_tokens", type_=e.c.tokens.type),
+        bindparam("job_timings", type_=e.c.timings.type),
         literal(1),
         price,
         price,

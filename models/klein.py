@@ -189,7 +189,7 @@ class KleinInput(BaseModel):
     )
     enhance_prompt: bool | Literal["best_effort"] = Field(
         False,
-        description='Rewrite the prompt with the prompt enhancer first and generate from the rewrite, reported as '
+        description="Rewrite the prompt with the prompt enhancer first and generate from the rewrite, reported as "
         '`enhanced_prompt` (docs/enhancer.md); "best_effort": generate from the original if the rewrite fails.',
     )
 

@@ -29,8 +29,8 @@ from models.text_encoder import (  # noqa: F401 - re-exported: the switches' one
     PromptCache,
     SkippedLogits,
     check_out_layers,
-    encoding_view,
     encoder_layers,
+    encoding_view,
     install_prompt_cache,
     truncate_text_encoder,
 )

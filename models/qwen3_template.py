@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the template verbatim, its long lines included
 """Qwen3's chat template, as Qwen3's tokenizer_config.json ships it (the hybrid-thinking models, Qwen3-4B among
 them): the tiny pipeline's tokenizer carries it so that the text encoder's prompt and the enhancer's
 conversation (system turn, `enable_thinking=False`) are rendered by the very template the real weights use."""

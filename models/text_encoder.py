@@ -99,7 +99,8 @@ def encoding_view(language_model: Any, out_layers: Sequence[int] = TEXT_ENCODER_
     view = copy.copy(language_model)
     object.__setattr__(view, "_modules", dict(language_model._modules))
     view.model = inner
-    view.config = config if language_model.config is language_model.model.config else copy.deepcopy(language_model.config)
+    shared = language_model.config is language_model.model.config
+    view.config = config if shared else copy.deepcopy(language_model.config)
     view.config.num_hidden_layers = keep
     view.lm_head = SkippedLogits(total)
     return view

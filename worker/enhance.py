@@ -160,9 +160,7 @@ class Enhancements:
             if now - renewed[0] >= every:
                 renewed[0] = now
                 try:
-                    kept = self.db.run(
-                        lambda conn: conn.execute(self.renew, {"job_id": job_id}).first(), durable=False
-                    )
+                    kept = self.db.run(lambda conn: conn.execute(self.renew, {"job_id": job_id}).first(), durable=False)
                 except DB_ERRORS:
                     return None  # the next renewal tries again; the lease outlasts a few misses
                 if kept is None:
@@ -198,7 +196,9 @@ class Enhancements:
             except Stop as exc:
                 item.error = exc
                 continue
-            except (EnhanceFailed, *DB_ERRORS) as exc:
+            except Exception as exc:  # the rewrite failed, or could not be stored
+                if not isinstance(exc, EnhanceFailed):
+                    log.exception("the rewrite of %s could not be stored", item.row["id"])
                 reason = str(exc) if isinstance(exc, EnhanceFailed) else "the prompt enhancer's result was not stored"
                 if asked == "best_effort":
                     item.report.note(f"prompt not enhanced ({reason}); generating from the original prompt")
@@ -220,10 +220,10 @@ class Enhancements:
             "enhanced": enhanced.prompt,
             "job_id": new_id(),
             "job_input": {"prompt": row["params"]["prompt"], "style": row["params"].get("enhance_style")},
-            "output": enhanced.prompt,
-            "enhancer": enhanced.model,
-            "tokens": enhanced.new_tokens,
-            "timings": enhanced.timings,
+            "job_output": enhanced.prompt,
+            "job_enhancer": enhanced.model,
+            "job_tokens": enhanced.new_tokens,
+            "job_timings": enhanced.timings,
         }
         if conn.execute(self.keep, values).first() is None:
             raise Stop("canceled or taken over by another worker")

@@ -20,8 +20,9 @@ from api.routes.dialects.generate import GenerateRequest
 from api.routes.dialects.oneminute import PromptObject
 from api.routes.dialects.openai import ImagesRequest
 from api.routes.dialects.wavespeed import WaveSpeedRequest
+from api.routes.enhance import EnhanceRequest
 from api.routes.openapi_errors import errors
-from api.services import dependencies
+from api.services import dependencies, enhance
 from api.services.auth import authenticate, presented_key
 from core import safety
 from core.settings import Settings
@@ -61,6 +62,7 @@ def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dic
     return (
         spec.describe()
         | {"object": "model", "created": 0, "owned_by": "black-forest-labs", "safety_checker": checker}
+        | {"prompt_enhancer": enhance.status(settings)}  # docs/enhancer.md
         | ({"weights": _weights(settings)} if signed_in else {})
         | {
             "schemas": {
@@ -70,6 +72,7 @@ def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dic
                 "POST /api/v3/wavespeed-ai/flux-2-klein-4b/{text-to-image,edit}": WaveSpeedRequest.model_json_schema(),
                 "POST /api/features (promptObject)": PromptObject.model_json_schema(),
                 "POST /fal-ai/flux-2/klein/4b[/base][/edit]": FalRequest.model_json_schema(),
+                "POST /v1/prompts/enhance": EnhanceRequest.model_json_schema(),
             },
         }
     )
