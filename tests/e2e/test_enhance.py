@@ -81,11 +81,11 @@ def deployment(
         off = base | {"KLEIN_QUEUE_NAME": queue + "-off", "KLEIN_ENHANCER": "off"}
         services.append(start_worker(local, folder / "local-worker.log", "enhance-local"))
         services.append(start_worker(remote, folder / "openai-worker.log", "enhance-openai"))
-        urls = []
+        urls: dict[str, str] = {}
         for name, env in (("local", local), ("openai", remote), ("off", off)):
             api, url = start_api(env, folder / f"{name}-api.log")
             services.append(api)
-            urls.append(url)
+            urls[name] = url
 
         def lm_ready() -> bool:
             lm.ensure_alive("OpenAI-compatible server")
@@ -95,7 +95,7 @@ def deployment(
                 return False
 
         wait_until(lm_ready, 120, "OpenAI-compatible server", folder / "lm.log")
-        yield Deployment(base, engine, *urls, lm, lm_url)
+        yield Deployment(base, engine, urls["local"], urls["openai"], urls["off"], lm, lm_url)
     finally:
         for service in services:
             service.stop()
@@ -244,6 +244,6 @@ def test_strict_fails_and_best_effort_generates_from_the_original_when_the_enhan
     assert effort["status"] == "succeeded" and effort["enhanced_prompt"] is None
     assert status["status"] == "succeeded"
     with deployment.engine.connect() as conn:
-        logged = conn.execute(select(predictions.c.logs).where(predictions.c.id == effort["id"])).scalar()
+        logged = conn.execute(select(predictions.c.logs).where(predictions.c.id == effort["id"])).scalar_one()
         billed = conn.execute(select(func.count()).where(enhancements.c.tenant_id == key.tenant_id)).scalar()
     assert any("prompt not enhanced" in line["message"] for line in logged) and billed == 0
