@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 from sqlalchemy import Engine, func, select
 
 from core import enhance
@@ -30,6 +31,7 @@ from core.tables import enhancements, predictions
 from core.tenants import IssuedKey
 from ops.embedded import Service, free_port, start_api, start_worker, wait_until
 from ops.migrate import migrate
+from tests.browser import DESKTOP, Tab
 from tests.conftest import make_tenant
 from tests.stack import create_database, drop_database
 
@@ -192,6 +194,37 @@ def test_off_answers_501_and_the_models_say_so(deployment: Deployment) -> None:
         assert model["prompt_enhancer"]["backend"] == "local" and "noise" in model["prompt_enhancer"]["warning"]
     with deployment.engine.connect() as conn:
         assert conn.execute(select(func.count()).where(predictions.c.tenant_id == key.tenant_id)).scalar() == 0
+
+
+def test_the_playground_shows_the_rewrite_to_edit_and_use(deployment: Deployment, browser: Browser) -> None:
+    key = make_tenant(deployment.engine)
+    tab = Tab.open(browser, DESKTOP)
+    try:
+        page = tab.page
+        page.goto(f"{deployment.local}/#generate")
+        page.fill("#api-key", key.key)
+        page.press("#api-key", "Enter")
+        expect(page.locator("#enhance-note")).to_contain_text("noise words")  # the tiny Qwen3 says so
+        page.fill("#prompt", "a red fox in snow")
+        page.click("#enhance-button")
+        expect(page.locator("#enhance-panel")).to_be_visible(timeout=120_000)
+        with client(deployment.local, key) as http:
+            assert page.input_value("#enhanced-prompt") == rewrite(http, "a red fox in snow")["prompt"]
+        page.fill("#enhanced-prompt", "a red fox in fresh snow, edited")
+        page.click("#enhance-use")
+        assert page.input_value("#prompt") == "a red fox in fresh snow, edited"
+        expect(page.locator("#enhance-panel")).to_be_hidden()
+        tab.assert_clean()
+    finally:
+        tab.close()
+    off = Tab.open(browser, DESKTOP)
+    try:
+        off.page.goto(f"{deployment.off}/#generate")
+        expect(off.page.locator("#enhance-state")).to_have_text("Prompt enhancement is off on this deployment.")
+        expect(off.page.locator("#enhance-button")).to_be_hidden()
+        off.assert_clean()
+    finally:
+        off.close()
 
 
 def test_openai_backend_asks_a_real_server(deployment: Deployment, tiny_model: Path) -> None:

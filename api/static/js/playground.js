@@ -6,6 +6,7 @@ import { client, keyStore } from "./api.js";
 import { byId } from "./dom.js";
 import { setupGenerate } from "./generate.js";
 import { setupHistory } from "./history.js";
+import "./enhance.js"; // the prompt enhancer's button (self-contained)
 
 const VIEWS = ["generate", "history", "keys", "usage"];
 
