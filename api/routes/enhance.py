@@ -91,7 +91,7 @@ async def enhancement(job_id: str, request: Request) -> Response:
 
 @router.post(
     "/v1/prompts/enhance/{job_id}/cancel",
-    responses={200: {"description": "The job, canceled unless it had finished", "content": _JOB}, **errors(404)},
+    responses={200: {"description": "The job, canceled unless it had finished", "content": _JOB}, **errors(404, 422)},
 )
 async def cancel_enhancement(job_id: str, request: Request) -> Response:
     principal = await authenticate(request)
