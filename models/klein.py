@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core import lora
-from core.enhance import Mode, Style, mode
+from core.enhance import Mode, mode
 from core.safety import Effective
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
@@ -154,7 +154,6 @@ class GenerationParams(BaseModel):
     # The prompt enhancer (docs/enhancer.md): "strict" fails the prediction if the rewrite fails, "best_effort"
     # generates from the original prompt then; the worker generates from the rewrite.
     enhance: Mode = "off"
-    enhance_style: Style | None = None
 
     @property
     def megapixels(self) -> float:

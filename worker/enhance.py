@@ -185,16 +185,18 @@ class Enhancements:
                 item.report.note("prompt enhanced by an earlier attempt; generating from that rewrite")
                 continue
             try:
-                enhanced = self.rewrite(
-                    item.row["tenant_id"],
-                    params["prompt"],
-                    params.get("enhance_style"),
-                    len(params.get("reference_keys") or ()),
-                    lease.stop_reason,
-                )
+                references = len(params.get("reference_keys") or ())
+                enhanced = self.rewrite(item.row["tenant_id"], params["prompt"], None, references, self._within(lease))
                 self.db.run(functools.partial(self._keep, item=item, enhanced=enhanced))
             except Stop as exc:
-                item.error = exc
+                if lease.stop_reason() is not None:  # canceled, or the prediction's own time limit
+                    item.error = exc
+                    continue
+                timed_out = EnhanceFailed(f"the prompt enhancer {exc}")  # its own limit: a failed rewrite
+                if asked == "best_effort":
+                    item.report.note(f"prompt not enhanced ({timed_out}); generating from the original prompt")
+                else:
+                    item.error = timed_out
                 continue
             except Exception as exc:  # the rewrite failed, or could not be stored
                 if not isinstance(exc, EnhanceFailed):
@@ -212,6 +214,17 @@ class Enhancements:
                 f"prompt enhanced by {enhanced.model}: {enhanced.new_tokens} tokens in {item.timings['enhance_ms']} ms"
             )
 
+    def _within(self, lease: Lease) -> Callable[[], str | None]:
+        """A prediction's rewrite stops for the prediction's own reasons (cancel, its time limit) or at the
+        enhancer's time limit."""
+        limit = self.settings.enhancer_timeout_s
+        deadline = time.monotonic() + limit
+
+        def reason() -> str | None:
+            return lease.stop_reason() or (f"timed out after {limit:g} s" if time.monotonic() > deadline else None)
+
+        return reason
+
     def _keep(self, conn: Connection, item: Item, enhanced: Enhanced) -> None:
         """The rewrite stored with the prediction and its enhancement recorded and billed: one statement."""
         row = item.row
@@ -219,7 +232,7 @@ class Enhancements:
             "prediction_id": row["id"],
             "enhanced": enhanced.prompt,
             "job_id": new_id(),
-            "job_input": {"prompt": row["params"]["prompt"], "style": row["params"].get("enhance_style")},
+            "job_input": {"prompt": row["params"]["prompt"], "style": None},
             "job_output": enhanced.prompt,
             "job_enhancer": enhanced.model,
             "job_tokens": enhanced.new_tokens,
