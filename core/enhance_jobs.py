@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Insert, Select, Update, and_, bindparam, func, insert, literal, or_, select, update
-from sqlalchemy.types import Numeric
+from sqlalchemy.types import Date, Numeric
 
 from core.lifecycle import Status
 from core.tables import enhancements as e
@@ -140,3 +140,14 @@ def record(store: Update, default_price: float) -> Select[Any]:
     ]  # fmt: skip
     billed = insert(e).from_select(columns, source).cte("billed")
     return select(stored.c.id).add_cte(billed)
+
+
+def totals(tenant_id: str | None, start: Any, end: Any) -> Select[Any]:
+    """Billed rewrites per day (and tenant), for completed_at in [start, end): the usage report's enhancements."""
+    day = func.cast(e.c.completed_at, Date).label("day")
+    query = select(e.c.tenant_id, day, func.count().label("enhancements"), func.sum(e.c.amount).label("amount")).where(
+        e.c.status == Status.COMPLETED, e.c.completed_at >= start, e.c.completed_at < end
+    )
+    if tenant_id is not None:
+        query = query.where(e.c.tenant_id == tenant_id)
+    return query.group_by(e.c.tenant_id, day).order_by(e.c.tenant_id, day)

@@ -132,6 +132,8 @@ def test_local_rewrites_through_the_worker_and_are_billed(deployment: Deployment
         other = make_tenant(deployment.engine)
         with client(deployment.local, other) as stranger:
             assert stranger.get(url).status_code == 404  # another tenant's job
+            assert stranger.get("/v1/usage").json()["enhancements"]["total"] == {"enhancements": 0, "amount": 0}
+        assert http.get("/v1/usage").json()["enhancements"]["total"] == {"enhancements": 2, "amount": 0.5}
     with deployment.engine.connect() as conn:
         rows = conn.execute(select(enhancements).where(enhancements.c.tenant_id == key.tenant_id)).mappings().all()
     assert len(rows) == 2 and all(row["amount"] == Decimal("0.25") and row["tokens"] == TOKENS for row in rows)
