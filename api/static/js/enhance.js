@@ -1,7 +1,8 @@
 // The prompt enhancer in the playground (docs/enhancer.md): an "Enhance" button under the prompt asks
 // POST /v1/prompts/enhance (Try-Sync), shows the rewrite in an editable box, and "Use it" puts it in the prompt
 // before generating; "Dismiss" keeps the prompt as it was. Self-contained: it adds its own elements next to the
-// prompt field and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off.
+// prompt field (#prompt, or #in-prompt in a form built from the model's schema, attached again whenever the form
+// is rebuilt) and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off.
 
 import { client, keyStore } from "./api.js";
 import { h } from "./dom.js";
@@ -25,10 +26,11 @@ async function enhancerStatus() {
   }
 }
 
+function promptBox() {
+  return document.getElementById("in-prompt") || document.getElementById("prompt");
+}
+
 async function setup() {
-  const prompt = document.getElementById("prompt");
-  const field = prompt && prompt.closest(".field");
-  if (!field) return;
   const api = client("apikey", keyStore("klein.apiKey"));
 
   const button = h("button", { type: "button", id: "enhance-button", class: "small" }, "Enhance");
@@ -45,7 +47,14 @@ async function setup() {
     h("div", { class: "inline" }, use, dismiss),
     note,
   );
-  field.after(h("div", { class: "inline", id: "enhance-row" }, button, state), panel);
+  const row = h("div", { class: "inline", id: "enhance-row" }, button, state);
+  function attach() {
+    const prompt = promptBox();
+    if (!prompt || row.isConnected) return;
+    (prompt.closest(".field") || prompt).after(row, panel);
+  }
+  new MutationObserver(attach).observe(document.body, { childList: true, subtree: true });
+  attach();
 
   const status = await enhancerStatus();
   if (status && status.enabled === false) {
@@ -56,7 +65,7 @@ async function setup() {
   }
 
   button.addEventListener("click", async () => {
-    const text = prompt.value.trim();
+    const text = (promptBox()?.value || "").trim();
     if (!text) {
       state.textContent = "Write a prompt first.";
       return;
@@ -80,6 +89,7 @@ async function setup() {
     }
   });
   use.addEventListener("click", () => {
+    const prompt = promptBox();
     prompt.value = rewrite.value;
     prompt.dispatchEvent(new Event("input", { bubbles: true })); // the page's character count follows
     panel.hidden = true;
