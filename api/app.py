@@ -19,6 +19,7 @@ from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
 from api.routes import account, admin, delivery, files, listing, meta, operations, stream, web, webhooks, workers
+from api.routes import enhance as prompts
 from api.routes import metrics as scrape
 from api.routes.dialects import bfl, fal, generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}; bfl's /v1/{model} last
         *(pruna, replicate, generate, wavespeed, oneminute, openai, fal, listing, stream, delivery, files, webhooks),
-        *(account, admin, operations, workers, meta, web, bfl),
+        *(account, admin, operations, workers, prompts, meta, web, bfl),
     )
     for module in routers:
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join

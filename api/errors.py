@@ -92,6 +92,10 @@ class Unavailable(ServiceError):
         super().__init__(message, retry_after=retry_after, **extra)
 
 
+class NotEnabled(ServiceError):
+    """A feature this deployment has switched off (the prompt enhancer: KLEIN_ENHANCER=off)."""
+
+
 class GenerationFailed(ServiceError):
     """A synchronous dialect's prediction failed or was canceled."""
 
@@ -114,6 +118,7 @@ ANSWERS: dict[type[ServiceError], int] = {
     RateLimited: 429,
     OverCapacity: 429,
     GenerationFailed: 500,
+    NotEnabled: 501,
     Unavailable: 503,
     TimedOut: 504,
 }
@@ -220,6 +225,7 @@ PROBLEM_TITLES = {
     422: "Input validation failed",
     429: "Request was throttled",
     500: "Prediction failed",
+    501: "Not enabled",
     503: "Service unavailable",
     504: "Prediction timed out",
 }

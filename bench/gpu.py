@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--breakdown", type=int, help="one more call per scenario, timed per part (1 on CUDA)")
     parser.add_argument("--fp8-error", action="store_true", help="FP8 vs bf16 relative error on the same inputs")
     parser.add_argument("--no-safety", action="store_true", help="skip the image checker's scenario (bench/safety.py)")
+    parser.add_argument(
+        "--no-enhancer", action="store_true", help="skip the prompt enhancer's scenario on CUDA (bench/enhance.py)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="dense bf16 rate of the floor")
     parser.add_argument("--json", type=Path, help="also write every figure here (after every variant)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # --compare's child: run this one variant
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         report |= {"speedups": record.get("outcomes"), "results": record["results"]}
     if not args.no_safety:  # the image checker on the same device, its own scenario
         report["safety_checker"] = measure_safety(device)
+    if device.type == "cuda" and not args.no_enhancer:  # Qwen3-4B: prefill + 120 tokens, encoding with all layers
+        report["prompt_enhancer"] = measure_enhancer(device)
     if args.fp8_error:
         report["fp8_difference"] = measure_fp8_error(args, env, scenarios[0])
         print("FP8 vs bf16 on the same inputs:", json.dumps(report["fp8_difference"], indent=1))
@@ -185,6 +190,24 @@ def measure_safety(device: Any) -> list[dict[str, Any]] | dict[str, str]:
         return {"error": repr(exc)}
     print(table(rows, device, 1024), flush=True)
     return rows
+
+
+def measure_enhancer(device: Any) -> dict[str, Any]:
+    """bench/enhance.py's real-shape figures on this GPU, after the pipeline's (their memory released): a rewrite
+    of 130 prompt + 120 new tokens, and the text encoder's cost per image with the enhancer's whole LM kept. On CPU
+    `python -m bench.enhance` is the command (the tiny Qwen3)."""
+    from bench.enhance import measure, table
+
+    release()
+    try:
+        figures = measure(device, real=True, tokens=120, iters=3)
+    except Exception as exc:  # the pipeline's figures stand without it
+        print(f"ERROR prompt enhancer scenario: {exc!r}", file=sys.stderr)
+        return {"error": repr(exc)}
+    finally:
+        release()
+    print(table(figures), flush=True)
+    return figures
 
 
 def measure_fp8_error(args: argparse.Namespace, env: Any, scenario: Scenario) -> dict[str, Any]:

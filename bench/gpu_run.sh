@@ -8,7 +8,9 @@
 #    made here by bench/gpu_wheels.sh), offline, into $SITE (default /tmp/klein-site), put first on PYTHONPATH.
 # 2. Runs `bench/gpu.py --compare` (each variant in its own process, under a 450 s budget on CUDA): the real 4B
 #    architecture built on the GPU in bf16, baseline vs each switch vs everything vs FP8, over t2i-1024, t2i-512,
-#    edit-1024 and batch4-512; the table on stdout, everything in $OUT/gpu.json (default gpu-out/).
+#    edit-1024 and batch4-512, then the image checker and the prompt enhancer (Qwen3-4B: 130 prompt + 120 new
+#    tokens, the text encoder per image with all its layers kept); the table on stdout, everything in
+#    $OUT/gpu.json (default gpu-out/).
 #
 # Options are passed to bench/gpu.py after the defaults, so they win: `--cut-depth` runs the same on CPU at the
 # real widths (the test suite does), `--scenarios …`, `--budget …`. `--install-only` stops after step 1.

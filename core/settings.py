@@ -164,6 +164,19 @@ class Settings(BaseSettings):
     # The prompt policy's operator file: one blocked term or phrase per line (# comments); tenants add their own.
     prompt_blocklist: str | None = None
 
+    # The prompt enhancer (docs/enhancer.md): `local` runs the worker's own Qwen3 text encoder as a causal LM (all
+    # its layers kept: ≈ 1.6 GB more GPU memory in bf16), `openai` calls an OpenAI-compatible chat endpoint,
+    # `off` refuses enhancement (501).
+    enhancer: str = Field("local", pattern="^(local|openai|off)$")
+    enhancer_url: str | None = None  # openai: the API's base URL, e.g. http://vllm:8000/v1 (…/chat/completions)
+    enhancer_model: str = "Qwen/Qwen3-4B"  # openai: the `model` sent; local: reported only
+    enhancer_api_key: SecretStr | None = None  # openai: sent as `Authorization: Bearer …`
+    # openai: hosts or networks (CIDR) the endpoint may be on although private (as fetch_allowlist is for fetches).
+    enhancer_allowlist: list[str] = []
+    enhancer_max_tokens: int = Field(160, ge=1, le=1024)  # new tokens per rewrite, at most
+    enhancer_timeout_s: float = Field(30.0, gt=0, le=600)  # one enhancement's time, then it fails
+    default_price_per_enhancement: float = Field(0.00002, ge=0)  # USD, for tenants without their own price
+
     # Worker speed switches (see models/optimize.py); all off means the plain diffusers pipeline.
     dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")  # auto: bf16 on CUDA, fp32 on CPU
     attention_backend: str = "auto"  # auto: FA3, flash-attn, cuDNN SDPA (first that works) on CUDA; native on CPU
@@ -179,7 +192,7 @@ class Settings(BaseSettings):
     # Run at start: "WxH", or "WxH+WxH…" with reference sizes. Unset: every aspect-ratio size if compiling.
     warmup_sizes: list[str] | None = None
 
-    @field_validator("admin_api_key", "url_signing_key", "metrics_token", mode="before")
+    @field_validator("admin_api_key", "url_signing_key", "metrics_token", "enhancer_api_key", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         # `KLEIN_ADMIN_API_KEY=` must disable the admin API, not open it to an empty key.

@@ -47,6 +47,7 @@ tenants = Table(
     # The result cache (docs/cache.md): NULL means on, and the platform's cache price.
     Column("result_cache", Boolean),
     Column("cache_price_per_image", Numeric(12, 6)),
+    Column("price_per_enhancement", Numeric(12, 6)),  # the prompt enhancer's (core/enhance_jobs.py)
     CheckConstraint(
         "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
     ),
@@ -101,6 +102,7 @@ predictions = Table(
     # stored outputs answered this one (NULL: generated). No foreign key: rows go only with their tenant.
     Column("cache_key", String(64)),
     Column("cached_from", String(32)),
+    Column("enhanced_prompt", Text),  # the prompt enhancer's rewrite it was generated from (docs/enhancer.md)
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -146,6 +148,38 @@ usage_records = Table(
     Column("amount", Numeric(14, 6), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("usage_tenant_created", "tenant_id", "created_at"),
+)
+
+# One row per prompt enhancement (docs/enhancer.md): standalone (POST /v1/prompts/enhance) or a prediction's.
+# Leased like a prediction by the worker running it; `amount` is billed by the statement that completes it.
+enhancements = Table(
+    "enhancements",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("api_key_id", String(32)),
+    Column("prediction_id", String(32), ForeignKey("predictions.id", ondelete="CASCADE")),
+    Column("model", Text, nullable=False),
+    Column("input", JSONB, nullable=False),  # {"prompt", "style", "references"}
+    Column("status", String(16), nullable=False, server_default="created"),
+    Column("output", Text),  # the rewrite
+    Column("enhancer", Text),  # the language model that wrote it
+    Column("error", Text),
+    Column("timings", JSONB, nullable=False, server_default="{}"),
+    Column("tokens", Integer),  # new tokens generated
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("worker_id", Text),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("price", Numeric(12, 6)),  # the tenant's price when it completed
+    Column("amount", Numeric(14, 6)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("started_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="enhancements_status_valid"
+    ),
+    Index("enhancements_tenant_created", "tenant_id", "created_at"),
+    Index("enhancements_prediction", "prediction_id"),
 )
 
 # Files uploaded for use as reference images (`POST /v1/files`), stored under <tenant>/files/.

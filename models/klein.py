@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from core import deadlines, lora
+from core.enhance import Mode, mode
 from core.safety import Effective
 
 AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
@@ -150,6 +151,9 @@ class GenerationParams(BaseModel):
     loras: tuple[LoraRef, ...] = ()  # applied in this order with their scales
     # The image checker's policy for this prediction (core/safety.py): its tenant's, or "off" as the request asked.
     safety: Effective = "block"
+    # The prompt enhancer (docs/enhancer.md): "strict" fails the prediction if the rewrite fails, "best_effort"
+    # generates from the original prompt then; the worker generates from the rewrite.
+    enhance: Mode = "off"
 
     @property
     def megapixels(self) -> float:
@@ -200,6 +204,11 @@ class KleinInput(BaseModel):
     cache: bool = Field(
         True, description="false: never answered from the result cache, even with a seed given (docs/cache.md)"
     )
+    enhance_prompt: bool | Literal["best_effort"] = Field(
+        False,
+        description="Rewrite the prompt with the prompt enhancer first and generate from the rewrite, reported as "
+        '`enhanced_prompt` (docs/enhancer.md); "best_effort": generate from the original if the rewrite fails.',
+    )
 
     def to_params(self, seed: int, reference_size: tuple[int, int] | None = None) -> GenerationParams:
         if self.aspect_ratio in (None, "match_input_image"):
@@ -217,6 +226,7 @@ class KleinInput(BaseModel):
             output_format=self.output_format,
             output_quality=self.output_quality,
             num_outputs=self.num_outputs,
+            enhance=mode(self.enhance_prompt),
         )
 
 

@@ -125,6 +125,9 @@ class KleinPipeline:
         )
         log.info("loaded %s on %s (%s, %.3g B parameters)", model_path, self.device, self.dtype, self.parameters / 1e9)
         loaded = time.perf_counter()
+        # The whole Qwen3 causal LM for the prompt enhancer (models/enhancer.py), before truncation makes the
+        # pipeline's text encoder a cut view of it: the same weights, no second copy.
+        self.language_model: Any = self.pipe.text_encoder if self.settings.enhancer == "local" else None
 
         self.speedups: SpeedupReport = apply_speedups(
             self.pipe, self.settings, self.device, self.text_encoder_out_layers

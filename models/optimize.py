@@ -29,6 +29,8 @@ from models.text_encoder import (  # noqa: F401 - re-exported: the switches' one
     PromptCache,
     SkippedLogits,
     check_out_layers,
+    encoder_layers,
+    encoding_view,
     install_prompt_cache,
     truncate_text_encoder,
 )
@@ -83,7 +85,14 @@ def apply_speedups(
     report = SpeedupReport()
     cuda = device.type == "cuda"
 
-    if settings.truncate_text_encoder:
+    if settings.truncate_text_encoder and settings.enhancer == "local":
+        # The prompt enhancer runs the whole causal LM: the pipeline encodes through a cut view of its weights.
+        total = encoder_layers(pipe.text_encoder)
+        pipe.text_encoder = encoding_view(pipe.text_encoder, text_encoder_out_layers)
+        kept = encoder_layers(pipe.text_encoder)
+        report.note("truncate_text_encoder", f"on: {kept} of {total} layers, no logits")
+        report.note("prompt_enhancer", f"local: all {total} layers and the LM head kept, encoding reads a view of them")
+    elif settings.truncate_text_encoder:
         report.note("truncate_text_encoder", truncate_text_encoder(pipe.text_encoder, text_encoder_out_layers))
     if settings.fuse_qkv:
         report.note("fuse_qkv", fuse_qkv(pipe.transformer))

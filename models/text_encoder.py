@@ -3,6 +3,7 @@ and an LRU of prompt embeddings in front of `Flux2KleinPipeline.encode_prompt`."
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -73,6 +74,36 @@ def truncate_text_encoder(text_encoder: Any, out_layers: Sequence[int] = TEXT_EN
     if not isinstance(text_encoder.lm_head, SkippedLogits):
         text_encoder.lm_head = SkippedLogits(total)
     return f"on: {min(keep, total)} of {total} layers, no logits"
+
+
+def encoding_view(language_model: Any, out_layers: Sequence[int] = TEXT_ENCODER_OUT_LAYERS) -> Any:
+    """The text encoder as the pipeline reads it, cut like `truncate_text_encoder` (layers up to the last hidden
+    state read, no logits), as a view of `language_model` that shares every weight: the whole causal LM stays
+    intact beside it for the prompt enhancer (models/enhancer.py), and encoding costs what truncation costs.
+
+    Shallow copies of the outer and inner modules with their own module tables and config: the decoder layers,
+    embeddings and norm are the same objects (no second copy of any weight)."""
+    if min(out_layers) < 0:
+        raise ValueError("text encoder out layers must be non-negative to truncate")
+    check_out_layers(language_model, out_layers)
+    total = encoder_layers(language_model)
+    keep = min(max(out_layers) + 1, total)
+    inner = copy.copy(language_model.model)
+    object.__setattr__(inner, "_modules", dict(language_model.model._modules))
+    inner.layers = nn.ModuleList(list(language_model.model.layers)[:keep])
+    config = copy.deepcopy(language_model.model.config)
+    config.num_hidden_layers = keep
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[:keep]
+    inner.config = config
+    view = copy.copy(language_model)
+    object.__setattr__(view, "_modules", dict(language_model._modules))
+    view.model = inner
+    shared = language_model.config is language_model.model.config
+    view.config = config if shared else copy.deepcopy(language_model.config)
+    view.config.num_hidden_layers = keep
+    view.lm_head = SkippedLogits(total)
+    return view
 
 
 class PromptCache:

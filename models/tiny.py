@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Renders exactly what Qwen3's template renders for one user turn with thinking disabled.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
-)
+from models.qwen3_template import CHAT_TEMPLATE  # the real Qwen3 template (thinking switch, system turn)
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 TEXT_LAYERS = 28  # the pipeline reads hidden states 9, 18 and 27
 TEXT_HIDDEN = 8

@@ -71,6 +71,9 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-in-flight", dest="max_in_flight", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument(  # docs/enhancer.md
+        "--enhancement-price", dest="price_per_enhancement", type=_limit, default=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
     )

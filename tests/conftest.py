@@ -84,6 +84,7 @@ def settings_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         "KLEIN_FETCH_TIMEOUT_S": "3",
         "KLEIN_LORA_CACHE_DIR": str(tmp_path_factory.mktemp("loras")),
         "KLEIN_PROGRESS_INTERVAL_S": "0",  # every denoising step reported (tests/e2e/test_events.py)
+        "KLEIN_ENHANCER_MAX_TOKENS": "8",  # the tiny Qwen3's rewrites (docs/enhancer.md): short, the worker is shared
         # The session's GPU worker serves its metrics here (tests/e2e/test_operations.py); workers started by
         # single tests pass their own port or 0.
         "KLEIN_WORKER_METRICS_PORT": str(free_port()),

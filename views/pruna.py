@@ -33,6 +33,8 @@ def view(row: Row, base_url: str, live: dict[str, Any] | None = None) -> dict[st
         body["generation_urls"] = urls
     if row.get("cached_from") is not None:  # answered from the result cache (docs/cache.md)
         body["cached"], body["cached_from"] = True, row["cached_from"]
+    if row["params"].get("enhance", "off") != "off":  # the rewrite it was generated from (docs/enhancer.md)
+        body["enhanced_prompt"] = row.get("enhanced_prompt")
     if row.get("expired_at") is not None:  # its outputs are gone: the URLs answer 410 (docs/retention.md)
         body["expired_at"] = row["expired_at"]
     return body | live if live else body

@@ -13,6 +13,7 @@ from celery.exceptions import Reject
 from celery.signals import task_postrun, task_prerun, worker_process_init
 
 from core import logs, tracing, workers
+from core.enhance_jobs import ENHANCE_TASK
 from core.queue import PREDICT_TASK, REQUEST_ID_HEADER, make_celery, model_queue
 from core.settings import get_settings
 
@@ -77,3 +78,14 @@ def predict(task: Any, prediction_id: str) -> None:
         workers.stop_consuming(settings, queue, _node)
         raise Reject("draining", requeue=True)
     _runtime.run(prediction_id)
+
+
+@app.task(name=ENHANCE_TASK)
+def enhance(job_id: str) -> None:
+    """A standalone prompt enhancement (worker/enhance.py), on the same queue and GPU as the model's predictions."""
+    global _runtime
+    if _runtime is None:
+        from worker.runtime import WorkerRuntime
+
+        _runtime = WorkerRuntime.start(settings, _node)
+    _runtime.enhancements.run(job_id)

@@ -13,6 +13,7 @@ from PIL.Image import Image
 
 from core import images, lora, tracing
 from core import safety as core_safety
+from core.enhance import EnhanceFailed
 from core.settings import Settings
 from core.storage import output_key
 from models.klein import GenerationParams
@@ -56,6 +57,8 @@ class Generator:
         upload); a failing pipeline call fails all of its predictions."""
         live: list[tuple[Item, Lease, GenerationParams]] = []
         for item, lease in zip(batch, leases, strict=True):
+            if item.error is not None:  # failed before the call (its prompt enhancement: worker/enhance.py)
+                continue
             try:
                 live.append((item, lease, GenerationParams.model_validate(item.row["params"])))
             except ValueError as exc:
@@ -181,6 +184,8 @@ def failure_reason(exc: BaseException) -> str:
         return "content_policy"
     if isinstance(exc, lora.LoraError):
         return "lora"
+    if isinstance(exc, EnhanceFailed):
+        return "enhancer"
     if "out of memory" in str(exc).lower():
         return "out_of_memory"
     return "internal"
@@ -188,7 +193,7 @@ def failure_reason(exc: BaseException) -> str:
 
 def readable(exc: BaseException) -> str:
     """The reason a client reads: ours where we wrote one, never an exception's own text (the log has it)."""
-    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError | safety.ContentBlocked):  # written for clients
+    if isinstance(exc, Stop | StorageUnavailable | lora.LoraError | safety.ContentBlocked | EnhanceFailed):  # ours
         return str(exc)
     if "out of memory" in str(exc).lower():
         return "the GPU ran out of memory for this request; try a smaller size or fewer images"

@@ -33,6 +33,7 @@ from models.klein_pipeline import KleinPipeline, Stop
 from worker import metrics, sweep_metrics
 from worker.batch import Batcher, Item, ms
 from worker.database import DB_ERRORS, Database, first, scalar
+from worker.enhance import Enhancements, backend
 from worker.generation import Generator, failure_reason, readable
 from worker.leases import Heartbeat
 from worker.loras import LoraCache
@@ -85,6 +86,7 @@ class WorkerRuntime:
         self.cancel_at_deadline = lifecycle.cancel_running(bindparam("prediction_id"), wid, timings, logs)  # unbilled
         self.generator = Generator(s, self.pipeline, self.loras, self.s3, self.checker)
         self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
+        self.enhancements = Enhancements(s, self.db, self.redis, wid, backend(s, self.pipeline))  # docs/enhancer.md
 
     @classmethod
     def start(cls, settings: Settings, node: str = "") -> WorkerRuntime:
@@ -193,6 +195,7 @@ class WorkerRuntime:
         with self.heartbeat.hold([item.row["id"] for item in batch]) as leases:
             for lease, item in zip(leases, batch, strict=True):
                 lease.keep_deadline(item.row)
+            self.enhancements.for_batch(batch, leases)  # the rewrites of those that ask for enhance_prompt
             self.generator.generate(batch, leases)
         for index, item in enumerate(batch):
             self._finish(item, claimed_at, head=index == 0)

@@ -14,7 +14,7 @@ from api.context import AppContext, get_ctx
 from api.errors import Conflict, Invalid, NotFound
 from api.routes.openapi_errors import errors
 from api.services.auth import Authenticated, keys_changed
-from core import tenants, usage
+from core import enhance_jobs, tenants, usage
 from core.tables import tenants as tenant_table
 
 router = APIRouter(tags=["account"], responses=errors(401, 429, 503))
@@ -86,7 +86,24 @@ async def usage_report(ctx: AppContext, tenant_id: str | None, start: date | Non
         for row in rows
     ]
     total = {k: sum(d[k] for d in days) for k in ("predictions", "images", "megapixels", "amount")}
-    return {"start": start.isoformat(), "end": end.isoformat(), "days": days, "total": total, "currency": "USD"}
+    report = {"start": start.isoformat(), "end": end.isoformat(), "days": days, "total": total, "currency": "USD"}
+    return report | {"enhancements": await enhancement_usage(ctx, tenant_id, start, end)}
+
+
+async def enhancement_usage(ctx: AppContext, tenant_id: str | None, start: date, end: date) -> dict[str, Any]:
+    """The prompt enhancer's billed rewrites (docs/enhancer.md), by day."""
+    async with ctx.engine.connect() as conn:
+        rows = (await conn.execute(enhance_jobs.totals(tenant_id, start, end))).mappings().all()
+    days = [
+        {
+            **({"tenant_id": row["tenant_id"]} if tenant_id is None else {}),
+            "day": row["day"].isoformat(),
+            "enhancements": row["enhancements"],
+            "amount": float(row["amount"]),
+        }
+        for row in rows
+    ]
+    return {"days": days, "total": {k: sum(d[k] for d in days) for k in ("enhancements", "amount")}}
 
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]

@@ -73,6 +73,9 @@ class Limits(BaseModel):
     )
     max_in_flight: int | None = Field(None, ge=1, le=1_000_000, description="queued + processing; null: default")
     price_per_image: float | None = Field(None, ge=0, le=1000, description="USD; null: platform default")
+    price_per_enhancement: float | None = Field(
+        None, ge=0, le=1000, description="USD per prompt enhancement (docs/enhancer.md); null: platform default"
+    )
     retention_s: int | None = Field(
         None,
         ge=0,
@@ -106,7 +109,7 @@ class TenantRequest(Limits):
 
 def tenant_view(row: RowMapping) -> dict[str, Any]:
     view = key_view(row)
-    for price in ("price_per_image", "cache_price_per_image"):
+    for price in ("price_per_image", "cache_price_per_image", "price_per_enhancement"):
         if view.get(price) is not None:
             view[price] = float(view[price])
     return view

@@ -21,8 +21,9 @@ from api.routes.dialects.generate import GenerateRequest
 from api.routes.dialects.oneminute import PromptObject
 from api.routes.dialects.openai import ImagesRequest
 from api.routes.dialects.wavespeed import WaveSpeedRequest
+from api.routes.enhance import EnhanceRequest
 from api.routes.openapi_errors import errors
-from api.services import dependencies
+from api.services import dependencies, enhance
 from api.services.auth import authenticate, presented_key
 from core import safety
 from core.settings import Settings
@@ -64,6 +65,7 @@ def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dic
         spec.describe()
         | {"object": "model", "created": 0, "owned_by": "black-forest-labs", "safety_checker": checker}
         | {"served": spec.id in settings.served_models, "max_loras": settings.max_loras}
+        | {"prompt_enhancer": enhance.status(settings)}  # docs/enhancer.md
         | ({"weights": _weights(settings)} if signed_in else {})
         | {
             "schemas": {
@@ -74,6 +76,7 @@ def _describe(spec: ModelSpec, settings: Settings, signed_in: bool, checker: dic
                 "POST /api/features (promptObject)": PromptObject.model_json_schema(),
                 "POST /fal-ai/flux-2/klein/4b[/base][/edit]": FalRequest.model_json_schema(),
                 "POST /v1/flux-2-klein-4b (BFL)": BflRequest.model_json_schema(),
+                "POST /v1/prompts/enhance": EnhanceRequest.model_json_schema(),
             },
         }
     )

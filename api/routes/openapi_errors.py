@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     422: "Invalid request, naming each field",
     429: "Over a limit; see Retry-After",
     500: "The generation failed",
+    501: "Switched off on this deployment (the prompt enhancer: KLEIN_ENHANCER=off)",
     503: "Database, Redis or queue unreachable; see Retry-After",
     504: "The generation outlasted the time limit (KLEIN_TRY_SYNC_TIMEOUT_S)",
 }

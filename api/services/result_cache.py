@@ -56,7 +56,10 @@ async def key_for(
     references: Sequence[Reference],
     adapters: Sequence[loras.Adapter],
 ) -> str | None:
-    """The request's cache key; None while no worker of the model has said which weights it serves."""
+    """The request's cache key; None while no worker of the model has said which weights it serves, and for a
+    prompt to be rewritten first (its rewrite, kept on its own row, is not part of what the cache answers with)."""
+    if params.enhance != "off":
+        return None
     queue = ctx.settings.queue_name
     published = [result_cache.weights_key(queue, spec.id), safety.status_key(queue, spec.id)]
     weights, checker = (_text(value) for value in await ctx.redis.mget(published))

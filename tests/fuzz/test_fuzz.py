@@ -44,11 +44,11 @@ from tests.conftest import ADMIN_KEY, Stack, make_tenant
 
 SEED = int(os.environ.get("KLEIN_FUZZ_SEED", "20260101"))
 MAX_EXAMPLES = 40  # fuzzing-phase cases per operation; the examples and coverage phases add their own
-GENERATION_MAX_EXAMPLES = 12  # operations that submit image generations
+GENERATION_MAX_EXAMPLES = 12  # operations that submit image generations (and prompt rewrites)
 UNAUTHENTICATED_MAX_EXAMPLES = 25  # per operation in each pass without a valid key (fuzzing phase only)
 GENERATIONS = (
     *("/v1/predictions", "/v1/generate", "/v1/images/generations", "/api/features", "/api/v3/{model_path}"),
-    *("/fal-ai/{app_path}", "/fal-run/fal-ai/{app_path}", "/v1/{model}"),
+    *("/fal-ai/{app_path}", "/fal-run/fal-ai/{app_path}", "/v1/{model}", "/v1/prompts/enhance"),
 )
 SYNC_504 = {
     "POST /v1/generate",

@@ -27,6 +27,8 @@ NOT_SUBMITS = {
     "/admin/v1/predictions/requeue",
     "/admin/v1/webhooks/deliveries/{delivery_id}/replay",
     "/admin/v1/webhooks/deliveries/replay",
+    "/v1/prompts/enhance",  # a prompt rewrite (docs/enhancer.md), its own job
+    "/v1/prompts/enhance/{job_id}/cancel",
 }
 DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal", "bfl"}
 

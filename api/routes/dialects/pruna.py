@@ -19,7 +19,7 @@ from api.infra.jsonresponse import JSON
 from api.routes.dialects import replicate
 from api.routes.dialects.common import seed_or_random, served_model
 from api.routes.openapi_errors import errors
-from api.services import live, loras, predictions, references, result_cache, webhooks
+from api.services import enhance, live, loras, predictions, references, result_cache, webhooks
 from api.services.auth import Authenticated, authenticate, authenticate_submit
 from api.services.principals import Principal
 from api.services.rate_limit import Slot
@@ -107,6 +107,7 @@ async def _create(request: Request, principal: Principal, slot: Slot) -> Respons
         params = validated.to_params(
             seed_or_random(validated.seed), (refs[0].info.width, refs[0].info.height) if refs else None
         )
+        enhance.admit(ctx.settings, params)  # enhance_prompt when the enhancer is off: 501 (docs/enhancer.md)
         base_url = public_base_url(request, ctx.settings)
         webhook = await webhooks.accept(
             ctx, "pruna", base_url, body.get("webhook"), "webhook", body.get("webhook_events_filter")

@@ -8,6 +8,7 @@ import { byId, money, say, show } from "./dom.js";
 import { setupGenerate } from "./generate.js";
 import { setupHistory } from "./history.js";
 import { models } from "./models.js";
+import "./enhance.js"; // the prompt enhancer's button (self-contained)
 
 const VIEWS = ["generate", "history", "keys", "usage"];
 
