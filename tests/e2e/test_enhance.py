@@ -207,14 +207,14 @@ def test_the_playground_shows_the_rewrite_to_edit_and_use(deployment: Deployment
         page.fill("#api-key", key.key)
         page.press("#api-key", "Enter")
         expect(page.locator("#enhance-note")).to_contain_text("noise words")  # the tiny Qwen3 says so
-        page.fill("#prompt", "a red fox in snow")
+        page.fill("#in-prompt", "a red fox in snow")
         page.click("#enhance-button")
         expect(page.locator("#enhance-panel")).to_be_visible(timeout=120_000)
         with client(deployment.local, key) as http:
             assert page.input_value("#enhanced-prompt") == rewrite(http, "a red fox in snow")["prompt"]
         page.fill("#enhanced-prompt", "a red fox in fresh snow, edited")
         page.click("#enhance-use")
-        assert page.input_value("#prompt") == "a red fox in fresh snow, edited"
+        assert page.input_value("#in-prompt") == "a red fox in fresh snow, edited"
         expect(page.locator("#enhance-panel")).to_be_hidden()
         tab.assert_clean()
     finally:

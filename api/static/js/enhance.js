@@ -1,8 +1,8 @@
 // The prompt enhancer in the playground (docs/enhancer.md): an "Enhance" button under the prompt asks
 // POST /v1/prompts/enhance (Try-Sync), shows the rewrite in an editable box, and "Use it" puts it in the prompt
 // before generating; "Dismiss" keeps the prompt as it was. Self-contained: it adds its own elements next to the
-// prompt field (#prompt, or #in-prompt in a form built from the model's schema, attached again whenever the form
-// is rebuilt) and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off.
+// prompt field (#in-prompt in the form built from the model's schema, attached again whenever the form is
+// rebuilt) and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off.
 
 import { client, keyStore } from "./api.js";
 import { h } from "./dom.js";
@@ -27,7 +27,7 @@ async function enhancerStatus() {
 }
 
 function promptBox() {
-  return document.getElementById("in-prompt") || document.getElementById("prompt");
+  return document.getElementById("in-prompt");
 }
 
 async function setup() {
