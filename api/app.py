@@ -18,7 +18,20 @@ from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
-from api.routes import account, admin, delivery, files, listing, meta, operations, stream, web, webhooks, workers
+from api.routes import (
+    account,
+    admin,
+    batches,
+    delivery,
+    files,
+    listing,
+    meta,
+    operations,
+    stream,
+    web,
+    webhooks,
+    workers,
+)
 from api.routes import metrics as scrape
 from api.routes.dialects import fal, generate, oneminute, openai, pruna, replicate, wavespeed
 from api.services.principals import KeyCache
@@ -90,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}
         *(pruna, replicate, generate, wavespeed, oneminute, openai, fal, listing, stream, delivery, files, webhooks),
+        batches,
         *(account, admin, operations, workers, meta, web),
     )
     for module in routers:
@@ -97,5 +111,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,
         # docs/performance.md). The OpenAPI document comes out the same.
         app.router.routes.extend(module.router.routes)
+    app.router.routes.extend(batches.native.routes)
     tracing.configure("klein-api", app=app, s3=True)  # only with OTEL_EXPORTER_OTLP_ENDPOINT set
     return app

@@ -42,6 +42,7 @@ tenants = Table(
     Column("safety_policy", String(8)),
     Column("allow_disable_safety_checker", Boolean),
     Column("blocked_terms", JSONB),  # added to the operator's prompt blocklist
+    Column("batch_price_per_image", Numeric(12, 6)),  # batch work's price (docs/batch.md); NULL: the default
     CheckConstraint(
         "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
     ),
@@ -89,6 +90,7 @@ predictions = Table(
     Column("logs", JSONB, nullable=False, server_default="[]"),  # [{"at", "message"}], written with the result
     Column("expired_at", DateTime(timezone=True)),  # its objects were deleted (core/retention.py); NULL: present
     Column("safety", JSONB),  # what the image checker found and did (core/safety.py); NULL: from before it
+    Column("batch_id", String(32)),  # the batch whose line it runs (core/batches.py); NULL: interactive
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -108,6 +110,13 @@ predictions = Table(
         "completed_at",
         postgresql_where=text("expired_at IS NULL AND status IN ('completed', 'failed', 'canceled')"),
     ),
+    # The batch feeder's counts of each tenant's queued and running batch predictions (core/batches.py).
+    Index(
+        "predictions_batch_open",
+        "tenant_id",
+        postgresql_where=text("batch_id IS NOT NULL AND status IN ('created', 'processing')"),
+    ),
+    Index("predictions_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.
@@ -123,6 +132,7 @@ usage_records = Table(
     Column("steps", Integer, nullable=False),
     Column("price_per_image", Numeric(12, 6), nullable=False),  # the tenant's price when it completed
     Column("amount", Numeric(14, 6), nullable=False),
+    Column("batch", Boolean, nullable=False, server_default=text("false")),  # batch work, priced apart
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("usage_tenant_created", "tenant_id", "created_at"),
 )
@@ -140,6 +150,11 @@ files = Table(
     Column("height", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # Batch files (docs/batch.md): purpose `batch` (an uploaded input, JSONL), `batch_output` (an output or error
+    # file, rendered from its batch's rows when downloaded); NULL: a reference image or LoRA.
+    Column("purpose", String(16)),
+    Column("filename", Text),
+    Column("batch_id", String(32)),
     Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)
 )
 
@@ -209,4 +224,50 @@ webhook_attempts = Table(
     Column("response_head", Text, nullable=False, server_default=""),  # the answer's first bytes
     Column("error", Text),
     Index("webhook_attempts_delivery", "delivery_id"),
+)
+
+
+# Batch jobs (core/batches.py, docs/batch.md): a batch, and one row per line of its input. A line's prediction is
+# made by the feeder when the batch's turn comes; a line refused at validation keeps its `error` and never runs.
+BATCH_STATUSES = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("api_key_id", String(32)),
+    Column("dialect", String(8), nullable=False),  # openai (a JSONL file) or pruna (native, a list of inputs)
+    Column("endpoint", Text, nullable=False),
+    Column("input_file_id", String(32)),
+    Column("completion_window", String(8), nullable=False),
+    Column("metadata", JSONB),
+    Column("webhook", JSONB),  # native: {"url", "base_url"}, one delivery when the batch ends
+    Column("status", String(16), nullable=False, server_default="in_progress"),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False, server_default="0"),  # request_counts, set when it ends
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("output_file_id", String(32)),
+    Column("error_file_id", String(32)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("cancelling_at", DateTime(timezone=True)),
+    Column("expired_at", DateTime(timezone=True)),  # its window ended: what had not started never will
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint(f"status IN ({', '.join(repr(s) for s in BATCH_STATUSES)})", name="batches_status_valid"),
+    Index("batches_tenant_created", "tenant_id", "created_at"),
+    Index("batches_open", "created_at", postgresql_where=text("status IN ('in_progress', 'cancelling')")),
+)
+
+batch_requests = Table(
+    "batch_requests",
+    metadata,
+    Column("batch_id", String(32), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, as the input file numbers it
+    Column("custom_id", Text, nullable=False),
+    Column("model", Text),
+    Column("input", JSONB),  # what the prediction stores as its input, and how its result is rendered
+    Column("params", JSONB),  # models.klein.GenerationParams
+    Column("error", JSONB),  # {"message", "param", "code"}: refused at validation
+    Column("prediction_id", String(32)),
+    Index("batch_requests_unfed", "batch_id", "line", postgresql_where=text("prediction_id IS NULL AND error IS NULL")),
 )

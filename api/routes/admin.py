@@ -73,6 +73,9 @@ class Limits(BaseModel):
     )
     max_in_flight: int | None = Field(None, ge=1, le=1_000_000, description="queued + processing; null: default")
     price_per_image: float | None = Field(None, ge=0, le=1000, description="USD; null: platform default")
+    batch_price_per_image: float | None = Field(
+        None, ge=0, le=1000, description="USD per image of batch work (docs/batch.md); null: platform default"
+    )
     retention_s: int | None = Field(
         None,
         ge=0,
@@ -98,8 +101,9 @@ class TenantRequest(Limits):
 
 def tenant_view(row: RowMapping) -> dict[str, Any]:
     view = key_view(row)
-    if view.get("price_per_image") is not None:
-        view["price_per_image"] = float(view["price_per_image"])
+    for price in ("price_per_image", "batch_price_per_image"):
+        if view.get(price) is not None:
+            view[price] = float(view[price])
     return view
 
 

@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from api.context import AppContext, get_ctx, public_base_url
 from api.errors import Invalid
 from api.infra.objects import file_response, read_object
+from api.routes import batches
 from api.routes.openapi_errors import errors, image
 from api.services.auth import Authenticated
 from api.services.files import file_url, store_upload, stored_file
@@ -40,9 +41,11 @@ _UPLOAD = {
 
 
 @router.post("/v1/files", status_code=201, openapi_extra={"requestBody": _UPLOAD}, responses=errors(400, 413, 422))
-async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> JSONResponse:
+async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> Response:
     async with request.form(max_files=1, max_fields=10) as form:  # its files closed (and deleted) on the way out
         upload = form.get("content") or form.get("file")
+        if form.get("purpose") == "batch" and isinstance(upload, UploadFile):  # OpenAI's Files API: a batch's input
+            return await batches.upload(request, ctx, principal, upload)
         if not isinstance(upload, UploadFile):
             raise Invalid("invalid request: content: send the image as multipart form field `content`")
         row = await store_upload(ctx, principal, upload)
