@@ -90,7 +90,9 @@ def feed(conn: Connection, settings: Settings) -> list[Fed]:
             select(p.c.tenant_id, func.count())
             .where(p.c.batch_id.is_not(None), p.c.status.in_([Status.CREATED, Status.PROCESSING]))
             .group_by(p.c.tenant_id)
-        ).tuples()
+        )
+        .tuples()
+        .all()
     )
     oldest: dict[str, Any] = {}  # each tenant's oldest open batch
     for batch in open_batches:

@@ -240,8 +240,8 @@ batches = Table(
     Column("endpoint", Text, nullable=False),
     Column("input_file_id", String(32)),
     Column("completion_window", String(8), nullable=False),
-    Column("metadata", JSONB),
-    Column("webhook", JSONB),  # native: {"url", "base_url"}, one delivery when the batch ends
+    Column("metadata", JSONB(none_as_null=True)),
+    Column("webhook", JSONB(none_as_null=True)),  # native: {"url", "base_url"}, one delivery when the batch ends
     Column("status", String(16), nullable=False, server_default="in_progress"),
     Column("total", Integer, nullable=False),
     Column("completed", Integer, nullable=False, server_default="0"),  # request_counts, set when it ends
@@ -265,9 +265,9 @@ batch_requests = Table(
     Column("line", Integer, primary_key=True),  # 1-based, as the input file numbers it
     Column("custom_id", Text, nullable=False),
     Column("model", Text),
-    Column("input", JSONB),  # what the prediction stores as its input, and how its result is rendered
-    Column("params", JSONB),  # models.klein.GenerationParams
-    Column("error", JSONB),  # {"message", "param", "code"}: refused at validation
+    Column("input", JSONB(none_as_null=True)),  # what the prediction stores as its input, and how its result is rendered
+    Column("params", JSONB(none_as_null=True)),  # models.klein.GenerationParams
+    Column("error", JSONB(none_as_null=True)),  # {"message", "param", "code"}: refused at validation
     Column("prediction_id", String(32)),
     Index("batch_requests_unfed", "batch_id", "line", postgresql_where=text("prediction_id IS NULL AND error IS NULL")),
 )

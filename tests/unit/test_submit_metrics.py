@@ -27,6 +27,8 @@ NOT_SUBMITS = {
     "/admin/v1/predictions/requeue",
     "/admin/v1/webhooks/deliveries/{delivery_id}/replay",
     "/admin/v1/webhooks/deliveries/replay",
+    "/v1/batches",  # a batch's predictions are made later, by the feeder (core/batches.py): no submit of its own
+    "/v1/batches/{batch_id}/cancel",
 }
 DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal"}
 
