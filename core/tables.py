@@ -265,7 +265,7 @@ batch_requests = Table(
     Column("line", Integer, primary_key=True),  # 1-based, as the input file numbers it
     Column("custom_id", Text, nullable=False),
     Column("model", Text),
-    Column("input", JSONB(none_as_null=True)),  # what the prediction stores as its input, and how its result is rendered
+    Column("input", JSONB(none_as_null=True)),  # the prediction's input, and how its result is rendered
     Column("params", JSONB(none_as_null=True)),  # models.klein.GenerationParams
     Column("error", JSONB(none_as_null=True)),  # {"message", "param", "code"}: refused at validation
     Column("prediction_id", String(32)),
