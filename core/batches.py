@@ -156,6 +156,7 @@ def queued_of(batch_ids: list[str]) -> Any:
 def expire(conn: Connection) -> list[tuple[str, str]]:
     """Batches past their window: marked expired (their unfed lines never run) and their queued predictions
     canceled; the running ones finish. Returns the canceled predictions (id, tenant)."""
+    conn.execute(select(func.pg_advisory_xact_lock(FEED_LOCK)))  # no feed of these between the mark and the cancel
     due = (
         select(b.c.id)
         .where(b.c.status == "in_progress", b.c.expired_at.is_(None), b.c.expires_at <= func.now())

@@ -14,6 +14,7 @@ from api.infra.objects import file_response, read_object
 from api.routes import batches
 from api.routes.openapi_errors import errors, image
 from api.services.auth import Authenticated
+from api.services.batches import file_object
 from api.services.files import file_url, store_upload, stored_file
 
 router = APIRouter(tags=["files"], responses=errors(401, 429, 503))
@@ -60,4 +61,6 @@ async def upload_file(request: Request, principal: Authenticated, ctx: Ctx) -> R
 )
 async def download_file(file_id: str, principal: Authenticated, ctx: Ctx) -> Response:
     row = await stored_file(ctx, principal, file_id)
+    if row["purpose"] is not None:  # a batch's file: OpenAI's file object (its bytes: /v1/files/{id}/content)
+        return JSONResponse(file_object(row))
     return file_response(await read_object(ctx, row["key"]), row["content_type"], max_age_s=3600)

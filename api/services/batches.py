@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import RowMapping, func, insert, select, update
+from sqlalchemy import RowMapping, func, insert, select, tuple_, update
 from starlette.datastructures import UploadFile
 
 from api.context import AppContext
@@ -217,7 +217,7 @@ async def listing(
     query = select(b).where(b.c.tenant_id == principal.tenant_id)
     if after:
         cursor = select(b.c.created_at, b.c.id).where(b.c.id == after, b.c.tenant_id == principal.tenant_id)
-        query = query.where(func.row(b.c.created_at, b.c.id) < cursor.subquery().table_valued())
+        query = query.where(tuple_(b.c.created_at, b.c.id) < cursor.scalar_subquery())
     query = query.order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit + 1)
     async with ctx.engine.connect() as conn:
         rows = (await conn.execute(query)).mappings().all()

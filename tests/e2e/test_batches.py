@@ -150,6 +150,8 @@ def test_a_batch_runs_each_line_and_a_bad_line_fails_alone(batch_stack: Batches,
     client = batch_stack.openai(tenant)
     uploaded = client.files.create(file=("in.jsonl", jsonl(request("a"))), purpose="batch")
     assert (uploaded.purpose, uploaded.object, uploaded.filename) == ("batch", "file", "in.jsonl")
+    assert client.files.retrieve(uploaded.id).bytes == len(jsonl(request("a")))
+    assert client.files.content(uploaded.id).content == jsonl(request("a"))
     batch = create(
         client,
         request("a"),
@@ -209,6 +211,7 @@ def test_interactive_work_runs_before_a_queued_batch_and_cancel_and_expiry_stop_
     with pytest.raises(openai.RateLimitError) as refused:  # the fourth batch in progress
         create(client, request("x"))
     assert "3 batches in progress" in refused.value.response.json()["error"]["message"]
+    assert [listed.id for listed in client.batches.list(limit=2)] == [expiring.id, canceled.id, queued.id]  # 2 pages
 
     interactive = httpx.Client(base_url=batch_stack.url, headers={"apikey": other.key, "Model": "flux-klein-4b"})
     ids = [
