@@ -69,6 +69,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-in-flight", dest="max_in_flight", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument("--price", dest="price_per_image", type=_limit, default=argparse.SUPPRESS)
+    parser.add_argument("--batch-price", dest="batch_price_per_image", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument(
         "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
     )

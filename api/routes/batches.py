@@ -38,12 +38,24 @@ async def upload(request: Request, ctx: AppContext, principal: Principal, file: 
     in OpenAI's shapes."""
 
     async def store(_: Request) -> Response:
-        return JSONResponse(batches.file_object(await batches.store_input(ctx, principal, file)), status_code=200)
+        return JSONResponse(batches.file_object(await batches.store_input(ctx, principal, file)), status_code=201)
 
     return await answered(request, _openai_error, store)
 
 
-@native.post("/v1/batches", responses=errors(400, 403, 404, 413, 422))
+_BATCH = {"application/json": {"schema": {"type": "object", "description": "OpenAI's batch object (docs/batch.md)"}}}
+
+
+@native.post(
+    "/v1/batches",
+    status_code=201,
+    response_class=Response,
+    responses={
+        200: {"description": "The batch, created from an input file (OpenAI's body)", "content": _BATCH},
+        201: {"description": "The batch, created from a list of inputs (the native body)", "content": _BATCH},
+        **errors(400, 403, 404, 413, 422),
+    },
+)
 async def create_batch(request: Request, principal: Authenticated, ctx: Ctx) -> Response:
     """OpenAI's body (`input_file_id`, `endpoint`, `completion_window`, `metadata`), or the native one:
     `{"inputs": [<the model's input>, …], "webhook", "metadata", "completion_window"}` with the `Model` header."""

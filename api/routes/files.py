@@ -32,7 +32,8 @@ _UPLOAD = {
                     "content": {
                         "type": "string",
                         "format": "binary",
-                        "description": "a PNG, JPEG or WebP image, or a LoRA adapter (.safetensors)",
+                        "description": "a PNG, JPEG or WebP image, or a LoRA adapter (.safetensors); also `file` "
+                        "with `purpose=batch`: a batch's JSONL input (OpenAI's Files API, docs/batch.md)",
                     }
                 },
             }

@@ -29,7 +29,7 @@ from core.tables import batch_requests, predictions, usage_records
 from core.tenants import IssuedKey
 from ops.embedded import Service, start_api, start_webhook_worker, start_worker, wait_until
 from ops.migrate import migrate
-from tests.conftest import make_tenant
+from tests.conftest import ADMIN_KEY, make_tenant
 from tests.receiver import Receiver
 from tests.stack import create_database, drop_database
 
@@ -146,7 +146,12 @@ def rows_of(engine: Engine, batch_id: str) -> list[Any]:
 
 
 def test_a_batch_runs_each_line_and_a_bad_line_fails_alone(batch_stack: Batches, engine: Engine) -> None:
-    tenant = make_tenant(batch_stack.engine, batch_price_per_image=0.25)
+    tenant = make_tenant(batch_stack.engine)
+    admin = {"X-Admin-Key": ADMIN_KEY}
+    priced = httpx.patch(
+        f"{batch_stack.url}/admin/v1/tenants/{tenant.tenant_id}", headers=admin, json={"batch_price_per_image": 0.25}
+    )
+    assert priced.status_code == 200 and priced.json()["batch_price_per_image"] == 0.25
     client = batch_stack.openai(tenant)
     uploaded = client.files.create(file=("in.jsonl", jsonl(request("a"))), purpose="batch")
     assert (uploaded.purpose, uploaded.object, uploaded.filename) == ("batch", "file", "in.jsonl")
