@@ -1,25 +1,43 @@
 """The batch feeder and a batch's end on the real database (core/batches.py): the depth, the tenants' fair share
-of idle GPUs, the batch class kept apart from interactive micro-batches, the counts when a batch ends."""
+of idle GPUs, the batch class kept apart from interactive micro-batches, the counts when a batch ends. On a database
+of its own: the session's worker (its sweeper feeds batches) never sees these."""
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from core import batches, lifecycle
+from core import batches, lifecycle, quota
+from core.db import make_sync_engine
 from core.ids import new_id
 from core.queue import BATCH_PRIORITY
 from core.settings import Settings
 from core.tables import batch_requests, predictions
 from core.tables import batches as batch_table
 from models.klein import KleinInput
+from ops.migrate import migrate
 from tests.conftest import make_tenant
 from tests.integration.test_lifecycle import insert_queued
+from tests.stack import create_database, drop_database
 
 PARAMS = KleinInput(prompt="a cat").to_params(1).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    name = f"klein_batches_{secrets.token_hex(4)}"
+    settings = Settings(database_url=create_database(name))
+    migrate(settings.sync_database_url)
+    own = make_sync_engine(settings)
+    yield own
+    own.dispose()
+    drop_database(name)
 
 
 def new_batch(engine: Engine, tenant_id: str, lines: int, refused: int = 0) -> str:
@@ -140,3 +158,20 @@ def test_a_batch_prediction_never_joins_an_interactive_micro_batch(engine: Engin
 
     assert candidates(head, batch=False) == {interactive}
     assert candidates(batch_work, batch=True) == {other_batch_work}
+    with engine.begin() as conn:  # this test's rows out of the other tests' depth
+        batches.cancel_queued(conn, [batch_id])
+
+
+def test_a_batch_near_the_end_of_its_window_queues_as_the_lowest_interactive_class(engine: Engine) -> None:
+    """So that it still finishes in time: behind every tenant with a smaller backlog, no longer behind all of them."""
+    settings = Settings(batch_feed_depth=1, batch_urgent_s=3600)
+    tenant = make_tenant(engine)
+    batch_id = new_batch(engine, tenant.tenant_id, 2)
+    with engine.begin() as conn:
+        soon = func.now() + timedelta(minutes=30)
+        conn.execute(update(batch_table).where(batch_table.c.id == batch_id).values(expires_at=soon))
+    (urgent,) = fed(engine, settings)
+    assert urgent.priority == quota.LOWEST_PRIORITY < BATCH_PRIORITY
+    with engine.begin() as conn:  # this test's rows out of the next tests' depth
+        conn.execute(update(batch_table).where(batch_table.c.id == batch_id).values(status="cancelling"))
+        batches.cancel_queued(conn, [batch_id])
