@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=30, help="interactive predictions per phase (default 30)")
     args = parser.parse_args()
 
-    with tiny_stack("batch") as stack:
+    with tiny_stack("batch", KLEIN_DEFAULT_RATE_LIMIT_PER_MINUTE="100000") as stack:  # it polls
         stack.worker("batch")
         api = stack.api()
         interactive_key, batch_key = stack.key(), stack.key()
