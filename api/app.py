@@ -18,7 +18,20 @@ from api.infra.observe import Observe
 from api.infra.pg import make_pool
 from api.infra.rows import Rows
 from api.infra.waiter import CompletionWaiter, Notices
-from api.routes import account, admin, delivery, files, listing, meta, operations, stream, web, webhooks, workers
+from api.routes import (
+    account,
+    admin,
+    batches,
+    delivery,
+    files,
+    listing,
+    meta,
+    operations,
+    stream,
+    web,
+    webhooks,
+    workers,
+)
 from api.routes import enhance as prompts
 from api.routes import metrics as scrape
 from api.routes.dialects import bfl, fal, generate, oneminute, openai, pruna, replicate, wavespeed
@@ -91,8 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", web.assets, name="static")
     routers = (  # replicate's /v1/models/{owner}/{name} before meta's /v1/models/{id:path}; bfl's /v1/{model} last
         *(pruna, replicate, generate, wavespeed, oneminute, openai, fal, listing, stream, delivery, files, webhooks),
+        batches,
         *(account, admin, operations, workers, prompts, meta, web, bfl),
     )
+    app.router.routes.extend(batches.native.routes)  # POST /v1/batches, before bfl's /v1/{model} takes it
     for module in routers:
         # A router's prefix, dependencies, tags and responses are already on each of its routes, which join
         # the app's directly: include_router would add a nested dispatch to every request (≈ 15 µs,

@@ -126,11 +126,14 @@ def claim(prediction_id: str | BindParameter[Any], worker_id: str, lease_s: floa
 BATCH_KEYS = ("width", "height", "num_inference_steps", "guidance_scale", "max_sequence_length")
 
 
-def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_attempts: int, limit: int) -> Select:
+def batch_candidates(
+    model: str, params: dict[str, Any], exclude_id: str, max_attempts: int, limit: int, batch_work: bool = False
+) -> Select:
     """Up to `limit` queued predictions that can share a pipeline call with `params`: same model, BATCH_KEYS and
     LoRAs (with their scales), text-to-image only (the pipeline conditions every image of a call on the same
-    references); in the order the queue serves them: priority, then age. Read without locks; `claim_companions`
-    decides."""
+    references), and of the same kind of work (`batch_work`: a batch job's, core/batches.py; a batch's images never
+    lengthen an interactive prediction's call); in the order the queue serves them: priority, then age. Read
+    without locks; `claim_companions` decides."""
     return (
         select(p.c.id, p.c.params["num_outputs"].as_integer().label("num_outputs"))
         .where(
@@ -142,6 +145,7 @@ def batch_candidates(model: str, params: dict[str, Any], exclude_id: str, max_at
             p.c.params.contains({key: params[key] for key in BATCH_KEYS}),
             func.coalesce(func.jsonb_array_length(p.c.params["reference_keys"]), 0) == 0,
             func.coalesce(p.c.params["loras"], cast([], JSONB)) == cast(params.get("loras", []), JSONB),
+            p.c.batch_id.is_not(None) if batch_work else p.c.batch_id.is_(None),
         )
         .order_by(p.c.priority, p.c.created_at)
         .limit(limit)

@@ -28,7 +28,10 @@ PREDICT_TASK = "klein.predict"
 DELIVER_TASK = "klein.webhooks.deliver"  # worker/webhooks.py, on `webhooks_queue(settings)`
 # A submit's X-Request-ID, in its task's message headers: the worker logs the prediction's lines under it.
 REQUEST_ID_HEADER = "klein_request_id"
-PRIORITY_STEPS = (0, 3, 6, 9)
+# Interactive work runs in classes 0 … 8 (core.quota.queue_priority); 9 is batch work's alone (core/batches.py):
+# a worker takes a batch's prediction only when every interactive list is empty.
+PRIORITY_STEPS = (0, 3, 6, 8, 9)
+BATCH_PRIORITY = 9
 _KOMBU_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue><sep><priority>" for priorities > 0
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 _REPLY_TO = str(uuid.uuid4())  # Celery's producer sends one id per app and thread here (its `thread_oid`)

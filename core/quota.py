@@ -177,7 +177,7 @@ def _seconds(microseconds: int) -> int:
     return math.ceil(max(microseconds, 0) / 1_000_000)
 
 
-LOWEST_PRIORITY = 9  # what a request that asks to go last gets (fal's `X-Fal-Queue-Priority: low`)
+LOWEST_PRIORITY = 8  # what a request that asks to go last gets (fal's `X-Fal-Queue-Priority: low`); 9 is batches'
 
 
 def queue_priority(slots_held: int) -> int:

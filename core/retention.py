@@ -123,7 +123,8 @@ def _delete_files(settings: Settings, engine: Engine, s3: S3Client, batch: int, 
         rows = conn.execute(due).all()
         if not rows:
             return 0
-        delete_keys(s3, settings.s3_bucket, [r.key for r in rows])
+        # A batch's output and error files store nothing (key ""): rendered from its rows (core/batches.py).
+        delete_keys(s3, settings.s3_bucket, [r.key for r in rows if r.key])
         conn.execute(delete(files).where(files.c.id.in_([r.id for r in rows])))
     report.files += len(rows)
     report.objects += len(rows)

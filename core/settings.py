@@ -140,6 +140,17 @@ class Settings(BaseSettings):
     live_worker_s: float = Field(30.0, gt=2)
     max_streams_per_tenant: int = Field(1000, ge=1)  # open event streams per tenant and API process, then 429
 
+    # Batch jobs (docs/batch.md, core/batches.py): an input file's lines and bytes, a tenant's batches not yet ended,
+    # the batch predictions queued at once (all tenants; at least the GPU workers serving batches), the shortest
+    # completion window taken, and how long before its window ends a batch's lines queue as interactive work does.
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_max_file_bytes: int = Field(30 << 20, ge=1024)  # an upload's body is bounded by max_body_bytes too
+    batch_max_in_flight: int = Field(16, ge=1)
+    batch_feed_depth: int = Field(4, ge=1)
+    batch_min_window_s: int = Field(3600, ge=1)
+    batch_urgent_s: float = Field(3600.0, ge=0)
+    default_batch_price_per_image: float = Field(0.00005, ge=0)  # USD, for tenants without their own
+
     # Operating it (docs/operations.md): logs, metrics.
     log_format: str = Field("json", pattern="^(json|console)$")  # console: readable lines (`klein up`)
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")  # DEBUG also logs prompts

@@ -15,6 +15,7 @@ Every `sweep_interval_s`, one sweeper at a time (a Redis lock; every worker proc
    Redis answer, or data Redis lost).
 5. With storage given, every `REAP_EVERY_S` the retention reaper runs (core/retention.py): expired
    predictions' objects and expired uploads are deleted.
+5. Batch jobs (core/batches.py): batches past their window expire, idle GPUs are fed, finished batches end.
 Re-enqueueing is always safe: a worker's claim is a compare-and-set, so duplicates do nothing.
 """
 
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 import redis
 from sqlalchemy import Engine, func, select
 
-from core import lifecycle, quota, retention
+from core import batches, lifecycle, quota, retention
 from core.lifecycle import Status
 from core.queue import enqueue, kick_webhooks, queued_key
 from core.settings import Settings
@@ -85,6 +86,7 @@ class Sweeper:
             self._lapsed(report)
             self._deadlines(report)  # before _lost: what it cancels needs no enqueue
             self._lost(report)
+            batches.tick(self.engine, self.redis, self.settings)
             self._reap(report)
             report.seconds = time.perf_counter() - started
             return report
@@ -113,11 +115,11 @@ class Sweeper:
     def _lapsed(self, report: SweepReport) -> None:
         with self.engine.connect() as conn:
             lapsed = conn.execute(
-                select(p.c.id, p.c.attempts, p.c.model).where(
+                select(p.c.id, p.c.attempts, p.c.model, p.c.priority, p.c.batch_id).where(
                     p.c.status == Status.PROCESSING, p.c.lease_expires_at < func.now()
                 )
             ).all()
-        for prediction_id, attempts, model in lapsed:
+        for prediction_id, attempts, model, priority, batch_id in lapsed:
             if attempts >= self.settings.max_attempts:
                 error = f"the worker was lost {attempts} times while running this prediction; giving up"
                 with self.engine.begin() as conn:
@@ -131,7 +133,7 @@ class Sweeper:
             with self.engine.begin() as conn:
                 row = conn.execute(lifecycle.requeue_lapsed(prediction_id)).first()
             if row is not None:
-                self._enqueue(prediction_id, model)
+                self._enqueue(prediction_id, model, priority if batch_id else 0)
                 report.requeued_lapsed += 1
 
     def _lost(self, report: SweepReport) -> None:
@@ -143,11 +145,13 @@ class Sweeper:
         checked = {str(k, "ascii"): float(v) for k, v in cast(dict[bytes, bytes], self.redis.hgetall(state)).items()}
         with self.engine.connect() as conn:
             due = conn.execute(select(func.now() - grace)).scalar_one()  # the database's clock, as created_at's
-            query = select(p.c.id, p.c.model).where(p.c.status == Status.CREATED, p.c.created_at < due)
+            query = select(p.c.id, p.c.model, p.c.priority, p.c.batch_id).where(
+                p.c.status == Status.CREATED, p.c.created_at < due
+            )
             full = "to" not in checked or due.timestamp() - checked.get("full", 0.0) >= FULL_CHECK_EVERY_S
             if not full:  # from one grace period before the last boundary: a slow commit is still seen
                 query = query.where(p.c.created_at >= datetime.fromtimestamp(checked["to"], UTC) - grace)
-            waiting = dict(conn.execute(query).tuples().all())  # id → model
+            waiting = {row.id: row for row in conn.execute(query)}
         # In pages: one SMISMEMBER of a deep backlog's 100,000 ids would hold Redis, and every API request
         # behind it, for tens of milliseconds (docs/performance.md, figure 5).
         ids = list(waiting)
@@ -156,7 +160,8 @@ class Sweeper:
             in_broker = self.redis.smismember(queued_key(self.settings), page)
             for prediction_id, queued in zip(page, in_broker, strict=True):
                 if not queued:
-                    self._enqueue(prediction_id, waiting[prediction_id])
+                    row = waiting[prediction_id]
+                    self._enqueue(prediction_id, row.model, row.priority if row.batch_id else 0)
                     report.requeued_lost += 1
         self.redis.hset(state, "to", due.timestamp())
         if full:
@@ -209,8 +214,9 @@ class Sweeper:
                 )
                 report.counters_reconciled += 1
 
-    def _enqueue(self, prediction_id: str, model: str) -> None:
-        enqueue(self.redis, self.settings, prediction_id, model, priority=0)  # it has waited longest: first in line
+    def _enqueue(self, prediction_id: str, model: str, priority: int = 0) -> None:
+        """Interactive work has waited longest: first in line (0). A batch's stays in its class (core/batches.py)."""
+        enqueue(self.redis, self.settings, prediction_id, model, priority=priority)
 
     def _release_slot(self, tenant_id: str) -> None:
         self.redis.eval(quota.RELEASE_SLOT_LUA, 1, quota.in_flight_key(self.settings.queue_name, tenant_id))

@@ -48,6 +48,7 @@ tenants = Table(
     Column("result_cache", Boolean),
     Column("cache_price_per_image", Numeric(12, 6)),
     Column("price_per_enhancement", Numeric(12, 6)),  # the prompt enhancer's (core/enhance_jobs.py)
+    Column("batch_price_per_image", Numeric(12, 6)),  # batch work's price (docs/batch.md); NULL: the default
     CheckConstraint(
         "safety_policy IS NULL OR safety_policy IN ('block', 'blur', 'flag')", name="tenants_safety_policy_valid"
     ),
@@ -103,6 +104,7 @@ predictions = Table(
     Column("cache_key", String(64)),
     Column("cached_from", String(32)),
     Column("enhanced_prompt", Text),  # the prompt enhancer's rewrite it was generated from (docs/enhancer.md)
+    Column("batch_id", String(32)),  # the batch whose line it runs (core/batches.py); NULL: interactive
     CheckConstraint(
         "status IN ('created', 'processing', 'completed', 'failed', 'canceled')", name="predictions_status_valid"
     ),
@@ -131,6 +133,13 @@ predictions = Table(
     # The result cache's lookup (core/result_cache.py) and the expiry of an original's cached answers.
     Index("predictions_cache", "tenant_id", "cache_key", postgresql_where=text(CACHED)),
     Index("predictions_cached_from", "cached_from", postgresql_where=text("cached_from IS NOT NULL")),
+    # The batch feeder's counts of each tenant's queued and running batch predictions (core/batches.py).
+    Index(
+        "predictions_batch_open",
+        "tenant_id",
+        postgresql_where=text("batch_id IS NOT NULL AND status IN ('created', 'processing')"),
+    ),
+    Index("predictions_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
 )
 
 # One row per completed prediction, written in the same transaction that completes it.
@@ -146,6 +155,7 @@ usage_records = Table(
     Column("steps", Integer, nullable=False),
     Column("price_per_image", Numeric(12, 6), nullable=False),  # the tenant's price when it completed
     Column("amount", Numeric(14, 6), nullable=False),
+    Column("batch", Boolean, nullable=False, server_default=text("false")),  # batch work, priced apart
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("usage_tenant_created", "tenant_id", "created_at"),
 )
@@ -195,6 +205,11 @@ files = Table(
     Column("height", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    # Batch files (docs/batch.md): purpose `batch` (an uploaded input, JSONL), `batch_output` (an output or error
+    # file, rendered from its batch's rows when downloaded); NULL: a reference image or LoRA.
+    Column("purpose", String(16)),
+    Column("filename", Text),
+    Column("batch_id", String(32)),
     Index("files_expires", "expires_at"),  # the reaper's scan (core/retention.py)
 )
 
@@ -264,4 +279,50 @@ webhook_attempts = Table(
     Column("response_head", Text, nullable=False, server_default=""),  # the answer's first bytes
     Column("error", Text),
     Index("webhook_attempts_delivery", "delivery_id"),
+)
+
+
+# Batch jobs (core/batches.py, docs/batch.md): a batch, and one row per line of its input. A line's prediction is
+# made by the feeder when the batch's turn comes; a line refused at validation keeps its `error` and never runs.
+BATCH_STATUSES = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant_id", String(32), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("api_key_id", String(32)),
+    Column("dialect", String(8), nullable=False),  # openai (a JSONL file) or pruna (native, a list of inputs)
+    Column("endpoint", Text, nullable=False),
+    Column("input_file_id", String(32)),
+    Column("completion_window", String(8), nullable=False),
+    Column("metadata", JSONB(none_as_null=True)),
+    Column("webhook", JSONB(none_as_null=True)),  # native: {"url", "base_url"}, one delivery when the batch ends
+    Column("status", String(16), nullable=False, server_default="in_progress"),
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False, server_default="0"),  # request_counts, set when it ends
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("output_file_id", String(32)),
+    Column("error_file_id", String(32)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("cancelling_at", DateTime(timezone=True)),
+    Column("expired_at", DateTime(timezone=True)),  # its window ended: what had not started never will
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint(f"status IN ({', '.join(repr(s) for s in BATCH_STATUSES)})", name="batches_status_valid"),
+    Index("batches_tenant_created", "tenant_id", "created_at"),
+    Index("batches_open", "created_at", postgresql_where=text("status IN ('in_progress', 'cancelling')")),
+)
+
+batch_requests = Table(
+    "batch_requests",
+    metadata,
+    Column("batch_id", String(32), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, as the input file numbers it
+    Column("custom_id", Text, nullable=False),
+    Column("model", Text),
+    Column("input", JSONB(none_as_null=True)),  # the prediction's input, and how its result is rendered
+    Column("params", JSONB(none_as_null=True)),  # models.klein.GenerationParams
+    Column("error", JSONB(none_as_null=True)),  # {"message", "param", "code"}: refused at validation
+    Column("prediction_id", String(32)),
+    Index("batch_requests_unfed", "batch_id", "line", postgresql_where=text("prediction_id IS NULL AND error IS NULL")),
 )

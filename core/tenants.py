@@ -21,6 +21,7 @@ LIMIT_FIELDS = (
     "max_in_flight",
     "price_per_image",
     "price_per_enhancement",  # the prompt enhancer's (docs/enhancer.md)
+    "batch_price_per_image",  # batch work's (docs/batch.md)
     "retention_s",  # seconds a finished prediction's objects are kept (core/retention.py)
     "safety_policy",  # block, blur or flag (core/safety.py)
     "allow_disable_safety_checker",

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Column, Select, Update, bindparam, cast, func, insert, literal, select
+from sqlalchemy import Column, Select, Update, bindparam, case, cast, func, insert, literal, select
 from sqlalchemy.types import Date, Integer, Numeric
 
 from core.lifecycle import Status
 from core.tables import tenants, usage_records
 
 
-def finish_and_bill(finish: Update, default_price: float, plan: Column[Any] = tenants.c.price_per_image) -> Select[Any]:
+def finish_and_bill(
+    finish: Update,
+    default_price: float,
+    default_batch_price: float | None = None,
+    plan: Column[Any] = tenants.c.price_per_image,
+) -> Select[Any]:
     """A worker's final transition (lifecycle.complete or fail) and, if it completed the prediction, its usage
     record, in one statement: billed in the same atomic step as the compare-and-set that finishes it, so
     exactly once, and never when it failed. Returns the finished row, or nothing if the transition did not
     happen. Executed with `charges(...)` among its parameters. `plan`: the tenant's price column (the result
-    cache's answers bill at `cache_price_per_image`), `default_price` where it is NULL."""
+    cache's answers bill at `cache_price_per_image`), `default_price` where it is NULL. A batch's prediction
+    (docs/batch.md) is billed at the tenant's batch price (else `default_batch_price`, else `default_price`) and
+    recorded as batch work."""
     finished = finish.cte("finished")
-    price = func.coalesce(plan, literal(default_price, Numeric(12, 6)))
+    interactive = func.coalesce(plan, literal(default_price, Numeric(12, 6)))
+    batch_default = default_price if default_batch_price is None else default_batch_price
+    batch_price = func.coalesce(tenants.c.batch_price_per_image, literal(batch_default, Numeric(12, 6)))
+    is_batch = finished.c.batch_id.is_not(None)
+    price = case((is_batch, batch_price), else_=interactive)
     images = bindparam("images", type_=Integer)
     source = (
         select(
@@ -31,12 +42,13 @@ def finish_and_bill(finish: Update, default_price: float, plan: Column[Any] = te
             bindparam("steps", type_=Integer),
             price,
             price * images,
+            is_batch,
         )
         .select_from(finished.join(tenants, tenants.c.id == finished.c.tenant_id))
         .where(finished.c.status == Status.COMPLETED)
     )
     columns = ["prediction_id", "tenant_id", "api_key_id", "model", "images", "megapixels", "steps"]
-    billed = insert(usage_records).from_select([*columns, "price_per_image", "amount"], source).cte("billed")
+    billed = insert(usage_records).from_select([*columns, "price_per_image", "amount", "batch"], source).cte("billed")
     return select(finished).add_cte(billed)
 
 
@@ -47,12 +59,13 @@ def charges(params: dict[str, Any], images: int) -> dict[str, Any]:
 
 
 def totals(tenant_id: str | None, start: Any, end: Any) -> Select[Any]:
-    """Totals per day and model (and tenant), for created_at in [start, end)."""
+    """Totals per day, model and kind of work (interactive or batch) (and tenant), for created_at in [start, end)."""
     day = cast(usage_records.c.created_at, Date).label("day")
     query = select(
         usage_records.c.tenant_id,
         day,
         usage_records.c.model,
+        usage_records.c.batch,
         func.count().label("predictions"),
         func.sum(usage_records.c.images).label("images"),
         func.sum(usage_records.c.megapixels * usage_records.c.images).label("megapixels"),
@@ -60,6 +73,5 @@ def totals(tenant_id: str | None, start: Any, end: Any) -> Select[Any]:
     ).where(usage_records.c.created_at >= start, usage_records.c.created_at < end)
     if tenant_id is not None:
         query = query.where(usage_records.c.tenant_id == tenant_id)
-    return query.group_by(usage_records.c.tenant_id, day, usage_records.c.model).order_by(
-        usage_records.c.tenant_id, day, usage_records.c.model
-    )
+    keys = (usage_records.c.tenant_id, day, usage_records.c.model, usage_records.c.batch)
+    return query.group_by(*keys).order_by(*keys)

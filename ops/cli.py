@@ -74,6 +74,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(  # docs/enhancer.md
         "--enhancement-price", dest="price_per_enhancement", type=_limit, default=argparse.SUPPRESS
     )
+    parser.add_argument("--batch-price", dest="batch_price_per_image", type=_limit, default=argparse.SUPPRESS)
     parser.add_argument(
         "--retention-days", dest="retention_s", metavar="DAYS", type=_retention_days, default=argparse.SUPPRESS
     )

@@ -76,7 +76,10 @@ class Batcher:
 
     def _take(self, conn: Connection, row: Mapping[str, Any], room: int) -> list[dict[str, Any]]:
         """One look: the first candidates whose images fit in `room`, claimed if still queued."""
-        look = lifecycle.batch_candidates(row["model"], row["params"], row["id"], self.settings.max_attempts, room)
+        batch_work = row.get("batch_id") is not None
+        look = lifecycle.batch_candidates(
+            row["model"], row["params"], row["id"], self.settings.max_attempts, room, batch_work
+        )
         ids, images = [], 0
         for candidate in conn.execute(look):
             if images + candidate.num_outputs <= room:

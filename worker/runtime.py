@@ -20,7 +20,20 @@ import redis
 import structlog
 from sqlalchemy import BindParameter, Engine, Executable, bindparam, select
 
-from core import events, lifecycle, logs, lora, progress, quota, redis_connection, result_cache, safety, tracing, usage
+from core import (
+    batches,
+    events,
+    lifecycle,
+    logs,
+    lora,
+    progress,
+    quota,
+    redis_connection,
+    result_cache,
+    safety,
+    tracing,
+    usage,
+)
 from core.db import make_sync_engine
 from core.deadlines import DEADLINE_EXCEEDED
 from core.queue import enqueue, kick_webhooks, queued_key
@@ -81,8 +94,8 @@ class WorkerRuntime:
         error: BindParameter[Any] = bindparam("final_error")
         completed = lifecycle.complete(bindparam("prediction_id"), wid, outputs, timings, logs, checked)
         failed = lifecycle.fail(bindparam("prediction_id"), wid, error, timings, logs, checked)
-        self.complete = usage.finish_and_bill(completed, price)
-        self.fail = usage.finish_and_bill(failed, price)
+        self.complete = usage.finish_and_bill(completed, price, s.default_batch_price_per_image)
+        self.fail = usage.finish_and_bill(failed, price, s.default_batch_price_per_image)
         self.cancel_at_deadline = lifecycle.cancel_running(bindparam("prediction_id"), wid, timings, logs)  # unbilled
         self.generator = Generator(s, self.pipeline, self.loras, self.s3, self.checker)
         self.heartbeat = Heartbeat(s, self.redis, wid, self.db.lease_autocommit, self.stopping, self.node)
@@ -252,6 +265,8 @@ class WorkerRuntime:
             metrics.IMAGES.inc(len(item.outputs))
         metrics.PREDICTIONS.labels(outcome, reason).inc()
         self._release_and_announce(prediction_id, finished, has_webhook=row["webhook"] is not None)
+        if row.get("batch_id") is not None:  # the next line of a batch to the queue, or the batch's end
+            batches.tick(self.engine, self.redis, self.settings, row["batch_id"])
         _log_finished(row, timings, outcome, reason, head)
 
     def _after_a_lost_finish(self, row: Mapping[str, Any], outputs: list[dict[str, Any]]) -> None:

@@ -29,6 +29,7 @@ from celery.signals import worker_init, worker_ready, worker_shutting_down
 from sqlalchemy import Connection, Engine, select
 
 from core import logs, netguard, tracing, webhooks
+from core.batches import BATCH_EVENT
 from core.db import make_sync_engine
 from core.queue import DELIVER_TASK, make_celery, webhooks_queue
 from core.settings import Settings, get_settings
@@ -141,7 +142,7 @@ class Sender:
         return conn.execute(webhooks.claim_next(prediction_id, self.lease_s)).mappings().first()
 
     def _secrets(self, conn: Connection, tenant_id: str, row: Any) -> list[str]:
-        own = row["webhook"].get("secret") if row is not None else None
+        own = (row["webhook"] or {}).get("secret") if row is not None else None
         if own:
             return [own]
         signing = [secret for secret, _ in conn.execute(webhooks.active_secrets(tenant_id))]
@@ -152,7 +153,7 @@ class Sender:
 
     def _attempt(self, delivery: dict[str, Any], row: Any, signing: list[str], deadline: Deadline) -> None:
         at = webhooks.now()
-        request_id = row["webhook"].get("request_id") if row is not None else None
+        request_id = (row["webhook"] or {}).get("request_id") if row is not None else None
         if request_id:  # the submit's: the attempt's lines carry it, as the receiver's X-Request-ID does
             logs.bind(request_id=request_id)
         status_code: int | None = None
@@ -200,6 +201,8 @@ class Sender:
         return "pending", now + timedelta(seconds=webhooks.retry_delay(delivery["attempts"], self.settings))
 
     def _payload(self, delivery: dict[str, Any], row: Any) -> str:
+        if delivery["event"] == BATCH_EVENT:  # a native batch's end (core/batches.py): the batch, as it ended
+            return orjson.dumps(delivery["snapshot"]).decode()
         if row is None:  # the prediction is gone (its tenant was deleted meanwhile): the event as it was
             return orjson.dumps({"id": delivery["prediction_id"], "event": delivery["event"]}).decode()
         at_event = {**row, **_as_row(delivery["snapshot"])}

@@ -78,6 +78,7 @@ async def usage_report(ctx: AppContext, tenant_id: str | None, start: date | Non
             **({"tenant_id": row["tenant_id"]} if tenant_id is None else {}),
             "day": row["day"].isoformat(),
             "model": row["model"],
+            "batch": row["batch"],  # batch work (docs/batch.md), priced and reported apart
             "predictions": row["predictions"],
             "images": row["images"],
             "megapixels": float(row["megapixels"]),

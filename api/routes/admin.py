@@ -76,6 +76,9 @@ class Limits(BaseModel):
     price_per_enhancement: float | None = Field(
         None, ge=0, le=1000, description="USD per prompt enhancement (docs/enhancer.md); null: platform default"
     )
+    batch_price_per_image: float | None = Field(
+        None, ge=0, le=1000, description="USD per image of batch work (docs/batch.md); null: platform default"
+    )
     retention_s: int | None = Field(
         None,
         ge=0,
@@ -109,7 +112,7 @@ class TenantRequest(Limits):
 
 def tenant_view(row: RowMapping) -> dict[str, Any]:
     view = key_view(row)
-    for price in ("price_per_image", "cache_price_per_image", "price_per_enhancement"):
+    for price in ("price_per_image", "cache_price_per_image", "price_per_enhancement", "batch_price_per_image"):
         if view.get(price) is not None:
             view[price] = float(view[price])
     return view

@@ -120,3 +120,21 @@ async def _counted(ctx: AppContext, principal: Principal, values: dict[str, Any]
             )
         values |= {"expires_at": func.now() + timedelta(seconds=settings.upload_ttl_s)}
         return (await conn.execute(insert(files).values(**values).returning(files))).mappings().one()
+
+
+async def store_data(ctx: AppContext, principal: Principal, data: bytes, values: dict[str, Any]) -> RowMapping:
+    """Store checked bytes as the tenant's file (a batch's input, api/services/batches.py): counted against its
+    unexpired uploads like any upload. `values`: the files row's content_type, key suffix (`extension`), purpose
+    and filename."""
+    file_id = new_id()
+    extension = values.pop("extension")
+    values |= {"id": file_id, "tenant_id": principal.tenant_id, "bytes": len(data)}
+    values["key"] = f"{principal.tenant_id}/files/{file_id}.{extension}"
+    row = await _counted(ctx, principal, values)
+    try:
+        await put_object(ctx, row["key"], data, row["content_type"])
+    except BaseException:
+        async with ctx.engine.begin() as conn:
+            await conn.execute(delete(files).where(files.c.id == row["id"]))
+        raise
+    return row

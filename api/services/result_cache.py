@@ -114,7 +114,9 @@ async def answer(
         complete = lifecycle.complete(
             prediction_id, result_cache.WORKER, found.outputs, timings | {"cached": True}, [line], found.safety
         )
-        bill = usage.finish_and_bill(complete, settings.default_cache_price_per_image, tenants.c.cache_price_per_image)
+        bill = usage.finish_and_bill(
+            complete, settings.default_cache_price_per_image, plan=tenants.c.cache_price_per_image
+        )
         charges = usage.charges(stored["params"], len(found.outputs))
         finished = (await conn.execute(bill, charges)).mappings().one()
     async with ctx.redis.pipeline(transaction=False) as pipe:  # as a worker announces a completion

@@ -6,7 +6,7 @@ enhancements: one row per enhancement job, standalone (`POST /v1/prompts/enhance
 (`prediction_id`), leased by the worker that runs it and billed (`amount`) in the statement that completes it.
 
 Revision ID: 0018
-Revises: 0016
+Revises: 0017
 Create Date: 2026-12-08
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision: str = "0018"
-down_revision: str | None = "0016"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -198,7 +198,7 @@ def test_the_base_model_has_its_own_worker_pool_scaled_on_its_own_queue() -> Non
     scaled = base[("ScaledObject", "klein-worker-base")]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "klein-worker-base"
     lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
-    assert lists == ["klein.flux-klein-4b-base"] + [f"klein.flux-klein-4b-base\x06\x16{p}" for p in (3, 6, 9)]
+    assert lists == ["klein.flux-klein-4b-base"] + [f"klein.flux-klein-4b-base\x06\x16{p}" for p in (3, 6, 8, 9)]
     assert _errors(keda_validator(), scaled) == []
     kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
 

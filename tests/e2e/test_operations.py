@@ -89,7 +89,7 @@ def test_api_metrics_move_as_predictions_run_and_are_refused(stack: Stack, clien
     status_route = {"route": "/v1/predictions/status/{prediction_id}", "method": "GET", "dialect": "pruna"}
     assert value(after, "klein_http_requests_total", **status_route, status="200") >= 1, "templates, not raw paths"
     assert not any(accepted.json()["id"] in str(labels) for _, labels in after)
-    for priority in ("0", "3", "6", "9"):  # per served model: the session's one
+    for priority in ("0", "3", "6", "8", "9"):  # per served model: the session's one
         assert ("klein_queue_depth", (("model", "flux-klein-4b"), ("priority", priority))) in after
         assert ("klein_queue_oldest_age_seconds", (("model", "flux-klein-4b"), ("priority", priority))) in after
     assert value(after, "klein_live_workers", model="flux-klein-4b") >= 1

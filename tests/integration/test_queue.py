@@ -28,7 +28,7 @@ from worker import sweep_metrics
 def test_task_message_matches_what_celery_publishes() -> None:
     settings = Settings(redis_url=REDIS_URL, queue_name="contract-test")
     client = redis.Redis.from_url(REDIS_URL)
-    for priority in (0, 6):
+    for priority in (0, 6, 8, 9):  # 8: the lowest interactive class, 9: batch work (core/batches.py)
         client.delete(list_key(settings.queue_name, priority))
         make_celery(settings).send_task(PREDICT_TASK, args=["p1"], priority=priority)
         (published,) = client.lrange(list_key(settings.queue_name, priority), 0, -1)

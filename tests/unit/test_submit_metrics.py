@@ -29,6 +29,8 @@ NOT_SUBMITS = {
     "/admin/v1/webhooks/deliveries/replay",
     "/v1/prompts/enhance",  # a prompt rewrite (docs/enhancer.md), its own job
     "/v1/prompts/enhance/{job_id}/cancel",
+    "/v1/batches",  # a batch's predictions are made later, by the feeder (core/batches.py): no submit of its own
+    "/v1/batches/{batch_id}/cancel",
 }
 DIALECTS = {"pruna", "replicate", "klein", "wavespeed", "1min", "openai", "fal", "bfl"}
 

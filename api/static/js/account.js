@@ -160,7 +160,7 @@ export function setupUsage(api) {
             "tr",
             {},
             h("td", { text: row.day }),
-            h("td", { text: row.model }),
+            h("td", { text: row.batch ? `${row.model} (batch)` : row.model }),
             h("td", { class: "num", text: String(row.predictions) }),
             h("td", { class: "num", text: String(row.images) }),
             h("td", { class: "num", text: row.megapixels.toFixed(2) }),

@@ -9,6 +9,7 @@ const LIMITS = [
   ["tenant_rate_limit_per_minute", "edit-tenant-rate", "int"],
   ["max_in_flight", "edit-in-flight", "int"],
   ["price_per_image", "edit-price", "float"],
+  ["batch_price_per_image", "edit-batch-price", "float"],
   ["retention_s", "edit-retention", "int"],
 ];
 const QUEUE_REFRESH_MS = 5000;
