@@ -161,7 +161,8 @@ class Sender:
         started = time.perf_counter()
         try:
             body = self._payload(delivery, row)
-            extra = webhooks.provider_headers(row["webhook"], body) if row is not None else {}
+            # A batch's completion rides on its first prediction, whose own row has no webhook (docs/batch.md).
+            extra = webhooks.provider_headers(row["webhook"] or {}, body) if row is not None else {}
             status_code, head = self._post(
                 delivery["url"], delivery["id"], at, body, signing, deadline, request_id, extra
             )
