@@ -230,7 +230,8 @@ def test_interactive_work_runs_before_a_queued_batch_and_cancel_and_expiry_stop_
     assert {line["error"]["code"] for line in lines_of(client, stopped.error_file_id).values()} == {"batch_cancelled"}
     assert stopped.output_file_id is None
 
-    wait_until(lambda: time.time() > expiring.expires_at + 0.5, 10, "the window's end")
+    # expires_at is in whole seconds, rounded down: the stored moment is up to a second later
+    wait_until(lambda: time.time() > expiring.expires_at + 1.5, 10, "the window's end")
     batch_stack.sweep()
     expired = client.batches.retrieve(expiring.id)
     assert expired.status == "expired" and expired.expired_at is not None, expired
