@@ -58,7 +58,8 @@ function replicateInput(request, comment) {
   if (input.seed !== undefined && input.seed < 0) delete input.seed;
   if (images(request).length) input.input_images = [...images(request)];
   const dropped = Object.keys(request.input).filter((n) => !REPLICATE_FIELDS.includes(n) && n !== "images" && n !== "seed");
-  const meaningful = dropped.filter((n) => request.input[n] !== false && !(Array.isArray(request.input[n]) && !request.input[n].length));
+  // Fields left at what changes nothing (off, empty, the result cache on) are not worth a note.
+  const meaningful = dropped.filter((n) => request.input[n] !== false && !(n === "cache" && request.input[n] === true) && !(Array.isArray(request.input[n]) && !request.input[n].length));
   if (meaningful.length) notes.push(`${comment} Replicate's input here has no ${meaningful.join(", ")}: this picture is made without.`);
   return { input, notes };
 }
@@ -192,7 +193,9 @@ function replicateJs(request, target) {
     `const outputs = await replicate.run(${JSON.stringify(replicateName(target))}, { input: ${js(input)} });`,
     "for (const [i, output] of outputs.entries()) {",
     `  const name = i ? \`output-\${i + 1}.${ext}\` : "output.${ext}";`,
-    "  await writeFile(name, output);",
+    "  // A FileOutput over https; over plain http the client hands back the signed link as a string.",
+    "  const data = typeof output === \"string\" ? Buffer.from(await (await fetch(output)).arrayBuffer()) : output;",
+    "  await writeFile(name, data);",
     '  console.log("saved", name);',
     "}",
   ].join("\n");
