@@ -74,6 +74,12 @@ ensure_services() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -qq haproxy nginx-light >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy nginx-light >/dev/null; }
   fi
+  # tests/e2e/test_web.py runs the API tab's JavaScript snippets with Node (the Replicate one with its npm package).
+  if ! command -v npm >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing nodejs and npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq nodejs npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+  fi
   for _ in $(seq 50); do listening 5432 && listening 6379 && return 0; sleep 0.2; done
   echo "PostgreSQL or Redis did not come up" >&2
   return 1
