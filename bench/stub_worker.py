@@ -31,6 +31,7 @@ class StubPipeline:
         self.startup = SimpleNamespace(load_s=0.0, warmup_s=0.0)  # models.klein_pipeline.StartupTimes' read ones
         self.lora_targets: dict[str, tuple[int, int]] = {}
         self.adapters = SimpleNamespace(use=lambda adapters: 0.0)
+        self.language_model = None  # no Qwen3 to rewrite prompts with: the enhancer is off on this worker
         self._gate = os.environ.get("BENCH_STUB_GATE")
         self._redis = redis.Redis.from_url(os.environ["KLEIN_REDIS_URL"]) if self._gate else None
 
