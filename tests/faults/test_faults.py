@@ -29,7 +29,10 @@ from core.sweeper import Sweeper
 from core.tables import predictions, usage_records
 from tests.private_stack import PrivateStack
 
-SLOW = {"prompt": "slow", "num_inference_steps": 50, "output_format": "png"}  # seconds on the tiny CPU pipeline
+# On the tiny CPU pipeline at 1024×1024, about 0.15 s a step on an idle core (four times that on a busy one):
+# SLOW outlasts a database outage or a 1 s time limit; HELD stays in hand long enough to kill or stop its worker.
+SLOW = {"prompt": "slow", "num_inference_steps": 50, "output_format": "png"}
+HELD = {"prompt": "held", "num_inference_steps": 20, "output_format": "png"}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def test_a_worker_killed_mid_inference_is_replaced_and_the_prediction_completes_
     faults: PrivateStack, api: str, key: str
 ) -> None:
     doomed = faults.worker("doomed")
-    pid = submit(api, key, SLOW).json()["id"]
+    pid = submit(api, key, HELD).json()["id"]
     running = wait_for(faults, pid, {"processing"})
     assert doomed.process is not None and f":{doomed.process.pid}:" in running["worker_id"]
     doomed.process.send_signal(signal.SIGKILL)
@@ -130,7 +133,7 @@ def test_a_worker_killed_mid_inference_is_replaced_and_the_prediction_completes_
 
 def test_sigterm_finishes_the_prediction_in_hand_and_takes_no_new_one(faults: PrivateStack, api: str, key: str) -> None:
     worker = faults.worker("graceful")
-    first = submit(api, key, SLOW).json()["id"]
+    first = submit(api, key, HELD).json()["id"]
     held = wait_for(faults, first, {"processing"})
     second = submit(api, key, {"prompt": "next"}).json()["id"]
     assert worker.process is not None
