@@ -2,10 +2,12 @@
 // POST /v1/prompts/enhance (Try-Sync), shows the rewrite in an editable box, and "Use it" puts it in the prompt
 // before generating; "Dismiss" keeps the prompt as it was. Self-contained: it adds its own elements next to the
 // prompt field (#in-prompt in the form built from the model's schema, attached again whenever the form is
-// rebuilt) and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off.
+// rebuilt) and reads the key the page keeps (api.js). Hidden when the deployment has the enhancer off, as the
+// models' catalogue says (models.js: the form is built from it, so it is loaded whenever the prompt field exists).
 
 import { client, keyStore } from "./api.js";
 import { h } from "./dom.js";
+import { models } from "./models.js";
 
 const POLL_MS = 500;
 
@@ -17,20 +19,11 @@ async function finished(api, job) {
   return job;
 }
 
-async function enhancerStatus() {
-  try {
-    const response = await fetch("/v1/models/flux-klein-4b", { cache: "no-store", credentials: "omit" });
-    return response.ok ? (await response.json()).prompt_enhancer : null;
-  } catch {
-    return null;
-  }
-}
-
 function promptBox() {
   return document.getElementById("in-prompt");
 }
 
-async function setup() {
+function setup() {
   const api = client("apikey", keyStore("klein.apiKey"));
 
   const button = h("button", { type: "button", id: "enhance-button", class: "small" }, "Enhance");
@@ -48,21 +41,20 @@ async function setup() {
     note,
   );
   const row = h("div", { class: "inline", id: "enhance-row" }, button, state);
+  function showStatus() {
+    const status = models()[0]?.prompt_enhancer; // the deployment's: every model carries the same
+    button.hidden = status?.enabled === false;
+    if (button.hidden) state.textContent = "Prompt enhancement is off on this deployment.";
+    note.textContent = !button.hidden && status?.warning ? `Note: ${status.warning}.` : "";
+  }
   function attach() {
     const prompt = promptBox();
     if (!prompt || row.isConnected) return;
     (prompt.closest(".field") || prompt).after(row, panel);
+    showStatus();
   }
   new MutationObserver(attach).observe(document.body, { childList: true, subtree: true });
   attach();
-
-  const status = await enhancerStatus();
-  if (status && status.enabled === false) {
-    button.hidden = true;
-    state.textContent = "Prompt enhancement is off on this deployment.";
-  } else if (status && status.warning) {
-    note.textContent = `Note: ${status.warning}.`;
-  }
 
   button.addEventListener("click", async () => {
     const text = (promptBox()?.value || "").trim();

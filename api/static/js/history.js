@@ -9,6 +9,7 @@ import { renderSnippets } from "./snippets.js";
 import { queuedLabel } from "./watch.js";
 
 const PAGE = 12;
+const MAX_LIMIT = 100; // GET /v1/predictions' bound
 const POLL_MS = 1500;
 const LIVE = new Set(["starting", "processing"]);
 
@@ -102,7 +103,7 @@ export function setupHistory(api, { rerun, load }) {
         // read again on the next round
       }
     }
-    if (finished) await page(true); // its images and final state, as the list shows them
+    if (finished) await page(true, true); // its images and final state, as the list shows them
     else if (live.length) polling = setTimeout(poll, POLL_MS);
   }
 
@@ -143,10 +144,12 @@ export function setupHistory(api, { rerun, load }) {
     if (box.top < 0 || box.top > window.innerHeight - 80) detail.scrollIntoView({ block: "start" });
   }
 
-  async function page(first) {
+  /** The first page (or, keeping the place, as many rows as are listed), or the next one. */
+  async function page(first, keepPlace = false) {
     const mine = first ? ++generation : generation;
     clearTimeout(polling);
-    const params = new URLSearchParams({ limit: String(PAGE) });
+    const rows = keepPlace ? Math.min(MAX_LIMIT, Math.max(PAGE, list.children.length)) : PAGE;
+    const params = new URLSearchParams({ limit: String(rows) });
     if (status.value) params.set("status", status.value);
     if (!first && cursor) params.set("cursor", cursor);
     say(message, "Loading…");

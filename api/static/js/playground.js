@@ -87,6 +87,7 @@ function start() {
   }
 
   async function useKey(key) {
+    await started; // else the start's own route() could load the view a second time, after this one
     store.set(key.trim());
     keyInput.value = store.get();
     const valid = await checkKey();
@@ -106,7 +107,7 @@ function start() {
     checkKey();
   });
   window.addEventListener("hashchange", route);
-  (async () => {
+  const started = (async () => {
     await catalogue(await checkKey());
     route();
   })();
